@@ -1,0 +1,215 @@
+"""Gefen's global codebook: histogram of normalised first gradients and its exact 1-D k-means.
+
+GEFEN_SPEC "Codebook": 4096 equal bins over [-1, 1]; the codebook is the exact weighted k-means
+of the non-empty bin centres into 256 contiguous clusters whose first and last centres are
+pinned to -1 and +1.
+
+The dynamic program works in integer bin coordinates: centre of bin b is ``y * 2**-12`` with
+``y = 2b + 1 - 4096``, and counts are integers, so every prefix sum is exact in int64 and a
+cluster's cost is computed about its first point, which avoids cancellation. The cluster cost
+satisfies the quadrangle inequality, so each layer's optimal split points are monotone and a
+divide-and-conquer pass (vectorised over each recursion depth) finds them in O(B log B).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NUM_BINS = 4096
+CODEBOOK_SIZE = 256
+# Bin centres are Y_SCALE * y for odd integers y in [-4095, 4095]; the pinned ends are y = +-4096.
+Y_SCALE = 2.0**-12
+_END = NUM_BINS
+# Keeps sum(w * (y - a)^2) with |y - a| <= 8192 inside int64.
+_MAX_TOTAL_COUNT = 2**36
+# Elements normalised and binned at once, so the histogram never copies a whole large gradient.
+_HISTOGRAM_CHUNK = 1 << 20
+
+
+def gradient_histogram(grad: torch.Tensor, period: int) -> torch.Tensor:
+    """Counts (int64, ``NUM_BINS``, on ``grad``'s device) of ``grad`` viewed as rows of
+    ``period`` elements, each row divided by its max |g| in fp32 (zero rows count as 0)."""
+    rows = grad.detach().reshape(-1, period)
+    counts = torch.zeros(NUM_BINS, dtype=torch.int64, device=grad.device)
+    rows_per_chunk = max(1, _HISTOGRAM_CHUNK // period)
+    for chunk in rows.split(rows_per_chunk):
+        chunk = chunk.float()
+        peak = chunk.abs().amax(dim=1, keepdim=True)
+        normalised = torch.where(peak > 0, chunk / peak, 0.0)
+        # (v + 1) rounds in fp32 as published; the scale by 2048 is exact.
+        bins = ((normalised + 1.0) * (NUM_BINS / 2)).floor_().clamp_(0, NUM_BINS - 1)
+        counts += torch.bincount(bins.long().reshape(-1), minlength=NUM_BINS)
+    return counts
+
+
+def bin_centres(bins: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Centres in [-1, 1] (float64) of the given bin indices."""
+    return (2 * np.asarray(bins, dtype=np.int64) + 1 - NUM_BINS) * Y_SCALE
+
+
+def learn_codebook(counts: torch.Tensor, size: int = CODEBOOK_SIZE) -> torch.Tensor:
+    """The codebook (float32, ``size`` entries, ascending, on CPU) for a bin-count histogram."""
+    counts_np = _validated_counts(counts)
+    bins = np.flatnonzero(counts_np)
+    if len(bins) < size:
+        # As published: the non-empty centres padded with the last one, ends pinned to -1 and +1.
+        centres = bin_centres(bins)
+        padded = np.concatenate([centres, np.full(size - len(bins), centres[-1])])
+        padded[0], padded[-1] = -1.0, 1.0
+        return torch.from_numpy(np.sort(padded)).float()
+    centres, _ = optimal_clustering(counts_np, size)
+    return torch.from_numpy(centres).float()
+
+
+def optimal_clustering(counts: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Exact weighted k-means of the non-empty bin centres into ``k`` contiguous clusters,
+    the first centred at -1 and the last at +1.
+
+    Returns the ``k`` centres (float64, ascending) and the optimal cost
+    ``sum(count * (centre_of_bin - centre_of_its_cluster)^2)``. Needs ``2 <= k <=`` number of
+    non-empty bins.
+    """
+    counts_np = _validated_counts(counts)
+    bins = np.flatnonzero(counts_np)
+    if not 2 <= k <= len(bins):
+        raise ValueError(
+            f"k={k} clusters need 2 <= k <= {len(bins)} (the number of non-empty bins)"
+        )
+    y = 2 * bins.astype(np.int64) + 1 - NUM_BINS
+    w = counts_np[bins].astype(np.int64)
+    edges, cost = _ClusterCosts(y, w).optimal_edges(k)
+    prefix_w = np.concatenate([[0], np.cumsum(w)])
+    prefix_wy = np.concatenate([[0], np.cumsum(w * y)])
+    lo, hi = edges[:-1], edges[1:]
+    centres = (prefix_wy[hi] - prefix_wy[lo]) / (prefix_w[hi] - prefix_w[lo]) * Y_SCALE
+    centres[0], centres[-1] = -1.0, 1.0
+    return centres, cost * Y_SCALE**2
+
+
+def _validated_counts(counts: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(counts, torch.Tensor):
+        counts = counts.detach().cpu().numpy()
+    counts = np.asarray(counts)
+    if counts.shape != (NUM_BINS,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+        raise ValueError(
+            f"counts must be {NUM_BINS} non-negative integers (a gradient_histogram), "
+            f"got shape {counts.shape} and dtype {counts.dtype}"
+        )
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("counts is empty: the codebook needs at least one gradient element")
+    if total > _MAX_TOTAL_COUNT:
+        raise ValueError(
+            f"the histogram counts {total} elements, above the {_MAX_TOTAL_COUNT} that the "
+            "exact int64 codebook solver supports"
+        )
+    return counts
+
+
+class _ClusterCosts:
+    """Costs of contiguous clusters of integer points ``y`` with integer weights ``w``."""
+
+    def __init__(self, y: np.ndarray, w: np.ndarray):
+        zero = np.zeros(1, dtype=np.int64)
+        self.y = y
+        self.n = len(y)
+        self.w = np.concatenate([zero, np.cumsum(w)])
+        self.wy = np.concatenate([zero, np.cumsum(w * y)])
+        self.wyy = np.concatenate([zero, np.cumsum(w * y * y)])
+
+    def _moments_about(self, i, j, a):
+        """sum(w), sum(w (y - a)), sum(w (y - a)^2) over points i..j-1, exactly."""
+        w = self.w[j] - self.w[i]
+        wy = self.wy[j] - self.wy[i]
+        wyy = self.wyy[j] - self.wyy[i]
+        return w, wy - a * w, wyy - 2 * a * wy + a * a * w
+
+    def free(self, i, j):
+        """Cost of points i..j-1 about their weighted mean (taken about point i: no cancellation)."""
+        w, d, dd = self._moments_about(i, j, self.y[i])
+        return dd - d.astype(np.float64) ** 2 / w
+
+    def pinned(self, i, j, centre: int):
+        """Cost of points i..j-1 about a fixed centre."""
+        return self._moments_about(i, j, centre)[2].astype(np.float64)
+
+    def optimal_edges(self, k: int) -> tuple[np.ndarray, float]:
+        """Cluster edges 0 = e_0 < ... < e_k = n minimising the total cost, and that cost."""
+        n = self.n
+        # best[j]: optimal cost of points 0..j-1 in the clusters placed so far.
+        ends = np.arange(1, n - k + 2)
+        best = np.full(n + 1, np.inf)
+        best[ends] = self.pinned(0, ends, -_END)
+        split = np.zeros((k, n + 1), dtype=np.int64)
+        for layer in range(2, k):
+            best = self._next_layer(best, layer, n - (k - layer), split[layer])
+        starts = np.arange(k - 1, n)
+        totals = best[starts] + self.pinned(starts, n, _END)
+        edges = np.empty(k + 1, dtype=np.int64)
+        edges[k], edges[0] = n, 0
+        edges[k - 1] = starts[np.argmin(totals)]
+        for layer in range(k - 1, 1, -1):
+            edges[layer - 1] = split[layer, edges[layer]]
+        return edges, float(totals.min())
+
+    def _next_layer(self, prev: np.ndarray, layer: int, last_end: int, split: np.ndarray):
+        """Optimal costs with one more free cluster, ending at ``layer..last_end``.
+
+        Row minima of a Monge matrix: the leftmost optimal split is monotone in the end, so
+        each depth of the divide and conquer scans every candidate once, all rows together.
+        """
+        cur = np.full(self.n + 1, np.inf)
+        lo_end, hi_end = np.array([layer]), np.array([last_end])
+        lo_split, hi_split = np.array([layer - 1]), np.array([last_end - 1])
+        while lo_end.size:
+            end = (lo_end + hi_end) // 2
+            count = np.minimum(hi_split, end - 1) - lo_split + 1
+            first = np.cumsum(count) - count
+            row = np.repeat(np.arange(len(count)), count)
+            start = np.arange(int(count.sum())) - first[row] + lo_split[row]
+            values = prev[start] + self.free(start, end[row])
+            row_min = np.minimum.reduceat(values, first)
+            at_min = np.where(values == row_min[row], start, self.n)
+            arg = np.minimum.reduceat(at_min, first)
+            cur[end], split[end] = row_min, arg
+            left, right = lo_end < end, end < hi_end
+            lo_end, hi_end, lo_split, hi_split = (
+                np.concatenate([lo_end[left], end[right] + 1]),
+                np.concatenate([end[left] - 1, hi_end[right]]),
+                np.concatenate([lo_split[left], arg[right]]),
+                np.concatenate([arg[left], hi_split[right]]),
+            )
+        return cur
+
+
+class NearestCode:
+    """Maps values to the index of their nearest codebook entry, ties to the lower index.
+
+    Decisions are exact: the midpoint of two fp32 entries is exact in float64, and for fp32
+    values ``x > midpoint`` is the same test as ``x > midpoint rounded down to fp32``.
+    """
+
+    def __init__(self, codebook: torch.Tensor):
+        values = codebook.detach().cpu().double()
+        # Equal entries (padded codebooks) resolve to the first of their run.
+        first = torch.ones_like(values, dtype=torch.bool)
+        first[1:] = values[1:] != values[:-1]
+        self.first_index = first.nonzero().reshape(-1)
+        distinct = values[self.first_index]
+        self.midpoints64 = (distinct[:-1] + distinct[1:]) / 2
+        below = self.midpoints64.float()
+        too_high = below.double() > self.midpoints64
+        self.midpoints32 = torch.where(
+            too_high, torch.nextafter(below, torch.tensor(-float("inf"))), below
+        )
+        self._on_device: dict[tuple[torch.device, torch.dtype], tuple] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """int64 codes of fp32 or fp64 values ``x`` (any shape, same device)."""
+        key = (x.device, x.dtype)
+        if key not in self._on_device:
+            mids = self.midpoints64 if x.dtype == torch.float64 else self.midpoints32
+            self._on_device[key] = (mids.to(x.device), self.first_index.to(x.device))
+        mids, first_index = self._on_device[key]
+        return first_index[torch.searchsorted(mids, x)]

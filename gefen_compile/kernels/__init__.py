@@ -1,0 +1,1 @@
+"""Implementations of one Gefen step."""

@@ -1,0 +1,69 @@
+"""One Gefen step for one parameter in plain torch ops, on any device (GEFEN_SPEC "One step").
+
+Every floating-point operation that feeds a quantisation decision is written out one op at a
+time (no fused multiply-adds such as ``addcmul``/``lerp``), so the codes are reproducible by any
+implementation that follows the spec's fp32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codebook import NearestCode
+from ..state import compute_dtype
+
+
+def gefen_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    codebook: torch.Tensor,
+    nearest: NearestCode,
+    *,
+    lr: float | torch.Tensor,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Update ``param`` and its ``state`` in place from ``grad``.
+
+    ``codebook`` holds the codebook's entries in the compute dtype on ``param``'s device.
+    """
+    codes, magnitude, vmean = state["codes"], state["magnitude"], state["vmean"]
+    period = state["period"]
+    dtype = compute_dtype(vmean.dtype)
+    g = grad.reshape(-1).to(dtype)
+    if maximize:
+        g = -g
+
+    square = g * g
+    if period > 1:
+        square = square.view(-1, period).mean(dim=1)
+    vmean.copy_(vmean.to(dtype) * beta2 + square * (1 - beta2))
+
+    step = state["step"]
+    step += 1
+
+    block = codes.numel() // magnitude.numel()
+    m = codebook[codes.long()].view(-1, block) * magnitude.to(dtype).unsqueeze(1)
+    m = m * beta1 + g.view(-1, block) * (1 - beta1)
+    magnitude.copy_(m.abs().amax(dim=1))
+    stored = magnitude.to(dtype).unsqueeze(1)
+    # An all-zero block normalises to -inf, whose nearest code is 0, as the spec asks.
+    new_codes = nearest(torch.where(stored > 0, m / stored, -torch.inf))
+    codes.copy_(new_codes.view(-1))
+    m_q = codebook[new_codes] * stored
+
+    step64 = step.double()
+    bias1 = 1 - beta1**step64
+    bias2 = 1 - beta2**step64
+    denom = (vmean.to(dtype) / bias2).sqrt() + eps
+    if period > 1:
+        m_q, denom = m_q.view(-1, period), denom.unsqueeze(1)
+    else:
+        m_q = m_q.view(-1)
+    p = param.reshape(-1).to(dtype) * (1 - lr * weight_decay)
+    p = p.view(m_q.shape) - (lr / bias1) * m_q / denom
+    param.copy_(p.view_as(param))

@@ -1,0 +1,102 @@
+"""``memory_report``: what a Gefen optimizer's state costs, per tensor, against AdamW."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .state import adamw_state_nbytes, state_nbytes
+
+
+@dataclass(frozen=True)
+class TensorMemory:
+    """One parameter's row of a :class:`MemoryReport`."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    numel: int
+    period: int | None  # None until the parameter's first gradient
+    gefen_bytes: int
+    adamw_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Optimizer-state bytes of every parameter; ``str()`` renders a table."""
+
+    tensors: tuple[TensorMemory, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def gefen_bytes(self) -> int:
+        return sum(t.gefen_bytes for t in self.tensors)
+
+    @property
+    def adamw_bytes(self) -> int:
+        return sum(t.adamw_bytes for t in self.tensors)
+
+    @property
+    def gefen_bytes_per_param(self) -> float:
+        return self.gefen_bytes / max(self.numel, 1)
+
+    @property
+    def adamw_bytes_per_param(self) -> float:
+        return self.adamw_bytes / max(self.numel, 1)
+
+    def __str__(self) -> str:
+        header = ("tensor", "shape", "dtype", "period", "Gefen bytes", "AdamW bytes")
+        rows = [
+            (
+                t.name,
+                "x".join(map(str, t.shape)) or "scalar",
+                str(t.dtype).removeprefix("torch."),
+                "-" if t.period is None else str(t.period),
+                f"{t.gefen_bytes:,}",
+                f"{t.adamw_bytes:,}",
+            )
+            for t in self.tensors
+        ]
+        rows.append(("total", f"{self.numel:,} params", "", "", f"{self.gefen_bytes:,}",
+                     f"{self.adamw_bytes:,}"))
+        rows.append(("bytes/param", "", "", "", f"{self.gefen_bytes_per_param:.3f}",
+                     f"{self.adamw_bytes_per_param:.3f}"))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        left = {0, 1, 2}
+        lines = []
+        for r in [header, None, *rows]:
+            if r is None:
+                lines.append("  ".join("-" * w for w in widths))
+                continue
+            cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+            lines.append("  ".join(cells).rstrip())
+        pending = sum(t.period is None for t in self.tensors)
+        if pending:
+            lines.append(f"({pending} tensor(s) have had no gradient yet and hold no state)")
+        return "\n".join(lines)
+
+
+def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
+    """Per-tensor shape, period and optimizer-state bytes of a Gefen ``optimizer``, with what
+    ``torch.optim.AdamW`` would hold for the same parameters."""
+    rows = []
+    for gi, group in enumerate(optimizer.param_groups):
+        names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
+        for name, p in zip(names, group["params"]):
+            state = optimizer.state.get(p, {})
+            rows.append(
+                TensorMemory(
+                    name=name,
+                    shape=tuple(p.shape),
+                    dtype=p.dtype,
+                    numel=p.numel(),
+                    period=state.get("period"),
+                    gefen_bytes=state_nbytes(state),
+                    adamw_bytes=adamw_state_nbytes(p),
+                )
+            )
+    return MemoryReport(tuple(rows))

@@ -1,0 +1,263 @@
+"""``Gefen``: the optimizer, a drop-in for ``torch.optim.AdamW``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections import defaultdict
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from .codebook import NearestCode, gradient_histogram, learn_codebook
+from .kernels.torch_step import gefen_update
+from .partition import infer_period
+from .state import STATE_DTYPES, compute_dtype, new_state
+
+
+class Gefen(Optimizer):
+    """AdamW with ~1 byte of optimizer state per parameter (Gefen, arXiv 2606.13894).
+
+    Same constructor, defaults and param-group keys as ``torch.optim.AdamW``. The first
+    ``step()`` infers every parameter's period and learns the global 256-entry codebook from the
+    first gradients; each step then keeps, per parameter, uint8 codes into that codebook, one
+    first-moment magnitude and one second-moment value per block. ``foreach`` and ``fused`` are
+    accepted and recorded for drop-in compatibility: they choose among AdamW's implementations
+    and Gefen has its own.
+
+    Not supported (an error says so): ``amsgrad=True``, ``differentiable=True``, sparse or
+    complex gradients, non-floating parameters.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        amsgrad: bool = False,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": True,
+        }
+        _check_hyperparameters(defaults, where="Gefen")
+        self.codebook: Tensor | None = None
+        self._codebook_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._nearest: NearestCode | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as ``torch.optim.AdamW.add_param_group``; its values are checked."""
+        index = len(self.param_groups)
+        _check_hyperparameters({**self.defaults, **param_group}, where=f"param group {index}")
+        super().add_param_group(param_group)
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if p.is_complex() or not p.is_floating_point():
+                raise TypeError(
+                    f"Gefen: parameter {i} of param group {index} has dtype {p.dtype}; Gefen "
+                    "updates real floating-point parameters only: leave this tensor out of the "
+                    "optimizer (complex ones can be passed as torch.view_as_real(p))"
+                )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimizer step; ``closure`` (re-evaluating the loss) is run first, with grad."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [
+            (group, p, _checked_grad(p, gi, pi))
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        fresh = [(group, p, g) for group, p, g in work if not self.state[p]]
+        if fresh:
+            self._initialise(fresh)
+        for group, p, g in work:
+            beta1, beta2 = group["betas"]
+            dtype = compute_dtype(g.dtype)
+            gefen_update(
+                p,
+                g,
+                self.state[p],
+                self._codebook_for(p.device, dtype),
+                self._nearest,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+    def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
+        """Periods (and, at the first step, the codebook) for parameters seen for the first time."""
+        signed = [(group, p, -g if group["maximize"] else g) for group, p, g in fresh]
+        for _, p, g in signed:
+            if not torch.isfinite(g).all():
+                raise ValueError(
+                    f"Gefen: the first gradient of a parameter of shape {tuple(p.shape)} has "
+                    "inf or nan values; Gefen reads periods and its codebook from first "
+                    "gradients, so skip this step (as torch.amp.GradScaler does) and call "
+                    "step() again with finite gradients"
+                )
+        periods = [infer_period(g) for _, _, g in signed]
+        if self.codebook is None:
+            counts = sum(
+                gradient_histogram(g, period).cpu() for (_, _, g), period in zip(signed, periods)
+            )
+            self._set_codebook(learn_codebook(counts))
+        for (group, p, g), period in zip(signed, periods):
+            self.state[p] = new_state(g, period, group["capturable"])
+
+    def _set_codebook(self, codebook: Tensor | None) -> None:
+        self.codebook = codebook
+        self._codebook_on = {}
+        self._nearest = None if codebook is None else NearestCode(codebook)
+
+    def _codebook_for(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (device, dtype)
+        if key not in self._codebook_on:
+            self._codebook_on[key] = self.codebook.to(device=device, dtype=dtype)
+        return self._codebook_on[key]
+
+    def state_dict(self) -> dict[str, Any]:
+        """AdamW's ``state_dict`` plus ``"codebook"`` (float32, or None before the first step).
+
+        Per-parameter entries hold ``codes``, ``magnitude``, ``vmean``, ``step`` and ``period``.
+        """
+        state_dict = super().state_dict()
+        state_dict["codebook"] = self.codebook
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``Gefen.state_dict()``, keeping every state tensor's dtype (uint8 codes stay
+        uint8; ``torch.optim.Optimizer`` would cast them to the parameter's dtype)."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
+        if "codebook" not in state_dict:
+            raise ValueError(
+                "Gefen.load_state_dict: this state_dict has no 'codebook', so it was not saved "
+                "by Gefen; load it into the optimizer that saved it (torch.optim.AdamW, say)"
+            )
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(
+                "Gefen.load_state_dict: the saved param groups do not match this optimizer's "
+                "(number of groups, or parameters per group); build the optimizer over the same "
+                "parameters, in the same groups, before loading"
+            )
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        groups = []
+        for saved, live in zip(saved_groups, self.param_groups):
+            for key, param in zip(saved["params"], live["params"]):
+                if key in state_dict["state"]:
+                    state[param] = _moved(state_dict["state"][key], param, saved.get("capturable", False))
+            group = deepcopy({k: v for k, v in saved.items() if k != "params"})
+            group["params"] = live["params"]
+            if "param_names" in live:
+                group.setdefault("param_names", live["param_names"])
+            groups.append(group)
+        self.__setstate__({"state": state, "param_groups": groups})
+        codebook = state_dict["codebook"]
+        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "codebook": self.codebook}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        codebook = state.pop("codebook", getattr(self, "codebook", None))
+        super().__setstate__(state)
+        self._set_codebook(codebook)
+
+
+def _check_hyperparameters(values: dict[str, Any], where: str) -> None:
+    lr, betas, eps, weight_decay = (values[k] for k in ("lr", "betas", "eps", "weight_decay"))
+    if values.get("amsgrad"):
+        raise NotImplementedError(
+            f"{where}: amsgrad=True is not Gefen (it needs a full-size max of the second "
+            "moment); use torch.optim.AdamW(amsgrad=True), or Gefen with amsgrad=False"
+        )
+    if values.get("differentiable"):
+        raise NotImplementedError(
+            f"{where}: differentiable=True is not supported (the quantised state is not "
+            "differentiable); use torch.optim.AdamW(differentiable=True)"
+        )
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+    if not 0.0 <= lr:
+        raise ValueError(f"{where}: invalid learning rate lr={lr}; use lr >= 0")
+    if not 0.0 <= eps:
+        raise ValueError(f"{where}: invalid eps={eps}; use eps >= 0")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"{where}: invalid weight_decay={weight_decay}; use weight_decay >= 0")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"{where}: a Tensor betas[{i}] must have one element")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{where}: invalid betas[{i}]={beta}; use 0 <= beta < 1")
+
+
+def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
+    g = p.grad
+    where = f"parameter {index} of param group {group_index}"
+    if g.is_sparse:
+        raise RuntimeError(
+            f"Gefen does not support sparse gradients ({where}); use torch.optim.SparseAdam for "
+            "that parameter, or a dense gradient (nn.Embedding(sparse=False))"
+        )
+    if g.is_complex():
+        raise RuntimeError(
+            f"Gefen does not support complex gradients ({where}); optimize torch.view_as_real(p)"
+        )
+    if g.dtype not in STATE_DTYPES:
+        raise TypeError(
+            f"Gefen: the gradient of {where} has dtype {g.dtype}; Gefen keeps state in "
+            "float32, bfloat16, float16 or float64: cast the parameter to one of these"
+        )
+    if g.shape != p.shape:
+        raise ValueError(
+            f"Gefen: the gradient of {where} has shape {tuple(g.shape)}, the parameter "
+            f"{tuple(p.shape)}; the gradient must have the parameter's shape"
+        )
+    return g
+
+
+def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, Any]:
+    """A copy of a saved per-parameter state on ``param``'s device, dtypes unchanged (the step
+    counter stays on CPU unless capturable, as AdamW keeps it)."""
+    moved = {}
+    for key, value in entry.items():
+        if isinstance(value, Tensor):
+            device = "cpu" if key == "step" and not capturable else param.device
+            value = value.to(device, copy=True)
+        moved[key] = value
+    return moved

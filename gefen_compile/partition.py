@@ -1,0 +1,92 @@
+"""How Gefen cuts a tensor into blocks: period inference and magnitude block sizes.
+
+GEFEN_SPEC "Period inference": a tensor's period P is read off its first gradient; every block
+of P consecutive (flattened) elements then shares one second-moment value and one first-moment
+magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# log(g^2 + LOG_FLOOR): keeps exact zeros finite, as published.
+LOG_FLOOR = 1e-12
+# Periods larger than this are cut down to a divisor just above it.
+MAX_PERIOD = 1024
+# Largest magnitude block of a period-1 tensor.
+MAX_MAGNITUDE_BLOCK = 256
+
+
+def divisors(n: int) -> list[int]:
+    """All divisors of ``n`` in increasing order."""
+    small, large = [], []
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+    return small + large[::-1]
+
+
+def candidate_periods(n: int) -> list[int]:
+    """Divisors ``p`` of ``n`` with ``p < n`` and at least four blocks, increasing."""
+    return [p for p in divisors(n) if p < n and n // p >= 4]
+
+
+def period_scores(grad: torch.Tensor) -> dict[int, float]:
+    """Score of every candidate period: mean |difference| of adjacent block means of log(g^2).
+
+    Every block mean of every candidate comes from one prefix sum, so all scores together cost
+    O(n) rather than a pass over the data per candidate.
+    """
+    n = grad.numel()
+    candidates = candidate_periods(n)
+    if not candidates:
+        return {}
+    x = grad.detach().reshape(-1).to(torch.float64)
+    x = torch.log(x * x + LOG_FLOOR)
+    # Shifting by x[0] keeps the prefix sum exact over constant runs (all-zero gradients, say),
+    # so blocks that are equal in exact arithmetic stay equal and score exactly zero.
+    x -= x[0].clone()
+    prefix = torch.zeros(n + 1, dtype=torch.float64, device=x.device)
+    torch.cumsum(x, 0, out=prefix[1:])
+    del x
+    scores = {}
+    for p in candidates:
+        boundaries = prefix[::p]  # n/p + 1 prefix values at block edges
+        means = (boundaries[1:] - boundaries[:-1]) / p
+        scores[p] = (means[1:] - means[:-1]).abs().mean()
+    values = torch.stack(list(scores.values())).tolist()
+    return dict(zip(scores, values))
+
+
+def select_period(n: int, scores: dict[int, float]) -> int:
+    """The period GEFEN_SPEC picks from the candidate scores of an ``n``-element tensor."""
+    candidates = sorted(scores)
+    if n == 1 or len(candidates) < 3:
+        return 1
+    best, best_score = 1, -math.inf
+    for left, p, right in zip(candidates, candidates[1:], candidates[2:]):
+        s = scores[p]
+        is_peak = p > 8 and s > scores[left] and s > scores[right]
+        # Ties between peaks go to the larger p, which comes later in the increasing list.
+        if is_peak and s >= best_score:
+            best, best_score = p, s
+    if best > MAX_PERIOD:
+        best = next(d for d in divisors(best) if d > MAX_PERIOD)
+    return best
+
+
+def infer_period(grad: torch.Tensor) -> int:
+    """Gefen's period for a tensor, from its first gradient (GEFEN_SPEC "Period inference")."""
+    return select_period(grad.numel(), period_scores(grad))
+
+
+def magnitude_block(n: int, period: int) -> int:
+    """Elements per first-moment magnitude: the period, or for period 1 the largest divisor of
+    ``n`` that is at most 256 (Q in GEFEN_SPEC)."""
+    if period > 1:
+        return period
+    return max(d for d in divisors(n) if d <= MAX_MAGNITUDE_BLOCK)
