@@ -1,0 +1,211 @@
+"""A slow, literal implementation of GEFEN_SPEC, written independently of the package.
+
+Loops and float64 wherever the spec leaves precision open; float32 exactly where the spec fixes
+it (the normalisation g / max|g|, the bin arithmetic, and the first-moment math that feeds a
+quantisation decision), so that discrete decisions can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+BINS = 4096
+K = 256
+
+
+def ref_period(grad: torch.Tensor) -> int:
+    x = np.log(grad.detach().double().reshape(-1).numpy() ** 2 + 1e-12)
+    n = x.size
+    if n == 1:
+        return 1
+    cands = [p for p in range(1, n) if n % p == 0 and n // p >= 4]
+    if len(cands) < 3:
+        return 1
+    scores = []
+    for p in cands:
+        means = [x[j * p:(j + 1) * p].mean() for j in range(n // p)]
+        scores.append(np.mean([abs(means[j + 1] - means[j]) for j in range(len(means) - 1)]))
+    best, best_score = 1, None
+    for k in range(1, len(cands) - 1):
+        p = cands[k]
+        if p > 8 and scores[k] > scores[k - 1] and scores[k] > scores[k + 1]:
+            if best_score is None or scores[k] > best_score or (
+                scores[k] == best_score and p > best
+            ):
+                best, best_score = p, scores[k]
+    if best > 1024:
+        best = min(d for d in range(1025, best + 1) if n % d == 0 and best % d == 0)
+    return best
+
+
+def ref_histogram(grad: torch.Tensor, period: int) -> np.ndarray:
+    counts = np.zeros(BINS, dtype=np.int64)
+    rows = grad.detach().float().reshape(-1, period).numpy()
+    for row in rows:
+        peak = np.float32(np.abs(row).max())
+        for g in row:
+            v = np.float32(0.0) if peak == 0 else np.float32(g) / peak
+            b = int(math.floor(float(np.float32(v + np.float32(1.0))) / (2.0 / BINS)))
+            counts[min(max(b, 0), BINS - 1)] += 1
+    return counts
+
+
+def points(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    bins = np.flatnonzero(counts)
+    return -1.0 + (bins + 0.5) * (2.0 / BINS), counts[bins].astype(np.float64)
+
+
+def cluster_cost(x: np.ndarray, w: np.ndarray, centre: float | None) -> float:
+    """Weighted squared error about ``centre`` (None: about the weighted mean)."""
+    if centre is None:
+        centre = float((w * x).sum() / w.sum())
+    return float((w * (x - centre) ** 2).sum())
+
+
+def partition_cost(x, w, edges) -> float:
+    k = len(edges) - 1
+    total = 0.0
+    for c, (i, j) in enumerate(zip(edges[:-1], edges[1:])):
+        centre = -1.0 if c == 0 else 1.0 if c == k - 1 else None
+        total += cluster_cost(x[i:j], w[i:j], centre)
+    return total
+
+
+def brute_force_cost(counts: np.ndarray, k: int) -> float:
+    """Every split of the points into k contiguous non-empty clusters."""
+    x, w = points(counts)
+    n = len(x)
+    return min(
+        partition_cost(x, w, (0, *cuts, n)) for cuts in itertools.combinations(range(1, n), k - 1)
+    )
+
+
+def slow_dp(counts: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """The O(B^2 K) dynamic program over every split point: (centres, optimal cost)."""
+    x, w = points(counts)
+    n = len(x)
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    cx = np.concatenate([[0.0], np.cumsum(w * x)])
+    cxx = np.concatenate([[0.0], np.cumsum(w * x * x)])
+    i = np.arange(n + 1)[:, None]
+    j = np.arange(n + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sw, sx, sxx = cw[j] - cw[i], cx[j] - cx[i], cxx[j] - cxx[i]
+        free = np.where(j > i, sxx - sx**2 / sw, np.inf)
+    first = cxx + 2 * cx + cw  # points 0..j-1 about -1
+    last = (cxx[n] - cxx) - 2 * (cx[n] - cx) + (cw[n] - cw)  # points i..n-1 about +1
+    best = np.where(np.arange(n + 1) >= 1, first, np.inf)
+    choices = []
+    for _ in range(2, k):
+        table = best[:, None] + free
+        choices.append(table.argmin(axis=0))
+        best = table.min(axis=0)
+    totals = best[:n] + last[:n]
+    edges = [n, int(np.argmin(totals))]
+    for choice in reversed(choices):
+        edges.append(int(choice[edges[-1]]))
+    edges = [0] + edges[::-1]
+    centres = [-1.0]
+    for a, b in zip(edges[1:-2], edges[2:-1]):
+        centres.append(float((w[a:b] * x[a:b]).sum() / w[a:b].sum()))
+    centres.append(1.0)
+    return np.array(centres), float(totals.min())
+
+
+def ref_nearest(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Index of the nearest entry, the lower index on a tie; near-ties are settled exactly."""
+    c = codebook.astype(np.float64)
+    d = np.abs(x.astype(np.float64)[:, None] - c[None, :])
+    codes = np.argmin(d, axis=1)
+    near_tie = np.sort(d, axis=1)[:, 1] - d[np.arange(len(x)), codes] <= 1e-9
+    for i in np.flatnonzero(near_tie):
+        exact = [abs(Fraction(float(x[i])) - Fraction(float(v))) for v in c]
+        codes[i] = exact.index(min(exact))
+    return codes
+
+
+def _round(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Values (float64) as stored in ``dtype``, back in float64."""
+    return torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype).double().numpy()
+
+
+class RefGefen:
+    """GEFEN_SPEC's optimizer for a list of parameters in one group, one parameter at a time."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay, maximize=False):
+        self.params = [p.detach().clone() for p in params]
+        self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
+        self.maximize = maximize
+        self.codebook = None
+        self.state = [None] * len(params)
+
+    def step(self, grads):
+        grads = [None if g is None else (-g if self.maximize else g) for g in grads]
+        fresh = [i for i, g in enumerate(grads) if g is not None and self.state[i] is None]
+        periods = {i: ref_period(grads[i]) for i in fresh}
+        if self.codebook is None and fresh:
+            counts = sum(ref_histogram(grads[i], periods[i]) for i in fresh)
+            self.codebook = ref_codebook(counts)
+        for i in fresh:
+            n, P = grads[i].numel(), periods[i]
+            Q = max(d for d in range(1, 257) if n % d == 0)
+            self.state[i] = {
+                "period": P,
+                "block": P if P > 1 else Q,
+                "dtype": grads[i].dtype,
+                "codes": np.zeros(n, dtype=np.int64),
+                "magnitude": np.zeros(n // (P if P > 1 else Q)),
+                "vmean": np.zeros(n // P if P > 1 else n),
+                "step": 0,
+            }
+        for i, g in enumerate(grads):
+            if g is not None:
+                self._update(i, g)
+
+    def _update(self, i, grad):
+        s, p = self.state[i], self.params[i]
+        dt, P, B = s["dtype"], s["period"], s["block"]
+        g = grad.reshape(-1).double().numpy()
+        f32 = np.float32
+        sq = g * g
+        block_sq = sq if P == 1 else np.array([sq[j:j + P].mean() for j in range(0, g.size, P)])
+        s["vmean"] = _round(self.b2 * s["vmean"] + (1 - self.b2) * block_sq, dt)
+        s["step"] += 1
+        cb = self.codebook
+        codes = np.empty_like(s["codes"])
+        m_q = np.empty(g.size)
+        mags = np.empty_like(s["magnitude"])
+        for blk in range(g.size // B):
+            sl = slice(blk * B, (blk + 1) * B)
+            m = cb[s["codes"][sl]].astype(f32) * f32(s["magnitude"][blk])
+            m = m * f32(self.b1) + g[sl].astype(f32) * f32(1 - self.b1)
+            mag = _round(np.abs(m).max(), dt)
+            mags[blk] = mag
+            if mag == 0:
+                codes[sl] = 0
+            else:
+                codes[sl] = ref_nearest(m / f32(mag), cb)
+            m_q[sl] = cb[codes[sl]].astype(np.float64) * mag
+        s["codes"], s["magnitude"] = codes, mags
+        t = s["step"]
+        bc1, bc2 = 1 - self.b1**t, 1 - self.b2**t
+        v = s["vmean"] if P == 1 else np.repeat(s["vmean"], P)
+        x = p.reshape(-1).double().numpy() * (1 - self.lr * self.wd)
+        x = x - self.lr * m_q / bc1 / (np.sqrt(v / bc2) + self.eps)
+        self.params[i] = torch.from_numpy(x).to(p.dtype).view_as(p)
+
+
+def ref_codebook(counts: np.ndarray) -> np.ndarray:
+    """float32 codebook: padded centres, or the slow DP's centres."""
+    x, w = points(counts)
+    n = len(x)
+    if n < K:
+        c = np.concatenate([x, np.full(K - n, x[-1])])
+        c[0], c[-1] = -1.0, 1.0
+        return np.sort(c).astype(np.float32)
+    return slow_dp(counts, K)[0].astype(np.float32)

@@ -1,0 +1,161 @@
+"""Histogram, exact DP codebook and nearest-code lookup against the slow reference."""
+
+import numpy as np
+import pytest
+import torch
+from reference import (
+    brute_force_cost,
+    partition_cost,
+    points,
+    ref_codebook,
+    ref_histogram,
+    ref_nearest,
+    slow_dp,
+)
+
+from gefen_compile.codebook import (
+    CODEBOOK_SIZE,
+    NUM_BINS,
+    NearestCode,
+    gradient_histogram,
+    learn_codebook,
+    optimal_clustering,
+)
+
+
+def realistic_counts(elements: int, period: int, seed: int) -> np.ndarray:
+    """Histogram of a gradient whose rows have their own scales and heavy tails."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.exp(torch.randn(elements // period, 1, generator=gen))
+    grad = rows * torch.randn(elements // period, period, generator=gen) ** 3
+    return gradient_histogram(grad, period).numpy()
+
+
+def sparse_counts(bins: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(NUM_BINS, dtype=np.int64)
+    counts[rng.choice(NUM_BINS, bins, replace=False)] = rng.integers(1, 100, bins)
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("shape", "period", "dtype"),
+    [
+        ((40, 24), 24, torch.float32),
+        ((40, 24), 1, torch.float32),
+        ((3, 5, 16), 80, torch.bfloat16),
+        ((7, 13), 13, torch.float16),
+    ],
+)
+def test_histogram_equals_reference(shape, period, dtype):
+    gen = torch.Generator().manual_seed(0)
+    grad = (torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen)).to(dtype)
+    grad.view(-1, period)[1] = 0  # a zero row normalises to 0
+    counts = gradient_histogram(grad, period)
+    assert counts.dtype == torch.int64 and counts.shape == (NUM_BINS,)
+    np.testing.assert_array_equal(counts.numpy(), ref_histogram(grad, period))
+
+
+def test_histogram_bin_edges():
+    # -1 -> bin 0, +1 clamps into the last bin, 0 -> the middle bin.
+    grad = torch.tensor([-1.0, 1.0, 0.0, 0.5])
+    counts = gradient_histogram(grad, 4)
+    assert counts[0] == 1 and counts[NUM_BINS - 1] == 1
+    assert counts[NUM_BINS // 2] == 1 and counts[3 * NUM_BINS // 4] == 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dp_cost_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    bins = int(rng.integers(2, 10))
+    k = int(rng.integers(2, bins + 1))
+    counts = sparse_counts(bins, seed)
+    _, cost = optimal_clustering(counts, k)
+    assert cost == pytest.approx(brute_force_cost(counts, k), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("elements", "period", "seed"), [(2000, 40, 0), (3000, 3, 1), (6000, 100, 2)]
+)
+def test_codebook_is_optimal_on_realistic_histograms(elements, period, seed):
+    counts = realistic_counts(elements, period, seed)
+    assert np.count_nonzero(counts) >= CODEBOOK_SIZE
+    centres, cost = optimal_clustering(counts, CODEBOOK_SIZE)
+    _, slow_cost = slow_dp(counts, CODEBOOK_SIZE)
+    assert cost == pytest.approx(slow_cost, rel=1e-9)
+    # The learned codebook achieves that optimum: assigning every point to its nearest
+    # entry (the optimal partition is contiguous and nearest-consistent) costs the same.
+    codebook = learn_codebook(torch.from_numpy(counts))
+    x, w = points(counts)
+    nearest = codebook.double().numpy()[ref_nearest(x, codebook.numpy())]
+    assert float((w * (x - nearest) ** 2).sum()) == pytest.approx(slow_cost, rel=1e-6)
+    np.testing.assert_allclose(codebook.numpy(), centres.astype(np.float32))
+
+
+def test_codebook_shape_dtype_and_pinned_ends():
+    codebook = learn_codebook(torch.from_numpy(realistic_counts(4000, 50, 3)))
+    assert codebook.dtype == torch.float32 and codebook.shape == (CODEBOOK_SIZE,)
+    assert codebook[0] == -1.0 and codebook[-1] == 1.0
+    assert bool((codebook[1:] > codebook[:-1]).all())
+
+
+def test_all_bins_nonempty_is_solved_and_optimal():
+    counts = np.random.default_rng(4).integers(1, 1000, NUM_BINS)
+    centres, cost = optimal_clustering(counts, CODEBOOK_SIZE)
+    x, w = points(counts)
+    edges = np.searchsorted(x, (centres[:-1] + centres[1:]) / 2)
+    assert len(centres) == CODEBOOK_SIZE
+    assert cost <= partition_cost(x, w, (0, *edges, len(x))) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("bins", [1, 2, 3, 100, CODEBOOK_SIZE - 1])
+def test_padded_codebook(bins):
+    counts = sparse_counts(bins, bins)
+    codebook = learn_codebook(torch.from_numpy(counts))
+    np.testing.assert_array_equal(codebook.numpy(), ref_codebook(counts))
+    x, _ = points(counts)
+    expected = np.sort(np.concatenate([[-1.0], x[1:], np.full(CODEBOOK_SIZE - bins, x[-1])]))
+    expected[-1] = 1.0
+    if bins == 1:  # its one centre is overwritten by -1, its copies stay, the last becomes +1
+        expected = np.concatenate([[-1.0], np.full(CODEBOOK_SIZE - 2, x[0]), [1.0]])
+    np.testing.assert_array_equal(codebook.numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [np.zeros(NUM_BINS, dtype=np.int64), np.ones(10, dtype=np.int64), np.full(NUM_BINS, 1.5)],
+)
+def test_bad_counts_are_refused(counts):
+    with pytest.raises(ValueError, match="counts"):
+        learn_codebook(torch.from_numpy(counts))
+
+
+def test_k_outside_range_is_refused():
+    with pytest.raises(ValueError, match="k=5"):
+        optimal_clustering(sparse_counts(4, 0), 5)
+
+
+CODEBOOKS = {
+    "learned": lambda: learn_codebook(torch.from_numpy(realistic_counts(4000, 50, 5))),
+    "padded with duplicates": lambda: learn_codebook(torch.from_numpy(sparse_counts(20, 6))),
+}
+
+
+@pytest.mark.parametrize("name", CODEBOOKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearest_code_equals_argmin(name, dtype):
+    codebook = CODEBOOKS[name]()
+    c = codebook.double()
+    gen = torch.Generator().manual_seed(7)
+    mids = (c[:-1] + c[1:]) / 2
+    values = torch.cat(
+        [
+            torch.rand(20000, generator=gen, dtype=torch.float64) * 2.2 - 1.1,
+            c,  # entries themselves
+            mids,  # exact ties (in fp64) between neighbours go to the lower index
+            torch.nextafter(mids.to(dtype), torch.tensor(2.0, dtype=dtype)).double(),
+            torch.nextafter(mids.to(dtype), torch.tensor(-2.0, dtype=dtype)).double(),
+        ]
+    ).to(dtype)
+    expected = ref_nearest(values.double().numpy(), codebook.numpy())
+    np.testing.assert_array_equal(NearestCode(codebook)(values).numpy(), expected)

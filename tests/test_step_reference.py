@@ -1,0 +1,117 @@
+"""Gefen's trajectory against the slow reference over 20 steps (GEFEN_SPEC "One step")."""
+
+import numpy as np
+import pytest
+import torch
+from reference import RefGefen
+
+from gefen_compile import Gefen
+
+SHAPES = {
+    "matrix": (24, 40),
+    "bias": (24,),
+    "3-D": (4, 6, 10),
+    "prime": (37,),
+    "one element": (1,),
+    "late": (8, 16),  # its gradient first appears at step LATE
+    "never": (5,),  # never gets a gradient
+}
+TINY_SHAPES = {"tiny matrix": (3, 4), "tiny vector": (5,)}  # under 256 non-empty bins: padded
+LATE = 5
+STEPS = 20
+
+
+def structured_grad(shape, gen):
+    """Rows with their own scales, as real weight gradients have."""
+    rows = torch.exp(torch.randn(shape[0], *[1] * (len(shape) - 1), generator=gen))
+    return rows * torch.randn(shape, generator=gen)
+
+
+def gradient_sequence(shapes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [
+            None
+            if name == "never" or (name == "late" and t < LATE)
+            else structured_grad(shape, gen).to(dtype)
+            for name, shape in shapes.items()
+        ]
+        for t in range(STEPS)
+    ]
+
+
+def run_both(shapes, dtype, hyper, seed=0):
+    gen = torch.Generator().manual_seed(seed + 100)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes.values()]
+    ref = RefGefen(params, **hyper)
+    opt = Gefen(params, **hyper)
+    for grads in gradient_sequence(shapes, dtype, seed):
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        ref.step(grads)
+    return params, opt, ref
+
+
+PARAM_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-4),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
+}
+HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+
+
+def assert_matches_reference(params, opt, ref, dtype):
+    np.testing.assert_array_equal(opt.codebook.numpy(), ref.codebook)
+    for p, ref_p, ref_state in zip(params, ref.params, ref.state):
+        if ref_state is None:
+            assert not opt.state[p]
+            continue
+        state = opt.state[p]
+        assert state["period"] == ref_state["period"]
+        assert state["step"].item() == ref_state["step"]
+        assert state["codes"].dtype == torch.uint8
+        assert state["magnitude"].dtype == dtype and state["vmean"].dtype == dtype
+        # Every decision follows the spec's fp32 arithmetic, so the codes agree exactly.
+        np.testing.assert_array_equal(state["codes"].long().numpy(), ref_state["codes"])
+        np.testing.assert_array_equal(state["magnitude"].double().numpy(), ref_state["magnitude"])
+        np.testing.assert_allclose(
+            state["vmean"].double().numpy(), ref_state["vmean"], rtol=PARAM_TOL[dtype]["rtol"]
+        )
+        torch.testing.assert_close(p.detach(), ref_p, **PARAM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_trajectory_equals_reference(dtype):
+    params, opt, ref = run_both(SHAPES, dtype, HYPER)
+    assert_matches_reference(params, opt, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "hyper",
+    [
+        dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, maximize=True),
+        dict(lr=5e-2, betas=(0.0, 0.5), eps=1e-3, weight_decay=1.0),
+    ],
+)
+def test_hyperparameters_follow_reference(hyper):
+    params, opt, ref = run_both(SHAPES, torch.float32, hyper, seed=1)
+    assert_matches_reference(params, opt, ref, torch.float32)
+
+
+def test_padded_codebook_trajectory():
+    params, opt, ref = run_both(TINY_SHAPES, torch.float32, HYPER, seed=2)
+    assert len(torch.unique(opt.codebook)) < 256  # the padded case really ran
+    assert_matches_reference(params, opt, ref, torch.float32)
+
+
+def test_late_parameter_uses_the_first_codebook():
+    params, opt, _ = run_both(SHAPES, torch.float32, HYPER)
+    first = Gefen([torch.nn.Parameter(p.detach().clone()) for p in params], **HYPER)
+    grads = gradient_sequence(SHAPES, torch.float32, 0)[0]
+    for p, g in zip(first.param_groups[0]["params"], grads):
+        p.grad = g
+    first.step()
+    torch.testing.assert_close(opt.codebook, first.codebook, rtol=0, atol=0)
+    late = params[list(SHAPES).index("late")]
+    assert opt.state[late]["step"].item() == STEPS - LATE
