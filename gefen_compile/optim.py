@@ -38,13 +38,13 @@ class Gefen(Optimizer):
         betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
         maximize: bool = False,
         foreach: bool | None = None,
-        fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
-        amsgrad: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -69,14 +69,17 @@ class Gefen(Optimizer):
         """Add a group, as ``torch.optim.AdamW.add_param_group``; its values are checked."""
         index = len(self.param_groups)
         _check_hyperparameters({**self.defaults, **param_group}, where=f"param group {index}")
-        super().add_param_group(param_group)
-        for i, p in enumerate(self.param_groups[-1]["params"]):
-            if p.is_complex() or not p.is_floating_point():
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) else p  # named parameters come as (name, tensor)
+            if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
                 raise TypeError(
                     f"Gefen: parameter {i} of param group {index} has dtype {p.dtype}; Gefen "
                     "updates real floating-point parameters only: leave this tensor out of the "
                     "optimizer (complex ones can be passed as torch.view_as_real(p))"
                 )
+        super().add_param_group({**param_group, "params": params})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -95,6 +98,9 @@ class Gefen(Optimizer):
         if fresh:
             self._initialise(fresh)
         for group, p, g in work:
+            if p.numel() == 0:  # nothing to update, but its step counts, as in AdamW
+                self.state[p]["step"] += 1
+                continue
             beta1, beta2 = group["betas"]
             dtype = compute_dtype(g.dtype)
             gefen_update(
@@ -118,9 +124,8 @@ class Gefen(Optimizer):
         for _, p, g in signed:
             if not torch.isfinite(g).all():
                 raise ValueError(
-                    f"Gefen: the first gradient of a parameter of shape {tuple(p.shape)} has "
-                    "inf or nan values; Gefen reads periods and its codebook from first "
-                    "gradients, so skip this step (as torch.amp.GradScaler does) and call "
+                    f"Gefen: the first gradient of {self._locate(p)} has inf or nan values; "
+                    "Gefen reads periods and its codebook from first gradients, so skip this step (as torch.amp.GradScaler does) and call "
                     "step() again with finite gradients"
                 )
         periods = [infer_period(g) for _, _, g in signed]
@@ -128,9 +133,19 @@ class Gefen(Optimizer):
             counts = sum(
                 gradient_histogram(g, period).cpu() for (_, _, g), period in zip(signed, periods)
             )
-            self._set_codebook(learn_codebook(counts))
+            if counts.any():  # else every first gradient was empty: learn it from later ones
+                self._set_codebook(learn_codebook(counts))
         for (group, p, g), period in zip(signed, periods):
             self.state[p] = new_state(g, period, group["capturable"])
+
+    def _locate(self, p: Tensor) -> str:
+        """'parameter i of param group j' (its name, when known), for error messages."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    name = f" ({group['param_names'][pi]})" if "param_names" in group else ""
+                    return f"parameter {pi} of param group {gi}{name}"
+        raise KeyError("parameter not in this optimizer")
 
     def _set_codebook(self, codebook: Tensor | None) -> None:
         self.codebook = codebook

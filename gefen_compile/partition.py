@@ -91,4 +91,4 @@ def magnitude_block(n: int, period: int) -> int:
     ``n`` that is at most 256 (Q in GEFEN_SPEC)."""
     if period > 1:
         return period
-    return max(d for d in divisors(n) if d <= MAX_MAGNITUDE_BLOCK)
+    return max((d for d in divisors(n) if d <= MAX_MAGNITUDE_BLOCK), default=1)

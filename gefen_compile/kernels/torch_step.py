@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..codebook import NearestCode
+from ..partition import magnitude_block
 from ..state import compute_dtype
 
 
@@ -46,7 +47,7 @@ def gefen_update(
     step = state["step"]
     step += 1
 
-    block = codes.numel() // magnitude.numel()
+    block = magnitude_block(codes.numel(), period)
     m = codebook[codes.long()].view(-1, block) * magnitude.to(dtype).unsqueeze(1)
     m = m * beta1 + g.view(-1, block) * (1 - beta1)
     magnitude.copy_(m.abs().amax(dim=1))
