@@ -13,6 +13,8 @@ divide-and-conquer pass (vectorised over each recursion depth) finds them in O(B
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -29,7 +31,10 @@ _HISTOGRAM_CHUNK = 1 << 20
 
 def gradient_histogram(grad: torch.Tensor, period: int) -> torch.Tensor:
     """Counts (int64, ``NUM_BINS``, on ``grad``'s device) of ``grad`` viewed as rows of
-    ``period`` elements, each row divided by its max |g| in fp32 (zero rows count as 0)."""
+    ``period`` elements, each row divided by its max |g| in fp32 (zero rows count as 0).
+
+    Plain torch ops, no host round trip: the CUDA path (the CPU path is the C kernel in
+    kernels/cpu_step.c)."""
     rows = grad.detach().reshape(-1, period)
     counts = torch.zeros(NUM_BINS, dtype=torch.int64, device=grad.device)
     rows_per_chunk = max(1, _HISTOGRAM_CHUNK // period)
@@ -183,11 +188,25 @@ class _ClusterCosts:
         return cur
 
 
+@dataclass(frozen=True)
+class LookupTables:
+    """What a kernel needs to find nearest codes: see :class:`NearestCode`."""
+
+    codebook: torch.Tensor  # entries, in the compute dtype
+    lut: torch.Tensor  # uint8 [2 * half]: boundaries below each cell
+    bounds: torch.Tensor  # compute dtype: boundaries between distinct entries, then +inf
+    first_index: torch.Tensor  # uint8: number of boundaries below a value -> its code
+    half: int  # cells per unit length; a power of two
+
+
 class NearestCode:
     """Maps values to the index of their nearest codebook entry, ties to the lower index.
 
     Decisions are exact: the midpoint of two fp32 entries is exact in float64, and for fp32
-    values ``x > midpoint`` is the same test as ``x > midpoint rounded down to fp32``.
+    values ``x > midpoint`` is the same test as ``x > midpoint rounded down to fp32``. The code is
+    the number of boundaries below ``x``; a uniform grid of cells over [-1, 1), fine enough to
+    hold at most one boundary per cell, gives that count with one table read and one comparison
+    (``x * half`` is exact, so the cell is too).
     """
 
     def __init__(self, codebook: torch.Tensor):
@@ -195,21 +214,52 @@ class NearestCode:
         # Equal entries (padded codebooks) resolve to the first of their run.
         first = torch.ones_like(values, dtype=torch.bool)
         first[1:] = values[1:] != values[:-1]
-        self.first_index = first.nonzero().reshape(-1)
-        distinct = values[self.first_index]
-        self.midpoints64 = (distinct[:-1] + distinct[1:]) / 2
-        below = self.midpoints64.float()
-        too_high = below.double() > self.midpoints64
-        self.midpoints32 = torch.where(
-            too_high, torch.nextafter(below, torch.tensor(-float("inf"))), below
-        )
-        self._on_device: dict[tuple[torch.device, torch.dtype], tuple] = {}
+        first_index = first.nonzero().reshape(-1)
+        distinct = values[first_index]
+        mid64 = (distinct[:-1] + distinct[1:]) / 2
+        mid32 = mid64.float()
+        mid32 = torch.where(mid32.double() > mid64, torch.nextafter(mid32, -_INF32), mid32)
+        self._host = {
+            dtype: _lookup_tables(values.to(dtype), mids, first_index.to(torch.uint8))
+            for dtype, mids in ((torch.float32, mid32), (torch.float64, mid64))
+        }
+        self._on_device: dict[tuple[torch.device, torch.dtype], LookupTables] = {}
+
+    def tables(self, device: torch.device, dtype: torch.dtype) -> LookupTables:
+        """The lookup tables for values of ``dtype`` (fp32 or fp64) on ``device``."""
+        key = (torch.device(device), dtype)
+        if key not in self._on_device:
+            host = self._host[dtype]
+            self._on_device[key] = LookupTables(
+                *(t.to(device) for t in (host.codebook, host.lut, host.bounds, host.first_index)),
+                half=host.half,
+            )
+        return self._on_device[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """int64 codes of fp32 or fp64 values ``x`` (any shape, same device)."""
-        key = (x.device, x.dtype)
-        if key not in self._on_device:
-            mids = self.midpoints64 if x.dtype == torch.float64 else self.midpoints32
-            self._on_device[key] = (mids.to(x.device), self.first_index.to(x.device))
-        mids, first_index = self._on_device[key]
-        return first_index[torch.searchsorted(mids, x)]
+        """int64 codes of fp32 or fp64 values ``x`` (any shape, same device); NaN gives 0."""
+        t = self.tables(x.device, x.dtype)
+        cell = (x * t.half).floor_().nan_to_num_(-t.half).clamp_(-t.half, t.half - 1)
+        below = t.lut[cell.long() + t.half].long()
+        below += x > t.bounds[below]
+        return t.first_index[below].long()
+
+
+_INF32 = torch.tensor(float("inf"))
+_MAX_LUT_LOG2 = 22
+
+
+def _lookup_tables(entries: torch.Tensor, mids: torch.Tensor, first_index) -> LookupTables:
+    """The coarsest grid with at most one boundary per cell, and its table."""
+    inf = torch.full((1,), float("inf"), dtype=mids.dtype)
+    for log2 in range(12, _MAX_LUT_LOG2 + 1):
+        half = 2**log2
+        cells = (mids.double() * half).floor()
+        if bool((cells[1:] > cells[:-1]).all()):
+            edges = torch.arange(-half, half, dtype=torch.float64) / half
+            lut = torch.searchsorted(mids.double(), edges, side="left").to(torch.uint8)
+            return LookupTables(entries, lut, torch.cat([mids, inf]), first_index, half)
+    raise ValueError(
+        "codebook entries closer than 2**-22 apart: not a Gefen codebook (load the one the "
+        "optimizer learned, or let it learn one at the first step)"
+    )

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .codebook import NearestCode, gradient_histogram, learn_codebook
+from . import ops
+from .codebook import NearestCode
+from .first_step import codebook_from, infer_periods
 from .kernels.torch_step import gefen_update
-from .partition import infer_period
-from .state import STATE_DTYPES, compute_dtype, new_state
+from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
 
 
 class Gefen(Optimizer):
@@ -61,8 +62,9 @@ class Gefen(Optimizer):
         }
         _check_hyperparameters(defaults, where="Gefen")
         self.codebook: Tensor | None = None
-        self._codebook_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._nearest: NearestCode | None = None
+        self._buckets: list[Bucket] | None = None  # built at the first step
+        self._index: dict[Tensor, tuple[int, int]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -80,6 +82,7 @@ class Gefen(Optimizer):
                     "optimizer (complex ones can be passed as torch.view_as_real(p))"
                 )
         super().add_param_group({**param_group, "params": params})
+        self._buckets = None  # the group table changed
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -88,55 +91,81 @@ class Gefen(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [
+        fresh = [
             (group, p, _checked_grad(p, gi, pi))
             for gi, group in enumerate(self.param_groups)
             for pi, p in enumerate(group["params"])
-            if p.grad is not None
+            if p.grad is not None and not self.state.get(p)
         ]
-        fresh = [(group, p, g) for group, p, g in work if not self.state[p]]
         if fresh:
             self._initialise(fresh)
-        for group, p, g in work:
-            if p.numel() == 0:  # nothing to update, but its step counts, as in AdamW
-                self.state[p]["step"] += 1
-                continue
-            beta1, beta2 = group["betas"]
-            dtype = compute_dtype(g.dtype)
-            gefen_update(
-                p,
-                g,
-                self.state[p],
-                self._codebook_for(p.device, dtype),
-                self._nearest,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-            )
+        if self._nearest is None:  # every gradient so far was empty: nothing to update
+            return loss
+        if self._buckets is None:
+            self._buckets = self._build_buckets({})
+        for bucket in self._buckets:
+            grads = [_checked_grad(p, *self._index[p]) if p.grad is not None else None
+                     for p in bucket.params]
+            if any(g is not None for g in grads):
+                self._step_bucket(bucket, grads)
         return loss
 
+    def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
+        device = bucket.codes.device
+        hyper = _hyper_table(self.param_groups, device)
+        tables = self._nearest.tables(device, compute_dtype(bucket.dtype))
+        if device.type in ("cpu", "cuda"):
+            ops.step_(
+                bucket.params, grads, bucket.codes, bucket.magnitude, bucket.vmean, bucket.steps,
+                bucket.rows, bucket.param_group, hyper, tables.codebook, tables.lut,
+                tables.bounds, tables.first_index, tables.half, bucket.max_row_len,
+            )
+            return
+        # Other devices (MPS, XPU, ...): the plain-torch step, one parameter at a time.
+        for p, g in zip(bucket.params, grads):
+            if g is not None:
+                group = self.param_groups[self._index[p][0]]
+                gefen_update(p, g, self.state[p], tables.codebook, self._nearest,
+                             lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                             eps=group["eps"], weight_decay=group["weight_decay"],
+                             maximize=group["maximize"])
+
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
-        """Periods (and, at the first step, the codebook) for parameters seen for the first time."""
-        signed = [(group, p, -g if group["maximize"] else g) for group, p, g in fresh]
-        for _, p, g in signed:
+        """Periods (and, at the first step, the codebook) for parameters seen for the first
+        time, then their state, in the flat buckets."""
+        for _, p, g in fresh:
             if not torch.isfinite(g).all():
                 raise ValueError(
                     f"Gefen: the first gradient of {self._locate(p)} has inf or nan values; "
-                    "Gefen reads periods and its codebook from first gradients, so skip this step (as torch.amp.GradScaler does) and call "
-                    "step() again with finite gradients"
+                    "Gefen reads periods and its codebook from first gradients, so skip this "
+                    "step (as torch.amp.GradScaler does) and call step() again with finite "
+                    "gradients"
                 )
-        periods = [infer_period(g) for _, _, g in signed]
+        grads = [g for _, _, g in fresh]
+        periods = infer_periods(grads)
         if self.codebook is None:
-            counts = sum(
-                gradient_histogram(g, period).cpu() for (_, _, g), period in zip(signed, periods)
-            )
-            if counts.any():  # else every first gradient was empty: learn it from later ones
-                self._set_codebook(learn_codebook(counts))
-        for (group, p, g), period in zip(signed, periods):
-            self.state[p] = new_state(g, period, group["capturable"])
+            negate = [group["maximize"] for group, _, _ in fresh]
+            self._set_codebook(codebook_from(grads, periods, negate))
+        for (_, p, _), period in zip(fresh, periods):
+            self.state[p] = {"period": period}
+        self._buckets = self._build_buckets({p: g.dtype for _, p, g in fresh})
+
+    def _build_buckets(self, new_dtypes: dict[Tensor, torch.dtype]) -> list[Bucket]:
+        """Flat state for every parameter with state, one bucket per (device, state dtype);
+        ``new_dtypes``: the state dtype of parameters whose state is only a period so far."""
+        self._index = {}
+        members: dict[tuple, list] = {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                self._index[p] = (gi, pi)
+                state = self.state.get(p)
+                if state:
+                    dtype = new_dtypes.get(p) or state["vmean"].dtype
+                    members.setdefault((p.device, dtype), []).append((p, gi, state))
+        return [
+            build_bucket([p for p, _, _ in m], [gi for _, gi, _ in m], [s for _, _, s in m], dtype)
+            for (_, dtype), m in members.items()
+        ]
 
     def _locate(self, p: Tensor) -> str:
         """'parameter i of param group j' (its name, when known), for error messages."""
@@ -149,14 +178,7 @@ class Gefen(Optimizer):
 
     def _set_codebook(self, codebook: Tensor | None) -> None:
         self.codebook = codebook
-        self._codebook_on = {}
         self._nearest = None if codebook is None else NearestCode(codebook)
-
-    def _codebook_for(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        key = (device, dtype)
-        if key not in self._codebook_on:
-            self._codebook_on[key] = self.codebook.to(device=device, dtype=dtype)
-        return self._codebook_on[key]
 
     def state_dict(self) -> dict[str, Any]:
         """AdamW's ``state_dict`` plus ``"codebook"`` (float32, or None before the first step).
@@ -210,6 +232,7 @@ class Gefen(Optimizer):
         codebook = state.pop("codebook", getattr(self, "codebook", None))
         super().__setstate__(state)
         self._set_codebook(codebook)
+        self._buckets, self._index = None, {}  # rebuilt from the per-parameter state
 
 
 def _check_hyperparameters(values: dict[str, Any], where: str) -> None:
@@ -276,3 +299,20 @@ def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, 
             value = value.to(device, copy=True)
         moved[key] = value
     return moved
+
+
+def _hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
+    """float64 [groups, 6] on ``device``: lr, beta1, beta2, eps, weight_decay, maximize. A
+    tensor lr already on ``device`` is copied on the device, with no host sync."""
+    rows, device_lrs = [], {}
+    for i, group in enumerate(groups):
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device.type != "cpu":
+            device_lrs[i], lr = lr, 0.0
+        beta1, beta2 = (float(b) for b in group["betas"])
+        rows.append([float(lr), beta1, beta2, group["eps"], group["weight_decay"],
+                     float(group["maximize"])])
+    table = torch.tensor(rows, dtype=torch.float64).to(device)
+    for i, lr in device_lrs.items():
+        table[i, 0] = lr
+    return table

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 # log(g^2 + LOG_FLOOR): keeps exact zeros finite, as published.
@@ -36,16 +35,15 @@ def candidate_periods(n: int) -> list[int]:
     return [p for p in divisors(n) if p < n and n // p >= 4]
 
 
-def period_scores(grad: torch.Tensor) -> dict[int, float]:
-    """Score of every candidate period: mean |difference| of adjacent block means of log(g^2).
+def period_scores(grad: torch.Tensor, candidates: list[int]) -> torch.Tensor:
+    """float64 scores (on ``grad``'s device) of the candidate periods of ``grad``: the mean
+    |difference| of adjacent block means of log(g^2 + 1e-12).
 
     Every block mean of every candidate comes from one prefix sum, so all scores together cost
-    O(n) rather than a pass over the data per candidate.
+    O(n) rather than a pass over the data per candidate. Plain torch ops, no host round trip:
+    the CUDA path (the CPU path is the C kernel in kernels/cpu_step.c).
     """
     n = grad.numel()
-    candidates = candidate_periods(n)
-    if not candidates:
-        return {}
     x = grad.detach().reshape(-1).to(torch.float64)
     x = torch.log(x * x + LOG_FLOOR)
     # Shifting by x[0] keeps the prefix sum exact over constant runs (all-zero gradients, say),
@@ -53,15 +51,9 @@ def period_scores(grad: torch.Tensor) -> dict[int, float]:
     x -= x[0].clone()
     prefix = torch.zeros(n + 1, dtype=torch.float64, device=x.device)
     torch.cumsum(x, 0, out=prefix[1:])
-    del x
-    # The per-candidate work is on short strided views, where numpy's overhead is far below
-    # torch's; on CUDA this is one copy of the prefix to the host.
-    prefix_np = prefix.cpu().numpy()
-    scores = {}
-    for p in candidates:
-        # Adjacent block means differ by the second difference of the prefix at block edges.
-        scores[p] = float(np.abs(np.diff(prefix_np[::p], n=2)).mean() / p)
-    return scores
+    # Adjacent block means differ by the second difference of the prefix at block edges.
+    scores = [torch.diff(prefix[::p], n=2).abs().mean() / p for p in candidates]
+    return torch.stack(scores) if scores else prefix.new_zeros(0)
 
 
 def select_period(n: int, scores: dict[int, float]) -> int:
@@ -79,11 +71,6 @@ def select_period(n: int, scores: dict[int, float]) -> int:
     if best > MAX_PERIOD:
         best = next(d for d in divisors(best) if d > MAX_PERIOD)
     return best
-
-
-def infer_period(grad: torch.Tensor) -> int:
-    """Gefen's period for a tensor, from its first gradient (GEFEN_SPEC "Period inference")."""
-    return select_period(grad.numel(), period_scores(grad))
 
 
 def magnitude_block(n: int, period: int) -> int:

@@ -27,7 +27,7 @@ from torch.optim.optimizer import (
 )
 
 from gefen_compile import Gefen
-from gefen_compile.partition import infer_period
+from gefen_compile.first_step import infer_period
 
 # A structured matrix (rows of very different scales: period > 1), a vector, a small matrix and
 # a 0-dim tensor. Small enough that the whole file runs in a few seconds.

@@ -1,0 +1,41 @@
+"""What Gefen reads off first gradients: periods and the codebook, for many parameters at once
+with one host round trip for all their scores (GEFEN_SPEC "Period inference", "Codebook")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import ops
+from .codebook import learn_codebook
+from .partition import candidate_periods, select_period
+
+
+def infer_periods(grads: Sequence[torch.Tensor]) -> list[int]:
+    """The period of every tensor, from its first gradient."""
+    if not grads:
+        return []
+    lists = [candidate_periods(g.numel()) for g in grads]
+    candidates, offsets = ops.flat_candidates(lists)
+    scores = ops.period_scores(list(grads), candidates, offsets).tolist() if candidates else []
+    return [
+        select_period(g.numel(), dict(zip(c, scores[a:b])))
+        for g, c, a, b in zip(grads, lists, offsets, offsets[1:])
+    ]
+
+
+def infer_period(grad: torch.Tensor) -> int:
+    """Gefen's period for one tensor, from its first gradient."""
+    return infer_periods([grad])[0]
+
+
+def codebook_from(
+    grads: Sequence[torch.Tensor], periods: Sequence[int], negate: Sequence[bool]
+) -> torch.Tensor | None:
+    """The codebook learned from first gradients (negated where ``negate``: maximize), or None
+    when they hold no element."""
+    if not grads:
+        return None
+    counts = ops.histogram(list(grads), list(periods), list(negate)).cpu()
+    return learn_codebook(counts) if counts.any() else None

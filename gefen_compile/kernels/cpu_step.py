@@ -1,0 +1,137 @@
+"""The fast CPU path: ctypes bindings to the C kernels in ``cpu_step.c``.
+
+Each call hands the kernel raw data pointers of CPU tensors, so the caller keeps the tensors
+alive and contiguous for the duration of the call. The kernels use ``torch.get_num_threads()``
+threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+
+from . import _cpu
+from ..codebook import NUM_BINS, LookupTables
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+_I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+
+
+class StepArgs(ctypes.Structure):
+    """Mirror of ``StepArgs`` in cpu_step.c."""
+
+    _fields_ = [
+        ("num_rows", _I64),
+        ("rows", _P),
+        ("num_params", _I64),
+        ("params", _P),
+        ("grads", _P),
+        ("has_grad", _P),
+        ("param_group", _P),
+        ("hyper", _P),
+        ("codes", _P),
+        ("magnitude", _P),
+        ("vmean", _P),
+        ("steps", _P),
+        ("codebook", _P),
+        ("lut", _P),
+        ("bounds", _P),
+        ("first_index", _P),
+        ("lut_half", _I64),
+        ("num_threads", _I64),
+    ]
+
+
+_lib = ctypes.CDLL(_cpu.__file__)
+_lib.gefen_step.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_int]
+_lib.gefen_step.restype = ctypes.c_int
+_lib.gefen_histogram.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
+_lib.gefen_histogram.restype = None
+_lib.gefen_period_scores.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
+_lib.gefen_period_scores.restype = ctypes.c_int
+
+
+def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def _dtype_codes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([_DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int64)
+
+
+def step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    codes: torch.Tensor,
+    magnitude: torch.Tensor,
+    vmean: torch.Tensor,
+    steps: torch.Tensor,
+    rows: torch.Tensor,
+    param_group: torch.Tensor,
+    hyper: torch.Tensor,
+    tables: LookupTables,
+) -> None:
+    """One Gefen step of every row of a bucket (see gefen_compile.state.Bucket), in place."""
+    keep = (
+        _pointers(params),
+        _pointers(grads),
+        torch.tensor([g is not None for g in grads], dtype=torch.uint8),
+        hyper.contiguous(),
+    )
+    args = StepArgs(
+        rows.size(0),
+        rows.data_ptr(),
+        len(params),
+        *(t.data_ptr() for t in keep[:3]),
+        param_group.data_ptr(),
+        keep[3].data_ptr(),
+        *(t.data_ptr() for t in (codes, magnitude, vmean, steps)),
+        *(t.data_ptr() for t in (tables.codebook, tables.lut, tables.bounds, tables.first_index)),
+        tables.half,
+        torch.get_num_threads(),
+    )
+    if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[vmean.dtype]) != 0:
+        raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
+
+
+def histogram(
+    grads: Sequence[torch.Tensor], periods: Sequence[int], negate: Sequence[bool]
+) -> torch.Tensor:
+    """int64 counts of every gradient's normalised rows (see codebook.gradient_histogram)."""
+    grads = [g.contiguous() for g in grads]
+    counts = torch.zeros(NUM_BINS, dtype=torch.int64)
+    tables = (
+        _pointers(grads),
+        _dtype_codes(grads),
+        torch.tensor([g.numel() for g in grads], dtype=torch.int64),
+        torch.tensor(list(periods), dtype=torch.int64),
+        torch.tensor(list(negate), dtype=torch.int64),
+    )
+    _lib.gefen_histogram(
+        len(grads), *(t.data_ptr() for t in tables), counts.data_ptr(), torch.get_num_threads()
+    )
+    return counts
+
+
+def period_scores(
+    grads: Sequence[torch.Tensor], candidates: Sequence[int], offsets: Sequence[int]
+) -> torch.Tensor:
+    """float64 scores of every gradient's candidate periods (see ops.period_scores)."""
+    grads = [g.contiguous() for g in grads]
+    scores = torch.empty(offsets[-1], dtype=torch.float64)
+    tables = (
+        _pointers(grads),
+        _dtype_codes(grads),
+        torch.tensor([g.numel() for g in grads], dtype=torch.int64),
+        torch.tensor(list(offsets), dtype=torch.int64),
+        torch.tensor(list(candidates), dtype=torch.int64),
+    )
+    status = _lib.gefen_period_scores(
+        len(grads), *(t.data_ptr() for t in tables), scores.data_ptr(), torch.get_num_threads()
+    )
+    if status != 0:
+        raise MemoryError("gefen_period_scores: out of memory for its per-candidate scratch")
+    return scores

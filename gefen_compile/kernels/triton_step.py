@@ -1,0 +1,155 @@
+"""One-launch multi-tensor Gefen step in Triton (CUDA; ``TRITON_INTERPRET=1`` runs it on CPU
+tensors, which is how CI tests it).
+
+One program per row (magnitude block) of a bucket, whatever parameter, period or group it
+belongs to: parameters and gradients are reached through tables of data pointers, group
+hyperparameters through a small float64 table, so learning-rate changes change data, never the
+compiled kernel. The arithmetic follows kernels/torch_step.py: IEEE division and square root,
+no fused multiply-adds, so the codes match the core implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codebook import LookupTables
+from ..state import ROW_FIELDS
+
+_TRITON_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
+_MAX_BLOCK = 1024
+
+
+@triton.jit
+def _nearest(x, lut_ptr, bounds_ptr, first_ptr, half):
+    """Nearest-code lookup (see codebook.NearestCode): cell, boundary count, code."""
+    scaled = tl.floor(x * half)  # exact: half is a power of two
+    scaled = tl.where(scaled == scaled, scaled, -half)  # NaN -> first cell
+    cell = tl.minimum(tl.maximum(scaled, -half), half - 1).to(tl.int32) + half
+    below = tl.load(lut_ptr + cell).to(tl.int32)
+    below += (x > tl.load(bounds_ptr + below)).to(tl.int32)
+    return tl.load(first_ptr + below).to(tl.int32)
+
+
+@triton.jit
+def _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep1, sign):
+    """The previous first moment, dequantised, moved by this step's gradient."""
+    g = sign * tl.load(grad + offs, mask=mask, other=0.0).to(old_mag.dtype)
+    m = tl.load(codebook_ptr + tl.load(code_ptr + offs, mask=mask, other=0)) * old_mag
+    return m * beta1 + g * keep1, g
+
+
+@triton.jit
+def _gefen_step_kernel(
+    rows_ptr, pointers_ptr, has_grad_ptr, param_group_ptr, hyper_ptr, bias_ptr,
+    codes_ptr, mag_ptr, v_ptr, codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = rows_ptr + tl.program_id(0).to(tl.int64) * FIELDS
+    p = tl.load(row)
+    if tl.load(has_grad_ptr + p) != 0:
+        start = tl.load(row + 1)
+        length = tl.load(row + 2)
+        code_ptr = codes_ptr + tl.load(row + 3)
+        mag_index = tl.load(row + 4)
+        v_index = tl.load(row + 5)
+        per_element = tl.load(row + 6) != 0
+        h = hyper_ptr + tl.load(param_group_ptr + p) * 6
+        lr, b1, b2 = tl.load(h), tl.load(h + 1), tl.load(h + 2)
+        beta1, keep1 = b1.to(COMPUTE), (1.0 - b1).to(COMPUTE)
+        beta2, keep2 = b2.to(COMPUTE), (1.0 - b2).to(COMPUTE)
+        eps = tl.load(h + 3).to(COMPUTE)
+        decay = (1.0 - lr * tl.load(h + 4)).to(COMPUTE)
+        sign = tl.where(tl.load(h + 5) != 0.0, -1.0, 1.0).to(COMPUTE)
+        step_size = (lr / tl.load(bias_ptr + 2 * p)).to(COMPUTE)
+        bias2 = tl.load(bias_ptr + 2 * p + 1).to(COMPUTE)
+        param = tl.load(pointers_ptr + 2 * p).to(tl.pointer_type(DTYPE)) + start
+        grad = tl.load(pointers_ptr + 2 * p + 1).to(tl.pointer_type(DTYPE)) + start
+        old_mag = tl.load(mag_ptr + mag_index).to(COMPUTE)
+
+        peak = tl.full([], 0.0, COMPUTE)
+        square_sum = tl.full([], 0.0, COMPUTE)
+        for lo in range(0, length, BLOCK):
+            offs = lo + tl.arange(0, BLOCK)
+            mask = offs < length
+            m, g = _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep1, sign)
+            peak = tl.maximum(peak, tl.max(tl.where(mask, tl.abs(m), 0.0), axis=0))
+            square = g * g
+            if per_element:
+                v = v_ptr + v_index + offs
+                tl.store(v, (tl.load(v, mask=mask).to(COMPUTE) * beta2 + square * keep2).to(DTYPE), mask=mask)
+            else:
+                square_sum += tl.sum(square, axis=0)
+        stored = peak.to(DTYPE)
+        tl.store(mag_ptr + mag_index, stored)
+        stored = stored.to(COMPUTE)
+        shared_denom = tl.full([], 0.0, COMPUTE)
+        if not per_element:
+            mean = tl.div_rn(square_sum, length.to(COMPUTE))
+            v = (tl.load(v_ptr + v_index).to(COMPUTE) * beta2 + mean * keep2).to(DTYPE)
+            tl.store(v_ptr + v_index, v)
+            shared_denom = tl.sqrt_rn(tl.div_rn(v.to(COMPUTE), bias2)) + eps
+
+        for lo in range(0, length, BLOCK):
+            offs = lo + tl.arange(0, BLOCK)
+            mask = offs < length
+            m, g = _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep1, sign)
+            code = _nearest(tl.div_rn(m, stored), lut_ptr, bounds_ptr, first_ptr, half)
+            code = tl.where(stored > 0, code, 0)
+            tl.store(code_ptr + offs, code.to(tl.uint8), mask=mask)
+            m_q = tl.load(codebook_ptr + code) * stored
+            if per_element:
+                v = tl.load(v_ptr + v_index + offs, mask=mask, other=1.0).to(COMPUTE)
+                denom = tl.sqrt_rn(tl.div_rn(v, bias2)) + eps
+            else:
+                denom = shared_denom
+            x = tl.load(param + offs, mask=mask).to(COMPUTE) * decay
+            x = x - tl.div_rn(step_size * m_q, denom)
+            tl.store(param + offs, x.to(DTYPE), mask=mask)
+
+
+def step(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    codes: torch.Tensor,
+    magnitude: torch.Tensor,
+    vmean: torch.Tensor,
+    steps: torch.Tensor,
+    rows: torch.Tensor,
+    param_group: torch.Tensor,
+    hyper: torch.Tensor,
+    tables: LookupTables,
+    max_row_len: int,
+) -> None:
+    """One Gefen step of every row of a bucket in one kernel launch (see ops.step_)."""
+    device = codes.device
+    has_grad = torch.tensor([g is not None for g in grads], dtype=torch.uint8).to(device)
+    pointers = torch.tensor(
+        [[p.data_ptr(), 0 if g is None else g.data_ptr()] for p, g in zip(params, grads)],
+        dtype=torch.int64,
+    ).to(device)
+    # Steps and bias corrections on the device: no host sync, CUDA-graph capturable.
+    steps += has_grad
+    betas = hyper[param_group][:, 1:3]
+    bias = (1 - betas ** steps.double().unsqueeze(1)).contiguous()
+    if rows.size(0) == 0:
+        return
+    dtype = _TRITON_DTYPES[vmean.dtype]
+    _gefen_step_kernel[(rows.size(0),)](
+        rows, pointers, has_grad, param_group, hyper, bias,
+        codes, magnitude, vmean,
+        tables.codebook, tables.lut, tables.bounds, tables.first_index, tables.half,
+        DTYPE=dtype,
+        COMPUTE=tl.float64 if vmean.dtype == torch.float64 else tl.float32,
+        FIELDS=ROW_FIELDS,
+        BLOCK=min(_MAX_BLOCK, triton.next_power_of_2(max_row_len)),
+        enable_fp_fusion=False,
+    )

@@ -1,0 +1,119 @@
+"""Gefen's operations as ``torch.library`` custom ops, so they trace under ``torch.compile``
+with no graph break (fake implementations give shapes only).
+
+- ``gefen::step_``: one step of every row of a bucket (all its parameters, all groups), in place.
+- ``gefen::histogram``: the first-step histogram of normalised gradient rows.
+- ``gefen::period_scores``: the candidate-period scores of several gradients.
+
+CPU runs the C kernels (kernels/cpu_step.c); CUDA runs the Triton kernel for the step and
+plain torch ops, with no host round trip, for the first-step ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .codebook import NUM_BINS, LookupTables, gradient_histogram
+from .kernels import cpu_step
+from .partition import period_scores as tensor_period_scores
+
+
+@torch.library.custom_op("gefen::step_", mutates_args=("params", "codes", "magnitude", "vmean", "steps"))
+def step_(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    codes: Tensor,
+    magnitude: Tensor,
+    vmean: Tensor,
+    steps: Tensor,
+    rows: Tensor,
+    param_group: Tensor,
+    hyper: Tensor,
+    codebook: Tensor,
+    lut: Tensor,
+    bounds: Tensor,
+    first_index: Tensor,
+    lut_half: int,
+    max_row_len: int,
+) -> None:
+    """One Gefen step of a bucket (see ``gefen_compile.state.Bucket``): ``hyper`` is float64
+    [groups, 6] (lr, beta1, beta2, eps, weight_decay, maximize); a None grad skips that
+    parameter."""
+    raise NotImplementedError(
+        f"gefen::step_ runs on CPU and CUDA tensors, not {codes.device.type}"
+    )
+
+
+@step_.register_kernel("cpu")
+def _step_cpu(params, grads, codes, magnitude, vmean, steps, rows, param_group, hyper,
+              codebook, lut, bounds, first_index, lut_half, max_row_len) -> None:
+    tables = LookupTables(codebook, lut, bounds, first_index, lut_half)
+    cpu_step.step(params, grads, codes, magnitude, vmean, steps, rows, param_group, hyper, tables)
+
+
+@step_.register_kernel("cuda")
+def _step_cuda(params, grads, codes, magnitude, vmean, steps, rows, param_group, hyper,
+               codebook, lut, bounds, first_index, lut_half, max_row_len) -> None:
+    from .kernels import triton_step  # triton is only needed where CUDA is
+
+    tables = LookupTables(codebook, lut, bounds, first_index, lut_half)
+    triton_step.step(params, grads, codes, magnitude, vmean, steps, rows, param_group, hyper,
+                     tables, max_row_len)
+
+
+@step_.register_fake
+def _step_fake(*args) -> None:
+    return None
+
+
+@torch.library.custom_op("gefen::histogram", mutates_args=())
+def histogram(grads: list[Tensor], periods: list[int], negate: list[bool]) -> Tensor:
+    """int64 [4096] counts of every gradient viewed as rows of its period, each row normalised
+    by its max |g| (negated first where ``negate``), summed over the gradients."""
+    counts = torch.zeros(NUM_BINS, dtype=torch.int64, device=grads[0].device)
+    for grad, period, neg in zip(grads, periods, negate):
+        counts += gradient_histogram(-grad if neg else grad, period)
+    return counts
+
+
+@histogram.register_kernel("cpu")
+def _histogram_cpu(grads, periods, negate) -> Tensor:
+    return cpu_step.histogram(grads, periods, negate)
+
+
+@histogram.register_fake
+def _histogram_fake(grads, periods, negate) -> Tensor:
+    return grads[0].new_empty(NUM_BINS, dtype=torch.int64)
+
+
+@torch.library.custom_op("gefen::period_scores", mutates_args=())
+def period_scores(grads: list[Tensor], candidates: list[int], offsets: list[int]) -> Tensor:
+    """float64 scores of every gradient's candidate periods, concatenated: those of
+    ``grads[t]`` are ``candidates[offsets[t]:offsets[t + 1]]``."""
+    return torch.cat(
+        [
+            tensor_period_scores(g, candidates[a:b])
+            for g, a, b in zip(grads, offsets, offsets[1:])
+        ]
+    )
+
+
+@period_scores.register_kernel("cpu")
+def _period_scores_cpu(grads, candidates, offsets) -> Tensor:
+    return cpu_step.period_scores(grads, candidates, offsets)
+
+
+@period_scores.register_fake
+def _period_scores_fake(grads, candidates, offsets) -> Tensor:
+    return grads[0].new_empty(len(candidates), dtype=torch.float64)
+
+
+def flat_candidates(lists: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Concatenated candidate lists and their offsets, as ``period_scores`` takes them."""
+    offsets = [0]
+    for c in lists:
+        offsets.append(offsets[-1] + len(c))
+    return [p for c in lists for p in c], offsets
