@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .codebook import NUM_BINS, LookupTables, gradient_histogram
+from .codebook import NUM_BINS, gradient_histogram
 from .kernels import cpu_step
 from .partition import period_scores as tensor_period_scores
 
@@ -29,7 +29,8 @@ def step_(
     magnitude: Tensor,
     vmean: Tensor,
     steps: Tensor,
-    rows: Tensor,
+    segments: Tensor,
+    num_rows: int,
     param_group: Tensor,
     hyper: Tensor,
     codebook: Tensor,
@@ -39,29 +40,26 @@ def step_(
     lut_half: int,
     max_row_len: int,
 ) -> None:
-    """One Gefen step of a bucket (see ``gefen_compile.state.Bucket``): ``hyper`` is float64
-    [groups, 6] (lr, beta1, beta2, eps, weight_decay, maximize); a None grad skips that
-    parameter."""
+    """One Gefen step of a bucket, in place (see ``gefen_compile.state.Bucket``).
+
+    ``hyper`` is float64 [groups, 6] (lr, beta1, beta2, eps, weight_decay, maximize) on the
+    bucket's device; a None grad skips that parameter; codebook .. lut_half are the fields of a
+    ``codebook.LookupTables``; ``max_row_len`` sizes the CUDA kernel's blocks."""
     raise NotImplementedError(
         f"gefen::step_ runs on CPU and CUDA tensors, not {codes.device.type}"
     )
 
 
 @step_.register_kernel("cpu")
-def _step_cpu(params, grads, codes, magnitude, vmean, steps, rows, param_group, hyper,
-              codebook, lut, bounds, first_index, lut_half, max_row_len) -> None:
-    tables = LookupTables(codebook, lut, bounds, first_index, lut_half)
-    cpu_step.step(params, grads, codes, magnitude, vmean, steps, rows, param_group, hyper, tables)
+def _step_cpu(*args) -> None:
+    cpu_step.step(*args)
 
 
 @step_.register_kernel("cuda")
-def _step_cuda(params, grads, codes, magnitude, vmean, steps, rows, param_group, hyper,
-               codebook, lut, bounds, first_index, lut_half, max_row_len) -> None:
+def _step_cuda(*args) -> None:
     from .kernels import triton_step  # triton is only needed where CUDA is
 
-    tables = LookupTables(codebook, lut, bounds, first_index, lut_half)
-    triton_step.step(params, grads, codes, magnitude, vmean, steps, rows, param_group, hyper,
-                     tables, max_row_len)
+    triton_step.step(*args)
 
 
 @step_.register_fake

@@ -117,7 +117,7 @@ class Gefen(Optimizer):
         if device.type in ("cpu", "cuda"):
             ops.step_(
                 bucket.params, grads, bucket.codes, bucket.magnitude, bucket.vmean, bucket.steps,
-                bucket.rows, bucket.param_group, hyper, tables.codebook, tables.lut,
+                bucket.segments, bucket.num_rows, bucket.param_group, hyper, tables.codebook, tables.lut,
                 tables.bounds, tables.first_index, tables.half, bucket.max_row_len,
             )
             return

@@ -11,8 +11,10 @@ Keys of ``optimizer.state[p]``, a stable checkpoint format:
 
 The state dtype is the gradient's dtype. Every parameter of one (device, state dtype) lives in
 one :class:`Bucket`: its codes, magnitudes, second moments and step counters are slices of four
-flat buffers, and a table of *rows* (one per magnitude block) tells a kernel where each block
-is, so one launch updates every parameter of every group.
+flat buffers. A kernel works on *rows*, one per magnitude block, numbered across the bucket;
+a small table of *segments*, one per parameter, tells where each parameter's rows begin and where
+its state lives, so one launch updates every parameter of every group with metadata that grows
+with the number of parameters, not their size.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from .partition import magnitude_block
 
 TENSOR_KEYS = ("codes", "magnitude", "vmean", "step")
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Columns of Bucket.rows.
-ROW_PARAM, ROW_START, ROW_LEN, ROW_CODE, ROW_MAG, ROW_V, ROW_V_PER_ELEMENT = range(7)
-ROW_FIELDS = 7
+# Columns of Bucket.segments: the parameter's first row (rows are numbered like magnitudes: one
+# each), row length (its magnitude block), where its codes and second moments begin, and whether
+# it keeps one second moment per element (period 1) or one per row.
+SEG_ROW0, SEG_BLOCK, SEG_CODE, SEG_V, SEG_V_PER_ELEMENT = range(5)
+SEG_FIELDS = 5
 
 
 def compute_dtype(state_dtype: torch.dtype) -> torch.dtype:
@@ -51,7 +55,8 @@ class Bucket:
     magnitude: torch.Tensor
     vmean: torch.Tensor
     steps: torch.Tensor  # float32, per parameter
-    rows: torch.Tensor  # int64 [rows, ROW_FIELDS], one per magnitude block
+    segments: torch.Tensor  # int64 [parameters, SEG_FIELDS]
+    num_rows: int
     max_row_len: int
 
     @property
@@ -71,7 +76,7 @@ def build_bucket(
     magnitude = torch.zeros(sum(m for _, m, _ in lengths), dtype=dtype, device=device)
     vmean = torch.zeros(sum(v for _, _, v in lengths), dtype=dtype, device=device)
     steps = torch.zeros(len(params), dtype=torch.float32, device=device)
-    row_tables = []
+    segments = torch.zeros(len(params), SEG_FIELDS, dtype=torch.int64)
     c0 = m0 = v0 = 0
     for i, (state, (n, m, v), (_, period)) in enumerate(zip(states, lengths, sizes)):
         views = {
@@ -84,9 +89,8 @@ def build_bucket(
             if key in state:
                 view.copy_(state[key].reshape(view.shape))
             state[key] = view
-        row_tables.append(_rows(i, n, period, c0, m0, v0))
+        segments[i] = torch.tensor([m0, magnitude_block(n, period), c0, v0, int(period == 1)])
         c0, m0, v0 = c0 + n, m0 + m, v0 + v
-    rows = torch.cat(row_tables) if row_tables else torch.zeros(0, ROW_FIELDS, dtype=torch.int64)
     return Bucket(
         params=list(params),
         param_group=torch.tensor(groups, dtype=torch.int64, device=device),
@@ -94,27 +98,10 @@ def build_bucket(
         magnitude=magnitude,
         vmean=vmean,
         steps=steps,
-        rows=rows.to(device),
-        max_row_len=int(rows[:, ROW_LEN].max()) if len(rows) else 1,
+        segments=segments.to(device),
+        num_rows=m0,
+        max_row_len=max((int(b) for b in segments[:, SEG_BLOCK]), default=1),
     )
-
-
-def _rows(index: int, numel: int, period: int, code0: int, mag0: int, v0: int) -> torch.Tensor:
-    """Row table of one parameter: one row per magnitude block."""
-    block = magnitude_block(numel, period)
-    count = numel // block if numel else 0
-    k = torch.arange(count, dtype=torch.int64)
-    start = k * block
-    rows = torch.empty(count, ROW_FIELDS, dtype=torch.int64)
-    rows[:, ROW_PARAM] = index
-    rows[:, ROW_START] = start
-    rows[:, ROW_LEN] = block
-    rows[:, ROW_CODE] = code0 + start
-    rows[:, ROW_MAG] = mag0 + k
-    # Period-1 tensors keep one second moment per element, the others one per row.
-    rows[:, ROW_V] = v0 + (start if period == 1 else k)
-    rows[:, ROW_V_PER_ELEMENT] = int(period == 1)
-    return rows
 
 
 def state_nbytes(state: dict) -> int:

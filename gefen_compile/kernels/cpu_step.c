@@ -17,14 +17,15 @@
 #include <string.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
-enum { ROW_PARAM, ROW_START, ROW_LEN, ROW_CODE, ROW_MAG, ROW_V, ROW_V_PER_ELEMENT, ROW_FIELDS };
+/* Columns of a bucket's segment table (gefen_compile/state.py): one row per parameter. */
+enum { SEG_ROW0, SEG_BLOCK, SEG_CODE, SEG_V, SEG_V_PER_ELEMENT, SEG_FIELDS };
 enum { H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAXIMIZE, H_FIELDS };
 
 #define NUM_BINS 4096
 
 typedef struct {
-    int64_t num_rows;
-    const int64_t *rows;            /* [num_rows][ROW_FIELDS] */
+    int64_t num_rows;               /* magnitude blocks, numbered across the bucket */
+    const int64_t *segments;        /* [num_params][SEG_FIELDS] */
     int64_t num_params;
     void *const *params;            /* data pointer per parameter */
     const void *const *grads;       /* data pointer per parameter */
@@ -80,6 +81,18 @@ static inline double load_any(const void *ptr, int64_t i, int dtype) {
 
 /* ---- the step ---- */
 
+/* The parameter owning row r: the last whose first row is at most r (empty parameters own no
+ * row and share their first row with the next parameter, so they are skipped). */
+static inline int64_t param_of_row(const StepArgs *a, int64_t r) {
+    int64_t lo = 0, hi = a->num_params - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (a->segments[mid * SEG_FIELDS + SEG_ROW0] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
 /* Bias corrections per parameter (and its step count), before any row is touched. */
 static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
     for (int64_t p = 0; p < a->num_params; p++) {
@@ -112,22 +125,22 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
         const T *codebook = (const T *)a->codebook;                                             \
         _Pragma("omp parallel for schedule(dynamic, 16) num_threads(a->num_threads)")           \
         for (int64_t r = 0; r < a->num_rows; r++) {                                             \
-            const int64_t *row = a->rows + r * ROW_FIELDS;                                      \
-            const int64_t p = row[ROW_PARAM];                                                   \
+            const int64_t p = param_of_row(a, r);                                               \
             if (!a->has_grad[p]) continue;                                                      \
+            const int64_t *seg = a->segments + p * SEG_FIELDS;                                  \
+            const int64_t len = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * len;     \
+            const int per_element = seg[SEG_V_PER_ELEMENT] != 0;                                \
+            const int64_t v0 = seg[SEG_V] + (per_element ? start : row);                        \
             const double *h = a->hyper + a->param_group[p] * H_FIELDS;                          \
             const T beta1 = (T)h[H_BETA1], keep1 = (T)(1.0 - h[H_BETA1]);                      \
             const T beta2 = (T)h[H_BETA2], keep2 = (T)(1.0 - h[H_BETA2]);                      \
             const T eps = (T)h[H_EPS], sign = h[H_MAXIMIZE] != 0.0 ? (T)-1 : (T)1;             \
             const T decay = (T)(1.0 - h[H_LR] * h[H_WD]);                                       \
             const T step_size = (T)(h[H_LR] / bias1[p]), bias2_t = (T)bias2[p];                \
-            const int64_t len = row[ROW_LEN], start = row[ROW_START];                           \
-            const int per_element = row[ROW_V_PER_ELEMENT] != 0;                                \
             const void *g = a->grads[p];                                                        \
             void *param = a->params[p];                                                         \
-            uint8_t *codes = a->codes + row[ROW_CODE];                                          \
-            const int64_t v0 = row[ROW_V];                                                      \
-            const T old_mag = LOAD(a->magnitude, row[ROW_MAG]);                                 \
+            uint8_t *codes = a->codes + seg[SEG_CODE] + start;                                  \
+            const T old_mag = LOAD(a->magnitude, r);                                            \
             T peak = 0, square_sum = 0;                                                         \
             for (int64_t i = 0; i < len; i++) {                                                 \
                 const T gi = sign * LOAD(g, start + i);                                         \
@@ -142,8 +155,8 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
                     square_sum += square;                                                       \
                 }                                                                               \
             }                                                                                   \
-            STORE(a->magnitude, row[ROW_MAG], peak);                                            \
-            const T stored = LOAD(a->magnitude, row[ROW_MAG]);                                  \
+            STORE(a->magnitude, r, peak);                                                       \
+            const T stored = LOAD(a->magnitude, r);                                             \
             T shared_denom = 0;                                                                 \
             if (!per_element) {                                                                 \
                 const T mean = square_sum / (T)len;                                             \

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _cpu
-from ..codebook import NUM_BINS, LookupTables
+from ..codebook import NUM_BINS
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _I64 = ctypes.c_int64
@@ -25,7 +25,7 @@ class StepArgs(ctypes.Structure):
 
     _fields_ = [
         ("num_rows", _I64),
-        ("rows", _P),
+        ("segments", _P),
         ("num_params", _I64),
         ("params", _P),
         ("grads", _P),
@@ -69,30 +69,27 @@ def step(
     magnitude: torch.Tensor,
     vmean: torch.Tensor,
     steps: torch.Tensor,
-    rows: torch.Tensor,
+    segments: torch.Tensor,
+    num_rows: int,
     param_group: torch.Tensor,
     hyper: torch.Tensor,
-    tables: LookupTables,
+    codebook: torch.Tensor,
+    lut: torch.Tensor,
+    bounds: torch.Tensor,
+    first_index: torch.Tensor,
+    lut_half: int,
+    max_row_len: int,
 ) -> None:
-    """One Gefen step of every row of a bucket (see gefen_compile.state.Bucket), in place."""
-    keep = (
+    """One Gefen step of every row of a bucket, in place (the arguments of ops.step_)."""
+    per_step = (
         _pointers(params),
         _pointers(grads),
         torch.tensor([g is not None for g in grads], dtype=torch.uint8),
-        hyper.contiguous(),
     )
-    args = StepArgs(
-        rows.size(0),
-        rows.data_ptr(),
-        len(params),
-        *(t.data_ptr() for t in keep[:3]),
-        param_group.data_ptr(),
-        keep[3].data_ptr(),
-        *(t.data_ptr() for t in (codes, magnitude, vmean, steps)),
-        *(t.data_ptr() for t in (tables.codebook, tables.lut, tables.bounds, tables.first_index)),
-        tables.half,
-        torch.get_num_threads(),
-    )
+    tensors = (*per_step, param_group, hyper, codes, magnitude, vmean, steps,
+               codebook, lut, bounds, first_index)
+    args = StepArgs(num_rows, segments.data_ptr(), len(params), *(t.data_ptr() for t in tensors),
+                    lut_half, torch.get_num_threads())
     if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
 

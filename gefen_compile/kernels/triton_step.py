@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codebook import LookupTables
-from ..state import ROW_FIELDS
+from ..state import SEG_FIELDS
 
 _TRITON_DTYPES = {
     torch.float32: tl.float32,
@@ -48,20 +47,34 @@ def _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep
 
 
 @triton.jit
+def _param_of_row(segments_ptr, num_params, r, FIELDS: tl.constexpr):
+    """The last parameter whose first row is at most r (see cpu_step.c: param_of_row)."""
+    lo = tl.full([], 0, tl.int64)
+    hi = num_params - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        below = tl.load(segments_ptr + mid * FIELDS) <= r
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    return lo
+
+
+@triton.jit
 def _gefen_step_kernel(
-    rows_ptr, pointers_ptr, has_grad_ptr, param_group_ptr, hyper_ptr, bias_ptr,
+    segments_ptr, num_params, pointers_ptr, has_grad_ptr, param_group_ptr, hyper_ptr, bias_ptr,
     codes_ptr, mag_ptr, v_ptr, codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = rows_ptr + tl.program_id(0).to(tl.int64) * FIELDS
-    p = tl.load(row)
+    mag_index = tl.program_id(0).to(tl.int64)  # one row per magnitude
+    p = _param_of_row(segments_ptr, num_params, mag_index, FIELDS)
     if tl.load(has_grad_ptr + p) != 0:
-        start = tl.load(row + 1)
-        length = tl.load(row + 2)
-        code_ptr = codes_ptr + tl.load(row + 3)
-        mag_index = tl.load(row + 4)
-        v_index = tl.load(row + 5)
-        per_element = tl.load(row + 6) != 0
+        seg = segments_ptr + p * FIELDS
+        length = tl.load(seg + 1)
+        row = mag_index - tl.load(seg)
+        start = row * length
+        code_ptr = codes_ptr + tl.load(seg + 2) + start
+        per_element = tl.load(seg + 4) != 0
+        v_index = tl.load(seg + 3) + tl.where(per_element, start, row)
         h = hyper_ptr + tl.load(param_group_ptr + p) * 6
         lr, b1, b2 = tl.load(h), tl.load(h + 1), tl.load(h + 2)
         beta1, keep1 = b1.to(COMPUTE), (1.0 - b1).to(COMPUTE)
@@ -123,33 +136,37 @@ def step(
     magnitude: torch.Tensor,
     vmean: torch.Tensor,
     steps: torch.Tensor,
-    rows: torch.Tensor,
+    segments: torch.Tensor,
+    num_rows: int,
     param_group: torch.Tensor,
     hyper: torch.Tensor,
-    tables: LookupTables,
+    codebook: torch.Tensor,
+    lut: torch.Tensor,
+    bounds: torch.Tensor,
+    first_index: torch.Tensor,
+    lut_half: int,
     max_row_len: int,
 ) -> None:
-    """One Gefen step of every row of a bucket in one kernel launch (see ops.step_)."""
+    """One Gefen step of every row of a bucket in one kernel launch (the arguments of
+    ops.step_)."""
     device = codes.device
     has_grad = torch.tensor([g is not None for g in grads], dtype=torch.uint8).to(device)
     pointers = torch.tensor(
         [[p.data_ptr(), 0 if g is None else g.data_ptr()] for p, g in zip(params, grads)],
         dtype=torch.int64,
     ).to(device)
-    # Steps and bias corrections on the device: no host sync, CUDA-graph capturable.
+    # Step counts and bias corrections on the device: no host sync, CUDA-graph capturable.
     steps += has_grad
     betas = hyper[param_group][:, 1:3]
     bias = (1 - betas ** steps.double().unsqueeze(1)).contiguous()
-    if rows.size(0) == 0:
+    if num_rows == 0:
         return
-    dtype = _TRITON_DTYPES[vmean.dtype]
-    _gefen_step_kernel[(rows.size(0),)](
-        rows, pointers, has_grad, param_group, hyper, bias,
-        codes, magnitude, vmean,
-        tables.codebook, tables.lut, tables.bounds, tables.first_index, tables.half,
-        DTYPE=dtype,
+    _gefen_step_kernel[(num_rows,)](
+        segments, len(params), pointers, has_grad, param_group, hyper, bias,
+        codes, magnitude, vmean, codebook, lut, bounds, first_index, lut_half,
+        DTYPE=_TRITON_DTYPES[vmean.dtype],
         COMPUTE=tl.float64 if vmean.dtype == torch.float64 else tl.float32,
-        FIELDS=ROW_FIELDS,
+        FIELDS=SEG_FIELDS,
         BLOCK=min(_MAX_BLOCK, triton.next_power_of_2(max_row_len)),
         enable_fp_fusion=False,
     )
