@@ -9,19 +9,20 @@ import torch
 
 from . import ops
 from .codebook import learn_codebook
-from .partition import candidate_periods, select_period
+from .partition import candidate_periods, scored_candidates, select_period
 
 
 def infer_periods(grads: Sequence[torch.Tensor]) -> list[int]:
     """The period of every tensor, from its first gradient."""
     if not grads:
         return []
-    lists = [candidate_periods(g.numel()) for g in grads]
-    candidates, offsets = ops.flat_candidates(lists)
-    scores = ops.period_scores(list(grads), candidates, offsets).tolist() if candidates else []
+    candidates = [candidate_periods(g.numel()) for g in grads]
+    scored = [scored_candidates(c) for c in candidates]
+    flat, offsets = ops.flat_candidates(scored)
+    scores = ops.period_scores(list(grads), flat, offsets).tolist() if flat else []
     return [
-        select_period(g.numel(), dict(zip(c, scores[a:b])))
-        for g, c, a, b in zip(grads, lists, offsets, offsets[1:])
+        select_period(c, dict(zip(s, scores[a:b])))
+        for c, s, a, b in zip(candidates, scored, offsets, offsets[1:])
     ]
 
 

@@ -111,17 +111,11 @@ class Gefen(Optimizer):
         return loss
 
     def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
-        device = bucket.codes.device
-        hyper = _hyper_table(self.param_groups, device)
-        tables = self._nearest.tables(device, compute_dtype(bucket.dtype))
-        if device.type in ("cpu", "cuda"):
-            ops.step_(
-                bucket.params, grads, bucket.codes, bucket.magnitude, bucket.vmean, bucket.steps,
-                bucket.segments, bucket.num_rows, bucket.param_group, hyper, tables.codebook, tables.lut,
-                tables.bounds, tables.first_index, tables.half, bucket.max_row_len,
-            )
+        if bucket.codes.device.type in ("cpu", "cuda"):
+            ops.step_(*self._kernel_args(bucket, grads))
             return
         # Other devices (MPS, XPU, ...): the plain-torch step, one parameter at a time.
+        tables = self._nearest.tables(bucket.codes.device, compute_dtype(bucket.dtype))
         for p, g in zip(bucket.params, grads):
             if g is not None:
                 group = self.param_groups[self._index[p][0]]
@@ -129,6 +123,17 @@ class Gefen(Optimizer):
                              lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                              eps=group["eps"], weight_decay=group["weight_decay"],
                              maximize=group["maximize"])
+
+    def _kernel_args(self, bucket: Bucket, grads: list[Tensor | None]) -> tuple:
+        """The arguments of ``ops.step_`` (and of each kernel) for one bucket."""
+        device = bucket.codes.device
+        t = self._nearest.tables(device, compute_dtype(bucket.dtype))
+        return (
+            bucket.params, grads, bucket.codes, bucket.magnitude, bucket.vmean, bucket.steps,
+            bucket.segments, bucket.num_rows, bucket.param_group,
+            _hyper_table(self.param_groups, device),
+            t.codebook, t.lut, t.bounds, t.first_index, t.half, bucket.max_row_len,
+        )
 
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
         """Periods (and, at the first step, the codebook) for parameters seen for the first

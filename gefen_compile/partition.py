@@ -13,6 +13,8 @@ import torch
 
 # log(g^2 + LOG_FLOOR): keeps exact zeros finite, as published.
 LOG_FLOOR = 1e-12
+# A peak needs p > MIN_PEAK_PERIOD.
+MIN_PEAK_PERIOD = 8
 # Periods larger than this are cut down to a divisor just above it.
 MAX_PERIOD = 1024
 # Largest magnitude block of a period-1 tensor.
@@ -33,6 +35,16 @@ def divisors(n: int) -> list[int]:
 def candidate_periods(n: int) -> list[int]:
     """Divisors ``p`` of ``n`` with ``p < n`` and at least four blocks, increasing."""
     return [p for p in divisors(n) if p < n and n // p >= 4]
+
+
+def scored_candidates(candidates: list[int]) -> list[int]:
+    """The candidates whose scores the choice of period can depend on: every possible peak
+    (p > 8) and, as the left neighbour of the smallest, the largest p <= 8. The small periods
+    are the costly ones (n/p block means each), so the others are not scored at all."""
+    if len(candidates) < 3:
+        return []
+    small = [p for p in candidates if p <= MIN_PEAK_PERIOD]
+    return small[-1:] + [p for p in candidates if p > MIN_PEAK_PERIOD]
 
 
 def period_scores(grad: torch.Tensor, candidates: list[int]) -> torch.Tensor:
@@ -56,15 +68,17 @@ def period_scores(grad: torch.Tensor, candidates: list[int]) -> torch.Tensor:
     return torch.stack(scores) if scores else prefix.new_zeros(0)
 
 
-def select_period(n: int, scores: dict[int, float]) -> int:
-    """The period GEFEN_SPEC picks from the candidate scores of an ``n``-element tensor."""
-    candidates = sorted(scores)
-    if n == 1 or len(candidates) < 3:
+def select_period(candidates: list[int], scores: dict[int, float]) -> int:
+    """The period GEFEN_SPEC picks, from a tensor's candidate periods and the scores of (at
+    least) its ``scored_candidates``."""
+    if len(candidates) < 3:
         return 1
     best, best_score = 1, -math.inf
     for left, p, right in zip(candidates, candidates[1:], candidates[2:]):
+        if p <= MIN_PEAK_PERIOD:
+            continue
         s = scores[p]
-        is_peak = p > 8 and s > scores[left] and s > scores[right]
+        is_peak = s > scores[left] and s > scores[right]
         # Ties between peaks go to the larger p, which comes later in the increasing list.
         if is_peak and s >= best_score:
             best, best_score = p, s

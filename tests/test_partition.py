@@ -9,6 +9,7 @@ from gefen_compile.partition import (
     candidate_periods,
     magnitude_block,
     period_scores,
+    scored_candidates,
     select_period,
 )
 
@@ -89,11 +90,18 @@ def test_candidates_are_divisors_with_four_blocks():
 
 def test_select_period_ties_go_to_larger_p():
     scores = {1: 0.0, 2: 0.0, 16: 1.0, 32: 0.5, 64: 1.0, 128: 0.0, 256: 0.0}
-    assert select_period(1024, scores) == 64
+    assert select_period(sorted(scores), scores) == 64
 
 
 def test_peak_needs_p_above_8():
-    assert select_period(64, {1: 0.0, 2: 0.0, 4: 1.0, 8: 0.5, 16: 0.1}) == 1
+    scores = {1: 0.0, 2: 0.0, 4: 1.0, 8: 0.5, 16: 0.1}
+    assert select_period(sorted(scores), scores) == 1
+
+
+def test_only_scores_that_can_matter_are_computed():
+    assert scored_candidates(candidate_periods(48)) == [8, 12]
+    assert scored_candidates(candidate_periods(7919)) == []  # one candidate: period 1
+    assert scored_candidates([1, 2, 4, 16, 32]) == [4, 16, 32]
 
 
 @pytest.mark.parametrize(

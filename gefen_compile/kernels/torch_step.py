@@ -65,6 +65,8 @@ def gefen_update(
         m_q, denom = m_q.view(-1, period), denom.unsqueeze(1)
     else:
         m_q = m_q.view(-1)
-    p = param.reshape(-1).to(dtype) * (1 - lr * weight_decay)
+    # The decay factor in float64, as the kernels compute it, also for a (float32) tensor lr.
+    decay = 1 - (lr.double() if isinstance(lr, torch.Tensor) else lr) * weight_decay
+    p = param.reshape(-1).to(dtype) * decay
     p = p.view(m_q.shape) - (lr / bias1) * m_q / denom
     param.copy_(p.view_as(param))

@@ -39,6 +39,36 @@ def _nearest(x, lut_ptr, bounds_ptr, first_ptr, half):
 
 
 @triton.jit
+def _div(a, b, COMPUTE: tl.constexpr):
+    """IEEE round-to-nearest division (Triton's fp32 ``/`` may be approximate)."""
+    if COMPUTE == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _sqrt(a, COMPUTE: tl.constexpr):
+    """IEEE round-to-nearest square root."""
+    if COMPUTE == tl.float64:
+        return tl.sqrt(a)
+    else:
+        return tl.sqrt_rn(a)
+
+
+@triton.jit
+def _to_state(x, DTYPE: tl.constexpr):
+    """Round to the state dtype to nearest even; bf16 by hand, because Triton's interpreter
+    truncates where the GPU rounds."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep1, sign):
     """The previous first moment, dequantised, moved by this step's gradient."""
     g = sign * tl.load(grad + offs, mask=mask, other=0.0).to(old_mag.dtype)
@@ -98,35 +128,35 @@ def _gefen_step_kernel(
             square = g * g
             if per_element:
                 v = v_ptr + v_index + offs
-                tl.store(v, (tl.load(v, mask=mask).to(COMPUTE) * beta2 + square * keep2).to(DTYPE), mask=mask)
+                tl.store(v, _to_state(tl.load(v, mask=mask).to(COMPUTE) * beta2 + square * keep2, DTYPE), mask=mask)
             else:
                 square_sum += tl.sum(square, axis=0)
-        stored = peak.to(DTYPE)
+        stored = _to_state(peak, DTYPE)
         tl.store(mag_ptr + mag_index, stored)
         stored = stored.to(COMPUTE)
         shared_denom = tl.full([], 0.0, COMPUTE)
         if not per_element:
-            mean = tl.div_rn(square_sum, length.to(COMPUTE))
-            v = (tl.load(v_ptr + v_index).to(COMPUTE) * beta2 + mean * keep2).to(DTYPE)
+            mean = _div(square_sum, length.to(COMPUTE), COMPUTE)
+            v = _to_state(tl.load(v_ptr + v_index).to(COMPUTE) * beta2 + mean * keep2, DTYPE)
             tl.store(v_ptr + v_index, v)
-            shared_denom = tl.sqrt_rn(tl.div_rn(v.to(COMPUTE), bias2)) + eps
+            shared_denom = _sqrt(_div(v.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
 
         for lo in range(0, length, BLOCK):
             offs = lo + tl.arange(0, BLOCK)
             mask = offs < length
             m, g = _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep1, sign)
-            code = _nearest(tl.div_rn(m, stored), lut_ptr, bounds_ptr, first_ptr, half)
+            code = _nearest(_div(m, stored, COMPUTE), lut_ptr, bounds_ptr, first_ptr, half)
             code = tl.where(stored > 0, code, 0)
             tl.store(code_ptr + offs, code.to(tl.uint8), mask=mask)
             m_q = tl.load(codebook_ptr + code) * stored
             if per_element:
                 v = tl.load(v_ptr + v_index + offs, mask=mask, other=1.0).to(COMPUTE)
-                denom = tl.sqrt_rn(tl.div_rn(v, bias2)) + eps
+                denom = _sqrt(_div(v, bias2, COMPUTE), COMPUTE) + eps
             else:
                 denom = shared_denom
             x = tl.load(param + offs, mask=mask).to(COMPUTE) * decay
-            x = x - tl.div_rn(step_size * m_q, denom)
-            tl.store(param + offs, x.to(DTYPE), mask=mask)
+            x = x - _div(step_size * m_q, denom, COMPUTE)
+            tl.store(param + offs, _to_state(x, DTYPE), mask=mask)
 
 
 def step(

@@ -1,0 +1,119 @@
+"""The fused kernels (C on CPU; Triton, in its interpreter without a GPU) against the core
+implementation (kernels/torch_step.py, itself checked against the slow reference)."""
+
+import pytest
+import torch
+
+from gefen_compile import Gefen
+from gefen_compile.kernels import cpu_step, torch_step, triton_step
+from gefen_compile.state import compute_dtype
+
+# Odd shapes: primes, period 1, periods above 1024, 3-D tensors, an element.
+SHAPES = [(24, 40), (24,), (37,), (4, 6, 10), (300,), (8, 2048), (1,), (5, 12)]
+KERNELS = {"cpu": cpu_step.step, "triton": triton_step.step}
+GROUPS = [
+    dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
+    dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, maximize=True),
+    dict(lr=torch.tensor(5e-2), betas=(0.5, 0.9), eps=1e-4, weight_decay=1.0),
+]
+PARAM_TOL = {
+    torch.float32: dict(rtol=1e-6, atol=1e-7),
+    torch.float64: dict(rtol=1e-13, atol=1e-15),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+
+
+def structured(shape, gen, dtype):
+    rows = torch.exp(torch.randn(shape[0], *[1] * (len(shape) - 1), generator=gen))
+    return (rows * torch.randn(shape, generator=gen)).to(dtype)
+
+
+def twin_optimizers(dtype, seed=0):
+    """Two identical optimizers over identical parameters, in three groups, first step taken."""
+    gen = torch.Generator().manual_seed(seed)
+    values = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    twins = []
+    for _ in range(2):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        groups = [{"params": params[i::3], **hyper} for i, hyper in enumerate(GROUPS)]
+        twins.append((params, Gefen(groups)))
+    grads = [structured(s, gen, dtype) for s in SHAPES]
+    for params, opt in twins:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    return twins, gen
+
+
+@torch.no_grad()
+def core_step(opt):
+    """One step through the plain-torch core implementation, parameter by parameter."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                tables = opt._nearest.tables(p.device, compute_dtype(p.grad.dtype))
+                torch_step.gefen_update(
+                    p, p.grad, opt.state[p], tables.codebook, opt._nearest, lr=group["lr"],
+                    beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"],
+                )
+
+
+@torch.no_grad()
+def kernel_step(opt, kernel):
+    for bucket in opt._buckets:
+        kernel(*opt._kernel_args(bucket, [p.grad for p in bucket.params]))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kernel_equals_core(kernel, dtype):
+    ((core_params, core), (params, fused)), gen = twin_optimizers(dtype)
+    steps = 3
+    for t in range(steps):
+        grads = [structured(s, gen, dtype) for s in SHAPES]
+        # Some parameters sit some steps out: their state must not move.
+        skip = {t % len(SHAPES), (t + 3) % len(SHAPES)}
+        for i, (a, b, g) in enumerate(zip(core_params, params, grads)):
+            a.grad = None if i in skip else g.clone()
+            b.grad = None if i in skip else g.clone()
+        core_step(core)
+        kernel_step(fused, KERNELS[kernel])
+    for a, b in zip(core_params, params):
+        sa, sb = core.state[a], fused.state[b]
+        assert sa["step"].item() == sb["step"].item()
+        # Every decision is exact in both (IEEE division, no fused multiply-add, exact midpoint
+        # tests), so even values on a decision boundary get the same code: no tolerance here.
+        assert torch.equal(sa["codes"], sb["codes"])
+        torch.testing.assert_close(sb["magnitude"], sa["magnitude"], **PARAM_TOL[dtype])
+        torch.testing.assert_close(sb["vmean"], sa["vmean"], **PARAM_TOL[dtype])
+        torch.testing.assert_close(b.detach(), a.detach(), **PARAM_TOL[dtype])
+
+
+class CountingKernel:
+    """Stands in for the Triton kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.bfloat16)])
+def test_one_launch_per_dtype_whatever_the_number_of_parameters(monkeypatch, dtypes):
+    counts = []
+    for count in (3, 24):
+        counter = CountingKernel(triton_step._gefen_step_kernel)
+        monkeypatch.setattr(triton_step, "_gefen_step_kernel", counter)
+        params = [torch.nn.Parameter(torch.randn(4, 16, dtype=dtypes[i % len(dtypes)]))
+                  for i in range(count)]
+        opt = Gefen([{"params": params[::2]}, {"params": params[1::2], "lr": 0.1}])
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        kernel_step(opt, triton_step.step)
+        counts.append(counter.launches)
+    assert counts == [len(dtypes), len(dtypes)]
