@@ -5,7 +5,7 @@ the same hyperparameters; only the optimizer differs. The table printed at the e
 their validation loss and the bytes of optimizer state they keep per parameter.
 
     python examples/char_lm.py                # default: 1500 steps each, well under a minute on CPU
-    python examples/char_lm.py --steps 3000 --seed 1 --lr 2e-3
+    python examples/char_lm.py --steps 3000 --seed 1 --lr 2e-3 --threads 2
 
 The corpus is a fixed set of standard-library modules, so the example needs no download and
 runs anywhere CPython 3.10+ and torch are installed.
@@ -98,7 +98,9 @@ def build_model(seed: int) -> ByteMLP:
     return ByteMLP()
 
 
-def sample_batch(data: Tensor, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def sample_batch(
+    data: Tensor, batch_size: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """``batch_size`` random windows of ``data``: contexts ``(batch, CONTEXT)`` and next bytes."""
     starts = torch.randint(0, len(data) - CONTEXT, (batch_size,), generator=generator)
     offsets = torch.arange(CONTEXT + 1)
@@ -217,16 +219,30 @@ def main(argv: list[str] | None = None) -> None:
     """Train with AdamW, then with Gefen (same seed, batches and hyperparameters), and print
     the comparison and Gefen's per-tensor memory report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per optimizer")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="learning rate of both optimizers")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="training steps per optimizer"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights and the batch order"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=DEFAULT_LR, help="learning rate of both optimizers"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1, see below)"
+    )
     args = parser.parse_args(argv)
+    # Every op of this model is small enough that a second thread gains nothing measurable,
+    # while on a shared machine a thread waiting for a busy core made each step up to 20x
+    # slower (OpenMP joins at every op).
+    torch.set_num_threads(args.threads)
 
     train_data, val_data = load_corpus()
     print(
         f"corpus: {len(STDLIB_FILES)} stdlib modules, {len(train_data):,} train / "
         f"{len(val_data):,} validation bytes; {args.steps} steps of {BATCH_SIZE} windows, "
-        f"lr={args.lr}, betas={BETAS}, weight_decay={WEIGHT_DECAY}, seed={args.seed}"
+        f"lr={args.lr}, betas={BETAS}, weight_decay={WEIGHT_DECAY}, seed={args.seed}, "
+        f"{args.threads} thread(s)"
     )
     print(f"uniform guess: log(256) = {math.log(VOCAB):.4f} nats/byte\n")
     results = {}
