@@ -308,16 +308,17 @@ def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, 
 
 def _hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
     """float64 [groups, 6] on ``device``: lr, beta1, beta2, eps, weight_decay, maximize. A
-    tensor lr already on ``device`` is copied on the device, with no host sync."""
-    rows, device_lrs = [], {}
+    tensor lr is copied tensor to tensor: no host sync, and under torch.compile it stays an
+    input of the graph rather than a constant."""
+    rows, tensor_lrs = [], {}
     for i, group in enumerate(groups):
         lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.device.type != "cpu":
-            device_lrs[i], lr = lr, 0.0
+        if isinstance(lr, Tensor):
+            tensor_lrs[i], lr = lr, 0.0
         beta1, beta2 = (float(b) for b in group["betas"])
         rows.append([float(lr), beta1, beta2, group["eps"], group["weight_decay"],
                      float(group["maximize"])])
     table = torch.tensor(rows, dtype=torch.float64).to(device)
-    for i, lr in device_lrs.items():
+    for i, lr in tensor_lrs.items():
         table[i, 0] = lr
     return table
