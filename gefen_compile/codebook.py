@@ -193,9 +193,9 @@ class LookupTables:
     """What a kernel needs to find nearest codes: see :class:`NearestCode`."""
 
     codebook: torch.Tensor  # entries, in the compute dtype
-    lut: torch.Tensor  # uint8 [2 * half]: boundaries below each cell
+    lut: torch.Tensor  # int32 [2 * half]: boundaries below each cell
     bounds: torch.Tensor  # compute dtype: boundaries between distinct entries, then +inf
-    first_index: torch.Tensor  # uint8: number of boundaries below a value -> its code
+    first_index: torch.Tensor  # int32: number of boundaries below a value -> its code
     half: int  # cells per unit length; a power of two
 
 
@@ -220,7 +220,7 @@ class NearestCode:
         mid32 = mid64.float()
         mid32 = torch.where(mid32.double() > mid64, torch.nextafter(mid32, -_INF32), mid32)
         self._host = {
-            dtype: _lookup_tables(values.to(dtype), mids, first_index.to(torch.uint8))
+            dtype: _lookup_tables(values.to(dtype), mids, first_index.to(torch.int32))
             for dtype, mids in ((torch.float32, mid32), (torch.float64, mid64))
         }
         self._on_device: dict[tuple[torch.device, torch.dtype], LookupTables] = {}
@@ -257,7 +257,7 @@ def _lookup_tables(entries: torch.Tensor, mids: torch.Tensor, first_index) -> Lo
         cells = (mids.double() * half).floor()
         if bool((cells[1:] > cells[:-1]).all()):
             edges = torch.arange(-half, half, dtype=torch.float64) / half
-            lut = torch.searchsorted(mids.double(), edges, side="left").to(torch.uint8)
+            lut = torch.searchsorted(mids.double(), edges, side="left").to(torch.int32)
             return LookupTables(entries, lut, torch.cat([mids, inf]), first_index, half)
     raise ValueError(
         "codebook entries closer than 2**-22 apart: not a Gefen codebook (load the one the "

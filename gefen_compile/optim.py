@@ -13,6 +13,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import ops
 from .codebook import NearestCode
+from .device_tables import device_table
 from .first_step import codebook_from, infer_periods
 from .kernels.torch_step import gefen_update
 from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
@@ -316,9 +317,9 @@ def _hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
         if isinstance(lr, Tensor):
             tensor_lrs[i], lr = lr, 0.0
         beta1, beta2 = (float(b) for b in group["betas"])
-        rows.append([float(lr), beta1, beta2, group["eps"], group["weight_decay"],
-                     float(group["maximize"])])
-    table = torch.tensor(rows, dtype=torch.float64).to(device)
-    for i, lr in tensor_lrs.items():
-        table[i, 0] = lr
+        rows.append((float(lr), beta1, beta2, group["eps"], group["weight_decay"],
+                     float(group["maximize"])))
+    table = device_table(tuple(rows), torch.float64, device, tag=("tensor lr", *tensor_lrs))
+    if tensor_lrs:  # written on every step, so the cached table may carry it
+        table[list(tensor_lrs), 0] = torch.stack([lr.to(table) for lr in tensor_lrs.values()])
     return table

@@ -37,9 +37,9 @@ typedef struct {
     void *vmean;
     float *steps;                   /* per parameter */
     const void *codebook;           /* 256 entries, float (or double for fp64 state) */
-    const uint8_t *lut;             /* [2 * lut_half]: boundaries below each cell */
+    const int32_t *lut;             /* [2 * lut_half]: boundaries below each cell */
     const void *bounds;             /* distinct-entry boundaries, then +inf */
-    const uint8_t *first_index;     /* boundary count -> code */
+    const int32_t *first_index;     /* boundary count -> code */
     int64_t lut_half;               /* cells per unit: a power of two */
     int64_t num_threads;
 } StepArgs;
@@ -56,9 +56,8 @@ static inline float bf16_to_f32(uint16_t b) {
 static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    const uint16_t rounded = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : rounded; /* NaN stays NaN */
 }
 
 #define LOAD_F32(ptr, i) (((const float *)(ptr))[i])
@@ -105,84 +104,100 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
     }
 }
 
-/* One kernel per state dtype: T is the compute type, LOAD/STORE the storage format. The row is
- * read twice: once for the new magnitude (and the block's mean g^2), once to quantise and
- * update; the first moment is recomputed identically in the second pass instead of stored. */
-#define DEFINE_STEP(NAME, T, LOAD, STORE, SQRT, FLOOR)                                          \
-    static inline int NAME##_nearest(T x, const StepArgs *a) {                                  \
-        const T *bounds = (const T *)a->bounds;                                                 \
-        T scaled = x * (T)a->lut_half; /* exact: a power-of-two scale */                        \
-        int64_t cell;                                                                           \
-        if (!(scaled >= -(T)a->lut_half)) cell = 0;                                             \
-        else if (scaled >= (T)a->lut_half) cell = 2 * a->lut_half - 1;                         \
-        else cell = (int64_t)FLOOR(scaled) + a->lut_half;                                       \
-        int below = a->lut[cell];                                                               \
+/* One row kernel per state dtype: T is the compute type, ST the storage type, LOAD/STORE
+ * convert. The row is read twice: once for the new magnitude (and the block's mean g^2), once to
+ * quantise and update, recomputing the first moment identically rather than storing it. The
+ * element loops are written for the vectoriser (gathers from small tables, reductions under
+ * `omp simd`); a clone for AVX2-era x86 cores is picked when the library loads. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+#define FIRST_MOMENT(LOAD, i) (codebook[codes[i]] * old_mag * beta1 + (sign * LOAD(g, i)) * keep1)
+
+/* The second pass: nearest code of m / magnitude (see codebook.NearestCode), then the update. */
+#define QUANTISE_AND_UPDATE(T, LOAD, STORE, DENOM)                                       \
+    _Pragma("omp simd")                                                                         \
+    for (int64_t i = 0; i < len; i++) {                                                         \
+        const T x = FIRST_MOMENT(LOAD, i) / stored;                                             \
+        T cell = x * (T)half; /* exact: half is a power of two */                               \
+        cell = cell >= (T)-half ? cell : (T)-half; /* NaN too */                                \
+        cell = cell <= (T)(half - 1) ? cell : (T)(half - 1);                                    \
+        /* floor by truncation and correction: (int)floorf() does not vectorise */             \
+        const int32_t whole = (int32_t)cell;                                                    \
+        int32_t below = lut[whole - ((T)whole > cell) + half];                                  \
         below += x > bounds[below];                                                             \
-        return a->first_index[below];                                                           \
+        const int32_t code = first[below] & -live; /* unconditional load: vectorisable */      \
+        codes[i] = (uint8_t)code;                                                               \
+        const T update = step_size * (codebook[code] * stored) / (DENOM);                       \
+        STORE(param, i, LOAD(param, i) * decay - update);                                       \
+    }
+
+#define DEFINE_STEP(NAME, T, ST, LOAD, STORE, SQRT)                                      \
+    VECTOR_CLONES static void NAME##_row(const StepArgs *a, int64_t r, const double *bias1,     \
+                                         const double *bias2) {                                 \
+        const int64_t p = param_of_row(a, r);                                                   \
+        if (!a->has_grad[p]) return;                                                            \
+        const int64_t *seg = a->segments + p * SEG_FIELDS;                                      \
+        const int64_t len = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * len;         \
+        const int per_element = seg[SEG_V_PER_ELEMENT] != 0;                                    \
+        const double *h = a->hyper + a->param_group[p] * H_FIELDS;                              \
+        const T beta1 = (T)h[H_BETA1], keep1 = (T)(1.0 - h[H_BETA1]);                          \
+        const T beta2 = (T)h[H_BETA2], keep2 = (T)(1.0 - h[H_BETA2]);                          \
+        const T eps = (T)h[H_EPS], sign = h[H_MAXIMIZE] != 0.0 ? (T)-1 : (T)1;                 \
+        const T decay = (T)(1.0 - h[H_LR] * h[H_WD]);                                           \
+        const T step_size = (T)(h[H_LR] / bias1[p]), bias2_t = (T)bias2[p];                    \
+        const T *restrict codebook = (const T *)a->codebook;                                    \
+        const T *restrict bounds = (const T *)a->bounds;                                        \
+        const int32_t *restrict lut = a->lut, *restrict first = a->first_index;                \
+        const int32_t half = (int32_t)a->lut_half;                                              \
+        const ST *restrict g = (const ST *)a->grads[p] + start;                                 \
+        ST *restrict param = (ST *)a->params[p] + start;                                        \
+        ST *restrict v = (ST *)a->vmean + seg[SEG_V] + (per_element ? start : row);             \
+        uint8_t *restrict codes = a->codes + seg[SEG_CODE] + start;                             \
+        const T old_mag = LOAD(a->magnitude, r);                                                \
+        T peak = 0, square_sum = 0;                                                             \
+        if (per_element) {                                                                      \
+            _Pragma("omp simd reduction(max:peak)")                                             \
+            for (int64_t i = 0; i < len; i++) {                                                 \
+                const T m = FIRST_MOMENT(LOAD, i), gi = sign * LOAD(g, i);                            \
+                const T mag = m < 0 ? -m : m;                                                   \
+                peak = mag > peak ? mag : peak;                                                 \
+                STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2);                            \
+            }                                                                                   \
+        } else {                                                                                \
+            _Pragma("omp simd reduction(max:peak) reduction(+:square_sum)")                     \
+            for (int64_t i = 0; i < len; i++) {                                                 \
+                const T m = FIRST_MOMENT(LOAD, i), gi = sign * LOAD(g, i);                            \
+                const T mag = m < 0 ? -m : m;                                                   \
+                peak = mag > peak ? mag : peak;                                                 \
+                square_sum += gi * gi;                                                          \
+            }                                                                                   \
+            STORE(v, 0, LOAD(v, 0) * beta2 + (square_sum / (T)len) * keep2);                   \
+        }                                                                                       \
+        STORE(a->magnitude, r, peak);                                                           \
+        const T stored = LOAD(a->magnitude, r);                                                 \
+        /* A zero block gets code 0, whose dequantised value -1 * 0 changes nothing. */         \
+        const int32_t live = stored > 0;                                                        \
+        const T shared_denom = SQRT(LOAD(v, 0) / bias2_t) + eps;                                \
+        if (per_element) {                                                                      \
+            QUANTISE_AND_UPDATE(T, LOAD, STORE, SQRT(LOAD(v, i) / bias2_t) + eps);       \
+        } else {                                                                                \
+            QUANTISE_AND_UPDATE(T, LOAD, STORE, shared_denom);                           \
+        }                                                                                       \
     }                                                                                           \
                                                                                                 \
     static void NAME(const StepArgs *a, const double *bias1, const double *bias2) {             \
-        const T *codebook = (const T *)a->codebook;                                             \
         _Pragma("omp parallel for schedule(dynamic, 16) num_threads(a->num_threads)")           \
-        for (int64_t r = 0; r < a->num_rows; r++) {                                             \
-            const int64_t p = param_of_row(a, r);                                               \
-            if (!a->has_grad[p]) continue;                                                      \
-            const int64_t *seg = a->segments + p * SEG_FIELDS;                                  \
-            const int64_t len = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * len;     \
-            const int per_element = seg[SEG_V_PER_ELEMENT] != 0;                                \
-            const int64_t v0 = seg[SEG_V] + (per_element ? start : row);                        \
-            const double *h = a->hyper + a->param_group[p] * H_FIELDS;                          \
-            const T beta1 = (T)h[H_BETA1], keep1 = (T)(1.0 - h[H_BETA1]);                      \
-            const T beta2 = (T)h[H_BETA2], keep2 = (T)(1.0 - h[H_BETA2]);                      \
-            const T eps = (T)h[H_EPS], sign = h[H_MAXIMIZE] != 0.0 ? (T)-1 : (T)1;             \
-            const T decay = (T)(1.0 - h[H_LR] * h[H_WD]);                                       \
-            const T step_size = (T)(h[H_LR] / bias1[p]), bias2_t = (T)bias2[p];                \
-            const void *g = a->grads[p];                                                        \
-            void *param = a->params[p];                                                         \
-            uint8_t *codes = a->codes + seg[SEG_CODE] + start;                                  \
-            const T old_mag = LOAD(a->magnitude, r);                                            \
-            T peak = 0, square_sum = 0;                                                         \
-            for (int64_t i = 0; i < len; i++) {                                                 \
-                const T gi = sign * LOAD(g, start + i);                                         \
-                T m = codebook[codes[i]] * old_mag;                                             \
-                m = m * beta1 + gi * keep1;                                                     \
-                const T mag = m < 0 ? -m : m;                                                   \
-                if (mag > peak) peak = mag;                                                     \
-                const T square = gi * gi;                                                       \
-                if (per_element) {                                                              \
-                    STORE(a->vmean, v0 + i, LOAD(a->vmean, v0 + i) * beta2 + square * keep2); \
-                } else {                                                                        \
-                    square_sum += square;                                                       \
-                }                                                                               \
-            }                                                                                   \
-            STORE(a->magnitude, r, peak);                                                       \
-            const T stored = LOAD(a->magnitude, r);                                             \
-            T shared_denom = 0;                                                                 \
-            if (!per_element) {                                                                 \
-                const T mean = square_sum / (T)len;                                             \
-                STORE(a->vmean, v0, LOAD(a->vmean, v0) * beta2 + mean * keep2);                 \
-                shared_denom = SQRT(LOAD(a->vmean, v0) / bias2_t) + eps;                        \
-            }                                                                                   \
-            for (int64_t i = 0; i < len; i++) {                                                 \
-                const T gi = sign * LOAD(g, start + i);                                         \
-                T m = codebook[codes[i]] * old_mag;                                             \
-                m = m * beta1 + gi * keep1;                                                     \
-                const int code = stored > 0 ? NAME##_nearest(m / stored, a) : 0;                \
-                codes[i] = (uint8_t)code;                                                       \
-                const T m_q = codebook[code] * stored;                                          \
-                const T denom =                                                                 \
-                    per_element ? SQRT(LOAD(a->vmean, v0 + i) / bias2_t) + eps : shared_denom;  \
-                T x = LOAD(param, start + i) * decay;                                           \
-                x = x - step_size * m_q / denom;                                                \
-                STORE(param, start + i, x);                                                     \
-            }                                                                                   \
-        }                                                                                       \
+        for (int64_t r = 0; r < a->num_rows; r++) NAME##_row(a, r, bias1, bias2);               \
     }
 
-DEFINE_STEP(step_f32, float, LOAD_F32, STORE_F32, sqrtf, floorf)
-DEFINE_STEP(step_bf16, float, LOAD_BF16, STORE_BF16, sqrtf, floorf)
-DEFINE_STEP(step_f16, float, LOAD_F16, STORE_F16, sqrtf, floorf)
-DEFINE_STEP(step_f64, double, LOAD_F64, STORE_F64, sqrt, floor)
+DEFINE_STEP(step_f32, float, float, LOAD_F32, STORE_F32, sqrtf)
+DEFINE_STEP(step_bf16, float, uint16_t, LOAD_BF16, STORE_BF16, sqrtf)
+DEFINE_STEP(step_f16, float, _Float16, LOAD_F16, STORE_F16, sqrtf)
+DEFINE_STEP(step_f64, double, double, LOAD_F64, STORE_F64, sqrt)
 
 /* Returns 0, or -1 for an unknown dtype or a failed allocation. */
 int gefen_step(const StepArgs *a, int dtype) {

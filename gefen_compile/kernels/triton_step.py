@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..device_tables import device_table
 from ..state import SEG_FIELDS
 
 _TRITON_DTYPES = {
@@ -180,11 +181,12 @@ def step(
     """One Gefen step of every row of a bucket in one kernel launch (the arguments of
     ops.step_)."""
     device = codes.device
-    has_grad = torch.tensor([g is not None for g in grads], dtype=torch.uint8).to(device)
-    pointers = torch.tensor(
-        [[p.data_ptr(), 0 if g is None else g.data_ptr()] for p, g in zip(params, grads)],
-        dtype=torch.int64,
-    ).to(device)
+    has_grad = device_table(tuple(g is not None for g in grads), torch.uint8, device)
+    pointers = device_table(
+        tuple(x for p, g in zip(params, grads) for x in (p.data_ptr(), g.data_ptr() if g is not None else 0)),
+        torch.int64,
+        device,
+    )
     # Step counts and bias corrections on the device: no host sync, CUDA-graph capturable.
     steps += has_grad
     betas = hyper[param_group][:, 1:3]

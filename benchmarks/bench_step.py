@@ -1,0 +1,193 @@
+"""Optimizer step time, state bytes/param and peak extra memory: AdamW (for-loop, foreach, fused)
+against Gefen, side by side in one process, on GPT-2-small and Llama-1B parameter shapes.
+
+    python benchmarks/bench_step.py [--model {gpt2,llama1b,all}] [--dtype {float32,bfloat16}]
+                                    [--steps N] [--layers L] [--vocab V]
+
+On CPU the models are scaled down by default (fewer layers, a smaller vocabulary: the same
+shapes, fewer of them); on CUDA they run at full size, and the table adds the fraction of the
+memory-bandwidth roofline each optimizer reaches: bytes its step must move / step time /
+bandwidth of a large device copy measured in the same process.
+
+Columns: median step time (first step excluded) and its ratio to fused AdamW; the first step
+(Gefen: periods, codebook and state; AdamW: state allocation) and its ratio to one fused AdamW
+step; optimizer-state bytes per parameter; the peak memory the optimizer adds over its first
+steps, first included (process RSS high-water mark on CPU, the allocator's peak on CUDA), in
+bytes per parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from gefen_compile import Gefen
+from models import MODELS, format_table, structured_grad
+
+CPU_SCALE = {"gpt2": dict(layers=4, vocab=8192), "llama1b": dict(layers=1, vocab=8192)}
+OPTIMIZERS: dict[str, Callable] = {
+    "AdamW (for-loop)": lambda p: torch.optim.AdamW(p, foreach=False),
+    "AdamW (foreach)": lambda p: torch.optim.AdamW(p, foreach=True),
+    "AdamW (fused)": lambda p: torch.optim.AdamW(p, fused=True),
+    "Gefen": lambda p: Gefen(p),
+}
+
+
+class PeakMemory:
+    """Peak memory above a starting point: CUDA allocator peak, or the process's RSS
+    high-water mark (reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def _current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated()
+        return _status_kib("VmRSS") * 1024
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        self.start = self._current()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.peak = _status_kib("VmHWM") * 1024 - self.start
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes read plus written per second by a large device-to-device copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [timed(lambda: dst.copy_(src), device) for _ in range(10)]
+    return 2 * nbytes / statistics.median(times)
+
+
+def step_bytes(name: str, dtype: torch.dtype) -> float:
+    """Bytes per parameter one step must move at the least: AdamW reads p, g, m, v and writes
+    p, m, v; Gefen reads p, g and a code and writes p and the code (its per-block values are
+    a few bytes per block)."""
+    size = torch.finfo(dtype).bits // 8
+    return 7 * size if name.startswith("AdamW") else 4 * size + 2
+
+
+def run(name: str, params: list[torch.nn.Parameter], grads: list[torch.Tensor], steps: int):
+    """First-step time, median later step time, state bytes and peak extra memory."""
+    device = params[0].device
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer = OPTIMIZERS[name](params)
+    with PeakMemory(device) as peak:
+        first = timed(optimizer.step, device)
+        times = [timed(optimizer.step, device) for _ in range(steps)]
+    state = sum(
+        t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+    result = dict(first=first, median=statistics.median(times), state=state, peak=peak.peak)
+    del optimizer
+    gc.collect()
+    return result
+
+
+@torch.no_grad()
+def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: int) -> str:
+    params, grads = [], []
+    for kind in kinds:
+        for _ in range(kind.count):
+            params.append(torch.nn.Parameter(torch.randn(kind.shape, dtype=dtype, device=device)))
+            grads.append(structured_grad(kind.shape, dtype).to(device))
+    numel = sum(p.numel() for p in params)
+    originals = [p.detach().clone() for p in params]
+    results = {}
+    for name in OPTIMIZERS:
+        for p, original in zip(params, originals):
+            p.copy_(original)
+        results[name] = run(name, params, grads, steps)
+    fused = results["AdamW (fused)"]
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    header = ("optimizer", "step ms", "vs fused", "first step ms", "vs fused step",
+              "state B/param", "peak extra B/param") + (("roofline",) if bandwidth else ())
+    rows = []
+    for name, r in results.items():
+        row = (
+            name,
+            f"{r['median'] * 1e3:.2f}",
+            f"{r['median'] / fused['median']:.2f}x",
+            f"{r['first'] * 1e3:.1f}",
+            f"{r['first'] / fused['median']:.1f}x",
+            f"{r['state'] / numel:.3f}",
+            f"{r['peak'] / numel:.2f}",
+        )
+        if bandwidth:
+            achieved = step_bytes(name, dtype) * numel / r["median"]
+            row += (f"{achieved / bandwidth:.0%}",)
+        rows.append(row)
+    lines = [
+        f"{title}: {numel / 1e6:.1f}M {str(dtype).removeprefix('torch.')} parameters in "
+        f"{len(params)} tensors, {device}, {torch.get_num_threads()} threads, "
+        f"median of {steps} steps",
+        "",
+        format_table(header, rows, left=1),
+    ]
+    if bandwidth:
+        lines.append(f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", type=int, help="default: full size on CUDA, fewer on CPU")
+    parser.add_argument("--vocab", type=int, help="default: full size on CUDA, smaller on CPU")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    for i, name in enumerate(MODELS if args.model == "all" else [args.model]):
+        title, build = MODELS[name]
+        size = {} if device.type == "cuda" else dict(CPU_SCALE[name])
+        size.update({k: v for k, v in (("layers", args.layers), ("vocab", args.vocab)) if v})
+        if size:
+            title += " shapes, " + ", ".join(f"{k} {v}" for k, v in size.items())
+        print(("\n" if i else "") + bench(title, build(**size), dtype, device, args.steps))
+
+
+if __name__ == "__main__":
+    main()
