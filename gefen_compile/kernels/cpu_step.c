@@ -40,6 +40,7 @@ typedef struct {
     const int32_t *lut;             /* [2 * lut_half]: boundaries below each cell */
     const void *bounds;             /* distinct-entry boundaries, then +inf */
     const int32_t *first_index;     /* boundary count -> code */
+    int64_t identity_codes;         /* first_index[i] == i: the codebook repeats no entry */
     int64_t lut_half;               /* cells per unit: a power of two */
     int64_t num_threads;
 } StepArgs;
@@ -115,13 +116,40 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
 #define VECTOR_CLONES
 #endif
 
-#define FIRST_MOMENT(LOAD, i) (codebook[codes[i]] * old_mag * beta1 + (sign * LOAD(g, i)) * keep1)
+#define FIRST_MOMENT(LOAD, i, CODE) (codebook[CODE] * old_mag * beta1 + (sign * LOAD(g, i)) * keep1)
+/* Rows up to this long keep their first moments from the first pass; longer ones recompute. */
+#define TILE 2048
 
-/* The second pass: nearest code of m / magnitude (see codebook.NearestCode), then the update. */
-#define QUANTISE_AND_UPDATE(T, LOAD, STORE, DENOM)                                       \
+/* The first pass: the new first moment M of every element, its largest magnitude, and the
+ * second moment (per element, or the block's sum of g^2). KEEP stores m for the second pass. */
+#define FIRST_PASS(T, LOAD, STORE, CODE, KEEP)                                                  \
+    if (per_element) {                                                                          \
+        _Pragma("omp simd reduction(max:peak)")                                                 \
+        for (int64_t i = 0; i < len; i++) {                                                     \
+            const T m = FIRST_MOMENT(LOAD, i, CODE), gi = sign * LOAD(g, i);                    \
+            KEEP;                                                                               \
+            const T mag = m < 0 ? -m : m;                                                       \
+            peak = mag > peak ? mag : peak;                                                     \
+            STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2);                                \
+        }                                                                                       \
+    } else {                                                                                    \
+        _Pragma("omp simd reduction(max:peak) reduction(+:square_sum)")                         \
+        for (int64_t i = 0; i < len; i++) {                                                     \
+            const T m = FIRST_MOMENT(LOAD, i, CODE), gi = sign * LOAD(g, i);                    \
+            KEEP;                                                                               \
+            const T mag = m < 0 ? -m : m;                                                       \
+            peak = mag > peak ? mag : peak;                                                     \
+            square_sum += gi * gi;                                                              \
+        }                                                                                       \
+    }
+
+/* The second pass: nearest code of m / magnitude (see codebook.NearestCode), then the update.
+ * M: the first moment of element i; SCALE: step size / its denominator; CODE: the code of
+ * `below` boundaries (the identity unless the codebook repeats entries). */
+#define QUANTISE_AND_UPDATE(T, LOAD, STORE, M, SCALE, CODE)                                     \
     _Pragma("omp simd")                                                                         \
     for (int64_t i = 0; i < len; i++) {                                                         \
-        const T x = FIRST_MOMENT(LOAD, i) / stored;                                             \
+        const T x = (M) / stored;                                                               \
         T cell = x * (T)half; /* exact: half is a power of two */                               \
         cell = cell >= (T)-half ? cell : (T)-half; /* NaN too */                                \
         cell = cell <= (T)(half - 1) ? cell : (T)(half - 1);                                    \
@@ -129,20 +157,33 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
         const int32_t whole = (int32_t)cell;                                                    \
         int32_t below = lut[whole - ((T)whole > cell) + half];                                  \
         below += x > bounds[below];                                                             \
-        const int32_t code = first[below] & -live; /* unconditional load: vectorisable */      \
+        const int32_t code = (CODE) & -live;                                                    \
         codes[i] = (uint8_t)code;                                                               \
-        const T update = step_size * (codebook[code] * stored) / (DENOM);                       \
+        const T update = (codebook[code] * stored) * (SCALE);                                   \
         STORE(param, i, LOAD(param, i) * decay - update);                                       \
     }
 
-#define DEFINE_STEP(NAME, T, ST, LOAD, STORE, SQRT)                                      \
+/* One loop per case, so that each is branch-free and vectorises. */
+#define ELEMENT_SCALE(LOAD, SQRT) (step_size / (SQRT(LOAD(v, i) / bias2_t) + eps))
+#define SECOND_PASS(T, LOAD, STORE, SQRT, M)                                                    \
+    if (per_element && identity) {                                                              \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, ELEMENT_SCALE(LOAD, SQRT), below);                     \
+    } else if (per_element) {                                                                   \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, ELEMENT_SCALE(LOAD, SQRT), first[below]);              \
+    } else if (identity) {                                                                      \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, shared_scale, below);                            \
+    } else {                                                                                    \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, shared_scale, first[below]);                     \
+    }
+
+#define DEFINE_STEP(NAME, T, ST, LOAD, STORE, SQRT)                                             \
     VECTOR_CLONES static void NAME##_row(const StepArgs *a, int64_t r, const double *bias1,     \
                                          const double *bias2) {                                 \
         const int64_t p = param_of_row(a, r);                                                   \
         if (!a->has_grad[p]) return;                                                            \
         const int64_t *seg = a->segments + p * SEG_FIELDS;                                      \
         const int64_t len = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * len;         \
-        const int per_element = seg[SEG_V_PER_ELEMENT] != 0;                                    \
+        const int per_element = seg[SEG_V_PER_ELEMENT] != 0, identity = a->identity_codes != 0; \
         const double *h = a->hyper + a->param_group[p] * H_FIELDS;                              \
         const T beta1 = (T)h[H_BETA1], keep1 = (T)(1.0 - h[H_BETA1]);                          \
         const T beta2 = (T)h[H_BETA2], keep2 = (T)(1.0 - h[H_BETA2]);                          \
@@ -159,33 +200,25 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
         uint8_t *restrict codes = a->codes + seg[SEG_CODE] + start;                             \
         const T old_mag = LOAD(a->magnitude, r);                                                \
         T peak = 0, square_sum = 0;                                                             \
-        if (per_element) {                                                                      \
-            _Pragma("omp simd reduction(max:peak)")                                             \
-            for (int64_t i = 0; i < len; i++) {                                                 \
-                const T m = FIRST_MOMENT(LOAD, i), gi = sign * LOAD(g, i);                            \
-                const T mag = m < 0 ? -m : m;                                                   \
-                peak = mag > peak ? mag : peak;                                                 \
-                STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2);                            \
-            }                                                                                   \
+        T kept[TILE];                                                                           \
+        int32_t index[TILE]; /* codes widened: gathers want 32-bit indices */                   \
+        const int buffered = len <= TILE;                                                       \
+        if (buffered) {                                                                         \
+            for (int64_t i = 0; i < len; i++) index[i] = codes[i];                              \
+            FIRST_PASS(T, LOAD, STORE, index[i], kept[i] = m)                                   \
         } else {                                                                                \
-            _Pragma("omp simd reduction(max:peak) reduction(+:square_sum)")                     \
-            for (int64_t i = 0; i < len; i++) {                                                 \
-                const T m = FIRST_MOMENT(LOAD, i), gi = sign * LOAD(g, i);                            \
-                const T mag = m < 0 ? -m : m;                                                   \
-                peak = mag > peak ? mag : peak;                                                 \
-                square_sum += gi * gi;                                                          \
-            }                                                                                   \
-            STORE(v, 0, LOAD(v, 0) * beta2 + (square_sum / (T)len) * keep2);                   \
+            FIRST_PASS(T, LOAD, STORE, codes[i], (void)0)                                       \
         }                                                                                       \
+        if (!per_element) STORE(v, 0, LOAD(v, 0) * beta2 + (square_sum / (T)len) * keep2);      \
         STORE(a->magnitude, r, peak);                                                           \
         const T stored = LOAD(a->magnitude, r);                                                 \
         /* A zero block gets code 0, whose dequantised value -1 * 0 changes nothing. */         \
         const int32_t live = stored > 0;                                                        \
-        const T shared_denom = SQRT(LOAD(v, 0) / bias2_t) + eps;                                \
-        if (per_element) {                                                                      \
-            QUANTISE_AND_UPDATE(T, LOAD, STORE, SQRT(LOAD(v, i) / bias2_t) + eps);       \
+        const T shared_scale = step_size / (SQRT(LOAD(v, 0) / bias2_t) + eps);                  \
+        if (buffered) {                                                                         \
+            SECOND_PASS(T, LOAD, STORE, SQRT, kept[i])                                          \
         } else {                                                                                \
-            QUANTISE_AND_UPDATE(T, LOAD, STORE, shared_denom);                           \
+            SECOND_PASS(T, LOAD, STORE, SQRT, FIRST_MOMENT(LOAD, i, codes[i]))                  \
         }                                                                                       \
     }                                                                                           \
                                                                                                 \

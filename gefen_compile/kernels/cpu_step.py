@@ -40,6 +40,7 @@ class StepArgs(ctypes.Structure):
         ("lut", _P),
         ("bounds", _P),
         ("first_index", _P),
+        ("identity_codes", _I64),
         ("lut_half", _I64),
         ("num_threads", _I64),
     ]
@@ -88,8 +89,9 @@ def step(
     )
     tensors = (*per_step, param_group, hyper, codes, magnitude, vmean, steps,
                codebook, lut, bounds, first_index)
+    identity = first_index.numel() == 256  # no repeated entry: every boundary count is a code
     args = StepArgs(num_rows, segments.data_ptr(), len(params), *(t.data_ptr() for t in tensors),
-                    lut_half, torch.get_num_threads())
+                    identity, lut_half, torch.get_num_threads())
     if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
 

@@ -60,13 +60,14 @@ def gefen_update(
     step64 = step.double()
     bias1 = 1 - beta1**step64
     bias2 = 1 - beta2**step64
-    denom = (vmean.to(dtype) / bias2).sqrt() + eps
+    # One division per second moment (per block, or per element for period 1).
+    scale = (lr / bias1) / ((vmean.to(dtype) / bias2).sqrt() + eps)
     if period > 1:
-        m_q, denom = m_q.view(-1, period), denom.unsqueeze(1)
+        m_q, scale = m_q.view(-1, period), scale.unsqueeze(1)
     else:
         m_q = m_q.view(-1)
     # The decay factor in float64, as the kernels compute it, also for a (float32) tensor lr.
     decay = 1 - (lr.double() if isinstance(lr, torch.Tensor) else lr) * weight_decay
     p = param.reshape(-1).to(dtype) * decay
-    p = p.view(m_q.shape) - (lr / bias1) * m_q / denom
+    p = p.view(m_q.shape) - m_q * scale
     param.copy_(p.view_as(param))

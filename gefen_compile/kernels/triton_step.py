@@ -135,12 +135,13 @@ def _gefen_step_kernel(
         stored = _to_state(peak, DTYPE)
         tl.store(mag_ptr + mag_index, stored)
         stored = stored.to(COMPUTE)
-        shared_denom = tl.full([], 0.0, COMPUTE)
+        shared_scale = tl.full([], 0.0, COMPUTE)
         if not per_element:
             mean = _div(square_sum, length.to(COMPUTE), COMPUTE)
             v = _to_state(tl.load(v_ptr + v_index).to(COMPUTE) * beta2 + mean * keep2, DTYPE)
             tl.store(v_ptr + v_index, v)
-            shared_denom = _sqrt(_div(v.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
+            denom = _sqrt(_div(v.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
+            shared_scale = _div(step_size, denom, COMPUTE)
 
         for lo in range(0, length, BLOCK):
             offs = lo + tl.arange(0, BLOCK)
@@ -152,11 +153,11 @@ def _gefen_step_kernel(
             m_q = tl.load(codebook_ptr + code) * stored
             if per_element:
                 v = tl.load(v_ptr + v_index + offs, mask=mask, other=1.0).to(COMPUTE)
-                denom = _sqrt(_div(v, bias2, COMPUTE), COMPUTE) + eps
+                scale = _div(step_size, _sqrt(_div(v, bias2, COMPUTE), COMPUTE) + eps, COMPUTE)
             else:
-                denom = shared_denom
+                scale = shared_scale
             x = tl.load(param + offs, mask=mask).to(COMPUTE) * decay
-            x = x - _div(step_size * m_q, denom, COMPUTE)
+            x = x - m_q * scale
             tl.store(param + offs, _to_state(x, DTYPE), mask=mask)
 
 
