@@ -1,19 +1,28 @@
-"""Builds the CPU kernels (plain C, OpenMP; no torch headers needed). Metadata: pyproject.toml."""
+"""Builds the CPU kernels (plain C and OpenMP; no torch headers needed). Metadata: pyproject.toml."""
 
+import platform
 import sys
+import sysconfig
 
 from setuptools import Extension, setup
 
-openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple's clang has no OpenMP flag
+# No contraction into fused multiply-adds: the codes must follow fp32 arithmetic exactly. No
+# errno from sqrt, and no cost model overriding `omp simd`, so that the row loops vectorise
+# (the results are the same).
+flags = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"]
+gcc = "gcc" in (sysconfig.get_config_var("CC") or "gcc") and sys.platform.startswith("linux")
+if gcc:
+    flags += ["-fopenmp", "-fsimd-cost-model=unlimited"]
+if gcc and platform.machine() in ("x86_64", "AMD64"):
+    # GCC's generic tuning emulates gathers with scalar loads; the table lookups want them.
+    flags.append("-mtune-ctrl=use_gather")
 setup(
     ext_modules=[
         Extension(
             "gefen_compile.kernels._cpu",
             sources=["gefen_compile/kernels/cpu_step.c"],
-            # No contraction into fused multiply-adds: the codes must follow fp32 arithmetic;
-            # no errno from sqrt, so that it vectorises (the results are the same).
-            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-fsimd-cost-model=unlimited", "-mtune-ctrl=use_gather", *openmp],
-            extra_link_args=openmp,
+            extra_compile_args=flags,
+            extra_link_args=["-fopenmp"] if gcc else [],
         )
     ]
 )

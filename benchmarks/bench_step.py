@@ -19,8 +19,10 @@ bytes per parameter.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -44,6 +46,11 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
+        if device.type == "cpu":
+            # Large blocks straight from mmap and freed memory given back, so that one
+            # optimizer's freed state does not hide the next one's allocations from the RSS.
+            _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+            _LIBC.malloc_trim(0)
 
     def _current(self) -> int:
         if self.device.type == "cuda":
@@ -67,6 +74,10 @@ class PeakMemory:
             self.peak = torch.cuda.max_memory_allocated() - self.start
         else:
             self.peak = _status_kib("VmHWM") * 1024 - self.start
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+_M_MMAP_THRESHOLD = -3
 
 
 def _status_kib(field: str) -> int:
@@ -135,6 +146,7 @@ def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: in
     numel = sum(p.numel() for p in params)
     originals = [p.detach().clone() for p in params]
     results = {}
+    torch.optim.AdamW(params)  # the first optimizer imports torch._dynamo: not part of a step
     for name in OPTIMIZERS:
         for p, original in zip(params, originals):
             p.copy_(original)
