@@ -50,6 +50,7 @@ def step_(
     )
 
 
+# The kernels take the op's arguments as they are (see kernels.StepInputs).
 @step_.register_kernel("cpu")
 def _step_cpu(*args) -> None:
     cpu_step.step(*args)

@@ -15,6 +15,7 @@ from . import ops
 from .codebook import NearestCode
 from .device_tables import device_table
 from .first_step import codebook_from, infer_periods
+from .kernels import StepInputs
 from .kernels.torch_step import gefen_update
 from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
 
@@ -112,24 +113,37 @@ class Gefen(Optimizer):
         return loss
 
     def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
-        if bucket.codes.device.type in ("cpu", "cuda"):
-            ops.step_(*self._kernel_args(bucket, grads))
+        # The kernels read memory in the flattened (logical) order of each tensor.
+        grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in grads]
+        if bucket.codes.device.type not in ("cpu", "cuda"):  # MPS, XPU, ...
+            self._step_in_torch(bucket, range(len(grads)), grads)
             return
-        # Other devices (MPS, XPU, ...): the plain-torch step, one parameter at a time.
-        tables = self._nearest.tables(bucket.codes.device, compute_dtype(bucket.dtype))
-        for p, g in zip(bucket.params, grads):
-            if g is not None:
-                group = self.param_groups[self._index[p][0]]
-                gefen_update(p, g, self.state[p], tables.codebook, self._nearest,
-                             lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                             eps=group["eps"], weight_decay=group["weight_decay"],
-                             maximize=group["maximize"])
+        # Parameters stored in another memory order (channels_last, say) take the plain
+        # torch step, which reads and writes them through their strides.
+        strided = [i for i, (p, g) in enumerate(zip(bucket.params, grads))
+                   if g is not None and not p.is_contiguous()]
+        kernel_grads = [None if i in strided else g for i, g in enumerate(grads)] if strided else grads
+        ops.step_(*self._kernel_args(bucket, kernel_grads))
+        self._step_in_torch(bucket, strided, grads)
 
-    def _kernel_args(self, bucket: Bucket, grads: list[Tensor | None]) -> tuple:
+    def _step_in_torch(self, bucket: Bucket, indices, grads: list[Tensor | None]) -> None:
+        """The plain-torch step (kernels/torch_step.py) for some parameters of a bucket."""
+        for i in indices:
+            p, g = bucket.params[i], grads[i]
+            if g is None:
+                continue
+            group = self.param_groups[self._index[p][0]]
+            tables = self._nearest.tables(p.device, compute_dtype(bucket.dtype))
+            gefen_update(p, g, self.state[p], tables.codebook, self._nearest,
+                         lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                         eps=group["eps"], weight_decay=group["weight_decay"],
+                         maximize=group["maximize"])
+
+    def _kernel_args(self, bucket: Bucket, grads: list[Tensor | None]) -> StepInputs:
         """The arguments of ``ops.step_`` (and of each kernel) for one bucket."""
         device = bucket.codes.device
         t = self._nearest.tables(device, compute_dtype(bucket.dtype))
-        return (
+        return StepInputs(
             bucket.params, grads, bucket.codes, bucket.magnitude, bucket.vmean, bucket.steps,
             bucket.segments, bucket.num_rows, bucket.param_group,
             _hyper_table(self.param_groups, device),

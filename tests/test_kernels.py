@@ -117,3 +117,30 @@ def test_one_launch_per_dtype_whatever_the_number_of_parameters(monkeypatch, dty
         kernel_step(opt, triton_step.step)
         counts.append(counter.launches)
     assert counts == [len(dtypes), len(dtypes)]
+
+
+def test_strided_parameters_and_gradients_follow_the_logical_order():
+    """A channels_last weight (stored in another order) and a transposed gradient step exactly
+    as their contiguous twins: Gefen's blocks are over the flattened logical order."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(8, 6, 3, 3, generator=gen)
+    matrix = torch.randn(12, 20, generator=gen)
+    twins = []
+    for strided in (False, True):
+        w = torch.nn.Parameter(weight.clone())
+        m = torch.nn.Parameter(matrix.clone())
+        if strided:
+            w.data = w.data.contiguous(memory_format=torch.channels_last)
+        twins.append(((w, m), Gefen([w, m], lr=1e-2), strided))
+    for _ in range(3):
+        gw = structured((8, 6, 3, 3), gen, torch.float32)
+        gm = structured((12, 20), gen, torch.float32)
+        for (w, m), opt, strided in twins:
+            w.grad = gw.contiguous(memory_format=torch.channels_last) if strided else gw.clone()
+            m.grad = gm.T.contiguous().T if strided else gm.clone()
+            opt.step()
+    ((w0, m0), opt0, _), ((w1, m1), opt1, _) = twins
+    assert not w1.is_contiguous()
+    for a, b in ((w0, w1), (m0, m1)):
+        assert torch.equal(opt0.state[a]["codes"], opt1.state[b]["codes"])
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)

@@ -14,6 +14,7 @@ import torch
 
 from . import _cpu
 from ..codebook import NUM_BINS
+from . import StepInputs
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _I64 = ctypes.c_int64
@@ -59,41 +60,32 @@ def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
     return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
-def _dtype_codes(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.tensor([_DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int64)
-
-
-def step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor | None],
-    codes: torch.Tensor,
-    magnitude: torch.Tensor,
-    vmean: torch.Tensor,
-    steps: torch.Tensor,
-    segments: torch.Tensor,
-    num_rows: int,
-    param_group: torch.Tensor,
-    hyper: torch.Tensor,
-    codebook: torch.Tensor,
-    lut: torch.Tensor,
-    bounds: torch.Tensor,
-    first_index: torch.Tensor,
-    lut_half: int,
-    max_row_len: int,
-) -> None:
+def step(*args) -> None:
     """One Gefen step of every row of a bucket, in place (the arguments of ops.step_)."""
+    a = StepInputs(*args)
     per_step = (
-        _pointers(params),
-        _pointers(grads),
-        torch.tensor([g is not None for g in grads], dtype=torch.uint8),
+        _pointers(a.params),
+        _pointers(a.grads),
+        torch.tensor([g is not None for g in a.grads], dtype=torch.uint8),
     )
-    tensors = (*per_step, param_group, hyper, codes, magnitude, vmean, steps,
-               codebook, lut, bounds, first_index)
-    identity = first_index.numel() == 256  # no repeated entry: every boundary count is a code
-    args = StepArgs(num_rows, segments.data_ptr(), len(params), *(t.data_ptr() for t in tensors),
-                    identity, lut_half, torch.get_num_threads())
-    if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[vmean.dtype]) != 0:
+    tensors = (*per_step, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean, a.steps,
+               a.codebook, a.lut, a.bounds, a.first_index)
+    identity = a.first_index.numel() == 256  # no repeated entry: every boundary count is a code
+    args = StepArgs(a.num_rows, a.segments.data_ptr(), len(a.params),
+                    *(t.data_ptr() for t in tensors), identity, a.lut_half,
+                    torch.get_num_threads())
+    if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[a.vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
+
+
+def _gradient_tables(grads: Sequence[torch.Tensor], *more: Sequence[int]) -> tuple:
+    """Data pointers, dtype codes and sizes of ``grads``, then each of ``more``, as int64."""
+    return (
+        _pointers(grads),
+        torch.tensor([_DTYPE_CODES[g.dtype] for g in grads], dtype=torch.int64),
+        torch.tensor([g.numel() for g in grads], dtype=torch.int64),
+        *(torch.tensor(list(m), dtype=torch.int64) for m in more),
+    )
 
 
 def histogram(
@@ -102,13 +94,7 @@ def histogram(
     """int64 counts of every gradient's normalised rows (see codebook.gradient_histogram)."""
     grads = [g.contiguous() for g in grads]
     counts = torch.zeros(NUM_BINS, dtype=torch.int64)
-    tables = (
-        _pointers(grads),
-        _dtype_codes(grads),
-        torch.tensor([g.numel() for g in grads], dtype=torch.int64),
-        torch.tensor(list(periods), dtype=torch.int64),
-        torch.tensor(list(negate), dtype=torch.int64),
-    )
+    tables = _gradient_tables(grads, periods, negate)
     _lib.gefen_histogram(
         len(grads), *(t.data_ptr() for t in tables), counts.data_ptr(), torch.get_num_threads()
     )
@@ -121,13 +107,7 @@ def period_scores(
     """float64 scores of every gradient's candidate periods (see ops.period_scores)."""
     grads = [g.contiguous() for g in grads]
     scores = torch.empty(offsets[-1], dtype=torch.float64)
-    tables = (
-        _pointers(grads),
-        _dtype_codes(grads),
-        torch.tensor([g.numel() for g in grads], dtype=torch.int64),
-        torch.tensor(list(offsets), dtype=torch.int64),
-        torch.tensor(list(candidates), dtype=torch.int64),
-    )
+    tables = _gradient_tables(grads, offsets, candidates)
     status = _lib.gefen_period_scores(
         len(grads), *(t.data_ptr() for t in tables), scores.data_ptr(), torch.get_num_threads()
     )

@@ -10,13 +10,12 @@ no fused multiply-adds, so the codes match the core implementation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
 from ..device_tables import device_table
+from . import StepInputs
 from ..state import SEG_FIELDS
 
 _TRITON_DTYPES = {
@@ -161,45 +160,33 @@ def _gefen_step_kernel(
             tl.store(param + offs, _to_state(x, DTYPE), mask=mask)
 
 
-def step(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor | None],
-    codes: torch.Tensor,
-    magnitude: torch.Tensor,
-    vmean: torch.Tensor,
-    steps: torch.Tensor,
-    segments: torch.Tensor,
-    num_rows: int,
-    param_group: torch.Tensor,
-    hyper: torch.Tensor,
-    codebook: torch.Tensor,
-    lut: torch.Tensor,
-    bounds: torch.Tensor,
-    first_index: torch.Tensor,
-    lut_half: int,
-    max_row_len: int,
-) -> None:
+def step(*args) -> None:
     """One Gefen step of every row of a bucket in one kernel launch (the arguments of
     ops.step_)."""
-    device = codes.device
-    has_grad = device_table(tuple(g is not None for g in grads), torch.uint8, device)
+    a = StepInputs(*args)
+    device = a.codes.device
+    has_grad = device_table(tuple(g is not None for g in a.grads), torch.uint8, device)
     pointers = device_table(
-        tuple(x for p, g in zip(params, grads) for x in (p.data_ptr(), g.data_ptr() if g is not None else 0)),
+        tuple(x for p, g in zip(a.params, a.grads) for x in (p.data_ptr(), _address(g))),
         torch.int64,
         device,
     )
     # Step counts and bias corrections on the device: no host sync, CUDA-graph capturable.
-    steps += has_grad
-    betas = hyper[param_group][:, 1:3]
-    bias = (1 - betas ** steps.double().unsqueeze(1)).contiguous()
-    if num_rows == 0:
+    a.steps.add_(has_grad)
+    betas = a.hyper[a.param_group][:, 1:3]
+    bias = (1 - betas ** a.steps.double().unsqueeze(1)).contiguous()
+    if a.num_rows == 0:
         return
-    _gefen_step_kernel[(num_rows,)](
-        segments, len(params), pointers, has_grad, param_group, hyper, bias,
-        codes, magnitude, vmean, codebook, lut, bounds, first_index, lut_half,
-        DTYPE=_TRITON_DTYPES[vmean.dtype],
-        COMPUTE=tl.float64 if vmean.dtype == torch.float64 else tl.float32,
+    _gefen_step_kernel[(a.num_rows,)](
+        a.segments, len(a.params), pointers, has_grad, a.param_group, a.hyper, bias,
+        a.codes, a.magnitude, a.vmean, a.codebook, a.lut, a.bounds, a.first_index, a.lut_half,
+        DTYPE=_TRITON_DTYPES[a.vmean.dtype],
+        COMPUTE=tl.float64 if a.vmean.dtype == torch.float64 else tl.float32,
         FIELDS=SEG_FIELDS,
-        BLOCK=min(_MAX_BLOCK, triton.next_power_of_2(max_row_len)),
+        BLOCK=min(_MAX_BLOCK, triton.next_power_of_2(a.max_row_len)),
         enable_fp_fusion=False,
     )
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
