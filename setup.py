@@ -20,7 +20,7 @@ setup(
     ext_modules=[
         Extension(
             "gefen_compile.kernels._cpu",
-            sources=["gefen_compile/kernels/cpu_step.c"],
+            sources=["gefen_compile/kernels/cpu_step.c", "gefen_compile/kernels/codebook_dp.c"],
             extra_compile_args=flags,
             extra_link_args=["-fopenmp"] if gcc else [],
         )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gefen_compile.codebook import NUM_BINS, learn_codebook
-from gefen_compile.partition import infer_period
+from gefen_compile.first_step import infer_period
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -153,8 +153,13 @@ class Gefen(Optimizer):
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
         """Periods (and, at the first step, the codebook) for parameters seen for the first
         time, then their state, in the flat buckets."""
-        for _, p, g in fresh:
-            if not torch.isfinite(g).all():
+        # A sum is finite exactly when every element is (short of an fp32 overflow, itself a
+        # sign of a broken gradient); one check for all, without an n-byte mask per tensor.
+        sums = [g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+                for _, _, g in fresh]
+        sums = torch.stack([s.to(sums[0]) for s in sums])  # one device, one host transfer
+        for (_, p, _), finite in zip(fresh, torch.isfinite(sums).tolist()):
+            if not finite:
                 raise ValueError(
                     f"Gefen: the first gradient of {self._locate(p)} has inf or nan values; "
                     "Gefen reads periods and its codebook from first gradients, so skip this "

@@ -1,4 +1,4 @@
-"""The fast CPU path: ctypes bindings to the C kernels in ``cpu_step.c``.
+"""The fast CPU path: the C kernels of ``cpu_step.c`` called on tensors.
 
 Each call hands the kernel raw data pointers of CPU tensors, so the caller keeps the tensors
 alive and contiguous for the duration of the call. The kernels use ``torch.get_num_threads()``
@@ -12,48 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _cpu
 from ..codebook import NUM_BINS
 from . import StepInputs
+from .native import StepArgs, library as _lib
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-_I64 = ctypes.c_int64
-_P = ctypes.c_void_p
-
-
-class StepArgs(ctypes.Structure):
-    """Mirror of ``StepArgs`` in cpu_step.c."""
-
-    _fields_ = [
-        ("num_rows", _I64),
-        ("segments", _P),
-        ("num_params", _I64),
-        ("params", _P),
-        ("grads", _P),
-        ("has_grad", _P),
-        ("param_group", _P),
-        ("hyper", _P),
-        ("codes", _P),
-        ("magnitude", _P),
-        ("vmean", _P),
-        ("steps", _P),
-        ("codebook", _P),
-        ("lut", _P),
-        ("bounds", _P),
-        ("first_index", _P),
-        ("identity_codes", _I64),
-        ("lut_half", _I64),
-        ("num_threads", _I64),
-    ]
-
-
-_lib = ctypes.CDLL(_cpu.__file__)
-_lib.gefen_step.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_int]
-_lib.gefen_step.restype = ctypes.c_int
-_lib.gefen_histogram.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
-_lib.gefen_histogram.restype = None
-_lib.gefen_period_scores.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
-_lib.gefen_period_scores.restype = ctypes.c_int
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
