@@ -122,25 +122,24 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
 
 /* The first pass: the new first moment M of every element, its largest magnitude, and the
  * second moment (per element, or the block's sum of g^2). KEEP stores m for the second pass. */
+#define FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, REDUCTIONS, SECOND_MOMENT)                       \
+    _Pragma(REDUCTIONS)                                                                         \
+    for (int64_t i = 0; i < len; i++) {                                                         \
+        const T m = FIRST_MOMENT(LOAD, i, CODE), gi = sign * LOAD(g, i);                        \
+        KEEP;                                                                                   \
+        const T mag = m < 0 ? -m : m;                                                           \
+        peak = mag > peak ? mag : peak;                                                         \
+        SECOND_MOMENT;                                                                          \
+    }
+
 #define FIRST_PASS(T, LOAD, STORE, CODE, KEEP)                                                  \
     if (per_element) {                                                                          \
-        _Pragma("omp simd reduction(max:peak)")                                                 \
-        for (int64_t i = 0; i < len; i++) {                                                     \
-            const T m = FIRST_MOMENT(LOAD, i, CODE), gi = sign * LOAD(g, i);                    \
-            KEEP;                                                                               \
-            const T mag = m < 0 ? -m : m;                                                       \
-            peak = mag > peak ? mag : peak;                                                     \
-            STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2);                                \
-        }                                                                                       \
+        FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, "omp simd reduction(max:peak)",                   \
+                        STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2))                    \
     } else {                                                                                    \
-        _Pragma("omp simd reduction(max:peak) reduction(+:square_sum)")                         \
-        for (int64_t i = 0; i < len; i++) {                                                     \
-            const T m = FIRST_MOMENT(LOAD, i, CODE), gi = sign * LOAD(g, i);                    \
-            KEEP;                                                                               \
-            const T mag = m < 0 ? -m : m;                                                       \
-            peak = mag > peak ? mag : peak;                                                     \
-            square_sum += gi * gi;                                                              \
-        }                                                                                       \
+        FIRST_PASS_LOOP(T, LOAD, CODE, KEEP,                                                    \
+                        "omp simd reduction(max:peak) reduction(+:square_sum)",                 \
+                        square_sum += gi * gi)                                                  \
     }
 
 /* The second pass: nearest code of m / magnitude (see codebook.NearestCode), then the update.
