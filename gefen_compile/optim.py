@@ -17,6 +17,7 @@ from .device_tables import device_table
 from .first_step import codebook_from, infer_periods
 from .kernels import StepInputs
 from .kernels.torch_step import gefen_update
+from .migrate import has_adamw_state, migrate_adamw_state
 from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
 
 
@@ -62,7 +63,7 @@ class Gefen(Optimizer):
             "fused": fused,
             "decoupled_weight_decay": True,
         }
-        _check_hyperparameters(defaults, where="Gefen")
+        check_hyperparameters(defaults, where="Gefen")
         self.codebook: Tensor | None = None
         self._nearest: NearestCode | None = None
         self._buckets: list[Bucket] | None = None  # built at the first step
@@ -72,7 +73,7 @@ class Gefen(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, as ``torch.optim.AdamW.add_param_group``; its values are checked."""
         index = len(self.param_groups)
-        _check_hyperparameters({**self.defaults, **param_group}, where=f"param group {index}")
+        check_hyperparameters({**self.defaults, **param_group}, where=f"param group {index}")
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for i, p in enumerate(params):
@@ -146,7 +147,7 @@ class Gefen(Optimizer):
         return StepInputs(
             bucket.params, grads, bucket.codes, bucket.magnitude, bucket.vmean, bucket.steps,
             bucket.segments, bucket.num_rows, bucket.param_group,
-            _hyper_table(self.param_groups, device),
+            hyper_table(self.param_groups, device),
             t.codebook, t.lut, t.bounds, t.first_index, t.half, bucket.max_row_len,
         )
 
@@ -221,10 +222,14 @@ class Gefen(Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         if "codebook" not in state_dict:
-            raise ValueError(
-                "Gefen.load_state_dict: this state_dict has no 'codebook', so it was not saved "
-                "by Gefen; load it into the optimizer that saved it (torch.optim.AdamW, say)"
-            )
+            if not all(map(has_adamw_state, state_dict["state"].values())):
+                raise ValueError(
+                    "Gefen.load_state_dict: this state_dict has no 'codebook' and is not "
+                    "AdamW's (exp_avg, exp_avg_sq, step per parameter); load it into the "
+                    "optimizer that saved it"
+                )
+            self._load_adamw_state_dict(state_dict)
+            return
         saved_groups = state_dict["param_groups"]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(
@@ -249,6 +254,13 @@ class Gefen(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _load_adamw_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """An AdamW checkpoint: loaded as AdamW loads it, then migrated to Gefen state."""
+        Optimizer.load_state_dict(self, state_dict)
+        self._set_codebook(None)  # learned from the checkpoint's first moments
+        migrate_adamw_state(self)
+        self._buckets, self._index = None, {}
+
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "codebook": self.codebook}
 
@@ -260,7 +272,7 @@ class Gefen(Optimizer):
         self._buckets, self._index = None, {}  # rebuilt from the per-parameter state
 
 
-def _check_hyperparameters(values: dict[str, Any], where: str) -> None:
+def check_hyperparameters(values: dict[str, Any], where: str) -> None:
     lr, betas, eps, weight_decay = (values[k] for k in ("lr", "betas", "eps", "weight_decay"))
     if values.get("amsgrad"):
         raise NotImplementedError(
@@ -326,7 +338,7 @@ def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, 
     return moved
 
 
-def _hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
+def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
     """float64 [groups, 6] on ``device``: lr, beta1, beta2, eps, weight_decay, maximize. A
     tensor lr is copied tensor to tensor: no host sync, and under torch.compile it stays an
     input of the graph rather than a constant."""

@@ -50,12 +50,9 @@ def gefen_update(
     block = magnitude_block(codes.numel(), period)
     m = codebook[codes.long()].view(-1, block) * magnitude.to(dtype).unsqueeze(1)
     m = m * beta1 + g.view(-1, block) * (1 - beta1)
-    magnitude.copy_(m.abs().amax(dim=1))
-    stored = magnitude.to(dtype).unsqueeze(1)
-    # An all-zero block normalises to -inf, whose nearest code is 0, as the spec asks.
-    new_codes = nearest(torch.where(stored > 0, m / stored, -torch.inf))
+    new_codes = quantise_blocks(m, magnitude, nearest)
     codes.copy_(new_codes.view(-1))
-    m_q = codebook[new_codes] * stored
+    m_q = codebook[new_codes] * magnitude.to(dtype).unsqueeze(1)
 
     step64 = step.double()
     bias1 = 1 - beta1**step64
@@ -71,3 +68,12 @@ def gefen_update(
     p = param.reshape(-1).to(dtype) * decay
     p = p.view(m_q.shape) - m_q * scale
     param.copy_(p.view_as(param))
+
+
+def quantise_blocks(m: torch.Tensor, magnitude: torch.Tensor, nearest: NearestCode) -> torch.Tensor:
+    """Codes (int64, ``m``'s shape) of the rows of ``m`` (one magnitude block each), writing each
+    row's max |m| into ``magnitude``; values are divided by the magnitude as stored, in its dtype."""
+    magnitude.copy_(m.abs().amax(dim=1))
+    stored = magnitude.to(m.dtype).unsqueeze(1)
+    # An all-zero block normalises to -inf, whose nearest code is 0, as the spec asks.
+    return nearest(torch.where(stored > 0, m / stored, -torch.inf))

@@ -1,0 +1,169 @@
+"""``torch.optim.AdamW`` (or ``Adam``) -> Gefen, in place.
+
+The optimizer object keeps its identity: its class becomes a subclass of both its own class and
+:class:`~gefen_compile.Gefen` (so ``isinstance(opt, torch.optim.AdamW)`` stays true), its
+``_init_group`` allocates nothing (AdamW's own math then runs on empty lists) and a step pre-hook
+performs the Gefen update. That is what keeps working for every way a step reaches the object:
+``opt.step()``, an LR scheduler's wrapper, and a ``torch.compile(opt.step)`` bound before the
+conversion all call AdamW's ``step``, which runs the hooks (DESIGN "Facts about torch.compile").
+
+State AdamW already holds is migrated into Gefen's (migrate.py) and its fp32 buffers released.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Adam, AdamW, Optimizer
+
+from .migrate import migrate_adamw_state
+from .optim import Gefen, check_hyperparameters
+from .state import adamw_state_nbytes
+
+log = logging.getLogger("gefen_compile")
+
+class _ConvertedAdam:
+    """What a converted Adam/AdamW adds to its own class (first in the MRO, then the AdamW
+    class, then Gefen): no AdamW state, and the Gefen update as the last step pre-hook."""
+
+    def _init_group(self, group, params_with_grad, *args, **kwargs) -> bool:
+        return False  # no complex parameters: AdamW's update runs on empty lists
+
+    def register_step_pre_hook(self, hook):
+        handle = super().register_step_pre_hook(hook)
+        # User hooks (gradient clipping, say) must see the gradients before the update.
+        self._optimizer_step_pre_hooks.move_to_end(self._gefen_hook)
+        return handle
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # a fresh hook table after unpickling
+        if getattr(self, "_gefen_hook", None) not in self._optimizer_step_pre_hooks:
+            _install_update_hook(self)
+
+
+class GefenAdamW(_ConvertedAdam, AdamW, Gefen):
+    """A ``torch.optim.AdamW`` converted to Gefen by :func:`convert`."""
+
+
+class GefenAdam(_ConvertedAdam, Adam, Gefen):
+    """A ``torch.optim.Adam`` (decoupled weight decay, or none) converted to Gefen."""
+
+
+_CONVERTED: dict[type, type] = {AdamW: GefenAdamW, Adam: GefenAdam}
+
+
+def convert(optimizer: Optimizer) -> Optimizer:
+    """Turn ``optimizer`` (a ``torch.optim.AdamW``, or an ``Adam`` with decoupled weight decay or
+    ``weight_decay=0``) into Gefen in place, and return it.
+
+    Before its first step nothing is allocated; after it, AdamW's state is migrated into Gefen's
+    and its fp32 buffers are released. Param groups, hooks, LR schedulers and references to the
+    optimizer keep working. Converting a converted optimizer does nothing.
+    """
+    if "_gefen_hook" in vars(optimizer) or (
+        isinstance(optimizer, Gefen) and not isinstance(optimizer, _ConvertedAdam)
+    ):
+        return optimizer
+    _check_convertible(optimizer)
+    before = _state_bytes(optimizer)
+    full_adamw = sum(adamw_state_nbytes(p) for g in optimizer.param_groups for p in g["params"])
+    if not isinstance(optimizer, _ConvertedAdam):
+        optimizer.__class__ = _converted_class(type(optimizer))
+    optimizer._patch_step_function()  # a class never instantiated has an unhooked step
+    optimizer._set_codebook(None)
+    optimizer._buckets, optimizer._index = None, {}
+    _install_update_hook(optimizer)
+    migrate_adamw_state(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    after = _state_bytes(optimizer)
+    log.info(
+        "converted %s to Gefen (%d tensors, %d parameters): optimizer state %s -> %s%s",
+        _converted_from(optimizer), len(params), sum(p.numel() for p in params),
+        _bytes(before), _bytes(after),
+        "" if after else f" (AdamW would allocate {_bytes(full_adamw)}; Gefen about 1 byte "
+        "per parameter, at its first step)",
+    )
+    return optimizer
+
+
+def is_convertible(optimizer: Optimizer) -> bool:
+    """Whether :func:`convert` would accept ``optimizer`` (exactly AdamW, or Adam without
+    coupled weight decay, with no option Gefen refuses)."""
+    try:
+        _check_convertible(optimizer)
+    except (TypeError, ValueError, NotImplementedError):
+        return False
+    return type(optimizer) in _CONVERTED
+
+
+def _check_convertible(optimizer: Optimizer) -> None:
+    if not isinstance(optimizer, Adam):
+        raise TypeError(
+            f"convert: {type(optimizer).__name__} is not torch.optim.AdamW or torch.optim.Adam; "
+            "Gefen replaces AdamW's update only: build gefen_compile.Gefen directly instead"
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        where = f"convert: param group {i} of {_converted_from(optimizer)}"
+        if not group.get("decoupled_weight_decay", False) and group["weight_decay"] != 0:
+            raise ValueError(
+                f"{where} has weight_decay={group['weight_decay']} applied as L2 (Adam's coupled "
+                "decay), which Gefen does not implement; use torch.optim.AdamW (decoupled), or "
+                "weight_decay=0"
+            )
+        if group.get("fused") and group.get("foreach"):
+            raise ValueError(f"{where}: fused and foreach cannot both be True")
+        check_hyperparameters(group, where=where)
+
+
+def _converted_class(cls: type) -> type:
+    if cls not in _CONVERTED:  # a user's subclass: convert it the same way, named after it
+        base = GefenAdamW if issubclass(cls, AdamW) else GefenAdam
+        _CONVERTED[cls] = type(f"Gefen{cls.__name__}", (_ConvertedAdam, cls, Gefen),
+                               {"__doc__": base.__doc__, "__module__": cls.__module__})
+    return _CONVERTED[cls]
+
+
+def _converted_from(optimizer: Optimizer) -> str:
+    """The name of the optimizer's own class: torch.optim.adamw.AdamW, say."""
+    cls = next(c for c in type(optimizer).__mro__ if not issubclass(c, (_ConvertedAdam, Gefen)))
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _install_update_hook(optimizer: Optimizer) -> None:
+    # Optimizer's own registration: the override above moves this very hook to the end.
+    optimizer._gefen_hook = Optimizer.register_step_pre_hook(optimizer, _gefen_update).id
+
+
+def _gefen_update(optimizer: Gefen, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The step pre-hook of a converted optimizer: the Gefen update of every group. The
+    closure, if any, is evaluated first, and AdamW's step (on empty lists) returns its loss."""
+    has_arg = len(args) > 1
+    closure = args[1] if has_arg else kwargs.get("closure")
+    loss = Gefen.step(optimizer, closure)
+    if closure is None:
+        return None
+
+    def evaluated() -> Any:
+        return loss
+
+    if has_arg:
+        return (args[0], evaluated, *args[2:]), kwargs
+    return args, {**kwargs, "closure": evaluated}
+
+
+def _state_bytes(optimizer: Optimizer) -> int:
+    total = sum(
+        t.nbytes for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)
+    )
+    codebook = getattr(optimizer, "codebook", None)
+    return total + (codebook.nbytes if codebook is not None else 0)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,77 @@
+"""AdamW state -> Gefen state (GEFEN_SPEC "State per parameter"), for an optimizer converted
+after it stepped or an AdamW checkpoint loaded into Gefen.
+
+Periods are inferred from ``sqrt(exp_avg_sq)``, a smoothed |g| (period inference reads
+log g^2); the codebook, unless the optimizer has one, is learned from the normalised
+``exp_avg``, exactly as from first gradients; ``exp_avg`` is quantised into codes and block
+magnitudes as a step does, and ``exp_avg_sq`` averaged per block into ``vmean``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .first_step import codebook_from, infer_period
+from .kernels.torch_step import quantise_blocks
+from .partition import magnitude_block
+from .state import STATE_DTYPES, compute_dtype
+
+_ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def has_adamw_state(entry: dict[str, Any]) -> bool:
+    """Whether one parameter's state entry is AdamW's."""
+    return any(k in entry for k in _ADAMW_KEYS)
+
+
+def migrate_adamw_state(optimizer) -> None:
+    """Replace AdamW state entries (``exp_avg``, ``exp_avg_sq``, ``step``) of a Gefen optimizer
+    by Gefen state; an entry that never stepped is dropped (Gefen's first step sets it up)."""
+    entries = [
+        (p, optimizer.state[p])
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if has_adamw_state(optimizer.state.get(p, {}))
+    ]
+    if not entries:
+        return
+    steps = torch.stack([torch.as_tensor(s["step"], dtype=torch.float64).cpu() for _, s in entries])
+    stepped = [(p, s) for (p, s), n in zip(entries, steps.tolist()) if n > 0]
+    for p, _ in entries:
+        del optimizer.state[p]
+    if not stepped:
+        return
+    periods = [infer_period(s["exp_avg_sq"].sqrt()) for _, s in stepped]
+    if optimizer.codebook is None:
+        first_moments = [s["exp_avg"] for _, s in stepped]
+        optimizer._set_codebook(codebook_from(first_moments, periods, [False] * len(periods)))
+    for (p, saved), period in zip(stepped, periods):
+        optimizer.state[p] = _gefen_entry(optimizer, saved, period)
+    optimizer._buckets = None
+
+
+def _gefen_entry(optimizer, saved: dict[str, Any], period: int) -> dict[str, Any]:
+    """One parameter's Gefen state from its AdamW state (see the module docstring)."""
+    exp_avg, exp_avg_sq = saved["exp_avg"], saved["exp_avg_sq"]
+    dtype = exp_avg.dtype
+    if dtype not in STATE_DTYPES:
+        raise TypeError(
+            f"Gefen: exp_avg has dtype {dtype}; Gefen keeps state in {STATE_DTYPES}: cast "
+            "the parameter before converting"
+        )
+    math = compute_dtype(dtype)
+    n = exp_avg.numel()
+    m = exp_avg.reshape(-1, magnitude_block(n, period)).to(math)
+    magnitude = torch.empty(m.shape[0], dtype=dtype, device=m.device)
+    codes = quantise_blocks(m, magnitude, optimizer._nearest)
+    v = exp_avg_sq.reshape(-1).to(math)
+    vmean = v.view(-1, period).mean(dim=1) if period > 1 else v
+    return {
+        "period": period,
+        "codes": codes.to(torch.uint8).view(-1),
+        "magnitude": magnitude,
+        "vmean": vmean.to(dtype),
+        "step": torch.as_tensor(saved["step"], dtype=torch.float32).to(exp_avg.device),
+    }
