@@ -141,7 +141,7 @@ def _gefen_update(optimizer: Gefen, args: tuple, kwargs: dict) -> tuple[tuple, d
     closure, if any, is evaluated first, and AdamW's step (on empty lists) returns its loss."""
     has_arg = len(args) > 1
     closure = args[1] if has_arg else kwargs.get("closure")
-    loss = Gefen.step(optimizer, closure)
+    loss = optimizer._update(closure)
     if closure is None:
         return None
 

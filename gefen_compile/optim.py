@@ -87,9 +87,14 @@ class Gefen(Optimizer):
         super().add_param_group({**param_group, "params": params})
         self._buckets = None  # the group table changed
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One optimizer step; ``closure`` (re-evaluating the loss) is run first, with grad."""
+        return self._update(closure)
+
+    @torch.no_grad()
+    def _update(self, closure: Callable[[], float] | None) -> float | None:
+        # The step itself, apart from ``step`` (which torch.optim wraps with the step hooks), so
+        # that a converted AdamW runs it from a hook.
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch._dynamo.source import ConstantSource
 from torch.fx import GraphModule, Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.gefen)
@@ -101,6 +102,11 @@ class _Attributes:
             self.gm.register_parameter(target, value)
         else:
             self.gm.register_buffer(target, value, persistent=False)
+        sources = getattr(self.gm, "_param_name_to_source", None)
+        if sources is not None:
+            # A graph from dynamo: inductor lifts its attributes as inputs and asks dynamo's
+            # record where each came from; these come from the Gefen optimizer, not user code.
+            sources[target] = ConstantSource(f"gefen_compile.{target}")
         return self.gm.graph.get_attr(target)
 
 
