@@ -24,13 +24,13 @@ from torch.optim import Adam, AdamW, Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .convert import convert, is_convertible
-from .passes import rewrite_adamw_steps
+from .passes import StateReport, rewrite_adamw_steps
 
 log = logging.getLogger("gefen_compile")
 
 # Parameters of compiled graphs, by id (tensors compare elementwise, so no WeakSet).
 _PARAMETERS: dict[int, weakref.ref] = {}
-_generation = 0  # bumped whenever parameters are remembered
+_generation = 0  # bumped whenever a parameter is remembered
 _checked: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary()
 _hook = None
 
@@ -40,19 +40,35 @@ def gefen_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     _install_conversion_hook()
-    _remember_parameters(gm, example_inputs)
+    _remember(t for _, t in gm.named_parameters())
     gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False)
     compiled = compile_fx(gm, example_inputs, **kwargs)
-    if report.state is None:
-        return compiled
+    positions = [i for i, x in enumerate(example_inputs) if _is_parameter(x)]
+    return _CompiledGraph(compiled, positions, report.state)
 
-    def run(*args):
+
+class _CompiledGraph:
+    """Inductor's compiled graph, with the backend's work around its calls.
+
+    Parameters are graph inputs, and dynamo reuses a compiled graph for another model of the
+    same structure without calling the backend again: so the parameters are remembered from
+    the inputs of a call, whenever they are not the ones of the previous call (an identity
+    check of one input, not a loop, on the usual call)."""
+
+    def __init__(self, compiled, positions: list[int], state: StateReport | None):
+        self.compiled, self.positions, self.state = compiled, positions, state
+        self.last: weakref.ref | None = None
+
+    def __call__(self, *args):
+        if self.positions and (self.last is None or self.last() is not args[self.positions[0]]):
+            _remember(args[i] for i in self.positions)
+            self.last = weakref.ref(args[self.positions[0]])
         try:
-            return compiled(*args)
+            return self.compiled(*args)
         finally:
-            report.state.release()  # dynamo has built its guards by now
-
-    return run
+            if self.state is not None:  # dynamo has built its guards by now
+                self.state.release()
+                self.state = None
 
 
 def remembered(param: torch.Tensor) -> bool:
@@ -61,14 +77,18 @@ def remembered(param: torch.Tensor) -> bool:
     return ref is not None and ref() is param
 
 
-def _remember_parameters(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+def _is_parameter(t) -> bool:
+    return isinstance(t, torch.nn.Parameter) or (
+        isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf
+    )
+
+
+def _remember(tensors) -> None:
     global _generation
-    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
-    tensors += [t for _, t in gm.named_parameters()] + [t for _, t in gm.named_buffers()]
     for t in tensors:
-        if isinstance(t, torch.nn.Parameter) or (t.requires_grad and t.is_leaf):
+        if _is_parameter(t) and not remembered(t):
             _PARAMETERS[id(t)] = weakref.ref(t, lambda _, key=id(t): _PARAMETERS.pop(key, None))
-    _generation += 1
+            _generation += 1
 
 
 def _install_conversion_hook() -> None:
