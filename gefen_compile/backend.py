@@ -97,10 +97,16 @@ def _install_conversion_hook() -> None:
         _hook = register_optimizer_step_pre_hook(_convert_before_step)
 
 
-@torch._dynamo.disable
 def _convert_before_step(optimizer: Optimizer, args, kwargs) -> None:
-    # Exactly AdamW or Adam: a subclass may change the update, and is left alone.
-    if type(optimizer) not in (AdamW, Adam) or _checked.get(optimizer) == _generation:
+    # Exactly AdamW or Adam: a subclass may change the update, and is left alone. This test
+    # traces (guarded on the type), so other optimizers' compiled steps keep a single graph.
+    if type(optimizer) in (AdamW, Adam):
+        _convert_if_compiled(optimizer)
+
+
+@torch._dynamo.disable  # runs eagerly, also inside a compiled step, before AdamW allocates
+def _convert_if_compiled(optimizer: Optimizer) -> None:
+    if _checked.get(optimizer) == _generation:
         return
     _checked[optimizer] = _generation
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -124,18 +124,23 @@ def test_migrated_state_is_what_the_spec_makes_of_adamw_moments():
         assert state["step"].item() == 3.0 and state["codes"].dtype == torch.uint8
 
 
+def step_together(opt, params, twin, twin_params, seeds):
+    """Step both optimizers on the same gradients; parameters stay bit-identical."""
+    for seed in seeds:
+        set_grads(params, seed)
+        set_grads(twin_params, seed)
+        opt.step()
+        twin.step()
+        assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
 def test_converted_optimizer_follows_eager_gefen_from_the_migrated_state():
     params, opt = stepped_adamw()
     convert(opt)
     twin_params = [p.detach().clone().requires_grad_() for p in params]
     twin = Gefen([{"params": twin_params[:1]}, {"params": twin_params[1:]}])
     twin.load_state_dict(opt.state_dict())
-    for seed in range(3, 8):
-        set_grads(params, seed)
-        set_grads(twin_params, seed)
-        opt.step()
-        twin.step()
-        assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+    step_together(opt, params, twin, twin_params, range(3, 8))
 
 
 def test_adamw_checkpoint_loads_into_gefen_as_a_conversion():
@@ -150,12 +155,7 @@ def test_adamw_checkpoint_loads_into_gefen_as_a_conversion():
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
                    for k in a)
-    for seed in range(3, 6):
-        set_grads(params, seed)
-        set_grads(gefen_params, seed)
-        opt.step()
-        gefen.step()
-        assert all(torch.equal(p, q) for p, q in zip(params, gefen_params))
+    step_together(opt, params, gefen, gefen_params, range(3, 6))
 
 
 def test_converted_optimizer_pickles_with_its_update():
