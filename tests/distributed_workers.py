@@ -1,0 +1,168 @@
+"""What each rank runs for tests/test_distributed.py: DDP and FSDP2 (fully_shard) training with
+Gefen on gloo, a distributed checkpoint and its resumption. Each rank saves what the tests
+compare (parameters, periods, codebooks, losses, first local gradients) to ``rank<r>.pt``.
+
+The model and data are shared with the single-process reference the tests run themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from gefen_compile import Gefen
+
+WORLD_SIZE = 2
+DDP_STEPS = 6
+FSDP_STEPS = 12
+CHECKPOINT_AT = 5  # FSDP2: steps taken before the distributed checkpoint
+LR = 1e-2
+# DDP is compared with a single process at Gefen's default lr and at LR.
+DDP_LRS = (1e-3, LR)
+BATCH = 64
+
+
+def make_model() -> nn.Module:
+    """A small MLP; the same weights on every rank and in the reference (fixed seed)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(),
+                         nn.Linear(48, 8))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step``: inputs and regression targets from a fixed teacher."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 32, generator=g)
+    teacher = torch.randn(32, 8, generator=torch.Generator().manual_seed(7))
+    return x, torch.tanh(x @ teacher) + 0.1 * torch.randn(BATCH, 8, generator=g)
+
+
+def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's equal share of the global batch (so the averaged gradient is the global
+    batch's)."""
+    x, y = batch(step)
+    return x.chunk(WORLD_SIZE)[rank], y.chunk(WORLD_SIZE)[rank]
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(model(x), y)
+
+
+def reference(steps: int, lr: float = LR) -> tuple[nn.Module, Gefen, list[float]]:
+    """Single-process Gefen on the global batches."""
+    model = make_model()
+    opt = Gefen(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = loss_of(model, *batch(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+def run(rank: int, init_file: str, out_dir: str) -> None:
+    """Entry point of each spawned rank."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        results = {"ddp": {lr: _ddp(rank, lr) for lr in DDP_LRS}, "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint")}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp(rank: int, lr: float) -> dict:
+    model = DistributedDataParallel(make_model())
+    opt = Gefen(model.parameters(), lr=lr)
+    for step in range(DDP_STEPS):
+        loss_of(model, *local_batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {
+        "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+        "periods": [opt.state[p]["period"] for p in model.parameters()],
+        "codebook": opt.codebook.clone(),
+    }
+
+
+def _sharded_model() -> nn.Module:
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _train(model, opt, rank: int, steps: range, first_grads: dict | None = None) -> list[float]:
+    """Steps of FSDP2 training; returns the global batch's loss at each (the ranks' mean)."""
+    losses = []
+    for step in steps:
+        loss = loss_of(model, *local_batch(step, rank))
+        loss.backward()
+        if first_grads is not None and step == 0:
+            first_grads.update({n: p.grad.to_local().clone() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / WORLD_SIZE)
+    return losses
+
+
+def _local_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+
+
+def _fsdp(rank: int, checkpoint: Path) -> dict:
+    model = _sharded_model()
+    opt = Gefen(model.parameters(), lr=LR)
+    first_grads: dict = {}
+    losses = _train(model, opt, rank, range(CHECKPOINT_AT), first_grads)
+    optim_state = opt.state_dict()
+    layout = {k: type(v).__name__ for k, v in optim_state["state"][0].items()}
+    dcp.save({"model": model.state_dict(), "optim": optim_state}, checkpoint_id=checkpoint)
+    losses += _train(model, opt, rank, range(CHECKPOINT_AT, FSDP_STEPS))
+
+    # A fresh process's view: new model and optimizer, torch's state_dict helper (which runs
+    # a zero-gradient, lr = 0 step on an optimizer without state), then the checkpoint.
+    resumed = _sharded_model()
+    resumed_opt = Gefen(resumed.parameters(), lr=LR)
+    get_optimizer_state_dict(resumed, resumed_opt)
+    materialising_step_learned_nothing = resumed_opt.codebook is None and not resumed_opt.state
+    template = {"model": resumed.state_dict(), "optim": resumed_opt.state_dict()}
+    dcp.load(template, checkpoint_id=checkpoint)
+    resumed.load_state_dict(template["model"])
+    resumed_opt.load_state_dict(template["optim"])
+    resumed_losses = _train(resumed, resumed_opt, rank, range(CHECKPOINT_AT, FSDP_STEPS))
+
+    return {
+        "losses": losses,
+        "resumed_losses": resumed_losses,
+        "params": _local_params(model),
+        "resumed_params": _local_params(resumed),
+        "state": _local_state(model, opt),
+        "resumed_state": _local_state(resumed, resumed_opt),
+        "codebook": opt.codebook.clone(),
+        "resumed_codebook": resumed_opt.codebook.clone(),
+        "first_grads": first_grads,
+        "materialising_step_learned_nothing": materialising_step_learned_nothing,
+        "layout": layout,
+    }
+
+
+def _local_state(model: nn.Module, opt: Gefen) -> dict[str, dict]:
+    return {
+        n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        for n, p in model.named_parameters()
+    }
