@@ -97,6 +97,9 @@ def global_histogram(
                                [negate[i] for i in counted])
     else:
         counts = torch.zeros(NUM_BINS, dtype=torch.int64, device=grads[0].device)
+    # On the mesh's device type: CPU-offloaded shards (FSDP2 CPUOffloadPolicy) have CPU
+    # gradients while NCCL reduces CUDA tensors only.
+    counts = counts.to(mesh.device_type)
     # Summing over each mesh dimension in turn sums over the whole mesh (one call on 1-D).
     for dim in range(mesh.ndim):
         dist.all_reduce(counts, group=mesh.get_group(dim))
@@ -148,7 +151,7 @@ def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> di
         if record is None:
             raise ValueError(
                 f"Gefen.load_state_dict: the entry of parameter {key} has no record for rank "
-                f"{rank}; it was saved by a run with fewer ranks. Gefen's state follows each "
+                f"{rank}; it was saved on another mesh. Gefen's state follows each "
                 "rank's shard: resume on the same device mesh"
             )
         if record:

@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from gefen_compile import Gefen
+from gefen_compile import Gefen, memory_report
 
 WORLD_SIZE = 2
 DDP_STEPS = 6
@@ -158,6 +158,7 @@ def _fsdp(rank: int, checkpoint: Path) -> dict:
         "first_grads": first_grads,
         "materialising_step_learned_nothing": materialising_step_learned_nothing,
         "layout": layout,
+        "report_numel": memory_report(opt).numel,
     }
 
 

@@ -91,6 +91,7 @@ def test_fsdp_periods_are_inferred_per_local_shard(ranks):
             assert fsdp["state"][name]["period"] == infer_period(grad), name
             assert fsdp["state"][name]["codes"].numel() == grad.numel()
             periods.add(fsdp["state"][name]["period"])
+        assert fsdp["report_numel"] == sum(g.numel() for g in fsdp["first_grads"].values())
     assert max(periods) > 1
 
 
@@ -150,3 +151,48 @@ def test_a_zero_gradient_first_step_with_a_learning_rate_still_initialises():
     opt.step()
     assert opt.codebook is not None and opt.state[p]["period"] == 1
     assert float(opt.state[p]["step"]) == 1
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A one-process gloo group in this process, for DTensor parameters without spawning."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_linear(placement):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32)
+    return fully_shard(model, shard_placement_fn=lambda p: Shard(min(placement, p.ndim - 1)))
+
+
+def test_fresh_sharded_optimizer_state_dict_is_a_complete_destination(one_rank_group):
+    model = sharded_linear(0)
+    state_dict = Gefen(model.parameters()).state_dict()
+    assert bool(state_dict["codebook"].isnan().all())
+    for i, p in enumerate(model.parameters()):
+        entry = state_dict["state"][i]
+        assert entry["codes"].shape == p.shape and entry["codes"].placements == p.placements
+        assert entry["per_rank"] == {"rank0": b""}
+    # Loading it gives an optimizer without state, as before.
+    fresh = Gefen(model.parameters())
+    fresh.load_state_dict(state_dict)
+    assert fresh.codebook is None and not fresh.state
+
+
+def test_sharded_state_loads_only_onto_the_same_sharding(one_rank_group):
+    model = sharded_linear(0)
+    opt = Gefen(model.parameters())
+    model(torch.randn(4, 64)).square().mean().backward()
+    opt.step()
+    state_dict = opt.state_dict()
+    same = Gefen(sharded_linear(0).parameters())
+    same.load_state_dict(state_dict)
+    assert torch.equal(same.codebook, opt.codebook)
+    other = Gefen(sharded_linear(1).parameters())
+    with pytest.raises(ValueError, match="same mesh and sharding"):
+        other.load_state_dict(state_dict)
