@@ -14,11 +14,17 @@ codebook.
   Gefen keeps state for each rank's shard only: periods are inferred per local shard and the
   first step sums the codebook histogram over the ranks.
 
-``--checkpoint DIR`` saves ``{"model": model.state_dict(), "optim": optimizer.state_dict()}``
-with ``torch.distributed.checkpoint`` after training; run the same command again to resume from
-it (same number of ranks: Gefen's state follows each rank's shard). Save the optimizer's own
-``state_dict()``: ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` drops
-Gefen's codebook.
+``--checkpoint DIR`` saves after training; run the same command again to resume from it
+(bit-identical to one longer run):
+
+- fsdp: ``{"model": model.state_dict(), "optim": optimizer.state_dict()}`` with
+  ``torch.distributed.checkpoint``, each rank writing its shards; resume on the same number of
+  ranks (Gefen's state follows each rank's shard). A freshly built optimizer's ``state_dict()``
+  is the ``dcp.load`` destination. Save the optimizer's own ``state_dict()``:
+  ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` drops Gefen's codebook.
+- ddp: every rank holds the same state, so rank 0 writes the single-process ``state_dict()``
+  with ``torch.save`` and every rank loads it. (``dcp.load`` cannot fill a fresh optimizer
+  here: the sizes of plain parameters' state depend on periods learned at the first step.)
 """
 
 from __future__ import annotations
@@ -76,6 +82,29 @@ def parallelise(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
+def save_checkpoint(path: Path, mode: str, model: nn.Module, optimizer: Gefen, step: int) -> None:
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": step}
+    if mode == "fsdp":
+        dcp.save(state, checkpoint_id=path)
+    elif dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path / "ddp.pt")
+    dist.barrier()  # nobody resumes from a half-written checkpoint
+
+
+def load_checkpoint(path: Path, mode: str, model: nn.Module, optimizer: Gefen) -> int:
+    """Restore ``model`` and ``optimizer``; returns the step to continue from."""
+    if mode == "fsdp":
+        state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": 0}
+        dcp.load(state, checkpoint_id=path)
+    else:
+        device = next(model.parameters()).device
+        state = torch.load(path / "ddp.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    return state["step"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("ddp", "fsdp"), required=True)
@@ -93,14 +122,9 @@ def main() -> None:
 
     model = parallelise(make_model(), args.mode, device)
     optimizer = Gefen(model.parameters(), lr=args.lr)
-    resuming = args.checkpoint is not None and (args.checkpoint / ".metadata").exists()
-    if resuming:
-        # A fresh optimizer's state_dict() is a complete destination for dcp.load.
-        state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": 0}
-        dcp.load(state, checkpoint_id=args.checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
-    first_step = state["step"] if resuming else 0
+    first_step = 0
+    if args.checkpoint is not None and args.checkpoint.exists():
+        first_step = load_checkpoint(args.checkpoint, args.mode, model, optimizer)
 
     data = corpus()
     windows = data.unfold(0, CONTEXT + 1, 1)
@@ -124,9 +148,7 @@ def main() -> None:
         same = all(torch.equal(c, codebooks[0]) for c in codebooks)
         print(f"{args.mode}: {world} ranks, one codebook on every rank: {same}")
     if args.checkpoint is not None:
-        state = {"model": model.state_dict(), "optim": optimizer.state_dict(),
-                 "step": first_step + args.steps}
-        dcp.save(state, checkpoint_id=args.checkpoint)
+        save_checkpoint(args.checkpoint, args.mode, model, optimizer, first_step + args.steps)
         if rank == 0:
             print(f"saved {args.checkpoint}")
     dist.destroy_process_group()

@@ -3,7 +3,8 @@ from every rank's shards, and a ``state_dict`` layout that ``torch.distributed.c
 saves and restores rank by rank.
 
 DDP needs nothing from this module: gradients are all-reduced before ``step()``, so every rank
-reads the same first gradients and learns the same periods and codebook on its own.
+reads the same first gradients and learns the same periods and codebook on its own, and its
+``state_dict()`` is the single-process one (the same on every rank: save it from one).
 
 With DTensor parameters (``fully_shard``) Gefen works on each rank's local shard: periods are
 inferred per local shard, blocks never straddle ranks, and the step is the single-process step
