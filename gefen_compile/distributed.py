@@ -33,7 +33,8 @@ from: loading it elsewhere raises.
 it keeps only ``state`` and ``param_groups`` and drops the codebook. Its helper
 ``_init_optim_state`` also calls ``step()`` on an optimizer without state, with every gradient
 set to zeros and every ``lr`` to 0, to make AdamW allocate its state; such a step changes nothing
-in AdamW, and Gefen learns nothing from it (see :func:`is_state_materialising_step`).
+in AdamW, and Gefen learns nothing from it: no codebook, no period, no state (see
+:func:`is_state_materialising_step`).
 """
 
 from __future__ import annotations
@@ -108,13 +109,14 @@ def global_histogram(
 
 
 def is_state_materialising_step(groups: Sequence[dict], grads: Sequence[Tensor]) -> bool:
-    """Whether a first step is ``torch.distributed.checkpoint.state_dict._init_optim_state``
-    (torch 2.11-2.13): every ``lr`` is 0 and every gradient is all zeros.
+    """Whether the first gradients ``grads`` of parameters without state come from
+    ``torch.distributed.checkpoint.state_dict._init_optim_state`` (read in torch 2.13): every
+    ``lr`` is 0 and every such gradient is all zeros.
 
     That step exists to make AdamW allocate its state and changes no parameter; Gefen would
-    learn every period as 1 and a codebook from zeros, and keep them. Such a step is a no-op for
-    Gefen instead. Called only while Gefen has no codebook; the lr test comes first, so the
-    gradients are only read (a host sync) when every lr is 0.
+    read every period as 1 and a codebook from zeros, and keep them. Gefen leaves those
+    parameters without state instead. The lr test comes first, so the gradients are only read
+    (a host sync) when every lr is 0.
     """
     return all(float(group["lr"]) == 0.0 for group in groups) and not any(
         bool(g.any()) for g in grads

@@ -99,11 +99,11 @@ class Gefen(Optimizer):
             for pi, p in enumerate(group["params"])
             if p.grad is not None and not self.state.get(p)
         ]
+        if fresh and distributed.is_state_materialising_step(
+            self.param_groups, [g for _, _, g in fresh]
+        ):
+            fresh = []  # nothing to learn from: these parameters stay without state
         if fresh:
-            if self.codebook is None and distributed.is_state_materialising_step(
-                self.param_groups, [g for _, _, g in fresh]
-            ):
-                return loss
             self._initialise(fresh)
         if self._nearest is None:  # every gradient so far was empty: nothing to update
             return loss

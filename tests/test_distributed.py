@@ -143,6 +143,24 @@ def test_torch_state_dict_helper_step_learns_nothing():
     assert opt.codebook is not None and len(opt.state) == 2
 
 
+def test_lr_zero_zero_gradient_step_leaves_parameters_without_state_stateless():
+    # Torch versions that materialise state only for the parameters missing it.
+    trained, late = nn.Parameter(torch.randn(64)), nn.Parameter(torch.randn(32))
+    opt = Gefen([trained, late], lr=1e-2)
+    trained.grad = torch.randn(64)
+    opt.step()
+    codebook = opt.codebook.clone()
+    opt.param_groups[0]["lr"] = 0.0
+    late.grad = torch.zeros(32)
+    trained.grad = None
+    opt.step()
+    assert late not in opt.state and torch.equal(opt.codebook, codebook)
+    opt.param_groups[0]["lr"] = 1e-2
+    late.grad = torch.randn(32)
+    opt.step()
+    assert opt.state[late]["period"] >= 1 and float(opt.state[late]["step"]) == 1
+
+
 def test_a_zero_gradient_first_step_with_a_learning_rate_still_initialises():
     # Only the lr = 0 helper step is skipped: with lr > 0 a zero gradient is a gradient.
     p = nn.Parameter(torch.ones(64))
