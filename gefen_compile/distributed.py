@@ -12,17 +12,19 @@ on local tensors. Only the codebook is global: the first step sums the shards' h
 across the parameters' device mesh before the dynamic program, so every rank learns the same
 one.
 
-Checkpoint layout of a DTensor parameter's entry in ``Gefen.state_dict()["state"]`` (plain
-parameters keep the single-process layout: codes, magnitude, vmean, step, period):
+Checkpoint layout of a DTensor parameter's entry in ``Gefen.state_dict()["state"]`` (an
+optimizer without DTensor parameters keeps the single-process layout, and one that mixes them
+with plain parameters refuses to give a state_dict):
 
 - ``codes``: uint8 DTensor with the parameter's mesh, placements and shape, so DCP stores each
   rank's piece once, like AdamW's ``exp_avg``;
 - ``step``: float32 scalar tensor, equal on every rank (DCP saves it once);
-- ``per_rank``: ``{"rank<r>": bytes}``, this rank's ``torch.save`` of its period, magnitude,
-  vmean and shard coordinates. Their sizes follow the period of this rank's shard, learned from
-  its gradient, so no shape is known before loading; DCP restores a ``bytes`` value whole,
-  without a preallocated tensor, and the rank in the key keeps DCP from deduplicating the ranks'
-  records as if they were replicated. An empty record means "no state yet".
+- ``per_rank``: ``{"rank<r>": bytes}`` (r: global rank), this rank's ``torch.save`` of its
+  period, magnitude, vmean and shard coordinates. Their sizes follow the period of this rank's
+  shard, learned from its gradient, so no shape is known before loading; DCP restores a
+  ``bytes`` value whole, without a preallocated tensor, and the rank in the key keeps DCP from
+  deduplicating the ranks' records as if they were replicated. An empty record means "no state
+  yet".
 
 Every DTensor parameter has an entry, with or without state, and ``"codebook"`` is a tensor
 (NaN before it is learned): the ``state_dict()`` of a freshly built optimizer is then a complete
@@ -43,7 +45,7 @@ import io
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +53,9 @@ from torch import Tensor
 
 from . import ops
 from .codebook import CODEBOOK_SIZE, NUM_BINS
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -214,7 +219,7 @@ def _shard_id(p: Tensor) -> tuple:
             tuple(str(pl) for pl in p.placements))
 
 
-def _common_mesh(params: Sequence[Tensor]):
+def _common_mesh(params: Sequence[Tensor]) -> DeviceMesh | None:
     """The device mesh of the DTensor parameters (None when there are none)."""
     meshes = {p.device_mesh for p in params if is_sharded(p)}
     if len(meshes) > 1:
@@ -226,7 +231,7 @@ def _common_mesh(params: Sequence[Tensor]):
     return next(iter(meshes), None)
 
 
-def _counted_here(p: Tensor, mesh) -> bool:
+def _counted_here(p: Tensor, mesh: DeviceMesh) -> bool:
     """Whether this rank counts ``p`` in the global histogram: once per distinct piece."""
     coordinate = mesh.get_coordinate()
     placements = p.placements if is_sharded(p) else [None] * mesh.ndim
