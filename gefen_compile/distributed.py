@@ -202,9 +202,9 @@ def _local_entry(p: Tensor, entry: dict, record: bytes, key: Any) -> dict[str, A
     saved = torch.load(io.BytesIO(record), weights_only=True)
     if saved["shard"] != _shard_id(p):
         raise ValueError(
-            f"Gefen.load_state_dict: parameter {key} was saved as shard {saved['shard']} "
-            f"(mesh shape, coordinate, local shape) and is now {_shard_id(p)}; Gefen's periods "
-            "and blocks belong to each rank's shard: resume on the same mesh and sharding"
+            f"Gefen.load_state_dict: parameter {key} was saved as shard {saved['shard']} (mesh "
+            f"shape, coordinate, local shape, placements) and is now {_shard_id(p)}; Gefen's "
+            "periods and blocks belong to each rank's shard: resume on the same mesh and sharding"
         )
     codes = entry["codes"]
     return {"codes": local(codes).reshape(-1), "magnitude": saved["magnitude"],
@@ -215,8 +215,9 @@ def _shard_id(p: Tensor) -> tuple:
     """What a rank's record is only valid for: mesh shape, this rank's coordinate, its shard's
     shape, and the parameter's placements."""
     mesh = p.device_mesh
-    return (tuple(mesh.shape), tuple(mesh.get_coordinate()), tuple(local(p).shape),
-            tuple(str(pl) for pl in p.placements))
+    # Placements by class and dim: their str() differs between torch releases.
+    placements = tuple((type(pl).__name__, getattr(pl, "dim", None)) for pl in p.placements)
+    return (tuple(mesh.shape), tuple(mesh.get_coordinate()), tuple(local(p).shape), placements)
 
 
 def _common_mesh(params: Sequence[Tensor]) -> DeviceMesh | None:

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from gefen_compile import Gefen, memory_report
+from gefen_compile.distributed import global_histogram
 
 WORLD_SIZE = 2
 DDP_STEPS = 6
@@ -75,7 +76,8 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD_SIZE)
     try:
-        results = {"ddp": {lr: _ddp(rank, lr) for lr in DDP_LRS}, "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint")}
+        results = {"ddp": {lr: _ddp(rank, lr) for lr in DDP_LRS}, "hsdp": _hsdp(rank),
+                   "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint")}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -95,9 +97,31 @@ def _ddp(rank: int, lr: float) -> dict:
     }
 
 
-def _sharded_model() -> nn.Module:
+def _hsdp(rank: int) -> dict:
+    """fully_shard on a (replicate 2, shard 1) mesh: every rank holds whole parameters, as
+    Replicate DTensors; the codebook must count each of them once, not once per rank."""
+    model = _sharded_model((WORLD_SIZE, 1))
+    opt = Gefen(model.parameters(), lr=LR)
+    first_grads: dict = {}
+    _train(model, opt, rank, range(2), first_grads)
+    params = list(model.parameters())
+    grads = [first_grads[n] for n, _ in model.named_parameters()]
+    periods = [opt.state[p]["period"] for p in params]
+    negate = [False] * len(params)
+    return {
+        "params": _local_params(model),
+        "codebook": opt.codebook.clone(),
+        "global_histogram": global_histogram(params, grads, periods, negate),
+        "local_histogram": global_histogram(grads, grads, periods, negate),
+        "placements": [type(pl).__name__ for pl in params[0].placements],
+    }
+
+
+def _sharded_model(mesh_shape: tuple[int, ...] = (WORLD_SIZE,)) -> nn.Module:
+    """FSDP2 over a 1-D mesh; over a 2-D mesh, HSDP (replicated over the first dimension)."""
     model = make_model()
-    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    names = ("replicate", "shard")[-len(mesh_shape):]
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)

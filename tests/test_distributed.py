@@ -83,6 +83,16 @@ def test_fsdp_ranks_learn_one_codebook_from_every_shard(ranks):
     assert torch.equal(fsdp[0]["codebook"], learn_codebook(counts))
 
 
+def test_hsdp_counts_each_replicated_parameter_once(ranks):
+    hsdp = [r["hsdp"] for r in ranks]
+    assert hsdp[0]["placements"] == ["Replicate", "Shard"]
+    for name, value in hsdp[0]["params"].items():
+        assert torch.equal(hsdp[1]["params"][name], value), name
+    assert torch.equal(hsdp[0]["codebook"], hsdp[1]["codebook"])
+    for r in hsdp:  # each rank's gradients are the whole gradients: the sum is one copy
+        assert torch.equal(r["global_histogram"], r["local_histogram"])
+
+
 def test_fsdp_periods_are_inferred_per_local_shard(ranks):
     periods = set()
     for r in ranks:
