@@ -20,8 +20,9 @@ codebook.
 - fsdp: ``{"model": model.state_dict(), "optim": optimizer.state_dict()}`` with
   ``torch.distributed.checkpoint``, each rank writing its shards; resume on the same number of
   ranks (Gefen's state follows each rank's shard). A freshly built optimizer's ``state_dict()``
-  is the ``dcp.load`` destination. Save the optimizer's own ``state_dict()``:
-  ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` drops Gefen's codebook.
+  is the ``dcp.load`` destination. (``torch.distributed.checkpoint.state_dict``'s
+  ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` work too, with their default
+  options.)
 - ddp: every rank holds the same state, so rank 0 writes the single-process ``state_dict()``
   with ``torch.save`` and every rank loads it. (``dcp.load`` cannot fill a fresh optimizer
   here: the sizes of plain parameters' state depend on periods learned at the first step.)

@@ -26,14 +26,18 @@ with plain parameters refuses to give a state_dict):
   deduplicating the ranks' records as if they were replicated. An empty record means "no state
   yet".
 
-Every DTensor parameter has an entry, with or without state, and ``"codebook"`` is a tensor
-(NaN before it is learned): the ``state_dict()`` of a freshly built optimizer is then a complete
+- ``codebook``: the global codebook again, as at the top level of the state_dict.
+
+Every DTensor parameter has an entry, with or without state, and the codebook is a tensor (NaN
+before it is learned): the ``state_dict()`` of a freshly built optimizer is then a complete
 ``dcp.load`` destination for resuming. A record is only valid on the mesh and shard it was saved
 from: loading it elsewhere raises.
 
-``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` is not a way to save Gefen:
-it keeps only ``state`` and ``param_groups`` and drops the codebook. Its helper
-``_init_optim_state`` also calls ``step()`` on an optimizer without state, with every gradient
+torch's helpers ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
+``set_optimizer_state_dict`` work too, with their default options: they keep only the entries and
+``param_groups`` (hence the codebook in every entry) and key the entries by parameter name.
+``flatten_optimizer_state_dict=True`` makes torch refuse the ``bytes`` records (its error says so).
+Their ``_init_optim_state`` calls ``step()`` on an optimizer without state, with every gradient
 set to zeros and every ``lr`` to 0, to make AdamW allocate its state; such a step changes nothing
 in AdamW, and Gefen learns nothing from it: no codebook, no period, no state (see
 :func:`is_state_materialising_step`).
@@ -135,26 +139,32 @@ def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> 
         return state_dict
     _require_all_sharded(params)
     rank = dist.get_rank()
-    state = dict(state_dict["state"])
-    for i, p in enumerate(params):
-        state[i] = _checkpoint_entry(p, state.get(i), rank)
     codebook = state_dict["codebook"]
     if codebook is None:  # a destination dcp.load can fill, unlike None
         codebook = torch.full((CODEBOOK_SIZE,), math.nan, dtype=torch.float32)
+    state = dict(state_dict["state"])
+    for i, p in enumerate(params):
+        state[i] = _checkpoint_entry(p, state.get(i), rank, codebook)
     return {**state_dict, "state": state, "codebook": codebook}
 
 
 def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`sharded_state_dict`: per-parameter entries in the single-process
-    layout, holding this rank's local state."""
+    layout, holding this rank's local state, and the top-level codebook (taken from the
+    entries when torch's state_dict helpers dropped it)."""
     if not any(is_sharded(p) for p in params):
         return state_dict
+    # Saved keys are matched to parameters by position, as Optimizer.load_state_dict does;
+    # they are indices, or names when the state_dict went through torch's state_dict helpers.
+    saved_keys = [_index_or_name(k) for group in state_dict["param_groups"] for k in group["params"]]
+    param_of = dict(zip(saved_keys, params))
     rank = dist.get_rank()
-    state = {}
+    state, codebooks = {}, []
     for key, entry in _restored_entries(state_dict["state"]).items():
         if "per_rank" not in entry:  # already local (a state_dict from this rank's optimizer)
             state[key] = entry
             continue
+        codebooks.append(entry["codebook"])
         record = entry["per_rank"].get(f"rank{rank}")
         if record is None:
             raise ValueError(
@@ -163,26 +173,33 @@ def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> di
                 "rank's shard: resume on the same device mesh"
             )
         if record:
-            state[key] = _local_entry(params[key], entry, record, key)
-    codebook = state_dict["codebook"]
+            state[key] = _local_entry(param_of[key], entry, record, key)
+    codebook = state_dict["codebook"] if "codebook" in state_dict else next(iter(codebooks), None)
     if codebook is not None and bool(codebook.isnan().all()):
         codebook = None
-    return {**state_dict, "state": state, "codebook": codebook}
+    local_dict = {**state_dict, "state": state}
+    if "codebook" in state_dict or codebooks:
+        local_dict["codebook"] = codebook
+    return local_dict
 
 
-def _restored_entries(state: dict) -> dict[int, dict]:
-    """``state`` keyed by parameter index again. dcp.load writes the tensors it restores into
-    the destination's tensors, but puts a restored ``bytes`` value at a path of str keys (its
-    flattening stringifies dict keys), beside the int-keyed entry: ``{3: {codes, step,
+def _index_or_name(key: int | str) -> int | str:
+    return int(key) if isinstance(key, str) and key.isdigit() else key
+
+
+def _restored_entries(state: dict) -> dict[int | str, dict]:
+    """``state`` keyed as saved again. dcp.load writes the tensors it restores into the
+    destination's tensors, but puts a restored ``bytes`` value at a path of str keys (its
+    flattening stringifies dict keys), beside an int-keyed entry: ``{3: {codes, step,
     per_rank: {rank0: b""}}, "3": {per_rank: {rank0: b"..."}}}``. The str-keyed values are
     the restored ones."""
-    merged: dict[int, dict] = {}
+    merged: dict[int | str, dict] = {}
     for key in sorted(state, key=lambda k: isinstance(k, str)):  # int keys first
-        merged.setdefault(int(key), {}).update(state[key])
+        merged.setdefault(_index_or_name(key), {}).update(state[key])
     return merged
 
 
-def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int) -> dict[str, Any]:
+def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int, codebook: Tensor) -> dict[str, Any]:
     shard = local(p)
     if entry is None:
         codes = torch.zeros(shard.shape, dtype=torch.uint8, device=shard.device)
@@ -195,7 +212,10 @@ def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int) -> dict[str, Any
         record = buffer.getvalue()
     codes = type(p).from_local(codes, p.device_mesh, p.placements, run_check=False,
                                shape=p.shape, stride=p.stride())
-    return {"codes": codes, "step": step, "per_rank": {f"rank{rank}": record}}
+    # The codebook in every entry too: torch's get_optimizer_state_dict keeps only the entries
+    # and the param groups. DCP saves one copy of each (1 KiB per parameter).
+    return {"codes": codes, "step": step, "per_rank": {f"rank{rank}": record},
+            "codebook": codebook}
 
 
 def _local_entry(p: Tensor, entry: dict, record: bytes, key: Any) -> dict[str, Any]:

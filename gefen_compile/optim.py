@@ -232,14 +232,14 @@ class Gefen(Optimizer):
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
+        state_dict = distributed.local_state_dict(self._params(), state_dict)
         if "codebook" not in state_dict:
             raise ValueError(
                 "Gefen.load_state_dict: this state_dict has no 'codebook', so it was not saved "
-                "by Gefen.state_dict() (or it went through torch.distributed.checkpoint.state_dict"
-                ".get_optimizer_state_dict, which drops it: checkpoint optimizer.state_dict() "
-                "itself); load it into the optimizer that saved it (torch.optim.AdamW, say)"
+                "by Gefen.state_dict() (torch.distributed.checkpoint.state_dict's helpers drop it "
+                "for plain parameters: checkpoint optimizer.state_dict() itself); load it into "
+                "the optimizer that saved it (torch.optim.AdamW, say)"
             )
-        state_dict = distributed.local_state_dict(self._params(), state_dict)
         saved_groups = state_dict["param_groups"]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(

@@ -13,7 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -25,6 +29,11 @@ WORLD_SIZE = 2
 DDP_STEPS = 6
 FSDP_STEPS = 12
 CHECKPOINT_AT = 5  # FSDP2: steps taken before the distributed checkpoint
+# The two ways of checkpointing the optimizer: its own state_dict, and torch's helpers (keyed
+# by parameter names; their default options: flatten_optimizer_state_dict=True refuses the
+# bytes of Gefen's per-rank records).
+CHECKPOINT_VIAS = ("optimizer.state_dict", "get_optimizer_state_dict")
+_HELPER_OPTIONS = StateDictOptions()
 LR = 1e-2
 # DDP is compared with a single process at Gefen's default lr and at LR.
 DDP_LRS = (1e-3, LR)
@@ -153,36 +162,53 @@ def _fsdp(rank: int, checkpoint: Path) -> dict:
     opt = Gefen(model.parameters(), lr=LR)
     first_grads: dict = {}
     losses = _train(model, opt, rank, range(CHECKPOINT_AT), first_grads)
-    optim_state = opt.state_dict()
-    layout = {k: type(v).__name__ for k, v in optim_state["state"][0].items()}
-    dcp.save({"model": model.state_dict(), "optim": optim_state}, checkpoint_id=checkpoint)
+    layout = {k: type(v).__name__ for k, v in opt.state_dict()["state"][0].items()}
+    for via in CHECKPOINT_VIAS:
+        optim_state = _optimizer_state(model, opt, via)
+        dcp.save({"model": model.state_dict(), "optim": optim_state}, checkpoint_id=checkpoint / via)
     losses += _train(model, opt, rank, range(CHECKPOINT_AT, FSDP_STEPS))
-
-    # A fresh process's view: new model and optimizer, torch's state_dict helper (which runs
-    # a zero-gradient, lr = 0 step on an optimizer without state), then the checkpoint.
-    resumed = _sharded_model()
-    resumed_opt = Gefen(resumed.parameters(), lr=LR)
-    get_optimizer_state_dict(resumed, resumed_opt)
-    materialising_step_learned_nothing = resumed_opt.codebook is None and not resumed_opt.state
-    template = {"model": resumed.state_dict(), "optim": resumed_opt.state_dict()}
-    dcp.load(template, checkpoint_id=checkpoint)
-    resumed.load_state_dict(template["model"])
-    resumed_opt.load_state_dict(template["optim"])
-    resumed_losses = _train(resumed, resumed_opt, rank, range(CHECKPOINT_AT, FSDP_STEPS))
-
-    return {
+    results = {
         "losses": losses,
-        "resumed_losses": resumed_losses,
         "params": _local_params(model),
-        "resumed_params": _local_params(resumed),
         "state": _local_state(model, opt),
-        "resumed_state": _local_state(resumed, resumed_opt),
         "codebook": opt.codebook.clone(),
-        "resumed_codebook": resumed_opt.codebook.clone(),
         "first_grads": first_grads,
-        "materialising_step_learned_nothing": materialising_step_learned_nothing,
         "layout": layout,
         "report_numel": memory_report(opt).numel,
+    }
+    for via in CHECKPOINT_VIAS:
+        results[via] = _resume(rank, checkpoint / via, via)
+    return results
+
+
+def _optimizer_state(model: nn.Module, opt: Gefen, via: str) -> dict:
+    if via == "optimizer.state_dict":
+        return opt.state_dict()
+    return get_optimizer_state_dict(model, opt, options=_HELPER_OPTIONS)
+
+
+def _resume(rank: int, checkpoint: Path, via: str) -> dict:
+    """A fresh process's view: new model and optimizer, the checkpoint, the remaining steps."""
+    model = _sharded_model()
+    opt = Gefen(model.parameters(), lr=LR)
+    # torch's helper runs a zero-gradient, lr = 0 step on an optimizer without state.
+    helper_state = get_optimizer_state_dict(model, opt, options=_HELPER_OPTIONS)
+    materialising_step_learned_nothing = opt.codebook is None and not opt.state
+    template = {"model": model.state_dict(),
+                "optim": helper_state if via == "get_optimizer_state_dict" else opt.state_dict()}
+    dcp.load(template, checkpoint_id=checkpoint)
+    model.load_state_dict(template["model"])
+    if via == "get_optimizer_state_dict":
+        set_optimizer_state_dict(model, opt, template["optim"], options=_HELPER_OPTIONS)
+    else:
+        opt.load_state_dict(template["optim"])
+    losses = _train(model, opt, rank, range(CHECKPOINT_AT, FSDP_STEPS))
+    return {
+        "losses": losses,
+        "params": _local_params(model),
+        "state": _local_state(model, opt),
+        "codebook": opt.codebook.clone(),
+        "materialising_step_learned_nothing": materialising_step_learned_nothing,
     }
 
 

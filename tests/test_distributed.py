@@ -106,19 +106,22 @@ def test_fsdp_periods_are_inferred_per_local_shard(ranks):
 
 
 def test_fsdp_state_dict_layout(ranks):
-    assert ranks[0]["fsdp"]["layout"] == {"codes": "DTensor", "step": "Tensor", "per_rank": "dict"}
+    assert ranks[0]["fsdp"]["layout"] == {
+        "codes": "DTensor", "step": "Tensor", "per_rank": "dict", "codebook": "Tensor"
+    }
 
 
-def test_fsdp_distributed_checkpoint_resumes_bit_identically(ranks):
+@pytest.mark.parametrize("via", workers.CHECKPOINT_VIAS)
+def test_fsdp_distributed_checkpoint_resumes_bit_identically(ranks, via):
     for r in ranks:
-        fsdp = r["fsdp"]
-        assert fsdp["materialising_step_learned_nothing"]
-        assert fsdp["resumed_losses"] == fsdp["losses"][workers.CHECKPOINT_AT:]
-        assert torch.equal(fsdp["resumed_codebook"], fsdp["codebook"])
+        fsdp, resumed_run = r["fsdp"], r["fsdp"][via]
+        assert resumed_run["materialising_step_learned_nothing"]
+        assert resumed_run["losses"] == fsdp["losses"][workers.CHECKPOINT_AT:]
+        assert torch.equal(resumed_run["codebook"], fsdp["codebook"])
         for name, value in fsdp["params"].items():
-            assert torch.equal(fsdp["resumed_params"][name], value), name
+            assert torch.equal(resumed_run["params"][name], value), name
         for name, state in fsdp["state"].items():
-            resumed = fsdp["resumed_state"][name]
+            resumed = resumed_run["state"][name]
             assert resumed.keys() == state.keys(), name
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
