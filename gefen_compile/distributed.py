@@ -161,9 +161,12 @@ def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> di
     rank = dist.get_rank()
     state, codebooks = {}, []
     for key, entry in _restored_entries(state_dict["state"]).items():
-        if "per_rank" not in entry:  # already local (a state_dict from this rank's optimizer)
-            state[key] = entry
-            continue
+        if "per_rank" not in entry:
+            raise ValueError(
+                f"Gefen.load_state_dict: the entry of parameter {key} has no per-rank record, so "
+                "it was saved by an optimizer over plain (unsharded) parameters; Gefen's state "
+                "follows each rank's shard: resume a sharded run from a sharded checkpoint"
+            )
         codebooks.append(entry["codebook"])
         record = entry["per_rank"].get(f"rank{rank}")
         if record is None:

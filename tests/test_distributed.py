@@ -13,14 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import distributed_workers as workers
-from gefen_compile import Gefen
-from gefen_compile.codebook import learn_codebook
-from gefen_compile.first_step import infer_period
-from gefen_compile import ops
-
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+# After the check: the workers import torch.distributed's submodules.
+import distributed_workers as workers  # noqa: E402
+from gefen_compile import Gefen, ops  # noqa: E402
+from gefen_compile.codebook import learn_codebook  # noqa: E402
+from gefen_compile.first_step import infer_period  # noqa: E402
 
 SPAWN_TIMEOUT_S = 180
 
@@ -227,3 +227,9 @@ def test_sharded_state_loads_only_onto_the_same_sharding(one_rank_group):
     other = Gefen(sharded_linear(1).parameters())
     with pytest.raises(ValueError, match="same mesh and sharding"):
         other.load_state_dict(state_dict)
+    unsharded = nn.Linear(64, 32)
+    unsharded_opt = Gefen(unsharded.parameters())
+    unsharded(torch.randn(4, 64)).square().mean().backward()
+    unsharded_opt.step()
+    with pytest.raises(ValueError, match="no per-rank record"):
+        same.load_state_dict(unsharded_opt.state_dict())
