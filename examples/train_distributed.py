@@ -75,7 +75,8 @@ def make_model() -> nn.Module:
 def parallelise(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
     model.to(device)
     if mode == "ddp":
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in model:
         if isinstance(layer, (nn.Linear, nn.Embedding)):
@@ -111,14 +112,16 @@ def main() -> None:
     parser.add_argument("--mode", choices=("ddp", "fsdp"), required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--checkpoint", type=Path, help="save here after training; resume if present")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="save here after training; resume from it if present")
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
+    device = torch.device("cpu")
     if use_cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
 
     model = parallelise(make_model(), args.mode, device)

@@ -90,7 +90,10 @@ def local_grad(p: Tensor, g: Tensor, where: str) -> Tensor:
 
 
 def global_histogram(
-    params: Sequence[Tensor], grads: Sequence[Tensor], periods: Sequence[int], negate: Sequence[bool]
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    periods: Sequence[int],
+    negate: Sequence[bool],
 ) -> Tensor | None:
     """The codebook's histogram of first gradients (``grads``: local tensors of ``params``).
 
@@ -156,8 +159,8 @@ def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> di
         return state_dict
     # Saved keys are matched to parameters by position, as Optimizer.load_state_dict does;
     # they are indices, or names when the state_dict went through torch's state_dict helpers.
-    saved_keys = [_index_or_name(k) for group in state_dict["param_groups"] for k in group["params"]]
-    param_of = dict(zip(saved_keys, params))
+    saved_keys = [k for group in state_dict["param_groups"] for k in group["params"]]
+    param_of = dict(zip(map(_index_or_name, saved_keys), params))
     rank = dist.get_rank()
     state, codebooks = {}, []
     for key, entry in _restored_entries(state_dict["state"]).items():

@@ -165,7 +165,8 @@ def _fsdp(rank: int, checkpoint: Path) -> dict:
     layout = {k: type(v).__name__ for k, v in opt.state_dict()["state"][0].items()}
     for via in CHECKPOINT_VIAS:
         optim_state = _optimizer_state(model, opt, via)
-        dcp.save({"model": model.state_dict(), "optim": optim_state}, checkpoint_id=checkpoint / via)
+        dcp.save({"model": model.state_dict(), "optim": optim_state},
+                 checkpoint_id=checkpoint / via)
     losses += _train(model, opt, rank, range(CHECKPOINT_AT, FSDP_STEPS))
     results = {
         "losses": losses,
