@@ -9,6 +9,7 @@ import torch
 
 from . import ops
 from .codebook import learn_codebook
+from .distributed import global_histogram
 from .partition import candidate_periods, scored_candidates, select_period
 
 
@@ -32,11 +33,16 @@ def infer_period(grad: torch.Tensor) -> int:
 
 
 def codebook_from(
-    grads: Sequence[torch.Tensor], periods: Sequence[int], negate: Sequence[bool]
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    periods: Sequence[int],
+    negate: Sequence[bool],
 ) -> torch.Tensor | None:
-    """The codebook learned from first gradients (negated where ``negate``: maximize), or None
-    when they hold no element."""
-    if not grads:
+    """The codebook learned from the first gradients of ``params`` (local tensors; negated where
+    ``negate``: maximize), or None when they hold no element. Summed over the ranks that hold
+    shards of DTensor parameters (distributed.global_histogram)."""
+    counts = global_histogram(params, grads, periods, negate)
+    if counts is None:
         return None
-    counts = ops.histogram(list(grads), list(periods), list(negate)).cpu()
+    counts = counts.cpu()
     return learn_codebook(counts) if counts.any() else None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import local
 from .state import adamw_state_nbytes, state_nbytes
 
 
@@ -82,12 +83,14 @@ class MemoryReport:
 
 def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
     """Per-tensor shape, period and optimizer-state bytes of a Gefen ``optimizer``, with what
-    ``torch.optim.AdamW`` would hold for the same parameters."""
+    ``torch.optim.AdamW`` would hold for the same parameters. For DTensor (FSDP2) parameters:
+    this rank's shards."""
     rows = []
     for gi, group in enumerate(optimizer.param_groups):
         names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
-        for name, p in zip(names, group["params"]):
-            state = optimizer.state.get(p, {})
+        for name, param in zip(names, group["params"]):
+            state = optimizer.state.get(param, {})
+            p = local(param)
             rows.append(
                 TensorMemory(
                     name=name,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import ops
+from . import distributed, ops
 from .codebook import NearestCode
 from .device_tables import device_table
 from .first_step import codebook_from, infer_periods
@@ -105,6 +105,10 @@ class Gefen(Optimizer):
             for pi, p in enumerate(group["params"])
             if p.grad is not None and not self.state.get(p)
         ]
+        if fresh and distributed.is_state_materialising_step(
+            self.param_groups, [g for _, _, g in fresh]
+        ):
+            fresh = []  # nothing to learn from: these parameters stay without state
         if fresh:
             self._initialise(fresh)
         if self._nearest is None:  # every gradient so far was empty: nothing to update
@@ -113,7 +117,7 @@ class Gefen(Optimizer):
             self._buckets = self._build_buckets({})
         for bucket in self._buckets:
             grads = [_checked_grad(p, *self._index[p]) if p.grad is not None else None
-                     for p in bucket.params]
+                     for p in bucket.owners]
             if any(g is not None for g in grads):
                 self._step_bucket(bucket, grads)
         return loss
@@ -135,12 +139,12 @@ class Gefen(Optimizer):
     def _step_in_torch(self, bucket: Bucket, indices, grads: list[Tensor | None]) -> None:
         """The plain-torch step (kernels/torch_step.py) for some parameters of a bucket."""
         for i in indices:
-            p, g = bucket.params[i], grads[i]
+            p, g, owner = bucket.params[i], grads[i], bucket.owners[i]
             if g is None:
                 continue
-            group = self.param_groups[self._index[p][0]]
+            group = self.param_groups[self._index[owner][0]]
             tables = self._nearest.tables(p.device, compute_dtype(bucket.dtype))
-            gefen_update(p, g, self.state[p], tables.codebook, self._nearest,
+            gefen_update(p, g, self.state[owner], tables.codebook, self._nearest,
                          lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                          eps=group["eps"], weight_decay=group["weight_decay"],
                          maximize=group["maximize"])
@@ -176,7 +180,8 @@ class Gefen(Optimizer):
         periods = infer_periods(grads)
         if self.codebook is None:
             negate = [group["maximize"] for group, _, _ in fresh]
-            self._set_codebook(codebook_from(grads, periods, negate))
+            params = [p for _, p, _ in fresh]
+            self._set_codebook(codebook_from(params, grads, periods, negate))
         for (_, p, _), period in zip(fresh, periods):
             self.state[p] = {"period": period}
         self._buckets = self._build_buckets({p: g.dtype for _, p, g in fresh})
@@ -194,9 +199,14 @@ class Gefen(Optimizer):
                     dtype = new_dtypes.get(p) or state["vmean"].dtype
                     members.setdefault((p.device, dtype), []).append((p, gi, state))
         return [
-            build_bucket([p for p, _, _ in m], [gi for _, gi, _ in m], [s for _, _, s in m], dtype)
+            build_bucket([distributed.local(p) for p, _, _ in m], [gi for _, gi, _ in m],
+                         [s for _, _, s in m], dtype, owners=[p for p, _, _ in m])
             for (_, dtype), m in members.items()
         ]
+
+    def _params(self) -> list[Tensor]:
+        """Every parameter, in state_dict index order."""
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _locate(self, p: Tensor) -> str:
         """'parameter i of param group j' (its name, when known), for error messages."""
@@ -214,11 +224,13 @@ class Gefen(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """AdamW's ``state_dict`` plus ``"codebook"`` (float32, or None before the first step).
 
-        Per-parameter entries hold ``codes``, ``magnitude``, ``vmean``, ``step`` and ``period``.
+        Per-parameter entries hold ``codes``, ``magnitude``, ``vmean``, ``step`` and ``period``;
+        for DTensor (FSDP2) parameters, the layout in ``gefen_compile/distributed.py``, which
+        ``torch.distributed.checkpoint`` saves and restores rank by rank.
         """
         state_dict = super().state_dict()
         state_dict["codebook"] = self.codebook
-        return state_dict
+        return distributed.sharded_state_dict(self._params(), state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``Gefen.state_dict()``, keeping every state tensor's dtype (uint8 codes stay
@@ -226,12 +238,15 @@ class Gefen(Optimizer):
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
+        state_dict = distributed.local_state_dict(self._params(), state_dict)
         if "codebook" not in state_dict:
             if not all(map(has_adamw_state, state_dict["state"].values())):
                 raise ValueError(
                     "Gefen.load_state_dict: this state_dict has no 'codebook' and is not "
-                    "AdamW's (exp_avg, exp_avg_sq, step per parameter); load it into the "
-                    "optimizer that saved it"
+                    "AdamW's (exp_avg, exp_avg_sq, step per parameter), so it was not saved by "
+                    "Gefen.state_dict() (torch.distributed.checkpoint.state_dict's helpers drop "
+                    "the codebook for plain parameters: checkpoint optimizer.state_dict() "
+                    "itself); load it into the optimizer that saved it"
                 )
             self._load_adamw_state_dict(state_dict)
             return
@@ -328,7 +343,7 @@ def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
             f"Gefen: the gradient of {where} has shape {tuple(g.shape)}, the parameter "
             f"{tuple(p.shape)}; the gradient must have the parameter's shape"
         )
-    return g
+    return distributed.local_grad(p, g, where)
 
 
 def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def state_sizes(numel: int, period: int) -> tuple[int, int]:
 class Bucket:
     """Every parameter of one (device, state dtype): flat state buffers and their row table."""
 
-    params: list[torch.Tensor]
+    params: list[torch.Tensor]  # the tensors the kernels update: local shards of DTensors
+    owners: list[torch.Tensor]  # the optimizer's parameters, holding .grad and keying the state
     param_group: torch.Tensor  # int64, group index per parameter
     codes: torch.Tensor  # uint8
     magnitude: torch.Tensor
@@ -65,10 +66,15 @@ class Bucket:
 
 
 def build_bucket(
-    params: list[torch.Tensor], groups: list[int], states: list[dict], dtype: torch.dtype
+    params: list[torch.Tensor],
+    groups: list[int],
+    states: list[dict],
+    dtype: torch.dtype,
+    owners: list[torch.Tensor] | None = None,
 ) -> Bucket:
     """Allocate one bucket for ``params`` (their ``states`` hold at least ``period``), copy any
-    existing state tensors in, and point every ``states[i]`` entry at its slice."""
+    existing state tensors in, and point every ``states[i]`` entry at its slice. ``owners``:
+    the optimizer's parameters when ``params`` are their local shards."""
     device = params[0].device
     sizes = [(p.numel(), s["period"]) for p, s in zip(params, states)]
     lengths = [(n, *state_sizes(n, period)) for n, period in sizes]
@@ -93,6 +99,7 @@ def build_bucket(
         c0, m0, v0 = c0 + n, m0 + m, v0 + v
     return Bucket(
         params=list(params),
+        owners=list(params if owners is None else owners),
         param_group=torch.tensor(groups, dtype=torch.int64, device=device),
         codes=codes,
         magnitude=magnitude,

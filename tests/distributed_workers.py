@@ -1,0 +1,220 @@
+"""What each rank runs for tests/test_distributed.py: DDP and FSDP2 (fully_shard) training with
+Gefen on gloo, a distributed checkpoint and its resumption. Each rank saves what the tests
+compare (parameters, periods, codebooks, losses, first local gradients) to ``rank<r>.pt``.
+
+The model and data are shared with the single-process reference the tests run themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from gefen_compile import Gefen, memory_report
+from gefen_compile.distributed import global_histogram
+
+WORLD_SIZE = 2
+DDP_STEPS = 6
+FSDP_STEPS = 12
+CHECKPOINT_AT = 5  # FSDP2: steps taken before the distributed checkpoint
+# The two ways of checkpointing the optimizer: its own state_dict, and torch's helpers (keyed
+# by parameter names; their default options: flatten_optimizer_state_dict=True refuses the
+# bytes of Gefen's per-rank records).
+CHECKPOINT_VIAS = ("optimizer.state_dict", "get_optimizer_state_dict")
+_HELPER_OPTIONS = StateDictOptions()
+LR = 1e-2
+# DDP is compared with a single process at Gefen's default lr and at LR.
+DDP_LRS = (1e-3, LR)
+BATCH = 64
+
+
+def make_model() -> nn.Module:
+    """A small MLP; the same weights on every rank and in the reference (fixed seed)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(),
+                         nn.Linear(48, 8))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step``: inputs and regression targets from a fixed teacher."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 32, generator=g)
+    teacher = torch.randn(32, 8, generator=torch.Generator().manual_seed(7))
+    return x, torch.tanh(x @ teacher) + 0.1 * torch.randn(BATCH, 8, generator=g)
+
+
+def local_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's equal share of the global batch (so the averaged gradient is the global
+    batch's)."""
+    x, y = batch(step)
+    return x.chunk(WORLD_SIZE)[rank], y.chunk(WORLD_SIZE)[rank]
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(model(x), y)
+
+
+def reference(steps: int, lr: float = LR) -> tuple[nn.Module, Gefen, list[float]]:
+    """Single-process Gefen on the global batches."""
+    model = make_model()
+    opt = Gefen(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = loss_of(model, *batch(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+def run(rank: int, init_file: str, out_dir: str) -> None:
+    """Entry point of each spawned rank."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        results = {"ddp": {lr: _ddp(rank, lr) for lr in DDP_LRS}, "hsdp": _hsdp(rank),
+                   "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint")}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp(rank: int, lr: float) -> dict:
+    model = DistributedDataParallel(make_model())
+    opt = Gefen(model.parameters(), lr=lr)
+    for step in range(DDP_STEPS):
+        loss_of(model, *local_batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {
+        "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+        "periods": [opt.state[p]["period"] for p in model.parameters()],
+        "codebook": opt.codebook.clone(),
+    }
+
+
+def _hsdp(rank: int) -> dict:
+    """fully_shard on a (replicate 2, shard 1) mesh: every rank holds whole parameters, as
+    Replicate DTensors; the codebook must count each of them once, not once per rank."""
+    model = _sharded_model((WORLD_SIZE, 1))
+    opt = Gefen(model.parameters(), lr=LR)
+    first_grads: dict = {}
+    _train(model, opt, rank, range(2), first_grads)
+    params = list(model.parameters())
+    grads = [first_grads[n] for n, _ in model.named_parameters()]
+    periods = [opt.state[p]["period"] for p in params]
+    negate = [False] * len(params)
+    return {
+        "params": _local_params(model),
+        "codebook": opt.codebook.clone(),
+        "global_histogram": global_histogram(params, grads, periods, negate),
+        "local_histogram": global_histogram(grads, grads, periods, negate),
+        "placements": [type(pl).__name__ for pl in params[0].placements],
+    }
+
+
+def _sharded_model(mesh_shape: tuple[int, ...] = (WORLD_SIZE,)) -> nn.Module:
+    """FSDP2 over a 1-D mesh; over a 2-D mesh, HSDP (replicated over the first dimension)."""
+    model = make_model()
+    names = ("replicate", "shard")[-len(mesh_shape):]
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _train(model, opt, rank: int, steps: range, first_grads: dict | None = None) -> list[float]:
+    """Steps of FSDP2 training; returns the global batch's loss at each (the ranks' mean)."""
+    losses = []
+    for step in steps:
+        loss = loss_of(model, *local_batch(step, rank))
+        loss.backward()
+        if first_grads is not None and step == 0:
+            first_grads.update({n: p.grad.to_local().clone() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+        loss = loss.detach().clone()
+        dist.all_reduce(loss)
+        losses.append(loss.item() / WORLD_SIZE)
+    return losses
+
+
+def _local_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+
+
+def _fsdp(rank: int, checkpoint: Path) -> dict:
+    model = _sharded_model()
+    opt = Gefen(model.parameters(), lr=LR)
+    first_grads: dict = {}
+    losses = _train(model, opt, rank, range(CHECKPOINT_AT), first_grads)
+    layout = {k: type(v).__name__ for k, v in opt.state_dict()["state"][0].items()}
+    for via in CHECKPOINT_VIAS:
+        optim_state = _optimizer_state(model, opt, via)
+        dcp.save({"model": model.state_dict(), "optim": optim_state},
+                 checkpoint_id=checkpoint / via)
+    losses += _train(model, opt, rank, range(CHECKPOINT_AT, FSDP_STEPS))
+    results = {
+        "losses": losses,
+        "params": _local_params(model),
+        "state": _local_state(model, opt),
+        "codebook": opt.codebook.clone(),
+        "first_grads": first_grads,
+        "layout": layout,
+        "report_numel": memory_report(opt).numel,
+    }
+    for via in CHECKPOINT_VIAS:
+        results[via] = _resume(rank, checkpoint / via, via)
+    return results
+
+
+def _optimizer_state(model: nn.Module, opt: Gefen, via: str) -> dict:
+    if via == "optimizer.state_dict":
+        return opt.state_dict()
+    return get_optimizer_state_dict(model, opt, options=_HELPER_OPTIONS)
+
+
+def _resume(rank: int, checkpoint: Path, via: str) -> dict:
+    """A fresh process's view: new model and optimizer, the checkpoint, the remaining steps."""
+    model = _sharded_model()
+    opt = Gefen(model.parameters(), lr=LR)
+    # torch's helper runs a zero-gradient, lr = 0 step on an optimizer without state.
+    helper_state = get_optimizer_state_dict(model, opt, options=_HELPER_OPTIONS)
+    materialising_step_learned_nothing = opt.codebook is None and not opt.state
+    template = {"model": model.state_dict(),
+                "optim": helper_state if via == "get_optimizer_state_dict" else opt.state_dict()}
+    dcp.load(template, checkpoint_id=checkpoint)
+    model.load_state_dict(template["model"])
+    if via == "get_optimizer_state_dict":
+        set_optimizer_state_dict(model, opt, template["optim"], options=_HELPER_OPTIONS)
+    else:
+        opt.load_state_dict(template["optim"])
+    losses = _train(model, opt, rank, range(CHECKPOINT_AT, FSDP_STEPS))
+    return {
+        "losses": losses,
+        "params": _local_params(model),
+        "state": _local_state(model, opt),
+        "codebook": opt.codebook.clone(),
+        "materialising_step_learned_nothing": materialising_step_learned_nothing,
+    }
+
+
+def _local_state(model: nn.Module, opt: Gefen) -> dict[str, dict]:
+    return {
+        n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        for n, p in model.named_parameters()
+    }
