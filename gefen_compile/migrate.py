@@ -46,7 +46,8 @@ def migrate_adamw_state(optimizer) -> None:
     periods = [infer_period(s["exp_avg_sq"].sqrt()) for _, s in stepped]
     if optimizer.codebook is None:
         first_moments = [s["exp_avg"] for _, s in stepped]
-        optimizer._set_codebook(codebook_from(first_moments, periods, [False] * len(periods)))
+        optimizer._set_codebook(codebook_from([p for p, _ in stepped], first_moments, periods,
+                                              [False] * len(periods)))
     for (p, saved), period in zip(stepped, periods):
         optimizer.state[p] = _gefen_entry(optimizer, saved, period)
     optimizer._buckets = None
