@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_gpt.py"
-STEPS = 60
+STEPS = 40
 COLUMNS = ["optimizer", "step", "train_loss", "val_loss", "tokens_per_s", "state_bytes_per_param"]
 
 
