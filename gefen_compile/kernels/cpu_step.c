@@ -347,16 +347,10 @@ VBMI static inline __m512i transpose_groups(__m512i bytes) {
     return _mm512_permutexvar_epi8(order, bytes);
 }
 
-/* The low bytes of four vectors of 16 int32 (64 elements in order), in the order above:
- * byte 16L + 4k + j is byte 0 of dword 4L + j of vector k. */
-VBMI static inline __m512i pack_low_bytes(const __m512i d[4]) {
-    const __m512i pick = _mm512_set_epi32(
-        0x7c787470, 0x3c383430, 0x7c787470, 0x3c383430, 0x6c686460, 0x2c282420, 0x6c686460,
-        0x2c282420, 0x5c585450, 0x1c181410, 0x5c585450, 0x1c181410, 0x4c484440, 0x0c080400,
-        0x4c484440, 0x0c080400);
-    const __mmask64 upper = 0xff00ff00ff00ff00ull; /* bytes 8-15 of each lane: k = 2, 3 */
-    return _mm512_mask_blend_epi8(upper, _mm512_permutex2var_epi8(d[0], pick, d[1]),
-                                  _mm512_permutex2var_epi8(d[2], pick, d[3]));
+/* Four vectors of 16 int32 in [0, 255] (64 elements in order) as bytes, in the order above:
+ * the in-lane packs put dword 4L + j of vector k at byte 16L + 4k + j, as it happens. */
+VBMI static inline __m512i pack_bytes(const __m512i d[4]) {
+    return _mm512_packus_epi16(_mm512_packus_epi32(d[0], d[1]), _mm512_packus_epi32(d[2], d[3]));
 }
 
 /* table[index] for 64 byte indices. */
@@ -434,8 +428,9 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
     const __m512 bias2_v = _mm512_set1_ps(bias2_t), eps_v = _mm512_set1_ps(eps);
     const __m512 shared_v = _mm512_set1_ps(shared_scale);
     const __m512i live_v = _mm512_set1_epi8(live ? -1 : 0), half_i = _mm512_set1_epi32(half);
+    const __m512i one = _mm512_set1_epi32(1);
     const __m128i shift = _mm_cvtsi32_si128(t->shift);
-    const __m512i fine_mask = _mm512_set1_epi8((char)((1 << t->shift) - 1));
+    const __m512i fine_mask = _mm512_set1_epi32((1 << t->shift) - 1);
     for (int64_t i = 0; i < len; i += 64) {
         const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
         if (buffered) {
@@ -454,9 +449,9 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
                 _mm512_cvt_roundps_epi32(scaled, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
                 half_i);
             coarse[k] = _mm512_srl_epi32(cell[k], shift);
+            cell[k] = _mm512_and_si512(cell[k], fine_mask); /* the fine offset */
         }
-        const __m512i coarse_b = pack_low_bytes(coarse);
-        const __m512i fine_b = _mm512_and_si512(pack_low_bytes(cell), fine_mask);
+        const __m512i coarse_b = pack_bytes(coarse), fine_b = pack_bytes(cell);
         __m512i below = lookup_byte(t->coarse, coarse_b);
         for (int j = 0; j < t->num_steps; j++) {
             const __mmask64 past = _mm512_cmplt_epu8_mask(lookup_byte(t->steps[j], coarse_b), fine_b);
@@ -464,8 +459,8 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
         }
         lookup_f32(t->bounds, below, bound);
         for (int k = 0; k < 4; k++)
-            above[k] = _mm512_movm_epi32(_mm512_cmp_ps_mask(x[k], bound[k], _CMP_GT_OQ));
-        __m512i code = _mm512_sub_epi8(below, pack_low_bytes(above)); /* below + (x > bound) */
+            above[k] = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x[k], bound[k], _CMP_GT_OQ), one);
+        __m512i code = _mm512_add_epi8(below, pack_bytes(above));
         if (!identity) code = lookup_byte(t->first, code);
         code = _mm512_and_si512(code, live_v);
         _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(code));
