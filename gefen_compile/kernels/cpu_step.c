@@ -285,7 +285,7 @@ DEFINE_ROW(row_f64, double, double, LOAD_F64, STORE_F64, sqrt)
 #define HAVE_VBMI_ROWS 1
 #include <immintrin.h>
 
-#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi")))
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,bmi2")))
 
 struct BytePlanes {
     _Alignas(64) uint8_t codebook[4][256]; /* byte b of entry i at [b][i] */
@@ -345,12 +345,6 @@ VBMI static inline __m512i transpose_groups(__m512i bytes) {
         0x0b0a0908, 0x37363534, 0x27262524, 0x17161514, 0x07060504, 0x33323130, 0x23222120,
         0x13121110, 0x03020100);
     return _mm512_permutexvar_epi8(order, bytes);
-}
-
-/* Four vectors of 16 int32 in [0, 255] (64 elements in order) as bytes, in the order above:
- * the in-lane packs put dword 4L + j of vector k at byte 16L + 4k + j, as it happens. */
-VBMI static inline __m512i pack_bytes(const __m512i d[4]) {
-    return _mm512_packus_epi16(_mm512_packus_epi32(d[0], d[1]), _mm512_packus_epi32(d[2], d[3]));
 }
 
 /* table[index] for 64 byte indices. */
@@ -428,9 +422,9 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
     const __m512 bias2_v = _mm512_set1_ps(bias2_t), eps_v = _mm512_set1_ps(eps);
     const __m512 shared_v = _mm512_set1_ps(shared_scale);
     const __m512i live_v = _mm512_set1_epi8(live ? -1 : 0), half_i = _mm512_set1_epi32(half);
-    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i one = _mm512_set1_epi8(1);
     const __m128i shift = _mm_cvtsi32_si128(t->shift);
-    const __m512i fine_mask = _mm512_set1_epi32((1 << t->shift) - 1);
+    const __m512i fine_mask = _mm512_set1_epi16((short)((1 << t->shift) - 1));
     for (int64_t i = 0; i < len; i += 64) {
         const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
         if (buffered) {
@@ -439,7 +433,7 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
             first_moments(t, codes, g, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi);
         }
         __m512 x[4], bound[4], dequantised[4];
-        __m512i cell[4], coarse[4], above[4];
+        __m512i cell[4];
         for (int k = 0; k < 4; k++) {
             x[k] = _mm512_div_ps(m[k], stored_v);
             /* clamped as the portable rows clamp: max/min return their second operand for NaN */
@@ -448,19 +442,27 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
             cell[k] = _mm512_add_epi32(
                 _mm512_cvt_roundps_epi32(scaled, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
                 half_i);
-            coarse[k] = _mm512_srl_epi32(cell[k], shift);
-            cell[k] = _mm512_and_si512(cell[k], fine_mask); /* the fine offset */
         }
-        const __m512i coarse_b = pack_bytes(coarse), fine_b = pack_bytes(cell);
-        __m512i below = lookup_byte(t->coarse, coarse_b);
+        /* Cells (under 2^16) to words, then coarse cells and fine offsets to bytes: the in-lane
+         * packs put dword 4L + j of vector k at byte 16L + 4k + j, the lookups' order. */
+        const __m512i words01 = _mm512_packus_epi32(cell[0], cell[1]);
+        const __m512i words23 = _mm512_packus_epi32(cell[2], cell[3]);
+        const __m512i coarse = _mm512_packus_epi16(_mm512_srl_epi16(words01, shift),
+                                                   _mm512_srl_epi16(words23, shift));
+        const __m512i fine = _mm512_packus_epi16(_mm512_and_si512(words01, fine_mask),
+                                                 _mm512_and_si512(words23, fine_mask));
+        __m512i below = lookup_byte(t->coarse, coarse);
         for (int j = 0; j < t->num_steps; j++) {
-            const __mmask64 past = _mm512_cmplt_epu8_mask(lookup_byte(t->steps[j], coarse_b), fine_b);
-            below = _mm512_mask_add_epi8(below, past, below, _mm512_set1_epi8(1));
+            const __mmask64 past = _mm512_cmplt_epu8_mask(lookup_byte(t->steps[j], coarse), fine);
+            below = _mm512_mask_add_epi8(below, past, below, one);
         }
         lookup_f32(t->bounds, below, bound);
+        /* below + (x > bound): the compares' bits moved to the same order */
+        uint64_t above = 0;
         for (int k = 0; k < 4; k++)
-            above[k] = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x[k], bound[k], _CMP_GT_OQ), one);
-        __m512i code = _mm512_add_epi8(below, pack_bytes(above));
+            above |= _pdep_u64(_mm512_cmp_ps_mask(x[k], bound[k], _CMP_GT_OQ),
+                               0x000f000f000f000full << 4 * k);
+        __m512i code = _mm512_mask_add_epi8(below, above, below, one);
         if (!identity) code = lookup_byte(t->first, code);
         code = _mm512_and_si512(code, live_v);
         _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(code));
@@ -488,7 +490,8 @@ int gefen_vbmi_rows(int enable) {
     static int supported = -1, in_force = -1;
     if (supported < 0)
         supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi");
+                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
+                    __builtin_cpu_supports("bmi2");
     if (enable >= 0 || in_force < 0) in_force = enable != 0 && supported;
     return in_force;
 }
