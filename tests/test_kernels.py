@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gefen_compile import Gefen
-from gefen_compile.kernels import cpu_step, torch_step, triton_step
+from gefen_compile.kernels import cpu_step, native, torch_step, triton_step
 from gefen_compile.state import compute_dtype
 
 # Odd shapes: primes, period 1, periods above 1024, 3-D tensors, an element.
@@ -144,3 +144,43 @@ def test_strided_parameters_and_gradients_follow_the_logical_order():
     for a, b in ((w0, w1), (m0, m1)):
         assert torch.equal(opt0.state[a]["codes"], opt1.state[b]["codes"])
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_vbmi_rows_equal_portable_rows():
+    """The AVX-512 VBMI rows of the C kernel (fp32 state, where the CPU has them) give the same
+    bytes as its portable rows: codes, magnitudes, second moments and parameters. Shapes cover
+    a row longer than the kernel's buffer (period 2053), chunk tails, period 1, and a padded
+    codebook (the tiny shapes alone: under 256 distinct entries)."""
+    if not native.library.gefen_vbmi_rows(-1):
+        pytest.skip("this CPU has no AVX-512 VBMI")
+    long_rows = (8, 2053)
+    try:
+        for shapes in (SHAPES + [long_rows], [(3, 4), (5,)]):
+            gen = torch.Generator().manual_seed(1)
+            values = [torch.randn(s, generator=gen) for s in shapes]
+            # Rows of very different sizes, so that the long shape takes its rows as period.
+            grads = [[structured(s, gen, torch.float32) * torch.randn(s[0], *[1] * (len(s) - 1),
+                                                                      generator=gen).exp()
+                      for s in shapes] for _ in range(4)]
+            runs = []
+            for vbmi in (1, 0):
+                native.library.gefen_vbmi_rows(vbmi)
+                params = [torch.nn.Parameter(v.clone()) for v in values]
+                groups = [{"params": params[i::3], **hyper} for i, hyper in enumerate(GROUPS)]
+                opt = Gefen(groups)
+                for step in grads:
+                    for p, g in zip(params, step):
+                        p.grad = g.clone()
+                    opt.step()
+                runs.append((params, opt))
+            (params, opt), (twins, twin_opt) = runs
+            if long_rows in shapes:
+                assert opt.state[params[-1]]["period"] == 2053
+            else:
+                assert len(torch.unique(opt.codebook)) < 256
+            for a, b in zip(params, twins):
+                assert torch.equal(a, b)
+                for key in ("codes", "magnitude", "vmean"):
+                    assert torch.equal(opt.state[a][key], twin_opt.state[b][key])
+    finally:
+        native.library.gefen_vbmi_rows(1)

@@ -40,7 +40,7 @@ typedef struct {
     const int32_t *lut;             /* [2 * lut_half]: boundaries below each cell */
     const void *bounds;             /* distinct-entry boundaries, then +inf */
     const int32_t *first_index;     /* boundary count -> code */
-    int64_t identity_codes;         /* first_index[i] == i: the codebook repeats no entry */
+    int64_t num_distinct;           /* distinct entries (256: the codebook repeats none) */
     int64_t lut_half;               /* cells per unit: a power of two */
     int64_t num_threads;
 } StepArgs;
@@ -105,11 +105,67 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
     }
 }
 
+typedef struct BytePlanes BytePlanes; /* the vector path's tables, below */
+
+/* What every row of one call shares. */
+typedef struct {
+    const StepArgs *a;
+    const double *bias1, *bias2; /* per parameter */
+    const BytePlanes *planes;    /* NULL where the portable rows run */
+} Step;
+
+/* Rows up to this long keep their first moments from the first pass; longer ones recompute.
+ * A multiple of 64, the vector path's chunk. */
+#define TILE 2048
+
+/* The block's sum of g^2 is taken in one fixed order on every path, so that all give the same
+ * bits: element i goes to running sum i % SUM_LANES, then the halves are added pairwise. */
+#define SUM_LANES 16
+#define FOLD_LANES(lanes)                                                                       \
+    for (int w = SUM_LANES / 2; w > 0; w /= 2)                                                  \
+        for (int l = 0; l < w; l++) (lanes)[l] += (lanes)[l + w];
+
+/* The row's constants and pointers (T: compute type, ST: storage type); returns from the row
+ * function if its parameter has no gradient this step. */
+#define ROW_SETUP(T, ST, LOAD)                                                                  \
+    const StepArgs *a = s->a;                                                                   \
+    const int64_t p = param_of_row(a, r);                                                       \
+    if (!a->has_grad[p]) return;                                                                \
+    const int64_t *seg = a->segments + p * SEG_FIELDS;                                          \
+    const int64_t len = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * len;             \
+    const int per_element = seg[SEG_V_PER_ELEMENT] != 0, identity = a->num_distinct == 256;     \
+    const double *h = a->hyper + a->param_group[p] * H_FIELDS;                                  \
+    const T beta1 = (T)h[H_BETA1], keep1 = (T)(1.0 - h[H_BETA1]);                              \
+    const T beta2 = (T)h[H_BETA2], keep2 = (T)(1.0 - h[H_BETA2]);                              \
+    const T eps = (T)h[H_EPS], sign = h[H_MAXIMIZE] != 0.0 ? (T)-1 : (T)1;                     \
+    const T decay = (T)(1.0 - h[H_LR] * h[H_WD]);                                               \
+    const T step_size = (T)(h[H_LR] / s->bias1[p]), bias2_t = (T)s->bias2[p];                  \
+    const ST *restrict g = (const ST *)a->grads[p] + start;                                     \
+    ST *restrict param = (ST *)a->params[p] + start;                                            \
+    ST *restrict v = (ST *)a->vmean + seg[SEG_V] + (per_element ? start : row);                 \
+    uint8_t *restrict codes = a->codes + seg[SEG_CODE] + start;                                 \
+    const T old_mag = LOAD(a->magnitude, r);                                                    \
+    const int buffered = len <= TILE;
+
+/* The second moment of a block row, from its sum of g^2 (per-element rows update v in the
+ * first pass), and the new magnitude; then the stored magnitude (rounded as its dtype rounds)
+ * and the step's scale of a block row. A zero block gets code 0, whose dequantised value
+ * -1 * 0 changes nothing. */
+#define NEW_MAGNITUDE(T, LOAD, STORE, SQRT)                                                     \
+    if (!per_element) STORE(v, 0, LOAD(v, 0) * beta2 + (square_sum / (T)len) * keep2);          \
+    STORE(a->magnitude, r, peak);                                                               \
+    const T stored = LOAD(a->magnitude, r);                                                     \
+    const int32_t live = stored > 0;                                                            \
+    const T shared_scale = step_size / (SQRT(LOAD(v, 0) / bias2_t) + eps);
+
+/* ---- the portable rows: plain loops for the vectoriser ---- */
+
 /* One row kernel per state dtype: T is the compute type, ST the storage type, LOAD/STORE
  * convert. The row is read twice: once for the new magnitude (and the block's mean g^2), once to
  * quantise and update, recomputing the first moment identically rather than storing it. The
  * element loops are written for the vectoriser (gathers from small tables, reductions under
- * `omp simd`); a clone for AVX2-era x86 cores is picked when the library loads. */
+ * `omp simd`); a clone for the running x86 core's vector width is picked when the library
+ * loads. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
 #else
@@ -117,13 +173,11 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
 #endif
 
 #define FIRST_MOMENT(LOAD, i, CODE) (codebook[CODE] * old_mag * beta1 + (sign * LOAD(g, i)) * keep1)
-/* Rows up to this long keep their first moments from the first pass; longer ones recompute. */
-#define TILE 2048
 
-/* The first pass: the new first moment M of every element, its largest magnitude, and the
- * second moment (per element, or the block's sum of g^2). KEEP stores m for the second pass. */
-#define FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, REDUCTIONS, SECOND_MOMENT)                       \
-    _Pragma(REDUCTIONS)                                                                         \
+/* The first pass: the new first moment m of every element, its largest magnitude, and the
+ * per-element second moment. KEEP stores m for the second pass. */
+#define FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, SECOND_MOMENT)                                     \
+    _Pragma("omp simd reduction(max:peak)")                                                     \
     for (int64_t i = 0; i < len; i++) {                                                         \
         const T m = FIRST_MOMENT(LOAD, i, CODE), gi = sign * LOAD(g, i);                        \
         KEEP;                                                                                   \
@@ -132,14 +186,21 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
         SECOND_MOMENT;                                                                          \
     }
 
+/* A block row's sum of g^2 (see SUM_LANES) follows in a loop of its own; (sign g)^2 is g^2. */
 #define FIRST_PASS(T, LOAD, STORE, CODE, KEEP)                                                  \
     if (per_element) {                                                                          \
-        FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, "omp simd reduction(max:peak)",                   \
-                        STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2))                    \
+        FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2)) \
     } else {                                                                                    \
-        FIRST_PASS_LOOP(T, LOAD, CODE, KEEP,                                                    \
-                        "omp simd reduction(max:peak) reduction(+:square_sum)",                 \
-                        square_sum += gi * gi)                                                  \
+        FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, (void)gi)                                          \
+        T lanes[SUM_LANES] = {0};                                                               \
+        int64_t i0 = 0;                                                                         \
+        for (; i0 + SUM_LANES <= len; i0 += SUM_LANES) {                                        \
+            _Pragma("omp simd")                                                                 \
+            for (int l = 0; l < SUM_LANES; l++) lanes[l] += LOAD(g, i0 + l) * LOAD(g, i0 + l);  \
+        }                                                                                       \
+        for (int l = 0; i0 + l < len; l++) lanes[l] += LOAD(g, i0 + l) * LOAD(g, i0 + l);      \
+        FOLD_LANES(lanes)                                                                       \
+        square_sum = lanes[0];                                                                  \
     }
 
 /* The second pass: nearest code of m / magnitude (see codebook.NearestCode), then the update.
@@ -166,82 +227,318 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
 #define ELEMENT_SCALE(LOAD, SQRT) (step_size / (SQRT(LOAD(v, i) / bias2_t) + eps))
 #define SECOND_PASS(T, LOAD, STORE, SQRT, M)                                                    \
     if (per_element && identity) {                                                              \
-        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, ELEMENT_SCALE(LOAD, SQRT), below);                     \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, ELEMENT_SCALE(LOAD, SQRT), below);               \
     } else if (per_element) {                                                                   \
-        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, ELEMENT_SCALE(LOAD, SQRT), first[below]);              \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, ELEMENT_SCALE(LOAD, SQRT), first[below]);        \
     } else if (identity) {                                                                      \
         QUANTISE_AND_UPDATE(T, LOAD, STORE, M, shared_scale, below);                            \
     } else {                                                                                    \
         QUANTISE_AND_UPDATE(T, LOAD, STORE, M, shared_scale, first[below]);                     \
     }
 
-#define DEFINE_STEP(NAME, T, ST, LOAD, STORE, SQRT)                                             \
-    VECTOR_CLONES static void NAME##_row(const StepArgs *a, int64_t r, const double *bias1,     \
-                                         const double *bias2) {                                 \
-        const int64_t p = param_of_row(a, r);                                                   \
-        if (!a->has_grad[p]) return;                                                            \
-        const int64_t *seg = a->segments + p * SEG_FIELDS;                                      \
-        const int64_t len = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * len;         \
-        const int per_element = seg[SEG_V_PER_ELEMENT] != 0, identity = a->identity_codes != 0; \
-        const double *h = a->hyper + a->param_group[p] * H_FIELDS;                              \
-        const T beta1 = (T)h[H_BETA1], keep1 = (T)(1.0 - h[H_BETA1]);                          \
-        const T beta2 = (T)h[H_BETA2], keep2 = (T)(1.0 - h[H_BETA2]);                          \
-        const T eps = (T)h[H_EPS], sign = h[H_MAXIMIZE] != 0.0 ? (T)-1 : (T)1;                 \
-        const T decay = (T)(1.0 - h[H_LR] * h[H_WD]);                                           \
-        const T step_size = (T)(h[H_LR] / bias1[p]), bias2_t = (T)bias2[p];                    \
+#define DEFINE_ROW(NAME, T, ST, LOAD, STORE, SQRT)                                              \
+    VECTOR_CLONES static void NAME(const Step *s, int64_t r) {                                  \
+        ROW_SETUP(T, ST, LOAD)                                                                  \
         const T *restrict codebook = (const T *)a->codebook;                                    \
         const T *restrict bounds = (const T *)a->bounds;                                        \
         const int32_t *restrict lut = a->lut, *restrict first = a->first_index;                \
         const int32_t half = (int32_t)a->lut_half;                                              \
-        const ST *restrict g = (const ST *)a->grads[p] + start;                                 \
-        ST *restrict param = (ST *)a->params[p] + start;                                        \
-        ST *restrict v = (ST *)a->vmean + seg[SEG_V] + (per_element ? start : row);             \
-        uint8_t *restrict codes = a->codes + seg[SEG_CODE] + start;                             \
-        const T old_mag = LOAD(a->magnitude, r);                                                \
         T peak = 0, square_sum = 0;                                                             \
         T kept[TILE];                                                                           \
         int32_t index[TILE]; /* codes widened: gathers want 32-bit indices */                   \
-        const int buffered = len <= TILE;                                                       \
         if (buffered) {                                                                         \
             for (int64_t i = 0; i < len; i++) index[i] = codes[i];                              \
             FIRST_PASS(T, LOAD, STORE, index[i], kept[i] = m)                                   \
         } else {                                                                                \
             FIRST_PASS(T, LOAD, STORE, codes[i], (void)0)                                       \
         }                                                                                       \
-        if (!per_element) STORE(v, 0, LOAD(v, 0) * beta2 + (square_sum / (T)len) * keep2);      \
-        STORE(a->magnitude, r, peak);                                                           \
-        const T stored = LOAD(a->magnitude, r);                                                 \
-        /* A zero block gets code 0, whose dequantised value -1 * 0 changes nothing. */         \
-        const int32_t live = stored > 0;                                                        \
-        const T shared_scale = step_size / (SQRT(LOAD(v, 0) / bias2_t) + eps);                  \
+        NEW_MAGNITUDE(T, LOAD, STORE, SQRT)                                                     \
         if (buffered) {                                                                         \
             SECOND_PASS(T, LOAD, STORE, SQRT, kept[i])                                          \
         } else {                                                                                \
             SECOND_PASS(T, LOAD, STORE, SQRT, FIRST_MOMENT(LOAD, i, codes[i]))                  \
         }                                                                                       \
-    }                                                                                           \
-                                                                                                \
-    static void NAME(const StepArgs *a, const double *bias1, const double *bias2) {             \
-        _Pragma("omp parallel for schedule(dynamic, 16) num_threads(a->num_threads)")           \
-        for (int64_t r = 0; r < a->num_rows; r++) NAME##_row(a, r, bias1, bias2);               \
     }
 
-DEFINE_STEP(step_f32, float, float, LOAD_F32, STORE_F32, sqrtf)
-DEFINE_STEP(step_bf16, float, uint16_t, LOAD_BF16, STORE_BF16, sqrtf)
-DEFINE_STEP(step_f16, float, _Float16, LOAD_F16, STORE_F16, sqrtf)
-DEFINE_STEP(step_f64, double, double, LOAD_F64, STORE_F64, sqrt)
+DEFINE_ROW(row_f32, float, float, LOAD_F32, STORE_F32, sqrtf)
+DEFINE_ROW(row_bf16, float, uint16_t, LOAD_BF16, STORE_BF16, sqrtf)
+DEFINE_ROW(row_f16, float, _Float16, LOAD_F16, STORE_F16, sqrtf)
+DEFINE_ROW(row_f64, double, double, LOAD_F64, STORE_F64, sqrt)
+
+/* ---- the AVX-512 VBMI rows (fp32 state) ----
+ *
+ * The portable rows spend most of their time in table lookups, which the vectoriser turns into
+ * gathers, about 1 cycle per element each on the cores measured (Zen 4). Codes are bytes, so a
+ * 256-entry fp32 table can instead be read as four 256-byte tables, one per byte of its
+ * entries: VBMI's vpermi2b looks up 64 bytes in a 128-byte table per instruction, and two of
+ * them with a blend on the index's top bit read a 256-byte one. The four byte vectors are then
+ * interleaved into fp32.
+ *
+ * The cell table (2 * half entries, thousands) is split the same way. Its entry for cell c is
+ * the number of boundary steps at or below c; with c = (coarse << shift) + fine, coarse a byte,
+ * that is the count below the coarse cell (a 256-byte table) plus how many of the coarse cell's
+ * own steps lie at or below fine: one byte table and one byte compare per step, and a coarse
+ * cell of a learned codebook holds a few steps (at most one per cell).
+ *
+ * The arithmetic is the portable rows', operation for operation, so both give the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HAVE_VBMI_ROWS 1
+#include <immintrin.h>
+
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,bmi2")))
+
+struct BytePlanes {
+    _Alignas(64) uint8_t codebook[4][256]; /* byte b of entry i at [b][i] */
+    _Alignas(64) uint8_t bounds[4][256];   /* +inf past the last boundary */
+    _Alignas(64) uint8_t first[256];       /* first_index, as bytes */
+    _Alignas(64) uint8_t coarse[256];      /* cell table at the coarse cell's first cell */
+    uint8_t (*steps)[256]; /* [j][coarse]: fine offset - 1 of its j-th step inside, else 255 */
+    int shift, num_steps;  /* cell = (coarse << shift) + fine; steps per coarse cell, at most */
+};
+
+/* Fine offsets fit a byte while 2 * half <= 2^16. */
+#define MAX_VBMI_CELLS (1 << 16)
+
+static void split_bytes(uint8_t planes[4][256], const float *table, int64_t count) {
+    for (int i = 0; i < 256; i++) {
+        const float f = i < count ? table[i] : INFINITY;
+        uint8_t bytes[4];
+        memcpy(bytes, &f, 4);
+        for (int b = 0; b < 4; b++) planes[b][i] = bytes[b];
+    }
+}
+
+/* Returns 0, or -1 if the steps' table could not be allocated (t->steps: free it after). */
+static int build_planes(BytePlanes *t, const StepArgs *a) {
+    split_bytes(t->codebook, (const float *)a->codebook, 256);
+    split_bytes(t->bounds, (const float *)a->bounds, a->num_distinct);
+    for (int i = 0; i < 256; i++)
+        t->first[i] = (uint8_t)(i < a->num_distinct ? a->first_index[i] : 0);
+    const int64_t cells = 2 * a->lut_half;
+    t->shift = 0;
+    while ((cells >> t->shift) > 256) t->shift++;
+    int count[256] = {0};
+    memset(t->coarse, 0, sizeof(t->coarse));
+    for (int64_t c = 0; c < cells; c++) {
+        if ((c & ((1 << t->shift) - 1)) == 0) t->coarse[c >> t->shift] = (uint8_t)a->lut[c];
+        else count[c >> t->shift] += a->lut[c] - a->lut[c - 1];
+    }
+    t->num_steps = 0;
+    for (int i = 0; i < 256; i++) t->num_steps = count[i] > t->num_steps ? count[i] : t->num_steps;
+    t->steps = aligned_alloc(64, (size_t)(t->num_steps > 0 ? t->num_steps : 1) * 256);
+    if (!t->steps) return -1;
+    memset(t->steps, 255, (size_t)t->num_steps * 256);
+    memset(count, 0, sizeof(count));
+    for (int64_t c = 0; c < cells; c++) /* a step of several boundaries counts several times */
+        for (int32_t j = (c & ((1 << t->shift) - 1)) ? a->lut[c] - a->lut[c - 1] : 0; j > 0; j--)
+            t->steps[count[c >> t->shift]++][c >> t->shift] = (uint8_t)((c & ((1 << t->shift) - 1)) - 1);
+    return 0;
+}
+
+/* Interleaving byte planes with unpacks works within 128-bit lanes: output vector k, dword
+ * 4L + j (element 16k + 4L + j of a chunk) comes from byte 16L + 4k + j of the planes. Index
+ * bytes are therefore kept in that order, a transpose of 4x4 groups of 4 bytes, which is its
+ * own inverse: the same permutation takes element order there and back. */
+VBMI static inline __m512i transpose_groups(__m512i bytes) {
+    const __m512i order = _mm512_set_epi32(
+        0x3f3e3d3c, 0x2f2e2d2c, 0x1f1e1d1c, 0x0f0e0d0c, 0x3b3a3938, 0x2b2a2928, 0x1b1a1918,
+        0x0b0a0908, 0x37363534, 0x27262524, 0x17161514, 0x07060504, 0x33323130, 0x23222120,
+        0x13121110, 0x03020100);
+    return _mm512_permutexvar_epi8(order, bytes);
+}
+
+/* table[index] for 64 byte indices. */
+VBMI static inline __m512i lookup_byte(const uint8_t table[256], __m512i index) {
+    const __m512i *t = (const __m512i *)table;
+    const __m512i low = _mm512_permutex2var_epi8(t[0], index, t[1]);
+    const __m512i high = _mm512_permutex2var_epi8(t[2], index, t[3]);
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), low, high);
+}
+
+/* The fp32 table entries of 64 indices (in transposed order), as four vectors in element
+ * order. */
+VBMI static inline void lookup_f32(const uint8_t planes[4][256], __m512i index, __m512 out[4]) {
+    const __m512i b0 = lookup_byte(planes[0], index), b1 = lookup_byte(planes[1], index);
+    const __m512i b2 = lookup_byte(planes[2], index), b3 = lookup_byte(planes[3], index);
+    const __m512i low01 = _mm512_unpacklo_epi8(b0, b1), high01 = _mm512_unpackhi_epi8(b0, b1);
+    const __m512i low23 = _mm512_unpacklo_epi8(b2, b3), high23 = _mm512_unpackhi_epi8(b2, b3);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(low01, low23));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(low01, low23));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(high01, high23));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23));
+}
+
+/* First moments (FIRST_MOMENT) of the n <= 64 elements from i, and their sign-corrected
+ * gradients; lanes past n hold what zero codes and gradients give. */
+VBMI static inline void first_moments(const BytePlanes *t, const uint8_t *codes, const float *g,
+                                      int64_t i, __mmask64 n, __m512 old_mag, __m512 beta1,
+                                      __m512 sign, __m512 keep1, __m512 m[4], __m512 gi[4]) {
+    __m512 dequantised[4];
+    lookup_f32(t->codebook, transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i)), dequantised);
+    for (int k = 0; k < 4; k++) {
+        gi[k] = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps((__mmask16)(n >> 16 * k), g + i + 16 * k));
+        m[k] = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(dequantised[k], old_mag), beta1),
+                             _mm512_mul_ps(gi[k], keep1));
+    }
+}
+
+VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
+    ROW_SETUP(float, float, LOAD_F32)
+    const BytePlanes *t = s->planes;
+    const int32_t half = (int32_t)a->lut_half;
+    const __m512 old_mag_v = _mm512_set1_ps(old_mag), beta1_v = _mm512_set1_ps(beta1);
+    const __m512 keep1_v = _mm512_set1_ps(keep1), sign_v = _mm512_set1_ps(sign);
+    const __m512 beta2_v = _mm512_set1_ps(beta2), keep2_v = _mm512_set1_ps(keep2);
+    _Alignas(64) float kept[TILE];
+    __m512 peak_v = _mm512_setzero_ps(), sum_v = _mm512_setzero_ps(), m[4], gi[4];
+    for (int64_t i = 0; i < len; i += 64) {
+        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
+        first_moments(t, codes, g, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi);
+        for (int k = 0; k < 4; k++) {
+            const __mmask16 lanes = (__mmask16)(n >> 16 * k);
+            const __m512 square = _mm512_mul_ps(gi[k], gi[k]);
+            if (buffered) _mm512_store_ps(kept + i + 16 * k, m[k]);
+            /* max(mag, peak) keeps peak when mag is NaN, as the portable rows do */
+            peak_v = _mm512_mask_max_ps(peak_v, lanes, _mm512_abs_ps(m[k]), peak_v);
+            if (per_element) {
+                float *vk = v + i + 16 * k;
+                const __m512 vv = _mm512_maskz_loadu_ps(lanes, vk);
+                _mm512_mask_storeu_ps(vk, lanes, _mm512_add_ps(_mm512_mul_ps(vv, beta2_v),
+                                                               _mm512_mul_ps(square, keep2_v)));
+            } else {
+                sum_v = _mm512_add_ps(sum_v, square); /* lanes past n add +0 */
+            }
+        }
+    }
+    _Alignas(64) float lanes[SUM_LANES];
+    _mm512_store_ps(lanes, sum_v);
+    FOLD_LANES(lanes)
+    const float square_sum = lanes[0], peak = _mm512_reduce_max_ps(peak_v);
+    NEW_MAGNITUDE(float, LOAD_F32, STORE_F32, sqrtf)
+
+    const __m512 stored_v = _mm512_set1_ps(stored), half_v = _mm512_set1_ps((float)half);
+    const __m512 low_cell = _mm512_set1_ps((float)-half), high_cell = _mm512_set1_ps((float)(half - 1));
+    const __m512 decay_v = _mm512_set1_ps(decay), step_v = _mm512_set1_ps(step_size);
+    const __m512 bias2_v = _mm512_set1_ps(bias2_t), eps_v = _mm512_set1_ps(eps);
+    const __m512 shared_v = _mm512_set1_ps(shared_scale);
+    const __m512i live_v = _mm512_set1_epi8(live ? -1 : 0), half_i = _mm512_set1_epi32(half);
+    const __m512i one = _mm512_set1_epi8(1);
+    const __m128i shift = _mm_cvtsi32_si128(t->shift);
+    const __m512i fine_mask = _mm512_set1_epi16((short)((1 << t->shift) - 1));
+    for (int64_t i = 0; i < len; i += 64) {
+        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
+        if (buffered) {
+            for (int k = 0; k < 4; k++) m[k] = _mm512_load_ps(kept + i + 16 * k);
+        } else {
+            first_moments(t, codes, g, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi);
+        }
+        __m512 x[4], bound[4], dequantised[4];
+        __m512i cell[4];
+        for (int k = 0; k < 4; k++) {
+            x[k] = _mm512_div_ps(m[k], stored_v);
+            /* clamped as the portable rows clamp: max/min return their second operand for NaN */
+            const __m512 scaled = _mm512_min_ps(
+                _mm512_max_ps(_mm512_mul_ps(x[k], half_v), low_cell), high_cell);
+            cell[k] = _mm512_add_epi32(
+                _mm512_cvt_roundps_epi32(scaled, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                half_i);
+        }
+        /* Cells (under 2^16) to words, then coarse cells and fine offsets to bytes: the in-lane
+         * packs put dword 4L + j of vector k at byte 16L + 4k + j, the lookups' order. */
+        const __m512i words01 = _mm512_packus_epi32(cell[0], cell[1]);
+        const __m512i words23 = _mm512_packus_epi32(cell[2], cell[3]);
+        const __m512i coarse = _mm512_packus_epi16(_mm512_srl_epi16(words01, shift),
+                                                   _mm512_srl_epi16(words23, shift));
+        const __m512i fine = _mm512_packus_epi16(_mm512_and_si512(words01, fine_mask),
+                                                 _mm512_and_si512(words23, fine_mask));
+        __m512i below = lookup_byte(t->coarse, coarse);
+        for (int j = 0; j < t->num_steps; j++) {
+            const __mmask64 past = _mm512_cmplt_epu8_mask(lookup_byte(t->steps[j], coarse), fine);
+            below = _mm512_mask_add_epi8(below, past, below, one);
+        }
+        lookup_f32(t->bounds, below, bound);
+        /* below + (x > bound): the compares' bits moved to the same order */
+        uint64_t above = 0;
+        for (int k = 0; k < 4; k++)
+            above |= _pdep_u64(_mm512_cmp_ps_mask(x[k], bound[k], _CMP_GT_OQ),
+                               0x000f000f000f000full << 4 * k);
+        __m512i code = _mm512_mask_add_epi8(below, above, below, one);
+        if (!identity) code = lookup_byte(t->first, code);
+        code = _mm512_and_si512(code, live_v);
+        _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(code));
+        lookup_f32(t->codebook, code, dequantised);
+        for (int k = 0; k < 4; k++) {
+            const __mmask16 lanes = (__mmask16)(n >> 16 * k);
+            float *pk = param + i + 16 * k;
+            __m512 scale = shared_v;
+            if (per_element) { /* ELEMENT_SCALE */
+                const __m512 vv = _mm512_maskz_loadu_ps(lanes, v + i + 16 * k);
+                scale = _mm512_div_ps(
+                    step_v, _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(vv, bias2_v)), eps_v));
+            }
+            const __m512 update = _mm512_mul_ps(_mm512_mul_ps(dequantised[k], stored_v), scale);
+            const __m512 old = _mm512_maskz_loadu_ps(lanes, pk);
+            _mm512_mask_storeu_ps(pk, lanes, _mm512_sub_ps(_mm512_mul_ps(old, decay_v), update));
+        }
+    }
+}
+
+/* Whether fp32 steps take the VBMI rows from now on: `enable` (0 or 1) where the CPU has VBMI
+ * and the OS saves AVX-512 state, -1 to only ask. Returns the setting in force (by default,
+ * whether the CPU has them). Tests switch them off to compare the two paths. */
+int gefen_vbmi_rows(int enable) {
+    static int supported = -1, in_force = -1;
+    if (supported < 0)
+        supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
+                    __builtin_cpu_supports("bmi2");
+    if (enable >= 0 || in_force < 0) in_force = enable != 0 && supported;
+    return in_force;
+}
+#else
+#define HAVE_VBMI_ROWS 0
+int gefen_vbmi_rows(int enable) {
+    (void)enable;
+    return 0;
+}
+#endif
+
+/* ---- one call: every row of a bucket ---- */
+
+typedef void (*RowFn)(const Step *, int64_t);
+
+static void run_rows(const Step *s, RowFn row) {
+    _Pragma("omp parallel for schedule(dynamic, 16) num_threads(s->a->num_threads)")
+    for (int64_t r = 0; r < s->a->num_rows; r++) row(s, r);
+}
 
 /* Returns 0, or -1 for an unknown dtype or a failed allocation. */
 int gefen_step(const StepArgs *a, int dtype) {
     double *bias = malloc(2 * (size_t)(a->num_params > 0 ? a->num_params : 1) * sizeof(double));
     if (!bias) return -1;
     count_steps(a, bias, bias + a->num_params);
+    Step s = {a, bias, bias + a->num_params, NULL};
     int status = 0;
     switch (dtype) {
-    case DT_F32: step_f32(a, bias, bias + a->num_params); break;
-    case DT_BF16: step_bf16(a, bias, bias + a->num_params); break;
-    case DT_F16: step_f16(a, bias, bias + a->num_params); break;
-    case DT_F64: step_f64(a, bias, bias + a->num_params); break;
+    case DT_F32:
+#if HAVE_VBMI_ROWS
+        if (gefen_vbmi_rows(-1) && 2 * a->lut_half <= MAX_VBMI_CELLS) {
+            BytePlanes planes;
+            if (build_planes(&planes, a) == 0) {
+                s.planes = &planes;
+                run_rows(&s, row_f32_vbmi);
+            } else {
+                status = -1;
+            }
+            free(planes.steps);
+            break;
+        }
+#endif
+        run_rows(&s, row_f32);
+        break;
+    case DT_BF16: run_rows(&s, row_bf16); break;
+    case DT_F16: run_rows(&s, row_f16); break;
+    case DT_F64: run_rows(&s, row_f64); break;
     default: status = -1;
     }
     free(bias);

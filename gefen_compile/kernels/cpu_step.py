@@ -33,9 +33,8 @@ def step(*args) -> None:
     )
     tensors = (*per_step, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean, a.steps,
                a.codebook, a.lut, a.bounds, a.first_index)
-    identity = a.first_index.numel() == 256  # no repeated entry: every boundary count is a code
     args = StepArgs(a.num_rows, a.segments.data_ptr(), len(a.params),
-                    *(t.data_ptr() for t in tensors), identity, a.lut_half,
+                    *(t.data_ptr() for t in tensors), a.first_index.numel(), a.lut_half,
                     torch.get_num_threads())
     if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[a.vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")

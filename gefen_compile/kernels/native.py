@@ -30,7 +30,7 @@ class StepArgs(ctypes.Structure):
         ("lut", _P),
         ("bounds", _P),
         ("first_index", _P),
-        ("identity_codes", _I64),
+        ("num_distinct", _I64),
         ("lut_half", _I64),
         ("num_threads", _I64),
     ]
@@ -39,6 +39,8 @@ class StepArgs(ctypes.Structure):
 library = ctypes.CDLL(_cpu.__file__)
 library.gefen_step.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_int]
 library.gefen_step.restype = ctypes.c_int
+library.gefen_vbmi_rows.argtypes = [ctypes.c_int]
+library.gefen_vbmi_rows.restype = ctypes.c_int
 library.gefen_histogram.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
 library.gefen_histogram.restype = None
 library.gefen_period_scores.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
