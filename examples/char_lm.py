@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sysconfig
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import gefen_compile
+from stdlib_text import read_stdlib_files
 
 # Large modules present in every CPython 3.10+ as plain .py files (pathlib is left out: it
 # became a package in 3.13). Sorted, so the corpus is the same on every run.
@@ -61,15 +60,7 @@ WEIGHT_DECAY = 0.01
 def load_corpus() -> tuple[Tensor, Tensor]:
     """The standard-library sources in :data:`STDLIB_FILES`, concatenated, as uint8 tensors:
     the first 90% for training and the last 10% held out for validation."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    missing = [name for name in STDLIB_FILES if not (stdlib / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"char_lm: {', '.join(missing)} not found under {stdlib}; this Python ships its "
-            "standard library without .py sources (some slim distributions strip them), so run "
-            "the example with a Python that has them"
-        )
-    data = b"".join((stdlib / name).read_bytes() for name in STDLIB_FILES)
+    data = b"".join(read_stdlib_files(STDLIB_FILES, "char_lm"))
     corpus = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     split = int(len(corpus) * (1 - VAL_FRACTION))
     return corpus[:split].clone(), corpus[split:].clone()

@@ -42,7 +42,6 @@ import csv
 import json
 import math
 import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -52,6 +51,8 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from stdlib_text import read_stdlib_files
 
 # Plain .py modules present, under these paths, in every CPython 3.10 to 3.13 (none moved into
 # a package or was removed in those versions). About 2.2 MB; sorted, so the corpus is fixed.
@@ -169,17 +170,8 @@ def load_corpus() -> tuple[Tensor, Tensor]:
     10% validates, so validation covers the same mix of modules as training rather than
     whichever file happens to come last.
     """
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    missing = [name for name in STDLIB_FILES if not (stdlib / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"train_gpt: {', '.join(missing)} not found under {stdlib}; this Python ships its "
-            "standard library without .py sources (some slim distributions strip them), so "
-            "run the example with a Python that has them"
-        )
     train_parts, val_parts = [], []
-    for name in STDLIB_FILES:
-        data = (stdlib / name).read_bytes()
+    for data in read_stdlib_files(STDLIB_FILES, "train_gpt"):
         split = int(len(data) * (1 - VAL_FRACTION))
         train_parts.append(data[:split])
         val_parts.append(data[split:])
