@@ -382,6 +382,8 @@ VBMI static inline void first_moments(const BytePlanes *t, const uint8_t *codes,
     }
 }
 
+#define PREFETCH_AHEAD 512
+
 VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
     ROW_SETUP(float, float, LOAD_F32)
     const BytePlanes *t = s->planes;
@@ -393,6 +395,10 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
     __m512 peak_v = _mm512_setzero_ps(), sum_v = _mm512_setzero_ps(), m[4], gi[4];
     for (int64_t i = 0; i < len; i += 64) {
         const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
+        for (int k = 0; k < 4; k++) {
+            _mm_prefetch((const char *)(g + i + 16 * k + PREFETCH_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(param + i + 16 * k), _MM_HINT_T0);
+        }
         first_moments(t, codes, g, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi);
         for (int k = 0; k < 4; k++) {
             const __mmask16 lanes = (__mmask16)(n >> 16 * k);
