@@ -524,7 +524,8 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
     for (int64_t i = 0; i < len; i += 64) {
         const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
         __m512 dequantised[4];
-        lookup_f32(t->codebook, transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i)), dequantised);
+        const __m512i code = transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i));
+        lookup_f32(t->codebook, code, dequantised);
         for (int k = 0; k < 4; k++) {
             const __mmask16 lanes = (__mmask16)(n >> 16 * k);
             float *pk = param + i + 16 * k;
