@@ -7,7 +7,7 @@ a table compares validation loss, optimizer-state bytes per parameter and time.
     python examples/train_gpt.py                          # AdamW, then Gefen (about 4 min, 2 cores)
     python examples/train_gpt.py --optimizer gefen --steps 1000 --seed 1
     python examples/train_gpt.py --size tiny --steps 200 --no-plot
-    python -m gefen_compile examples/train_gpt.py --optimizer adamw   # the runner makes it Gefen
+    python examples/train_gpt.py --optimizer adamw gefen backend patch runner
 
 ``--optimizer`` takes one or more of:
 
@@ -23,6 +23,10 @@ a table compares validation loss, optimizer-state bytes per parameter and time.
 ``patch``
     ``gefen_compile.patch_adamw()`` before ``torch.optim.AdamW`` is built,
     ``gefen_compile.unpatch_adamw()`` after the run.
+``runner``
+    This script, unmodified, with ``--optimizer adamw`` in a child process started as
+    ``python -m gefen_compile examples/train_gpt.py --optimizer adamw ...``: the runner turns its
+    ``torch.optim.AdamW`` into Gefen. Its report and curve come back into this comparison.
 
 Outputs, under ``--out`` (default ``runs/train_gpt``): ``curves.csv`` (one row per step and
 run: train loss, validation loss where evaluated, tokens/s, optimizer-state bytes/param) and
@@ -41,7 +45,9 @@ import contextlib
 import csv
 import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -102,7 +108,7 @@ VAL_SEED = 1234
 EVAL_BATCHES = 4
 FINAL_EVAL_BATCHES = 16
 EVALS_PER_RUN = 10
-OPTIMIZERS = ("adamw", "gefen", "backend", "patch")
+OPTIMIZERS = ("adamw", "gefen", "backend", "patch", "runner")
 # AdamW's usual GPT settings, shared by every optimizer.
 BETAS = (0.9, 0.95)
 WEIGHT_DECAY = 0.1
@@ -576,16 +582,49 @@ def _row(
     }
 
 
+def train_under_runner(config: TrainConfig) -> RunResult:
+    """The ``runner`` choice: this script, unmodified, run by ``python -m gefen_compile`` with
+    ``--optimizer adamw`` and ``config``'s settings in a child process, as a user runs their own
+    script. The child's ``torch.optim.AdamW`` becomes Gefen there; its report and curves, read
+    back here, make the run's :class:`RunResult`. Its progress shows on this stderr."""
+    with tempfile.TemporaryDirectory(prefix="train_gpt_runner_") as tmp:
+        out, report = Path(tmp), Path(tmp) / "report.json"
+        command = [
+            sys.executable, "-m", "gefen_compile", str(Path(__file__).resolve()),
+            "--optimizer", "adamw", "--size", config.size, "--steps", str(config.steps),
+            "--seed", str(config.seed), "--batch-size", str(config.batch_size),
+            "--block-size", str(config.block_size), "--lr", repr(config.lr),
+            "--eval-every", str(config.eval_every), "--device", config.device,
+            # The same threads as this process, so the runs compare.
+            "--threads", str(torch.get_num_threads()),
+            "--out", str(out), "--report", str(report), "--no-plot",
+        ]
+        # Its header and table would repeat this process's; its progress bar (stderr) stays,
+        # labelled "adamw", as the child sees its optimizer.
+        print("  runner: python -m gefen_compile train_gpt.py --optimizer adamw ...",
+              file=sys.stderr, flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        summary = json.loads(report.read_text())["runs"][0]
+        curve = read_curve(out / "curves.csv")
+    for row in curve:
+        row["optimizer"] = "runner"
+    return RunResult(**{**summary, "optimizer": "runner"}, curve=curve)
+
+
 def compare(
     names: list[str],
     config: TrainConfig,
     data: tuple[Tensor, Tensor] | None = None,
     progress: bool = True,
 ) -> list[RunResult]:
-    """:func:`train` once per optimizer choice in ``names``, one after the other, all from the
-    same seed, data, initial weights and hyperparameters."""
+    """:func:`train` once per optimizer choice in ``names`` (``runner``:
+    :func:`train_under_runner`), one after the other, all from the same seed, data, initial
+    weights and hyperparameters."""
     data = data if data is not None else load_corpus()
-    return [train(name, config, data, progress) for name in names]
+    return [
+        train_under_runner(config) if name == "runner" else train(name, config, data, progress)
+        for name in names
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,6 +644,21 @@ def write_csv(results: list[RunResult], path: Path) -> None:
         for result in results:
             for row in result.curve:
                 writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def read_curve(path: Path) -> list[dict[str, Any]]:
+    """:func:`write_csv`'s rows back, as :func:`train` made them (None for empty cells)."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def number(text: str) -> float | None:
+        return float(text) if text else None
+
+    return [
+        {"optimizer": row["optimizer"], "step": int(row["step"]),
+         **{k: number(row[k]) for k in CSV_COLUMNS[2:]}}
+        for row in rows
+    ]
 
 
 def plot(results: list[RunResult], path: Path, title: str = "") -> None:

@@ -2,7 +2,8 @@
 line as the README shows, writes the curves and the report it documents, and both optimizers
 learn.
 
-One subprocess run (AdamW, then Gefen) is shared by the tests below; a few seconds on 2 cores.
+One subprocess run (AdamW, Gefen, then the runner's child process) is shared by the tests below;
+a few seconds on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ COLUMNS = ["optimizer", "step", "train_loss", "val_loss", "tokens_per_s", "state
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """``train_gpt.py --size tiny`` with AdamW and Gefen: its exit status, output, CSV rows
-    and JSON report."""
+    """``train_gpt.py --size tiny`` with AdamW, Gefen and the runner: its exit status, output,
+    CSV rows and JSON report."""
     tmp = tmp_path_factory.mktemp("train_gpt")
     out, report = tmp / "out", tmp / "report.json"
     # The checkout's package first, whatever gefen_compile is installed; one thread, as these
@@ -36,7 +37,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": pythonpath}
     command = [
         sys.executable, str(SCRIPT), "--size", "tiny", "--steps", str(STEPS), "--threads", "1",
-        "--device", "cpu", "--optimizer", "adamw", "gefen", "--out", str(out),
+        "--device", "cpu", "--optimizer", "adamw", "gefen", "runner", "--out", str(out),
         "--report", str(report), "--no-plot",
     ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
@@ -108,3 +109,20 @@ def test_loss_decreases(run: dict[str, Any]) -> None:
     # Same seed, data, initial weights and hyperparameters: the two runs start identically.
     first = {r["optimizer"]: float(r["val_loss"]) for r in run["rows"] if r["step"] == "0"}
     assert first["adamw"] == first["gefen"]
+
+
+def test_runner_converts_the_unmodified_scripts_adamw(run: dict[str, Any]) -> None:
+    """``--optimizer runner``: the script's own ``torch.optim.AdamW`` path, run by
+    ``python -m gefen_compile`` in a child process, trains exactly as Gefen does here."""
+    runs = runs_by_name(run)
+    assert runs["runner"]["optimizer_class"] == "GefenAdamW"
+    assert runs["runner"]["state_bytes_per_param"] == runs["gefen"]["state_bytes_per_param"]
+    assert runs["runner"]["final_val_loss"] == runs["gefen"]["final_val_loss"]
+
+    def losses(name: str) -> list[tuple[str, str, str]]:
+        return [(r["step"], r["train_loss"], r["val_loss"]) for r in run["rows"]
+                if r["optimizer"] == name]
+
+    assert len(losses("runner")) == STEPS + 1
+    assert losses("runner") == losses("gefen")
+    assert losses("runner") != losses("adamw")
