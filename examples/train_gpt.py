@@ -4,7 +4,7 @@ Every run trains the same byte-level GPT from the same initial weights, on the s
 with the same hyperparameters and learning-rate schedule; only the optimizer differs. At the end
 a table compares validation loss, optimizer-state bytes per parameter and time.
 
-    python examples/train_gpt.py                          # AdamW, then Gefen (about 4 min, 2 cores)
+    python examples/train_gpt.py                          # AdamW, then Gefen (about 3 min, 2 cores)
     python examples/train_gpt.py --optimizer gefen --steps 1000 --seed 1
     python examples/train_gpt.py --size tiny --steps 200 --no-plot
     python examples/train_gpt.py --optimizer adamw gefen backend patch runner
@@ -137,7 +137,7 @@ PRESETS = {
     # (5 bytes/param, as published), a small share of the parameters.
     "tiny": Preset(n_layer=2, n_head=4, n_embd=192, block_size=32, batch_size=32, steps=200,
                    lr=3e-3),
-    # The default: 3.26M parameters, about 2 minutes per optimizer on 2 CPU cores.
+    # The default: 3.26M parameters, about 1.5 minutes per optimizer on 2 CPU cores.
     "small": Preset(n_layer=4, n_head=4, n_embd=256, block_size=128, batch_size=8, steps=800,
                     lr=1e-3),
     # For a GPU: 10.8M parameters, a few minutes there, far too long on a CPU.

@@ -1,4 +1,4 @@
-"""End to end: Gefen trains the README's byte-level language model as well as AdamW does.
+"""End to end: Gefen trains the README's smaller example, a byte-level MLP model, as well as AdamW.
 
 Runs ``examples/char_lm.py`` with both optimizers from the same seed (same weights, same
 batches, same hyperparameters) and compares their held-out loss and optimizer-state size.
