@@ -38,13 +38,15 @@ def step_(
     bounds: Tensor,
     first_index: Tensor,
     lut_half: int,
-    max_row_len: int,
+    work: list[Tensor],
+    work_classes: list[int],
 ) -> None:
     """One Gefen step of a bucket, in place (see ``gefen_compile.state.Bucket``).
 
     ``hyper`` is float64 [groups, 6] (lr, beta1, beta2, eps, weight_decay, maximize) on the
     bucket's device; a None grad skips that parameter; codebook .. lut_half are the fields of a
-    ``codebook.LookupTables``; ``max_row_len`` sizes the CUDA kernel's blocks."""
+    ``codebook.LookupTables``; ``work`` and ``work_classes``: how the CUDA kernel divides the
+    rows among its programs (kernels/work_plan.py)."""
     raise NotImplementedError(
         f"gefen::step_ runs on CPU and CUDA tensors, not {codes.device.type}"
     )

@@ -157,7 +157,7 @@ class Gefen(Optimizer):
             bucket.params, grads, bucket.codes, bucket.magnitude, bucket.vmean, bucket.steps,
             bucket.segments, bucket.num_rows, bucket.param_group,
             hyper_table(self.param_groups, device),
-            t.codebook, t.lut, t.bounds, t.first_index, t.half, bucket.max_row_len,
+            t.codebook, t.lut, t.bounds, t.first_index, t.half, *bucket.work_plan(),
         )
 
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:

@@ -14,12 +14,13 @@ one :class:`Bucket`: its codes, magnitudes, second moments and step counters are
 flat buffers. A kernel works on *rows*, one per magnitude block, numbered across the bucket;
 a small table of *segments*, one per parameter, tells where each parameter's rows begin and where
 its state lives, so one launch updates every parameter of every group with metadata that grows
-with the number of parameters, not their size.
+with the number of parameters, not their size. Each parameter's codes and second moments begin
+at a multiple of 16 elements, so that kernels can read them with 128-bit accesses.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +33,8 @@ STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # it keeps one second moment per element (period 1) or one per row.
 SEG_ROW0, SEG_BLOCK, SEG_CODE, SEG_V, SEG_V_PER_ELEMENT = range(5)
 SEG_FIELDS = 5
+# Codes and second moments of each parameter start at a multiple of this many elements.
+STATE_ALIGN = 16
 
 
 def compute_dtype(state_dtype: torch.dtype) -> torch.dtype:
@@ -58,11 +61,19 @@ class Bucket:
     steps: torch.Tensor  # float32, per parameter
     segments: torch.Tensor  # int64 [parameters, SEG_FIELDS]
     num_rows: int
-    max_row_len: int
+    _work: tuple | None = field(default=None, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.vmean.dtype
+
+    def work_plan(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The CUDA kernel's work tables and classes (kernels/work_plan.py), built once."""
+        if self._work is None:
+            from .kernels.work_plan import work_plan
+
+            self._work = work_plan(self.segments, [p.numel() for p in self.params])
+        return self._work
 
 
 def build_bucket(
@@ -78,9 +89,9 @@ def build_bucket(
     device = params[0].device
     sizes = [(p.numel(), s["period"]) for p, s in zip(params, states)]
     lengths = [(n, *state_sizes(n, period)) for n, period in sizes]
-    codes = torch.zeros(sum(n for n, _, _ in lengths), dtype=torch.uint8, device=device)
+    codes = torch.zeros(sum(_aligned(n) for n, _, _ in lengths), dtype=torch.uint8, device=device)
     magnitude = torch.zeros(sum(m for _, m, _ in lengths), dtype=dtype, device=device)
-    vmean = torch.zeros(sum(v for _, _, v in lengths), dtype=dtype, device=device)
+    vmean = torch.zeros(sum(_aligned(v) for _, _, v in lengths), dtype=dtype, device=device)
     steps = torch.zeros(len(params), dtype=torch.float32, device=device)
     segments = torch.zeros(len(params), SEG_FIELDS, dtype=torch.int64)
     c0 = m0 = v0 = 0
@@ -96,7 +107,7 @@ def build_bucket(
                 view.copy_(state[key].reshape(view.shape))
             state[key] = view
         segments[i] = torch.tensor([m0, magnitude_block(n, period), c0, v0, int(period == 1)])
-        c0, m0, v0 = c0 + n, m0 + m, v0 + v
+        c0, m0, v0 = c0 + _aligned(n), m0 + m, v0 + _aligned(v)
     return Bucket(
         params=list(params),
         owners=list(params if owners is None else owners),
@@ -107,8 +118,12 @@ def build_bucket(
         steps=steps,
         segments=segments.to(device),
         num_rows=m0,
-        max_row_len=max((int(b) for b in segments[:, SEG_BLOCK]), default=1),
     )
+
+
+def _aligned(length: int) -> int:
+    """``length`` rounded up to a multiple of STATE_ALIGN."""
+    return -(-length // STATE_ALIGN) * STATE_ALIGN
 
 
 def state_nbytes(state: dict) -> int:

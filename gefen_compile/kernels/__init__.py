@@ -25,4 +25,5 @@ class StepInputs(NamedTuple):
     bounds: torch.Tensor
     first_index: torch.Tensor
     lut_half: int
-    max_row_len: int
+    work: list[torch.Tensor]
+    work_classes: list[int]

@@ -1,22 +1,39 @@
-"""One-launch multi-tensor Gefen step in Triton (CUDA; ``TRITON_INTERPRET=1`` runs it on CPU
-tensors, which is how CI tests it).
+"""Multi-tensor Gefen step in Triton (CUDA; ``TRITON_INTERPRET=1`` runs it on CPU tensors, which
+is how CI tests it, and tests/test_triton_aot.py compiles it for sm_80 and sm_90 without a GPU).
 
-One program per row (magnitude block) of a bucket, whatever parameter, period or group it
-belongs to: parameters and gradients are reached through tables of data pointers, group
-hyperparameters through a small float64 table, so learning-rate changes change data, never the
-compiled kernel. The arithmetic follows kernels/torch_step.py: IEEE division and square root,
-no fused multiply-adds, so the codes match the core implementation.
+Organised for memory bandwidth, as torch's fused AdamW is:
+
+- Work comes from a table built once per bucket (``work_plan``): each program owns one *item*,
+  a contiguous run of whole rows (magnitude blocks) of one parameter, thousands of elements,
+  and reads its few fields with independent loads: no search, no chain of metadata loads.
+- Items are grouped into classes by row length, and each class is one launch of a kernel
+  specialised for it: a [ROWS, COLS] tile with COLS the row length rounded up to a power of two
+  (rows longer than ``MAX_COLS`` loop over column chunks), so lanes are not masked away, and one
+  program covers many short rows at once. A bucket takes one launch per class present: a small
+  number bounded by the classes, independent of the number of parameters.
+- Codes and state buffers are laid out 16-byte aligned per parameter (state.py); when every
+  pointer of a class is aligned too and its rows are a multiple of 16 elements long, the kernel
+  is told so (``ALIGNED``) and the compiler emits 128-bit loads and stores.
+- The codebook lookup tables are small and read by every program: loaded with
+  ``evict_last`` so they stay in cache, while the streamed data is loaded ``evict_first``.
+
+The arithmetic follows kernels/torch_step.py: IEEE division and square root, no fused
+multiply-adds, round to nearest even into the state dtype (NaN stays NaN), so the codes match
+the other paths exactly.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
-from ..device_tables import device_table
 from . import StepInputs
-from ..state import SEG_FIELDS
+from ..device_tables import device_table
+from . import work_plan
+from .work_plan import classes
 
 _TRITON_DTYPES = {
     torch.float32: tl.float32,
@@ -24,7 +41,21 @@ _TRITON_DTYPES = {
     torch.float16: tl.float16,
     torch.float64: tl.float64,
 }
-_MAX_BLOCK = 1024
+_NUM_WARPS = 4
+# The work plan's constants, as the kernels may read globals: constexprs.
+_ALIGN = tl.constexpr(work_plan.ALIGN)
+_WORK_FIELDS = tl.constexpr(work_plan.WORK_FIELDS)
+W_PARAM, W_ROW0, W_ROWS, W_LEN, W_CODE, W_V, W_ELEM = (
+    tl.constexpr(work_plan.W_PARAM), tl.constexpr(work_plan.W_ROW0),
+    tl.constexpr(work_plan.W_ROWS), tl.constexpr(work_plan.W_LEN),
+    tl.constexpr(work_plan.W_CODE), tl.constexpr(work_plan.W_V), tl.constexpr(work_plan.W_ELEM),
+)
+
+
+@triton.jit
+def _table(ptr, index):
+    """A read of a small table every program reads: kept in cache."""
+    return tl.load(ptr + index, eviction_policy="evict_last")
 
 
 @triton.jit
@@ -33,9 +64,9 @@ def _nearest(x, lut_ptr, bounds_ptr, first_ptr, half):
     scaled = tl.floor(x * half)  # exact: half is a power of two
     scaled = tl.where(scaled == scaled, scaled, -half)  # NaN -> first cell
     cell = tl.minimum(tl.maximum(scaled, -half), half - 1).to(tl.int32) + half
-    below = tl.load(lut_ptr + cell).to(tl.int32)
-    below += (x > tl.load(bounds_ptr + below)).to(tl.int32)
-    return tl.load(first_ptr + below).to(tl.int32)
+    below = _table(lut_ptr, cell)
+    below += (x > _table(bounds_ptr, below)).to(tl.int32)
+    return _table(first_ptr, below)
 
 
 @triton.jit
@@ -58,53 +89,71 @@ def _sqrt(a, COMPUTE: tl.constexpr):
 
 @triton.jit
 def _to_state(x, DTYPE: tl.constexpr):
-    """Round to the state dtype to nearest even; bf16 by hand, because Triton's interpreter
-    truncates where the GPU rounds."""
+    """Round to the state dtype, to nearest even. bf16 by hand, because Triton's interpreter
+    truncates where the GPU rounds; NaN becomes torch's bf16 NaN (the carry of the rounding
+    would otherwise turn it into -0.0)."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(x == x, rounded, 0x7FC0)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
 
 
 @triton.jit
-def _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep1, sign):
-    """The previous first moment, dequantised, moved by this step's gradient."""
-    g = sign * tl.load(grad + offs, mask=mask, other=0.0).to(old_mag.dtype)
-    m = tl.load(codebook_ptr + tl.load(code_ptr + offs, mask=mask, other=0)) * old_mag
-    return m * beta1 + g * keep1, g
+def _moment(codebook_ptr, code_ptr, grad_ptr, offs, mask, old_mag, beta1, keep1, sign,
+            COMPUTE: tl.constexpr):
+    """The previous first moment, dequantised, moved by this step's gradient; and the gradient."""
+    g = sign * tl.load(grad_ptr + offs, mask=mask, other=0.0,
+                       eviction_policy="evict_first").to(COMPUTE)
+    code = tl.load(code_ptr + offs, mask=mask, other=0, eviction_policy="evict_first")
+    m = _table(codebook_ptr, code.to(tl.int32)) * old_mag
+    # Lanes past a row's end hold 0, not a moment: they must not raise the row's peak.
+    return tl.where(mask, m * beta1 + g * keep1, 0.0), g
 
 
 @triton.jit
-def _param_of_row(segments_ptr, num_params, r, FIELDS: tl.constexpr):
-    """The last parameter whose first row is at most r (see cpu_step.c: param_of_row)."""
-    lo = tl.full([], 0, tl.int64)
-    hi = num_params - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        below = tl.load(segments_ptr + mid * FIELDS) <= r
-        lo = tl.where(below, mid, lo)
-        hi = tl.where(below, hi, mid - 1)
-    return lo
+def _quantise_and_update(m, mask, offs, code_ptr, param_ptr, stored, scale, decay, codebook_ptr,
+                         lut_ptr, bounds_ptr, first_ptr, half,
+                         DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """New codes of ``m`` against its row magnitude ``stored`` (0 where it is 0), and the
+    parameter update with the quantised moment."""
+    code = _nearest(_div(m, stored, COMPUTE), lut_ptr, bounds_ptr, first_ptr, half)
+    code = tl.where(stored > 0, code, 0)
+    tl.store(code_ptr + offs, code.to(tl.uint8), mask=mask)
+    m_q = _table(codebook_ptr, code) * stored
+    x = tl.load(param_ptr + offs, mask=mask, other=0.0).to(COMPUTE) * decay
+    tl.store(param_ptr + offs, _to_state(x - m_q * scale, DTYPE), mask=mask)
 
 
 @triton.jit
 def _gefen_step_kernel(
-    segments_ptr, num_params, pointers_ptr, has_grad_ptr, param_group_ptr, hyper_ptr, bias_ptr,
+    work_ptr, pointers_ptr, has_grad_ptr, param_group_ptr, hyper_ptr, bias_ptr,
     codes_ptr, mag_ptr, v_ptr, codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half,
-    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, FIELDS: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    PER_ELEMENT: tl.constexpr, MULTI: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    mag_index = tl.program_id(0).to(tl.int64)  # one row per magnitude
-    p = _param_of_row(segments_ptr, num_params, mag_index, FIELDS)
+    w = work_ptr + tl.program_id(0).to(tl.int64) * _WORK_FIELDS
+    p = tl.load(w + W_PARAM)
     if tl.load(has_grad_ptr + p) != 0:
-        seg = segments_ptr + p * FIELDS
-        length = tl.load(seg + 1)
-        row = mag_index - tl.load(seg)
-        start = row * length
-        code_ptr = codes_ptr + tl.load(seg + 2) + start
-        per_element = tl.load(seg + 4) != 0
-        v_index = tl.load(seg + 3) + tl.where(per_element, start, row)
+        row0 = tl.load(w + W_ROW0)
+        num_rows = tl.load(w + W_ROWS).to(tl.int32)
+        length = tl.load(w + W_LEN).to(tl.int32)
+        elem0 = tl.load(w + W_ELEM)
+        code_ptr = codes_ptr + tl.load(w + W_CODE)
+        param_ptr = tl.load(pointers_ptr + 2 * p).to(tl.pointer_type(DTYPE)) + elem0
+        grad_ptr = tl.load(pointers_ptr + 2 * p + 1).to(tl.pointer_type(DTYPE)) + elem0
+        v_row_ptr = v_ptr + tl.load(w + W_V)  # the second moment of the item's first row/element
+        if ALIGNED:
+            # Declared on the values themselves, in this body: a hint on a helper's argument
+            # is lost. Pointers: 16 bytes; row lengths: 16 elements.
+            length = tl.multiple_of(length, _ALIGN)
+            code_ptr = tl.multiple_of(code_ptr, _ALIGN)
+            param_ptr = tl.multiple_of(param_ptr, _ALIGN)
+            grad_ptr = tl.multiple_of(grad_ptr, _ALIGN)
+            v_row_ptr = tl.multiple_of(v_row_ptr, _ALIGN)
+
         h = hyper_ptr + tl.load(param_group_ptr + p) * 6
         lr, b1, b2 = tl.load(h), tl.load(h + 1), tl.load(h + 2)
         beta1, keep1 = b1.to(COMPUTE), (1.0 - b1).to(COMPUTE)
@@ -114,78 +163,101 @@ def _gefen_step_kernel(
         sign = tl.where(tl.load(h + 5) != 0.0, -1.0, 1.0).to(COMPUTE)
         step_size = (lr / tl.load(bias_ptr + 2 * p)).to(COMPUTE)
         bias2 = tl.load(bias_ptr + 2 * p + 1).to(COMPUTE)
-        param = tl.load(pointers_ptr + 2 * p).to(tl.pointer_type(DTYPE)) + start
-        grad = tl.load(pointers_ptr + 2 * p + 1).to(tl.pointer_type(DTYPE)) + start
-        old_mag = tl.load(mag_ptr + mag_index).to(COMPUTE)
 
-        peak = tl.full([], 0.0, COMPUTE)
-        square_sum = tl.full([], 0.0, COMPUTE)
-        for lo in range(0, length, BLOCK):
-            offs = lo + tl.arange(0, BLOCK)
-            mask = offs < length
-            m, g = _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep1, sign)
-            peak = tl.maximum(peak, tl.max(tl.where(mask, tl.abs(m), 0.0), axis=0))
-            square = g * g
-            if per_element:
-                v = v_ptr + v_index + offs
-                tl.store(v, _to_state(tl.load(v, mask=mask).to(COMPUTE) * beta2 + square * keep2, DTYPE), mask=mask)
-            else:
-                square_sum += tl.sum(square, axis=0)
-        stored = _to_state(peak, DTYPE)
-        tl.store(mag_ptr + mag_index, stored)
-        stored = stored.to(COMPUTE)
-        shared_scale = tl.full([], 0.0, COMPUTE)
-        if not per_element:
-            mean = _div(square_sum, length.to(COMPUTE), COMPUTE)
-            v = _to_state(tl.load(v_ptr + v_index).to(COMPUTE) * beta2 + mean * keep2, DTYPE)
-            tl.store(v_ptr + v_index, v)
-            denom = _sqrt(_div(v.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
-            shared_scale = _div(step_size, denom, COMPUTE)
-
-        for lo in range(0, length, BLOCK):
-            offs = lo + tl.arange(0, BLOCK)
-            mask = offs < length
-            m, g = _first_moment(codebook_ptr, code_ptr, grad, offs, mask, old_mag, beta1, keep1, sign)
-            code = _nearest(_div(m, stored, COMPUTE), lut_ptr, bounds_ptr, first_ptr, half)
-            code = tl.where(stored > 0, code, 0)
-            tl.store(code_ptr + offs, code.to(tl.uint8), mask=mask)
-            m_q = tl.load(codebook_ptr + code) * stored
-            if per_element:
-                v = tl.load(v_ptr + v_index + offs, mask=mask, other=1.0).to(COMPUTE)
-                scale = _div(step_size, _sqrt(_div(v, bias2, COMPUTE), COMPUTE) + eps, COMPUTE)
-            else:
-                scale = shared_scale
-            x = tl.load(param + offs, mask=mask).to(COMPUTE) * decay
-            x = x - m_q * scale
-            tl.store(param + offs, _to_state(x, DTYPE), mask=mask)
+        cols = tl.arange(0, COLS)
+        for r in range(0, num_rows, ROWS):
+            rows = r + tl.arange(0, ROWS)
+            row_ok = rows < num_rows
+            mag = mag_ptr + row0 + rows
+            old_mag = tl.load(mag, mask=row_ok, other=0.0).to(COMPUTE)[:, None]
+            if MULTI:  # long rows: reductions over column chunks, then the update
+                peak = tl.zeros([ROWS], dtype=COMPUTE)
+                square_sum = tl.zeros([ROWS], dtype=COMPUTE)
+                for c in range(0, length, COLS):
+                    offs = (rows * length + c)[:, None] + cols[None, :]
+                    mask = row_ok[:, None] & (c + cols < length)[None, :]
+                    m, g = _moment(codebook_ptr, code_ptr, grad_ptr, offs, mask, old_mag, beta1,
+                                   keep1, sign, COMPUTE)
+                    peak = tl.maximum(peak, tl.max(tl.abs(m), axis=1))
+                    square_sum += tl.sum(g * g, axis=1)
+                stored = _to_state(peak, DTYPE)
+                tl.store(mag, stored, mask=row_ok)
+                stored = stored.to(COMPUTE)[:, None]
+                v = v_row_ptr + rows
+                mean = _div(square_sum, length.to(COMPUTE), COMPUTE)
+                v_new = _to_state(tl.load(v, mask=row_ok, other=0.0).to(COMPUTE) * beta2
+                                  + mean * keep2, DTYPE)
+                tl.store(v, v_new, mask=row_ok)
+                denom = _sqrt(_div(v_new.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
+                scale = _div(step_size, denom, COMPUTE)[:, None]
+                for c in range(0, length, COLS):
+                    offs = (rows * length + c)[:, None] + cols[None, :]
+                    mask = row_ok[:, None] & (c + cols < length)[None, :]
+                    m, g = _moment(codebook_ptr, code_ptr, grad_ptr, offs, mask, old_mag, beta1,
+                                   keep1, sign, COMPUTE)
+                    _quantise_and_update(m, mask, offs, code_ptr, param_ptr, stored, scale, decay,
+                                         codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half,
+                                         DTYPE, COMPUTE)
+            else:  # whole rows in one tile: one pass over memory
+                offs = (rows * length)[:, None] + cols[None, :]
+                mask = row_ok[:, None] & (cols < length)[None, :]
+                m, g = _moment(codebook_ptr, code_ptr, grad_ptr, offs, mask, old_mag, beta1,
+                               keep1, sign, COMPUTE)
+                stored = _to_state(tl.max(tl.abs(m), axis=1), DTYPE)
+                tl.store(mag, stored, mask=row_ok)
+                stored = stored.to(COMPUTE)[:, None]
+                if PER_ELEMENT:
+                    v = v_row_ptr + offs
+                    v_new = _to_state(tl.load(v, mask=mask, other=0.0).to(COMPUTE) * beta2
+                                      + g * g * keep2, DTYPE)
+                    tl.store(v, v_new, mask=mask)
+                    denom = _sqrt(_div(v_new.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
+                    scale = _div(step_size, denom, COMPUTE)
+                else:
+                    v = v_row_ptr + rows
+                    mean = _div(tl.sum(g * g, axis=1), length.to(COMPUTE), COMPUTE)
+                    v_new = _to_state(tl.load(v, mask=row_ok, other=0.0).to(COMPUTE) * beta2
+                                      + mean * keep2, DTYPE)
+                    tl.store(v, v_new, mask=row_ok)
+                    denom = _sqrt(_div(v_new.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
+                    scale = _div(step_size, denom, COMPUTE)[:, None]
+                _quantise_and_update(m, mask, offs, code_ptr, param_ptr, stored, scale, decay,
+                                     codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half,
+                                     DTYPE, COMPUTE)
 
 
 def step(*args) -> None:
-    """One Gefen step of every row of a bucket in one kernel launch (the arguments of
+    """One Gefen step of every row of a bucket: one launch per work class (the arguments of
     ops.step_)."""
     a = StepInputs(*args)
     device = a.codes.device
+    addresses = tuple(x for p, g in zip(a.params, a.grads) for x in (p.data_ptr(), _address(g)))
     has_grad = device_table(tuple(g is not None for g in a.grads), torch.uint8, device)
-    pointers = device_table(
-        tuple(x for p, g in zip(a.params, a.grads) for x in (p.data_ptr(), _address(g))),
-        torch.int64,
-        device,
-    )
+    pointers = device_table(addresses, torch.int64, device)
     # Step counts and bias corrections on the device: no host sync, CUDA-graph capturable.
     a.steps.add_(has_grad)
     betas = a.hyper[a.param_group][:, 1:3]
     bias = (1 - betas ** a.steps.double().unsqueeze(1)).contiguous()
-    if a.num_rows == 0:
-        return
-    _gefen_step_kernel[(a.num_rows,)](
-        a.segments, len(a.params), pointers, has_grad, a.param_group, a.hyper, bias,
-        a.codes, a.magnitude, a.vmean, a.codebook, a.lut, a.bounds, a.first_index, a.lut_half,
-        DTYPE=_TRITON_DTYPES[a.vmean.dtype],
-        COMPUTE=tl.float64 if a.vmean.dtype == torch.float64 else tl.float32,
-        FIELDS=SEG_FIELDS,
-        BLOCK=min(_MAX_BLOCK, triton.next_power_of_2(a.max_row_len)),
-        enable_fp_fusion=False,
-    )
+    # Parameters and gradients are the user's tensors: 128-bit access only where all are
+    # aligned (they are, straight from the caching allocator; views may not be).
+    pointers_aligned = all(x % work_plan.ALIGN == 0 for x in addresses)
+    compute = tl.float64 if a.vmean.dtype == torch.float64 else tl.float32
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        for work, c in zip(a.work, classes(a.work_classes)):
+            _launch(
+                _gefen_step_kernel, (work.shape[0],),
+                (work, pointers, has_grad, a.param_group, a.hyper, bias, a.codes, a.magnitude,
+                 a.vmean, a.codebook, a.lut, a.bounds, a.first_index, a.lut_half),
+                dict(DTYPE=_TRITON_DTYPES[a.vmean.dtype], COMPUTE=compute, ROWS=c.rows,
+                     COLS=c.cols, PER_ELEMENT=c.per_element, MULTI=c.multi,
+                     ALIGNED=c.aligned and pointers_aligned, num_warps=_NUM_WARPS,
+                     enable_fp_fusion=False),
+            )
+
+
+def _launch(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> None:
+    """One kernel launch (tests/test_triton_aot.py compiles through here without launching)."""
+    kernel[grid](*args, **meta)
 
 
 def _address(t: torch.Tensor | None) -> int:

@@ -70,9 +70,12 @@ def lower_fused(
                 for name, value in zip(inputs._fields[2:], inputs[2:]):
                     if name == "hyper":
                         args.append(_hyper_node(graph, attr, optimizer, bucket.codes.device))
+                    elif isinstance(value, torch.Tensor):
+                        args.append(attr.node(name, value))
+                    elif name == "work":  # a list of tables
+                        args.append([attr.node(f"work_{i}", t) for i, t in enumerate(value)])
                     else:
-                        args.append(attr.node(name, value) if isinstance(value, torch.Tensor)
-                                    else value)
+                        args.append(value)
                 report.calls.append(graph.call_function(torch.ops.gefen.step_.default, tuple(args)))
     removed = sorted(matches.nodes, key=order.__getitem__, reverse=True)
     leaves = {leaf for u in matches.updates for leaf in (u.exp_avg, u.exp_avg_sq, u.step)}

@@ -1,0 +1,211 @@
+"""Ahead-of-time compilation of the CUDA step for real GPU targets, on any machine (no GPU).
+
+Triton's interpreter, which runs the kernels on CPU tensors in CI, accepts code that no GPU
+compiler does; this compiles what the real launcher (kernels/triton_step.py) would launch for
+given buckets, through Triton's own JIT (same argument specialisation, constexprs and options),
+for a target such as sm_90, and reads registers, spills and the SASS from the cubin with the
+tools Triton's wheels carry. Used by tests/test_triton_aot.py and
+benchmarks/bench_gpu_static.py:
+
+    python -m gefen_compile.kernels.aot --arch 80 90
+
+prints one line per compiled specialisation (a non-zero exit on any compile error). Run it with
+another Triton on ``PYTHONPATH`` to check that version. ``TRITON_INTERPRET`` must be unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# A realistic mixed bucket: (shape, period) pairs covering every class the launcher makes:
+# period 1 with 256-element magnitude blocks (per-element second moment) and with short blocks
+# of a prime length, the usual periods of language models (64 .. 1024, 768 masked to 1024
+# columns), rows longer than 1024 (column chunks), and row lengths that are not multiples of 16.
+MIXED_BUCKET = (
+    ((768,), 1), ((37,), 1), ((6, 7), 1), ((64, 64), 64), ((32, 128), 128), ((4, 768), 768),
+    ((8, 1024), 1024), ((4, 2048), 2048), ((12, 40), 40), ((9, 3), 3), ((4, 3072), 3072),
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class CompiledSpecialisation:
+    """One compiled specialisation of the step kernel and what its cubin shows."""
+
+    arch: int
+    dtype: str
+    constexprs: dict
+    registers: int
+    spills: int  # bytes of local memory (spill stores and loads show there)
+    sass_instructions: int
+    global_loads: dict  # width in bits -> count in the SASS
+    global_stores: dict
+    shared_bytes: int
+
+
+class _TargetDriver:
+    """Stands in for Triton's active driver: a GPU target, and no device."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return f"aot-sm_{self.target.arch}"  # Triton keys its caches by this
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextmanager
+def _compiling_for(arch: int, compiled: list):
+    """Within: the step launcher compiles for ``arch`` and records kernels, launching nothing."""
+    from triton.runtime.driver import driver
+
+    from . import triton_step
+
+    if not hasattr(triton_step._gefen_step_kernel, "warmup"):
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
+    launch, previous = triton_step._launch, driver._active  # None where no GPU driver loads
+    driver.set_active(_TargetDriver(arch))
+
+    def compile_only(kernel, grid, args, meta):
+        compiled.append((kernel.warmup(*args, grid=grid, **meta), meta))
+
+    triton_step._launch = compile_only
+    try:
+        yield
+    finally:
+        triton_step._launch = launch
+        driver._active = previous
+
+
+def bucket_inputs(dtype: torch.dtype, shapes=MIXED_BUCKET, unaligned: bool = False):
+    """The arguments of ``gefen::step_`` for a CPU bucket of ``shapes`` (with their periods),
+    built as Gefen builds its buckets; ``unaligned``: one gradient is a view one element into
+    its storage, as user code can make it."""
+    from ..codebook import NearestCode
+    from ..optim import hyper_table
+    from ..state import build_bucket
+    from . import StepInputs
+
+    params = [torch.zeros(shape, dtype=dtype) for shape, _ in shapes]
+    grads = [torch.zeros(shape, dtype=dtype) for shape, _ in shapes]
+    if unaligned:
+        grads[0] = torch.zeros(grads[0].numel() + 1, dtype=dtype)[1:].view(grads[0].shape)
+    bucket = build_bucket(params, [0] * len(params), [{"period": p} for _, p in shapes], dtype)
+    nearest = NearestCode(torch.linspace(-1, 1, 256))
+    t = nearest.tables("cpu", torch.float64 if dtype == torch.float64 else torch.float32)
+    groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+               "maximize": False}]
+    return StepInputs(
+        bucket.params, grads, bucket.codes, bucket.magnitude, bucket.vmean, bucket.steps,
+        bucket.segments, bucket.num_rows, bucket.param_group, hyper_table(groups, "cpu"),
+        t.codebook, t.lut, t.bounds, t.first_index, t.half, *bucket.work_plan(),
+    )
+
+
+def compile_step(arch: int, dtype: torch.dtype, unaligned: bool = False) -> list:
+    """Every specialisation the launcher produces for the mixed bucket, compiled for ``arch``:
+    (Triton's compiled kernel, the launch's constexprs and options) pairs."""
+    from . import triton_step
+
+    compiled: list = []
+    with _compiling_for(arch, compiled):
+        triton_step.step(*bucket_inputs(dtype, unaligned=unaligned))
+    return compiled
+
+
+def inspect_cubin(cubin: bytes) -> dict:
+    """Registers, local (spill) bytes, shared bytes and SASS statistics of a cubin."""
+    tools = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], check=True,
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    instructions = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    loads, stores = Counter(), Counter()
+    for op in instructions:
+        kind = loads if op.startswith("LDG") else stores if op.startswith("STG") else None
+        if kind is not None:
+            width = re.search(r"\.(8|16|32|64|128|U8|S8|U16|S16)\b", op)
+            bits = {"U8": "8", "S8": "8", "U16": "16", "S16": "16"}.get(width.group(1), width.group(1)) if width else "32"
+            kind[int(bits)] += 1
+    return {
+        "registers": int(resources.get("REG", 0)),
+        "spills": int(resources.get("LOCAL", 0)) + int(resources.get("STACK", 0)),
+        "shared_bytes": int(resources.get("SHARED", 0)),
+        "sass_instructions": len(instructions),
+        "global_loads": dict(sorted(loads.items())),
+        "global_stores": dict(sorted(stores.items())),
+    }
+
+
+def specialisations(archs=(80, 90), dtypes=tuple(DTYPES)) -> list[CompiledSpecialisation]:
+    """Compile and inspect every specialisation for every target and dtype."""
+    results = []
+    for arch in archs:
+        for name in dtypes:
+            for unaligned in (False, True):
+                for kernel, meta in compile_step(arch, DTYPES[name], unaligned):
+                    constexprs = {k: str(v) if not isinstance(v, (bool, int)) else v
+                                  for k, v in meta.items() if k.isupper()}
+                    results.append(CompiledSpecialisation(
+                        arch=arch, dtype=name, constexprs=constexprs,
+                        **inspect_cubin(kernel.asm["cubin"]),
+                    ))
+    return _unique(results)
+
+
+def _unique(results: list[CompiledSpecialisation]) -> list[CompiledSpecialisation]:
+    seen, unique = set(), []
+    for r in results:
+        key = (r.arch, r.dtype, json.dumps(r.constexprs, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    results = specialisations(args.arch, args.dtype)
+    import triton
+
+    for r in results:
+        print(f"triton {triton.__version__} sm_{r.arch} {r.dtype} {r.constexprs} "
+              f"regs={r.registers} spills={r.spills} loads={r.global_loads} "
+              f"stores={r.global_stores}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"triton": triton.__version__, "kernels": [asdict(r) for r in results]}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
