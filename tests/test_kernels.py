@@ -103,20 +103,51 @@ class CountingKernel:
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.bfloat16)])
-def test_one_launch_per_dtype_whatever_the_number_of_parameters(monkeypatch, dtypes):
+def test_launches_do_not_grow_with_the_number_of_parameters(monkeypatch, dtypes):
+    """One launch per row-length class present, per dtype: 8 parameters or 64 of the same
+    shapes take the same launches."""
     counts = []
-    for count in (3, 24):
+    for copies in (1, 8):
         counter = CountingKernel(triton_step._gefen_step_kernel)
         monkeypatch.setattr(triton_step, "_gefen_step_kernel", counter)
-        params = [torch.nn.Parameter(torch.randn(4, 16, dtype=dtypes[i % len(dtypes)]))
-                  for i in range(count)]
+        shapes = [(4, 16), (64,), (8, 40), (3, 7)] * 2 * copies
+        params = [torch.nn.Parameter(torch.randn(s, dtype=dtypes[i % len(dtypes)]))
+                  for i, s in enumerate(shapes)]
         opt = Gefen([{"params": params[::2]}, {"params": params[1::2], "lr": 0.1}])
         for p in params:
-            p.grad = torch.randn_like(p)
+            p.grad = torch.ones_like(p)  # period 1 everywhere: the same classes each time
         opt.step()
         kernel_step(opt, triton_step.step)
         counts.append(counter.launches)
-    assert counts == [len(dtypes), len(dtypes)]
+    # Magnitude blocks of 64, 160 and 21 elements: three classes, two per dtype when split.
+    assert counts[0] == counts[1] == {1: 3, 2: 4}[len(dtypes)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_into_the_state_dtype_is_torchs(dtype):
+    """The kernel's rounding into bf16/fp16 equals torch's round-to-nearest-even, bit for bit:
+    ties both ways, overflow to inf, subnormals, and NaN, also the GPU's NaN 0x7FFFFFFF, whose
+    low bits would carry into -0.0 if rounded like a number."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def round_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(out_ptr + offs, triton_step._to_state(x, DTYPE), mask=offs < n)
+
+    bits = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F7FFFFF, 0x7F7FFFFF, 0x477FF000, 0x00012345,
+            0x80000001, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32),
+                   torch.randn(50, generator=gen) * 10.0 ** torch.randint(-8, 8, (50,), generator=gen)])
+    out = torch.empty(len(x), dtype=dtype)
+    round_kernel[(1,)](x, out, len(x), DTYPE=triton_step._TRITON_DTYPES[dtype], BLOCK=128)
+    expected = x.to(dtype)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    assert torch.equal(out[finite].view(torch.int16), expected[finite].view(torch.int16))
 
 
 def test_strided_parameters_and_gradients_follow_the_logical_order():

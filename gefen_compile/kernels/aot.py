@@ -48,7 +48,8 @@ class CompiledSpecialisation:
     dtype: str
     constexprs: dict
     registers: int
-    spills: int  # bytes of local memory (spill stores and loads show there)
+    spills: int  # local-memory stores and loads in the SASS
+    stack_bytes: int
     sass_instructions: int
     global_loads: dict  # width in bits -> count in the SASS
     global_stores: dict
@@ -144,6 +145,9 @@ def inspect_cubin(cubin: bytes) -> dict:
                               capture_output=True, text=True).stdout
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     instructions = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    # Registers saved to and restored from local memory: spills (the stack frame of the IEEE
+    # division's slow path shows as STACK without any).
+    spills = sum(op.startswith(("STL", "LDL")) for op in instructions)
     loads, stores = Counter(), Counter()
     for op in instructions:
         kind = loads if op.startswith("LDG") else stores if op.startswith("STG") else None
@@ -153,7 +157,8 @@ def inspect_cubin(cubin: bytes) -> dict:
             kind[int(bits)] += 1
     return {
         "registers": int(resources.get("REG", 0)),
-        "spills": int(resources.get("LOCAL", 0)) + int(resources.get("STACK", 0)),
+        "spills": spills,
+        "stack_bytes": int(resources.get("STACK", 0)) + int(resources.get("LOCAL", 0)),
         "shared_bytes": int(resources.get("SHARED", 0)),
         "sass_instructions": len(instructions),
         "global_loads": dict(sorted(loads.items())),

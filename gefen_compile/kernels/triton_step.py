@@ -41,7 +41,10 @@ _TRITON_DTYPES = {
     torch.float16: tl.float16,
     torch.float64: tl.float64,
 }
-_NUM_WARPS = 4
+# Warps of a program: with 4, each thread holds 16 elements of a tile, so 16 codes make one
+# 128-bit access; without alignment accesses are scalar anyway, and 8 warps halve the registers
+# that so many scalar addresses take.
+_NUM_WARPS = {True: 4, False: 8}
 # The work plan's constants, as the kernels may read globals: constexprs.
 _ALIGN = tl.constexpr(work_plan.ALIGN)
 _WORK_FIELDS = tl.constexpr(work_plan.WORK_FIELDS)
@@ -129,7 +132,7 @@ def _quantise_and_update(m, mask, offs, code_ptr, param_ptr, stored, scale, deca
 
 @triton.jit
 def _gefen_step_kernel(
-    work_ptr, pointers_ptr, has_grad_ptr, param_group_ptr, hyper_ptr, bias_ptr,
+    work_ptr, pointers_ptr, has_grad_ptr, param_group_ptr, hyper_ptr, scalars_ptr,
     codes_ptr, mag_ptr, v_ptr, codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half,
     DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
     PER_ELEMENT: tl.constexpr, MULTI: tl.constexpr, ALIGNED: tl.constexpr,
@@ -161,8 +164,8 @@ def _gefen_step_kernel(
         eps = tl.load(h + 3).to(COMPUTE)
         decay = (1.0 - lr * tl.load(h + 4)).to(COMPUTE)
         sign = tl.where(tl.load(h + 5) != 0.0, -1.0, 1.0).to(COMPUTE)
-        step_size = (lr / tl.load(bias_ptr + 2 * p)).to(COMPUTE)
-        bias2 = tl.load(bias_ptr + 2 * p + 1).to(COMPUTE)
+        step_size = tl.load(scalars_ptr + 2 * p).to(COMPUTE)
+        bias2 = tl.load(scalars_ptr + 2 * p + 1).to(COMPUTE)
 
         cols = tl.arange(0, COLS)
         for r in range(0, num_rows, ROWS):
@@ -236,21 +239,25 @@ def step(*args) -> None:
     pointers = device_table(addresses, torch.int64, device)
     # Step counts and bias corrections on the device: no host sync, CUDA-graph capturable.
     a.steps.add_(has_grad)
-    betas = a.hyper[a.param_group][:, 1:3]
-    bias = (1 - betas ** a.steps.double().unsqueeze(1)).contiguous()
+    # Per parameter, float64: lr / (1 - beta1^step) and 1 - beta2^step (IEEE division here,
+    # so the kernel needs no float64 division).
+    hyper = a.hyper[a.param_group]
+    bias = 1 - hyper[:, 1:3] ** a.steps.double().unsqueeze(1)
+    scalars = torch.stack([hyper[:, 0] / bias[:, 0], bias[:, 1]], dim=1)
     # Parameters and gradients are the user's tensors: 128-bit access only where all are
     # aligned (they are, straight from the caching allocator; views may not be).
     pointers_aligned = all(x % work_plan.ALIGN == 0 for x in addresses)
     compute = tl.float64 if a.vmean.dtype == torch.float64 else tl.float32
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         for work, c in zip(a.work, classes(a.work_classes)):
+            aligned = c.aligned and pointers_aligned
             _launch(
                 _gefen_step_kernel, (work.shape[0],),
-                (work, pointers, has_grad, a.param_group, a.hyper, bias, a.codes, a.magnitude,
+                (work, pointers, has_grad, a.param_group, a.hyper, scalars, a.codes, a.magnitude,
                  a.vmean, a.codebook, a.lut, a.bounds, a.first_index, a.lut_half),
                 dict(DTYPE=_TRITON_DTYPES[a.vmean.dtype], COMPUTE=compute, ROWS=c.rows,
                      COLS=c.cols, PER_ELEMENT=c.per_element, MULTI=c.multi,
-                     ALIGNED=c.aligned and pointers_aligned, num_warps=_NUM_WARPS,
+                     ALIGNED=aligned, num_warps=_NUM_WARPS[aligned or c.cols >= 1024],
                      enable_fp_fusion=False),
             )
 
