@@ -1,4 +1,8 @@
-"""Builds the CPU kernels (plain C and OpenMP; no torch headers needed). Metadata: pyproject.toml."""
+"""Builds the CPU kernels (plain C and OpenMP; no torch headers needed). Metadata: pyproject.toml.
+
+The extension is optional: without a working C compiler the build warns and the install goes on
+without it; CPU steps then run the plain-torch path (kernels/native.py says so at run time), and
+CUDA steps never need it."""
 
 import platform
 import sys
@@ -23,6 +27,7 @@ setup(
             sources=["gefen_compile/kernels/cpu_step.c", "gefen_compile/kernels/codebook_dp.c"],
             extra_compile_args=flags,
             extra_link_args=["-fopenmp"] if gcc else [],
+            optional=True,
         )
     ]
 )

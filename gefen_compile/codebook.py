@@ -4,11 +4,13 @@ GEFEN_SPEC "Codebook": 4096 equal bins over [-1, 1]; the codebook is the exact w
 of the non-empty bin centres into 256 contiguous clusters whose first and last centres are
 pinned to -1 and +1.
 
-The dynamic program (kernels/codebook_dp.c) works in integer bin coordinates: centre of bin b
-is ``y * 2**-12`` with ``y = 2b + 1 - 4096``, and counts are integers, so every prefix sum is
-exact in int64 and a cluster's cost is computed about its first point, which avoids
-cancellation. The cluster cost satisfies the quadrangle inequality, so each layer's optimal
-split points are monotone and a divide and conquer finds them in O(B log B).
+The dynamic program (kernels/codebook_dp.c; :class:`_ClusterCosts` in numpy where the C library
+is not built) works in integer bin coordinates: centre of bin b is ``y * 2**-12`` with
+``y = 2b + 1 - 4096``, and counts are integers, so every prefix sum is exact in int64 and a
+cluster's cost is computed about its first point, which avoids cancellation. The cluster cost
+satisfies the quadrangle inequality, so each layer's optimal split points are monotone and a
+divide and conquer finds them in O(B log B). Both solvers do the same float64 operations in the
+same order and keep the leftmost of tied splits, so they return the same edges and cost.
 """
 
 from __future__ import annotations
@@ -85,12 +87,16 @@ def optimal_clustering(counts: torch.Tensor | np.ndarray, k: int) -> tuple[np.nd
         )
     y = 2 * bins.astype(np.int64) + 1 - NUM_BINS
     w = counts_np[bins].astype(np.int64)
-    edges = np.empty(k + 1, dtype=np.int64)
-    cost = native.library.gefen_codebook_dp(
-        len(y), y.ctypes.data, w.ctypes.data, k, _END, edges.ctypes.data
-    )
-    if np.isnan(cost):
-        raise MemoryError(f"the codebook's dynamic program ran out of memory ({len(y)} points)")
+    if native.library is None:
+        # Once per run, on the first step, also on CUDA, so not worth the warning of a CPU step.
+        edges, cost = _ClusterCosts(y, w).optimal_edges(k)
+    else:
+        edges = np.empty(k + 1, dtype=np.int64)
+        cost = native.library.gefen_codebook_dp(
+            len(y), y.ctypes.data, w.ctypes.data, k, _END, edges.ctypes.data
+        )
+        if np.isnan(cost):
+            raise MemoryError(f"the codebook's dynamic program ran out of memory ({len(y)} points)")
     prefix_w = np.concatenate([[0], np.cumsum(w)])
     prefix_wy = np.concatenate([[0], np.cumsum(w * y)])
     lo, hi = edges[:-1], edges[1:]
@@ -119,6 +125,82 @@ def _validated_counts(counts: torch.Tensor | np.ndarray) -> np.ndarray:
     return counts
 
 
+class _ClusterCosts:
+    """Costs of contiguous clusters of integer points ``y`` with integer weights ``w``."""
+
+    def __init__(self, y: np.ndarray, w: np.ndarray):
+        zero = np.zeros(1, dtype=np.int64)
+        self.y = y
+        self.n = len(y)
+        self.w = np.concatenate([zero, np.cumsum(w)])
+        self.wy = np.concatenate([zero, np.cumsum(w * y)])
+        self.wyy = np.concatenate([zero, np.cumsum(w * y * y)])
+
+    def _moments_about(self, i, j, a):
+        """sum(w), sum(w (y - a)), sum(w (y - a)^2) over points i..j-1, exactly."""
+        w = self.w[j] - self.w[i]
+        wy = self.wy[j] - self.wy[i]
+        wyy = self.wyy[j] - self.wyy[i]
+        return w, wy - a * w, wyy - 2 * a * wy + a * a * w
+
+    def free(self, i, j):
+        """Cost of points i..j-1 about their weighted mean (taken about point i: no cancellation)."""
+        w, d, dd = self._moments_about(i, j, self.y[i])
+        return dd - d.astype(np.float64) ** 2 / w
+
+    def pinned(self, i, j, centre: int):
+        """Cost of points i..j-1 about a fixed centre."""
+        return self._moments_about(i, j, centre)[2].astype(np.float64)
+
+    def optimal_edges(self, k: int) -> tuple[np.ndarray, float]:
+        """Cluster edges 0 = e_0 < ... < e_k = n minimising the total cost, and that cost."""
+        n = self.n
+        # best[j]: optimal cost of points 0..j-1 in the clusters placed so far.
+        ends = np.arange(1, n - k + 2)
+        best = np.full(n + 1, np.inf)
+        best[ends] = self.pinned(0, ends, -_END)
+        split = np.zeros((k, n + 1), dtype=np.int64)
+        for layer in range(2, k):
+            best = self._next_layer(best, layer, n - (k - layer), split[layer])
+        starts = np.arange(k - 1, n)
+        totals = best[starts] + self.pinned(starts, n, _END)
+        edges = np.empty(k + 1, dtype=np.int64)
+        edges[k], edges[0] = n, 0
+        edges[k - 1] = starts[np.argmin(totals)]
+        for layer in range(k - 1, 1, -1):
+            edges[layer - 1] = split[layer, edges[layer]]
+        return edges, float(totals.min())
+
+    def _next_layer(self, prev: np.ndarray, layer: int, last_end: int, split: np.ndarray):
+        """Optimal costs with one more free cluster, ending at ``layer..last_end``.
+
+        Row minima of a Monge matrix: the leftmost optimal split is monotone in the end, so
+        each depth of the divide and conquer scans every candidate once, all rows together.
+        """
+        cur = np.full(self.n + 1, np.inf)
+        lo_end, hi_end = np.array([layer]), np.array([last_end])
+        lo_split, hi_split = np.array([layer - 1]), np.array([last_end - 1])
+        while lo_end.size:
+            end = (lo_end + hi_end) // 2
+            count = np.minimum(hi_split, end - 1) - lo_split + 1
+            first = np.cumsum(count) - count
+            row = np.repeat(np.arange(len(count)), count)
+            start = np.arange(int(count.sum())) - first[row] + lo_split[row]
+            values = prev[start] + self.free(start, end[row])
+            row_min = np.minimum.reduceat(values, first)
+            at_min = np.where(values == row_min[row], start, self.n)
+            arg = np.minimum.reduceat(at_min, first)
+            cur[end], split[end] = row_min, arg
+            left, right = lo_end < end, end < hi_end
+            lo_end, hi_end, lo_split, hi_split = (
+                np.concatenate([lo_end[left], end[right] + 1]),
+                np.concatenate([end[left] - 1, hi_end[right]]),
+                np.concatenate([lo_split[left], arg[right]]),
+                np.concatenate([arg[left], hi_split[right]]),
+            )
+        return cur
+
+
 @dataclass(frozen=True)
 class LookupTables:
     """What a kernel needs to find nearest codes: see :class:`NearestCode`."""
@@ -128,6 +210,13 @@ class LookupTables:
     bounds: torch.Tensor  # compute dtype: boundaries between distinct entries, then +inf
     first_index: torch.Tensor  # int32: number of boundaries below a value -> its code
     half: int  # cells per unit length; a power of two
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """int64 codes of values ``x`` (the tables' dtype and device, any shape); NaN gives 0."""
+        cell = (x * self.half).floor_().nan_to_num_(-self.half).clamp_(-self.half, self.half - 1)
+        below = self.lut[cell.long() + self.half].long()
+        below += x > self.bounds[below]
+        return self.first_index[below].long()
 
 
 class NearestCode:
@@ -169,11 +258,7 @@ class NearestCode:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """int64 codes of fp32 or fp64 values ``x`` (any shape, same device); NaN gives 0."""
-        t = self.tables(x.device, x.dtype)
-        cell = (x * t.half).floor_().nan_to_num_(-t.half).clamp_(-t.half, t.half - 1)
-        below = t.lut[cell.long() + t.half].long()
-        below += x > t.bounds[below]
-        return t.first_index[below].long()
+        return self.tables(x.device, x.dtype).codes(x)
 
 
 _INF32 = torch.tensor(float("inf"))

@@ -5,19 +5,21 @@ with no graph break (fake implementations give shapes only).
 - ``gefen::histogram``: the first-step histogram of normalised gradient rows.
 - ``gefen::period_scores``: the candidate-period scores of several gradients.
 
-CPU runs the C kernels (kernels/cpu_step.c); CUDA runs the Triton kernel for the step and
-plain torch ops, with no host round trip, for the first-step ops.
+CPU runs the C kernels (kernels/cpu_step.c), or where they are not built (no C compiler at
+install time) the plain-torch step (kernels/torch_step.py) and the ops' own torch bodies, after
+one warning; CUDA runs the Triton kernel for the step and plain torch ops, with no host round
+trip, for the first-step ops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .codebook import NUM_BINS, gradient_histogram
-from .kernels import cpu_step
+from .kernels import cpu_step, native, torch_step
 from .partition import period_scores as tensor_period_scores
 
 
@@ -52,10 +54,22 @@ def step_(
     )
 
 
+def _register_cpu(op, in_c: Callable, in_torch: Callable) -> None:
+    """``op``'s CPU kernel: ``in_c`` where the C library is built (called as it is: no added
+    per-call work), else ``in_torch`` behind the once-per-process missing-compiler warning."""
+    if native.library is not None:
+        op.register_kernel("cpu")(in_c)
+        return
+
+    def without_c(*args):
+        native.warn_missing()
+        return in_torch(*args)
+
+    op.register_kernel("cpu")(without_c)
+
+
 # The kernels take the op's arguments as they are (see kernels.StepInputs).
-@step_.register_kernel("cpu")
-def _step_cpu(*args) -> None:
-    cpu_step.step(*args)
+_register_cpu(step_, cpu_step.step, torch_step.step)
 
 
 @step_.register_kernel("cuda")
@@ -74,15 +88,17 @@ def _step_fake(*args) -> None:
 def histogram(grads: list[Tensor], periods: list[int], negate: list[bool]) -> Tensor:
     """int64 [4096] counts of every gradient viewed as rows of its period, each row normalised
     by its max |g| (negated first where ``negate``), summed over the gradients."""
+    return _histogram_in_torch(grads, periods, negate)
+
+
+def _histogram_in_torch(grads: list[Tensor], periods: list[int], negate: list[bool]) -> Tensor:
     counts = torch.zeros(NUM_BINS, dtype=torch.int64, device=grads[0].device)
     for grad, period, neg in zip(grads, periods, negate):
         counts += gradient_histogram(-grad if neg else grad, period)
     return counts
 
 
-@histogram.register_kernel("cpu")
-def _histogram_cpu(grads, periods, negate) -> Tensor:
-    return cpu_step.histogram(grads, periods, negate)
+_register_cpu(histogram, cpu_step.histogram, _histogram_in_torch)
 
 
 @histogram.register_fake
@@ -94,6 +110,12 @@ def _histogram_fake(grads, periods, negate) -> Tensor:
 def period_scores(grads: list[Tensor], candidates: list[int], offsets: list[int]) -> Tensor:
     """float64 scores of every gradient's candidate periods, concatenated: those of
     ``grads[t]`` are ``candidates[offsets[t]:offsets[t + 1]]``."""
+    return _period_scores_in_torch(grads, candidates, offsets)
+
+
+def _period_scores_in_torch(
+    grads: list[Tensor], candidates: list[int], offsets: list[int]
+) -> Tensor:
     return torch.cat(
         [
             tensor_period_scores(g, candidates[a:b])
@@ -102,9 +124,7 @@ def period_scores(grads: list[Tensor], candidates: list[int], offsets: list[int]
     )
 
 
-@period_scores.register_kernel("cpu")
-def _period_scores_cpu(grads, candidates, offsets) -> Tensor:
-    return cpu_step.period_scores(grads, candidates, offsets)
+_register_cpu(period_scores, cpu_step.period_scores, _period_scores_in_torch)
 
 
 @period_scores.register_fake

@@ -21,6 +21,7 @@ from gefen_compile.codebook import (
     learn_codebook,
     optimal_clustering,
 )
+from gefen_compile.kernels import native
 
 
 def realistic_counts(elements: int, period: int, seed: int) -> np.ndarray:
@@ -159,3 +160,27 @@ def test_nearest_code_equals_argmin(name, dtype):
     ).to(dtype)
     expected = ref_nearest(values.double().numpy(), codebook.numpy())
     np.testing.assert_array_equal(NearestCode(codebook)(values).numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    ("counts", "k"),
+    [
+        (realistic_counts(2000, 40, 0), CODEBOOK_SIZE),
+        (realistic_counts(6000, 100, 2), CODEBOOK_SIZE),
+        (np.random.default_rng(4).integers(1, 1000, NUM_BINS), CODEBOOK_SIZE),
+        (sparse_counts(300, 8), 17),
+        (sparse_counts(9, 9), 9),
+        # Equal weights at symmetric points: tied splits, where both keep the leftmost.
+        (np.repeat([0, 5], NUM_BINS // 2), 40),
+    ],
+)
+def test_numpy_dp_equals_c_dp(monkeypatch, counts, k):
+    """Without the C library the codebook's dynamic program runs in numpy: the same float64
+    operations in the same order, so the same cost, bit for bit, and the same clusters."""
+    if native.library is None:
+        pytest.skip("the C library is not built")
+    c_centres, c_cost = optimal_clustering(counts, k)
+    monkeypatch.setattr(native, "library", None)
+    centres, cost = optimal_clustering(counts, k)
+    assert cost == c_cost
+    np.testing.assert_array_equal(centres, c_centres)

@@ -1,4 +1,7 @@
-"""One Gefen step for one parameter in plain torch ops, on any device (GEFEN_SPEC "One step").
+"""Gefen's step in plain torch ops, on any device (GEFEN_SPEC "One step"): the core
+implementation, one parameter at a time (:func:`update_parameter`), seen through a parameter's
+state (:func:`gefen_update`) or through a bucket's flat buffers (:func:`step`, the CPU path where
+the C kernels are not built).
 
 Every floating-point operation that feeds a quantisation decision is written out one op at a
 time (no fused multiply-adds such as ``addcmul``/``lerp``), so the codes are reproducible by any
@@ -7,11 +10,38 @@ implementation that follows the spec's fp32 arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..codebook import NearestCode
+from ..codebook import LookupTables
 from ..partition import magnitude_block
 from ..state import compute_dtype
+from . import StepInputs
+
+
+def step(*args) -> None:
+    """One Gefen step of every parameter of a bucket with a gradient, in place (the arguments of
+    ops.step_), parameter by parameter through views of the bucket's buffers. Reads the segment
+    and hyperparameter tables on the host."""
+    a = StepInputs(*args)
+    nearest = LookupTables(a.codebook, a.lut, a.bounds, a.first_index, a.lut_half).codes
+    hyper = a.hyper.tolist()
+    segments = a.segments.tolist()
+    for i, (param, grad, group) in enumerate(zip(a.params, a.grads, a.param_group.tolist())):
+        if grad is None:
+            continue
+        row0, block, code0, v0, per_element = segments[i]
+        n = param.numel()
+        rows = n // block
+        lr, beta1, beta2, eps, weight_decay, maximize = hyper[group]
+        update_parameter(
+            param, grad, a.codes[code0 : code0 + n], a.magnitude[row0 : row0 + rows],
+            a.vmean[v0 : v0 + (n if per_element else rows)], a.steps[i],
+            period=1 if per_element else block, block=block, codebook=a.codebook,
+            nearest=nearest, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, maximize=bool(maximize),
+        )
 
 
 def gefen_update(
@@ -19,7 +49,7 @@ def gefen_update(
     grad: torch.Tensor,
     state: dict,
     codebook: torch.Tensor,
-    nearest: NearestCode,
+    nearest: Callable[[torch.Tensor], torch.Tensor],
     *,
     lr: float | torch.Tensor,
     beta1: float | torch.Tensor,
@@ -30,10 +60,39 @@ def gefen_update(
 ) -> None:
     """Update ``param`` and its ``state`` in place from ``grad``.
 
-    ``codebook`` holds the codebook's entries in the compute dtype on ``param``'s device.
-    """
-    codes, magnitude, vmean = state["codes"], state["magnitude"], state["vmean"]
+    ``codebook`` holds the codebook's entries in the compute dtype on ``param``'s device;
+    ``nearest`` maps values to codes (a ``codebook.NearestCode``)."""
     period = state["period"]
+    update_parameter(
+        param, grad, state["codes"], state["magnitude"], state["vmean"], state["step"],
+        period=period, block=magnitude_block(state["codes"].numel(), period),
+        codebook=codebook, nearest=nearest, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, maximize=maximize,
+    )
+
+
+def update_parameter(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    codes: torch.Tensor,
+    magnitude: torch.Tensor,
+    vmean: torch.Tensor,
+    count: torch.Tensor,
+    *,
+    period: int,
+    block: int,
+    codebook: torch.Tensor,
+    nearest: Callable[[torch.Tensor], torch.Tensor],
+    lr: float | torch.Tensor,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """The step of one parameter: updates ``param``, its state tensors (``codes`` .. ``vmean``,
+    see state.py) and its step ``count`` (a float32 scalar tensor) in place; ``block`` is its
+    magnitude block (``partition.magnitude_block``)."""
     dtype = compute_dtype(vmean.dtype)
     g = grad.reshape(-1).to(dtype)
     if maximize:
@@ -44,21 +103,20 @@ def gefen_update(
         square = square.view(-1, period).mean(dim=1)
     vmean.copy_(vmean.to(dtype) * beta2 + square * (1 - beta2))
 
-    step = state["step"]
-    step += 1
+    count += 1
 
-    block = magnitude_block(codes.numel(), period)
     m = codebook[codes.long()].view(-1, block) * magnitude.to(dtype).unsqueeze(1)
     m = m * beta1 + g.view(-1, block) * (1 - beta1)
     new_codes = quantise_blocks(m, magnitude, nearest)
     codes.copy_(new_codes.view(-1))
     m_q = codebook[new_codes] * magnitude.to(dtype).unsqueeze(1)
 
-    step64 = step.double()
+    step64 = count.double()
     bias1 = 1 - beta1**step64
     bias2 = 1 - beta2**step64
-    # One division per second moment (per block, or per element for period 1).
-    scale = (lr / bias1) / ((vmean.to(dtype) / bias2).sqrt() + eps)
+    # One division per second moment (per block, or per element for period 1). torch.div, as
+    # the kernels divide: ``float / tensor`` would multiply by a rounded reciprocal.
+    scale = torch.div(lr, bias1) / ((vmean.to(dtype) / bias2).sqrt() + eps)
     if period > 1:
         m_q, scale = m_q.view(-1, period), scale.unsqueeze(1)
     else:
@@ -70,7 +128,9 @@ def gefen_update(
     param.copy_(p.view_as(param))
 
 
-def quantise_blocks(m: torch.Tensor, magnitude: torch.Tensor, nearest: NearestCode) -> torch.Tensor:
+def quantise_blocks(
+    m: torch.Tensor, magnitude: torch.Tensor, nearest: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Codes (int64, ``m``'s shape) of the rows of ``m`` (one magnitude block each), writing each
     row's max |m| into ``magnitude``; values are divided by the magnitude as stored, in its dtype."""
     magnitude.copy_(m.abs().amax(dim=1))
