@@ -360,17 +360,19 @@ def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, 
 
 def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
     """float64 [groups, 6] on ``device``: lr, beta1, beta2, eps, weight_decay, maximize. A
-    tensor lr is copied tensor to tensor: no host sync, and under torch.compile it stays an
-    input of the graph rather than a constant."""
-    rows, tensor_lrs = [], {}
+    tensor lr or beta is copied tensor to tensor into its entry (never read on the host: no
+    sync), and under torch.compile it stays an input of the graph rather than a constant."""
+    rows, tensors = [], {}
     for i, group in enumerate(groups):
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            tensor_lrs[i], lr = lr, 0.0
-        beta1, beta2 = (float(b) for b in group["betas"])
-        rows.append((float(lr), beta1, beta2, group["eps"], group["weight_decay"],
-                     float(group["maximize"])))
-    table = device_table(tuple(rows), torch.float64, device, tag=("tensor lr", *tensor_lrs))
-    if tensor_lrs:  # written on every step, so the cached table may carry it
-        table[list(tensor_lrs), 0] = torch.stack([lr.to(table) for lr in tensor_lrs.values()])
+        row = []
+        values = (group["lr"], *group["betas"], group["eps"], group["weight_decay"],
+                  group["maximize"])
+        for column, value in enumerate(values):
+            if isinstance(value, Tensor):
+                tensors[i, column], value = value, 0.0
+            row.append(float(value))
+        rows.append(tuple(row))
+    table = device_table(tuple(rows), torch.float64, device, tag=("tensors", *tensors))
+    for (i, column), value in tensors.items():  # written on every step: the cache may hold it
+        table[i, column].copy_(value, non_blocking=True)
     return table
