@@ -174,7 +174,7 @@ def specialisations(archs=(80, 90), dtypes=tuple(DTYPES)) -> list[CompiledSpecia
             for unaligned in (False, True):
                 for kernel, meta in compile_step(arch, DTYPES[name], unaligned):
                     constexprs = {k: str(v) if not isinstance(v, (bool, int)) else v
-                                  for k, v in meta.items() if k.isupper()}
+                                  for k, v in meta.items() if k.isupper() or k == "num_warps"}
                     results.append(CompiledSpecialisation(
                         arch=arch, dtype=name, constexprs=constexprs,
                         **inspect_cubin(kernel.asm["cubin"]),

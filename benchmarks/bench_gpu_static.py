@@ -1,0 +1,52 @@
+"""What the CUDA step kernel compiles to, for real targets, read from its SASS (no GPU needed).
+
+    python benchmarks/bench_gpu_static.py [--arch 80 90] [--dtype fp32 bf16 fp16]
+
+For every specialisation the launcher produces for a realistic mixed bucket
+(gefen_compile/kernels/aot.py): registers per thread, spill instructions, SASS instructions per
+element of a tile (a static count: the kernel body once, over the elements one tile covers),
+the widths of its global loads and stores, and the occupancy its registers allow on an
+H100-class SM (65536 registers, at most 64 warps). Run with TRITON_INTERPRET unset; put another
+Triton first on PYTHONPATH to compare versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from gefen_compile.kernels.aot import DTYPES, specialisations
+from gefen_compile.kernels.work_plan import TILE
+
+REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64
+
+
+def occupancy(registers: int, warps: int) -> float:
+    """Fraction of an SM's warp slots that programs of this size can fill."""
+    per_program = max(registers, 1) * 32 * warps
+    programs = min(REGISTERS_PER_SM // per_program, MAX_WARPS_PER_SM // warps)
+    return programs * warps / MAX_WARPS_PER_SM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    print("| target | dtype | cols x rows | per element v | column chunks | aligned | warps "
+          "| registers | spills | SASS instr / element | global loads (bits: n) "
+          "| global stores | occupancy |")
+    print("|" + "---|" * 13)
+    for k in specialisations(args.arch, args.dtype):
+        c = k.constexprs
+        warps = c.get("num_warps", 4)
+        print(f"| sm_{k.arch} | {k.dtype} | {c['COLS']} x {c['ROWS']} | {c['PER_ELEMENT']} "
+              f"| {c['MULTI']} | {c['ALIGNED']} | {warps} | {k.registers} | {k.spills} "
+              f"| {k.sass_instructions * 32 * warps / TILE:.1f} | {k.global_loads} "
+              f"| {k.global_stores} | {occupancy(k.registers, warps):.0%} |")
+
+
+if __name__ == "__main__":
+    main()
