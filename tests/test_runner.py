@@ -84,6 +84,10 @@ def train(out):
         opt.zero_grad()
     with open(f"{out}/rank{rank}", "w") as f:
         f.write(type(opt).__name__)
+
+
+def run(out):
+    train(out)  # its model and optimizer are freed before the process group
     dist.destroy_process_group()
 """
 
@@ -95,7 +99,7 @@ import torch.multiprocessing as mp
 def worker(rank, out):
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
                             world_size=2)
-    train(out)
+    run(out)
 
 
 if __name__ == "__main__":
@@ -106,7 +110,7 @@ TORCHRUN = DDP_STEPS + """
 import sys
 
 dist.init_process_group("gloo")
-train(sys.argv[1])
+run(sys.argv[1])
 """
 
 
