@@ -7,6 +7,6 @@ from .memory import MemoryReport, memory_report
 from .optim import Gefen
 from .patch import patch_adamw, patched_adamw, unpatch_adamw
 
-__all__ = ["Gefen", "MemoryReport", "adamw_state_dict", "convert", "memory_report", "patch_adamw", "patched_adamw",
-           "unpatch_adamw"]
+__all__ = ["Gefen", "MemoryReport", "adamw_state_dict", "convert", "memory_report",
+           "patch_adamw", "patched_adamw", "unpatch_adamw"]
 __version__ = "0.1.0"
