@@ -1,8 +1,10 @@
-"""``python -m gefen_compile script.py ARGS...`` (or ``gefen-run script.py ARGS...``): run an
-unmodified training script with :func:`~gefen_compile.patch_adamw` applied, so every
-``torch.optim.AdamW`` it builds is Gefen. ``-m module ARGS...`` runs a module instead, as
-``python -m`` does. The script sees its own arguments in ``sys.argv``; its exit code is the
-runner's."""
+"""``python -m gefen_compile [--quiet] script.py ARGS...`` (or ``gefen-run script.py ARGS...``):
+run an unmodified training script with :func:`~gefen_compile.patch_adamw` applied, so every
+``torch.optim.AdamW`` it builds or steps is Gefen. ``-m module ARGS...`` runs a module instead,
+as ``python -m`` does; ``-m torch.distributed.run ...`` (torchrun) runs every worker under the
+runner. The script sees its own arguments in ``sys.argv``; its exit code is the runner's. Each
+conversion prints one line on stderr unless ``--quiet`` or the script configured logging, and
+processes the script starts run the same way (runner.py)."""
 
 from __future__ import annotations
 
@@ -11,35 +13,53 @@ import os
 import runpy
 import sys
 
-from .patch import patch_adamw
+from .runner import TORCHRUN, run_patched, run_torchrun
 
-_USAGE = "python -m gefen_compile [-m module | script.py] [ARGS...]"
+_USAGE = "python -m gefen_compile [--quiet] [-m module | script.py] [ARGS...]"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the runner and of the ``gefen-run`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="gefen-run", usage=_USAGE,
         description="Run a PyTorch script with torch.optim.AdamW replaced by Gefen "
                     "(gefen_compile.patch_adamw()).",
     )
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing about the optimizers converted")
     parser.add_argument("-m", dest="module", help="run a library module as a script")
-    parser.add_argument("target", nargs=argparse.REMAINDER, help="script.py and its arguments")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.module is None and not args.target:
+    # The runner's options come first; everything from the script (or -m's module) on is the
+    # script's, even what looks like an option (argparse's REMAINDER would take it as ours).
+    ours = _runner_options(argv)
+    args = parser.parse_args(argv[:ours])
+    target = argv[ours:]
+    if args.module is None and not target:
         parser.error("give the script to run: " + _USAGE)
-    patch_adamw()
-    if args.module is not None:
-        sys.argv = [args.module, *args.target]
+    run_patched(args.quiet)
+    if args.module == TORCHRUN:
+        run_torchrun(target, args.quiet)
+    elif args.module is not None:
+        sys.argv = [args.module, *target]
         runpy.run_module(args.module, run_name="__main__", alter_sys=True)
-        return
-    script, *script_args = args.target
-    if not os.path.isfile(script):
-        parser.error(f"no such script: {script!r}")
-    sys.argv = [script, *script_args]
-    # As `python script.py` does: the script's directory comes first on the import path.
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    else:
+        script, *script_args = target
+        if not os.path.isfile(script):
+            parser.error(f"no such script: {script!r}")
+        sys.argv = [script, *script_args]
+        # As `python script.py` does: the script's directory comes first on the import path.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+        runpy.run_path(script, run_name="__main__")
+
+
+def _runner_options(argv: list[str]) -> int:
+    """How many leading items of ``argv`` are the runner's own options."""
+    i = 0
+    while i < len(argv) and argv[i] in ("--quiet", "-h", "--help", "-m"):
+        if argv[i] == "-m":
+            return min(i + 2, len(argv))
+        i += 1
+    return i
 
 
 if __name__ == "__main__":

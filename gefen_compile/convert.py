@@ -7,12 +7,20 @@ performs the Gefen update. That is what keeps working for every way a step reach
 ``opt.step()``, an LR scheduler's wrapper, and a ``torch.compile(opt.step)`` bound before the
 conversion all call AdamW's ``step``, which runs the hooks (DESIGN "Facts about torch.compile").
 
+A subclass whose own ``step`` calls ``super().step()`` gets one more class in its MRO, right
+above AdamW, whose ``step`` is the Gefen update (and no hook: its wrapped ``step`` and AdamW's
+would both run hooks, updating twice). The update then happens exactly where AdamW's would, after
+whatever the subclass does first.
+
 State AdamW already holds is migrated into Gefen's (migrate.py) and its fp32 buffers released.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -24,6 +32,31 @@ from .state import adamw_state_nbytes
 
 log = logging.getLogger("gefen_compile")
 
+
+@dataclass(frozen=True)
+class Conversion:
+    """What one :func:`convert` did; ``str()`` is the line the runner prints."""
+
+    optimizer: str  # the optimizer's own class, module-qualified
+    tensors: int
+    parameters: int
+    state_before: int  # bytes of optimizer state before the conversion
+    state_after: int
+    adamw_state: int  # bytes AdamW would allocate for these parameters
+
+    def __str__(self) -> str:
+        pending = "" if self.state_after else (
+            f" (AdamW would allocate {_bytes(self.adamw_state)}; Gefen about 1 byte per "
+            "parameter, at its first step)")
+        return (f"converted {self.optimizer} to Gefen ({self.tensors} tensors, {self.parameters} "
+                f"parameters): optimizer state {_bytes(self.state_before)} -> "
+                f"{_bytes(self.state_after)}{pending}")
+
+
+# Called with every Conversion, after it is logged (the runner's report: report.py).
+LISTENERS: list[Callable[[Conversion], None]] = []
+
+
 class _ConvertedAdam:
     """What a converted Adam/AdamW adds to its own class (first in the MRO, then the AdamW
     class, then Gefen): no AdamW state, and the Gefen update as the last step pre-hook."""
@@ -34,7 +67,8 @@ class _ConvertedAdam:
     def register_step_pre_hook(self, hook):
         handle = super().register_step_pre_hook(hook)
         # User hooks (gradient clipping, say) must see the gradients before the update.
-        self._optimizer_step_pre_hooks.move_to_end(self._gefen_hook)
+        if self._gefen_hook is not None:
+            self._optimizer_step_pre_hooks.move_to_end(self._gefen_hook)
         return handle
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -51,6 +85,35 @@ class GefenAdam(_ConvertedAdam, Adam, Gefen):
     """A ``torch.optim.Adam`` (decoupled weight decay, or none) converted to Gefen."""
 
 
+class GefenStep:
+    """Sits right above AdamW (or Adam) in the MRO of a subclass that overrides ``step``: where
+    that ``step`` calls ``super().step()``, Gefen's update runs instead of AdamW's, once. An
+    optimizer reaching it unconverted (the patch's probe, patch.py) is converted first."""
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        return convert(self)._update(closure)
+
+
+class _GefenStepAdamW(GefenStep, AdamW):
+    pass
+
+
+class _GefenStepAdam(GefenStep, Adam):
+    pass
+
+
+def gefen_step_above(cls: type) -> type:
+    """The :class:`GefenStep` class that goes right above ``cls``'s AdamW (or Adam) base."""
+    return _GefenStepAdamW if issubclass(cls, AdamW) else _GefenStepAdam
+
+
+def overrides_step(cls: type) -> bool:
+    """Whether ``cls`` (an AdamW or Adam subclass) defines a ``step`` of its own (torch wraps
+    every class's step with its hooks, so compare what the wrappers wrap)."""
+    base = AdamW if issubclass(cls, AdamW) else Adam
+    return inspect.unwrap(cls.step) is not inspect.unwrap(base.step)
+
+
 _CONVERTED: dict[type, type] = {AdamW: GefenAdamW, Adam: GefenAdam}
 
 
@@ -61,30 +124,32 @@ def convert(optimizer: Optimizer) -> Optimizer:
     Before its first step nothing is allocated; after it, AdamW's state is migrated into Gefen's
     and its fp32 buffers are released. Param groups, hooks, LR schedulers and references to the
     optimizer keep working. Converting a converted optimizer does nothing.
+
+    A subclass that overrides ``step`` gets Gefen's update where its ``step`` calls
+    ``super().step()``; one whose ``step`` never does keeps its own update and no Gefen update
+    (the patch leaves such subclasses alone: see patch.py).
     """
     if "_gefen_hook" in vars(optimizer) or (
         isinstance(optimizer, Gefen) and not isinstance(optimizer, _ConvertedAdam)
     ):
         return optimizer
-    _check_convertible(optimizer)
+    check_convertible(optimizer)
     before = _state_bytes(optimizer)
     full_adamw = sum(adamw_state_nbytes(p) for g in optimizer.param_groups for p in g["params"])
     if not isinstance(optimizer, _ConvertedAdam):
-        optimizer.__class__ = _converted_class(type(optimizer))
+        optimizer.__class__ = _converted_class(own_class(optimizer))
     optimizer._patch_step_function()  # a class never instantiated has an unhooked step
     optimizer._set_codebook(None)
     optimizer._buckets, optimizer._index = None, {}
     _install_update_hook(optimizer)
     migrate_adamw_state(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    after = _state_bytes(optimizer)
-    log.info(
-        "converted %s to Gefen (%d tensors, %d parameters): optimizer state %s -> %s%s",
-        _converted_from(optimizer), len(params), sum(p.numel() for p in params),
-        _bytes(before), _bytes(after),
-        "" if after else f" (AdamW would allocate {_bytes(full_adamw)}; Gefen about 1 byte "
-        "per parameter, at its first step)",
-    )
+    conversion = Conversion(_converted_from(optimizer), len(params),
+                            sum(p.numel() for p in params), before, _state_bytes(optimizer),
+                            full_adamw)
+    log.info("%s", conversion)
+    for listener in LISTENERS:
+        listener(conversion)
     return optimizer
 
 
@@ -92,13 +157,14 @@ def is_convertible(optimizer: Optimizer) -> bool:
     """Whether :func:`convert` would accept ``optimizer`` (exactly AdamW, or Adam without
     coupled weight decay, with no option Gefen refuses)."""
     try:
-        _check_convertible(optimizer)
+        check_convertible(optimizer)
     except (TypeError, ValueError, NotImplementedError):
         return False
     return type(optimizer) in _CONVERTED
 
 
-def _check_convertible(optimizer: Optimizer) -> None:
+def check_convertible(optimizer: Optimizer) -> None:
+    """Raise the error :func:`convert` would raise for ``optimizer``, if any."""
     if not isinstance(optimizer, Adam):
         raise TypeError(
             f"convert: {type(optimizer).__name__} is not torch.optim.AdamW or torch.optim.Adam; "
@@ -120,18 +186,27 @@ def _check_convertible(optimizer: Optimizer) -> None:
 def _converted_class(cls: type) -> type:
     if cls not in _CONVERTED:  # a user's subclass: convert it the same way, named after it
         base = GefenAdamW if issubclass(cls, AdamW) else GefenAdam
-        _CONVERTED[cls] = type(f"Gefen{cls.__name__}", (_ConvertedAdam, cls, Gefen),
+        above = (gefen_step_above(cls),) if overrides_step(cls) else ()
+        _CONVERTED[cls] = type(f"Gefen{cls.__name__}", (_ConvertedAdam, cls, *above, Gefen),
                                {"__doc__": base.__doc__, "__module__": cls.__module__})
     return _CONVERTED[cls]
 
 
+def own_class(optimizer: Optimizer) -> type:
+    """The optimizer's class before any conversion (or probe): torch.optim.AdamW, say."""
+    return next(c for c in type(optimizer).__mro__
+                if not issubclass(c, (_ConvertedAdam, Gefen, GefenStep)))
+
+
 def _converted_from(optimizer: Optimizer) -> str:
-    """The name of the optimizer's own class: torch.optim.adamw.AdamW, say."""
-    cls = next(c for c in type(optimizer).__mro__ if not issubclass(c, (_ConvertedAdam, Gefen)))
+    cls = own_class(optimizer)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _install_update_hook(optimizer: Optimizer) -> None:
+    if isinstance(optimizer, GefenStep):  # the update runs in GefenStep.step, not in a hook
+        optimizer._gefen_hook = None
+        return
     # Optimizer's own registration: the override above moves this very hook to the end.
     optimizer._gefen_hook = Optimizer.register_step_pre_hook(optimizer, _gefen_update).id
 

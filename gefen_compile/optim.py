@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import distributed, ops
+from . import checkpoint, distributed, ops
 from .codebook import NearestCode
 from .device_tables import device_table
 from .first_step import codebook_from, infer_periods
@@ -224,13 +224,17 @@ class Gefen(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """AdamW's ``state_dict`` plus ``"codebook"`` (float32, or None before the first step).
 
-        Per-parameter entries hold ``codes``, ``magnitude``, ``vmean``, ``step`` and ``period``;
-        for DTensor (FSDP2) parameters, the layout in ``gefen_compile/distributed.py``, which
-        ``torch.distributed.checkpoint`` saves and restores rank by rank.
+        Per-parameter entries hold ``codes`` (in the parameter's shape), ``magnitude``,
+        ``vmean``, ``gefen_step`` (the step counter), ``period``, and under ``step`` a marker
+        that makes ``torch.optim.AdamW.load_state_dict`` fail with the fix in its message
+        (``gefen_compile/checkpoint.py``); for DTensor (FSDP2) parameters, the layout in
+        ``gefen_compile/distributed.py``, which ``torch.distributed.checkpoint`` saves and
+        restores rank by rank.
         """
         state_dict = super().state_dict()
         state_dict["codebook"] = self.codebook
-        return distributed.sharded_state_dict(self._params(), state_dict)
+        state_dict = distributed.sharded_state_dict(self._params(), state_dict)
+        return checkpoint.for_saving(self._params(), state_dict)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``Gefen.state_dict()``, keeping every state tensor's dtype (uint8 codes stay
@@ -238,6 +242,7 @@ class Gefen(Optimizer):
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
+        state_dict = checkpoint.from_saved(state_dict)
         state_dict = distributed.local_state_dict(self._params(), state_dict)
         if "codebook" not in state_dict:
             if not all(map(has_adamw_state, state_dict["state"].values())):

@@ -107,8 +107,9 @@ def test_fsdp_periods_are_inferred_per_local_shard(ranks):
 
 def test_fsdp_state_dict_layout(ranks):
     assert ranks[0]["fsdp"]["layout"] == {
-        "codes": "DTensor", "step": "Tensor", "per_rank": "dict", "codebook": "Tensor"
-    }
+        "codes": "DTensor", "step": "bytes", "gefen_step": "Tensor", "per_rank": "dict",
+        "codebook": "Tensor",
+    }  # "step": the marker that makes a plain AdamW refuse the state (checkpoint.py)
 
 
 @pytest.mark.parametrize("via", workers.CHECKPOINT_VIAS)

@@ -1,5 +1,6 @@
 """patch_adamw / unpatch_adamw / patched_adamw and the zero-code-change runner."""
 
+import inspect
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import torch
 
 import gefen_compile as gefen
 from allocations import Allocations
-from gefen_compile.patch import PatchedAdamW, is_patched
+from gefen_compile.patch import is_patched
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,15 +56,132 @@ def test_context_manager_restores_the_previous_state():
     assert not is_patched()
 
 
-def test_a_subclass_of_the_patched_name_keeps_its_class():
+def test_patched_name_keeps_adamws_signature():
+    # nanoGPT: fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters
+    expected = inspect.signature(torch.optim.AdamW)
     gefen.patch_adamw()
+    assert inspect.signature(torch.optim.AdamW) == expected
+    assert "fused" in inspect.signature(torch.optim.AdamW).parameters
 
-    class Mine(torch.optim.AdamW):
-        pass
 
-    opt = Mine(mlp().parameters())
-    assert type(opt) is Mine and isinstance(opt, gefen.Gefen)
-    assert issubclass(Mine, PatchedAdamW)
+EARLY_ADAMW = torch.optim.AdamW  # a reference taken at import time, before any patch
+REGISTRY = {"adamw": torch.optim.AdamW}  # as timm's optimizer factory holds the class
+
+
+def twin_of(params):
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    return twin_params, gefen.Gefen(twin_params, lr=1e-2)
+
+
+def step_both(opt, params, twin, twin_params, steps=3, grad_scale=1.0):
+    """Step ``opt`` and a Gefen twin on the same gradients (the twin's times ``grad_scale``)."""
+    for k in range(steps):
+        torch.manual_seed(100 + k)
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twin_params, grads):
+            p.grad, q.grad = g.clone(), g * grad_scale
+        opt.step()
+        twin.step()
+
+
+@pytest.mark.parametrize("build", ["early reference", "registry"])
+def test_adamw_built_from_an_earlier_reference_is_gefen_from_its_first_step(build):
+    gefen.patch_adamw()
+    make = EARLY_ADAMW if build == "early reference" else REGISTRY["adamw"]
+    n, log, opt = step_allocations(lambda p: make(p))
+    assert type(opt).__name__ == "GefenAdamW"
+    # Converted before AdamW allocated anything: ~1 byte/param, no fp32 moment ever.
+    assert log.total() <= 1.1 * n + (1 << 20)
+    assert log.largest_float()[3] < 4 * 512 * 256 // 4
+    params = list(mlp().parameters())
+    opt = make(params, lr=1e-2)
+    twin_params, twin = twin_of(params)
+    step_both(opt, params, twin, twin_params)
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))  # one update per step
+
+
+def test_unpatch_stops_converting_adamws_at_their_first_step():
+    gefen.patch_adamw()
+    params = list(mlp().parameters())
+    opt = EARLY_ADAMW(params)
+    gefen.unpatch_adamw()
+    params[0].grad = torch.ones_like(params[0])
+    opt.step()
+    assert type(opt) is EARLY_ADAMW and "exp_avg" in opt.state[params[0]]
+
+
+def test_adamw_with_an_option_gefen_refuses_is_left_as_adamw_at_its_first_step(caplog):
+    gefen.patch_adamw()
+    params = list(mlp().parameters())
+    opt = EARLY_ADAMW(params, amsgrad=True)
+    params[0].grad = torch.ones_like(params[0])
+    with caplog.at_level("WARNING", logger="gefen_compile"):
+        opt.step()
+        opt.step()
+    assert type(opt) is EARLY_ADAMW and "max_exp_avg_sq" in opt.state[params[0]]
+    assert len(caplog.records) == 1 and "amsgrad" in caplog.text
+
+
+def subclasses(base):
+    """AdamW subclasses as libraries write them, deriving from ``base``."""
+
+    class Plain(base):  # only its defaults differ
+        def __init__(self, params, lr=1e-2):
+            super().__init__(params, lr=lr)
+
+    class HalvesGradients(base):  # does something, then AdamW's update
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad.mul_(0.5)
+            return super().step(closure)
+
+    class OwnUpdate(base):  # replaces AdamW's update by its own (plain SGD)
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+    return Plain, HalvesGradients, OwnUpdate
+
+
+@pytest.mark.parametrize("defined", ["before the patch", "while patched"])
+def test_subclass_whose_update_is_adamws_is_converted_and_updates_once(defined):
+    if defined == "before the patch":
+        plain, halves, _ = subclasses(EARLY_ADAMW)
+    gefen.patch_adamw()
+    if defined == "while patched":
+        plain, halves, _ = subclasses(torch.optim.AdamW)
+        assert plain.__bases__ == (EARLY_ADAMW,)  # a plain AdamW subclass, as without the patch
+    for cls, scale in ((plain, 1.0), (halves, 0.5)):
+        params = list(mlp().parameters())
+        opt = cls(params, lr=1e-2)
+        twin_params, twin = twin_of(params)
+        step_both(opt, params, twin, twin_params, grad_scale=scale)
+        assert isinstance(opt, cls) and isinstance(opt, gefen.Gefen), cls
+        # Bit-identical to Gefen on the gradients the subclass hands to AdamW's step: the update
+        # runs once per step, where AdamW's would, after the subclass's own work.
+        assert all(torch.equal(p, q) for p, q in zip(params, twin_params)), cls
+        assert all(float(s["step"]) == 3 for s in opt.state.values())
+
+
+@pytest.mark.parametrize("defined", ["before the patch", "while patched"])
+def test_subclass_with_an_update_of_its_own_is_left_alone(defined):
+    gefen.patch_adamw()
+    _, _, own = subclasses(EARLY_ADAMW if defined == "before the patch" else torch.optim.AdamW)
+    params = list(mlp().parameters())
+    start = [p.detach().clone() for p in params]
+    opt = own(params, lr=1e-2)
+    grads = []
+    for k in range(3):
+        grads.append([torch.randn_like(p) for p in params])
+        for p, g in zip(params, grads[-1]):
+            p.grad = g.clone()
+        opt.step()
+    assert type(opt) is own and not isinstance(opt, gefen.Gefen) and not opt.state
+    for p, p0, *gs in zip(params, start, *grads):
+        torch.testing.assert_close(p.detach(), p0 - 1e-2 * sum(gs))  # its update alone
 
 
 def test_patched_adamw_refuses_what_gefen_cannot_do_and_says_how_to_get_adamw():

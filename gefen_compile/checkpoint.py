@@ -1,0 +1,114 @@
+"""Gefen checkpoints against AdamW's: a Gefen ``state_dict`` that a plain ``torch.optim.AdamW``
+refuses at load time, and :func:`adamw_state_dict`, the way back to AdamW.
+
+``torch.optim.Adam(W).load_state_dict`` checks only the number of groups and parameters, then
+its ``__setstate__`` reads ``float(entry["step"])`` for every entry whose step is not a tensor.
+So Gefen saves each entry's step counter under ``"gefen_step"`` and, under ``"step"``, the bytes
+:data:`MARKER` (bytes survive ``torch.save``/``torch.load(weights_only=True)``, DCP and the
+optimizer's own copying, where a str would not): a plain AdamW then fails at load with
+``ValueError: could not convert string to float: b"...<MARKER>"``, which names the fix, instead
+of a ``KeyError: 'exp_avg'`` at its first step. Gefen's ``codes`` are saved in the parameter's
+shape, so that a state_dict alone is enough to rebuild AdamW's moments.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .distributed import is_sharded
+from .partition import magnitude_block
+from .state import compute_dtype
+
+MARKER = (
+    b"this is gefen_compile.Gefen optimizer state, which torch.optim.AdamW cannot load: load it "
+    b"into gefen_compile.Gefen (or run under python -m gefen_compile, or after "
+    b"gefen_compile.patch_adamw()), or convert it for AdamW first: "
+    b"adamw.load_state_dict(gefen_compile.adamw_state_dict(state_dict))"
+)
+STEP = "gefen_step"
+
+
+def for_saving(params: list[Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (entries keyed by index into ``params``) as Gefen saves it: the step
+    counter under ``"gefen_step"``, the :data:`MARKER` under ``"step"``, plain ``codes`` in the
+    parameter's shape (views: nothing is copied)."""
+    state = {}
+    for key, entry in state_dict["state"].items():
+        entry = {**entry, "step": MARKER, STEP: entry["step"]}
+        if not is_sharded(entry["codes"]):
+            entry["codes"] = entry["codes"].view(params[key].shape)
+        state[key] = entry
+    return {**state_dict, "state": state}
+
+
+def from_saved(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`for_saving` (entries saved without the marker pass unchanged)."""
+    return {**state_dict, "state": {k: _restored(e) for k, e in state_dict["state"].items()}}
+
+
+def _restored(entry: dict[str, Any]) -> dict[str, Any]:
+    entry = dict(entry)
+    # A partial entry that dcp.load restored beside the real one may hold only the marker.
+    if isinstance(entry.get("step"), bytes):
+        del entry["step"]
+    if STEP in entry:
+        entry["step"] = entry.pop(STEP)
+    return entry
+
+
+def adamw_state_dict(optimizer_or_state_dict: Optimizer | dict[str, Any]) -> dict[str, Any]:
+    """An AdamW ``state_dict`` from Gefen's (a Gefen optimizer, or its ``state_dict()``), for
+    going back to ``torch.optim.AdamW``: ``adamw.load_state_dict(adamw_state_dict(gefen))``.
+
+    Per parameter: ``exp_avg``, the dequantised first moment (``codebook[codes]`` times the
+    block's magnitude), ``exp_avg_sq``, each block's second moment repeated over its elements,
+    both in the parameter's shape and the state's dtype, and ``step`` (float32, on CPU, as
+    AdamW keeps it). Param groups are kept as saved. The state of sharded (DTensor) parameters
+    is not supported.
+    """
+    state_dict = optimizer_or_state_dict
+    if isinstance(state_dict, Optimizer):
+        state_dict = state_dict.state_dict()
+    if not (isinstance(state_dict, dict) and "state" in state_dict and "param_groups" in state_dict):
+        raise TypeError(
+            "adamw_state_dict: expected a Gefen optimizer or its state_dict(), got "
+            f"{type(optimizer_or_state_dict).__name__}"
+        )
+    state_dict = from_saved(state_dict)
+    codebook = state_dict.get("codebook")
+    state = {}
+    for key, entry in state_dict["state"].items():
+        if "per_rank" in entry:
+            raise NotImplementedError(
+                f"adamw_state_dict: parameter {key} is sharded (a DTensor); converting sharded "
+                "Gefen state to AdamW is not supported: resume with gefen_compile.Gefen"
+            )
+        if "codes" not in entry:  # AdamW's own entry, say
+            state[key] = entry
+            continue
+        if codebook is None:
+            raise ValueError(
+                "adamw_state_dict: this state_dict has Gefen entries but no 'codebook'; pass "
+                "the optimizer's own state_dict() (torch's state_dict helpers drop it)"
+            )
+        state[key] = _adamw_entry(entry, codebook)
+    return {"state": state, "param_groups": deepcopy(state_dict["param_groups"])}
+
+
+def _adamw_entry(entry: dict[str, Any], codebook: Tensor) -> dict[str, Any]:
+    codes, magnitude, vmean, period = (entry[k] for k in ("codes", "magnitude", "vmean", "period"))
+    math = compute_dtype(vmean.dtype)
+    block = magnitude_block(codes.numel(), period)
+    values = codebook.to(codes.device, math)[codes.reshape(-1, block).long()]
+    exp_avg = values * magnitude.to(math).unsqueeze(1)
+    exp_avg_sq = vmean.repeat_interleave(period) if period > 1 else vmean.clone()
+    return {
+        "step": entry["step"].detach().to("cpu", torch.float32).clone(),
+        "exp_avg": exp_avg.to(vmean.dtype).view(codes.shape),
+        "exp_avg_sq": exp_avg_sq.view(codes.shape),
+    }

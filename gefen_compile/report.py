@@ -1,0 +1,21 @@
+"""What the runner says: one line on stderr per conversion, unless the user configured logging
+(then the INFO record on the ``gefen_compile`` logger is theirs to show) or asked for quiet."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .convert import LISTENERS, Conversion
+
+
+def report_conversions() -> None:
+    """Print every conversion from now on (once, however often this is called)."""
+    if _print not in LISTENERS:
+        LISTENERS.append(_print)
+
+
+def _print(conversion: Conversion) -> None:
+    if logging.getLogger().handlers or logging.getLogger("gefen_compile").handlers:
+        return
+    print(f"gefen_compile: {conversion}", file=sys.stderr, flush=True)

@@ -1,0 +1,131 @@
+"""The runner (``python -m gefen_compile``): what it prints, and the processes a script starts
+(torch.multiprocessing.spawn workers, torchrun workers) running patched too."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVERSION = re.compile(r"^gefen_compile: converted torch\.optim\.adamw\.AdamW to Gefen "
+                        r"\((\d+) tensors, (\d+) parameters\): optimizer state \S+ \S+ -> ")
+
+
+def run(args, tmp_path, timeout=120):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    env.pop("GEFEN_COMPILE_RUNNER", None)
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def conversions(stderr: str) -> list[tuple[int, int]]:
+    return [tuple(map(int, m.groups())) for m in map(CONVERSION.match, stderr.splitlines()) if m]
+
+
+TRAIN = """
+import logging, sys, torch
+from torch.optim import AdamW  # taken before anything else: converted at its first step
+{configure}
+model = torch.nn.Linear(32, 16)
+opt = AdamW(model.parameters(), lr=1e-2)
+model(torch.randn(4, 32)).sum().backward()
+opt.step()
+print(type(opt).__name__)
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_runner_prints_one_line_per_conversion_unless_quiet(tmp_path, quiet):
+    (tmp_path / "train.py").write_text(TRAIN.format(configure=""))
+    result = run(["-m", "gefen_compile", *(["--quiet"] if quiet else []), "train.py"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "GefenAdamW"
+    assert conversions(result.stderr) == ([] if quiet else [(2, 32 * 16 + 16)])
+    assert ("gefen_compile" in result.stderr) == (not quiet)
+
+
+def test_runner_leaves_the_report_to_the_users_logging(tmp_path):
+    configure = "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s %(message)s')"
+    (tmp_path / "train.py").write_text(TRAIN.format(configure=configure))
+    result = run(["-m", "gefen_compile", "train.py"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert conversions(result.stderr) == []
+    (line,) = [x for x in result.stderr.splitlines() if "converted" in x]
+    assert line.startswith("INFO gefen_compile converted torch.optim.adamw.AdamW to Gefen (2 tensors")
+
+
+def test_runner_passes_options_after_a_module_to_the_module(tmp_path):
+    (tmp_path / "echo_args.py").write_text("import sys\nprint(sys.argv[1:])\n")
+    result = run(["-m", "gefen_compile", "--quiet", "-m", "echo_args", "--nproc", "2", "-m", "x"],
+                 tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['--nproc', '2', '-m', 'x']"
+
+
+# Two gloo ranks, a DDP model, a few steps; each rank writes the class of its optimizer.
+DDP_STEPS = """
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import AdamW
+
+
+def train(out):
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(32, 16))
+    opt = AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(8, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    with open(f"{out}/rank{rank}", "w") as f:
+        f.write(type(opt).__name__)
+
+
+def run(out):
+    train(out)  # its model and optimizer are freed before the process group
+    dist.destroy_process_group()
+"""
+
+SPAWN = DDP_STEPS + """
+import sys
+import torch.multiprocessing as mp
+
+
+def worker(rank, out):
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
+                            world_size=2)
+    run(out)
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
+"""
+
+TORCHRUN = DDP_STEPS + """
+import sys
+
+dist.init_process_group("gloo")
+run(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torch.multiprocessing.spawn", "torchrun"])
+def test_processes_the_script_starts_run_patched(tmp_path, launcher):
+    out = tmp_path / "out"
+    out.mkdir()
+    if launcher == "torchrun":
+        (tmp_path / "train.py").write_text(TORCHRUN)
+        args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "train.py", str(out)]
+    else:
+        (tmp_path / "train.py").write_text(SPAWN)
+        args = ["train.py", str(out)]
+    result = run(["-m", "gefen_compile", *args], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(out / f"rank{r}").read_text() for r in range(2)] == ["GefenAdamW"] * 2
+    assert conversions(result.stderr) == [(2, 32 * 16 + 16)] * 2, result.stderr[-3000:]
