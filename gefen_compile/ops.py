@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .codebook import NUM_BINS, gradient_histogram
-from .kernels import cpu_step, native, torch_step
+from .kernels import StepInputs, cpu_step, native, torch_step
 from .partition import period_scores as tensor_period_scores
 
 
@@ -54,29 +54,43 @@ def step_(
     )
 
 
-def _register_cpu(op, in_c: Callable, in_torch: Callable) -> None:
-    """``op``'s CPU kernel: ``in_c`` where the C library is built (called as it is: no added
-    per-call work), else ``in_torch`` behind the once-per-process missing-compiler warning."""
+def _cpu_kernel(in_c: Callable, in_torch: Callable) -> Callable:
+    """A CPU kernel: ``in_c`` where the C library is built (called as it is: no added per-call
+    work), else ``in_torch`` behind the once-per-process missing-compiler warning."""
     if native.library is not None:
-        op.register_kernel("cpu")(in_c)
-        return
+        return in_c
 
     def without_c(*args):
         native.warn_missing()
         return in_torch(*args)
 
-    op.register_kernel("cpu")(without_c)
+    return without_c
 
 
-# The kernels take the op's arguments as they are (see kernels.StepInputs).
-_register_cpu(step_, cpu_step.step, torch_step.step)
-
-
-@step_.register_kernel("cuda")
 def _step_cuda(*args) -> None:
     from .kernels import triton_step  # triton is only needed where CUDA is
 
     triton_step.step(*args)
+
+
+# The kernels take the op's arguments as they are (see kernels.StepInputs).
+_STEP_KERNELS = {"cpu": _cpu_kernel(cpu_step.step, torch_step.step), "cuda": _step_cuda}
+for _device, _kernel in _STEP_KERNELS.items():
+    step_.register_kernel(_device)(_kernel)
+
+
+def run_step(args: StepInputs) -> None:
+    """``gefen::step_`` on ``args``: through the op where torch.compile traces it; in eager
+    mode its kernel directly, with the version counters of what it writes bumped in one call
+    (the op's dispatch costs about a microsecond per tensor, as much as the whole step's
+    other host work)."""
+    if torch.compiler.is_compiling():
+        step_(*args)
+        return
+    _STEP_KERNELS[args.codes.device.type](*args)
+    torch.autograd.graph.increment_version(
+        [*args.params, args.codes, args.magnitude, args.vmean, args.steps]
+    )
 
 
 @step_.register_fake
@@ -98,7 +112,7 @@ def _histogram_in_torch(grads: list[Tensor], periods: list[int], negate: list[bo
     return counts
 
 
-_register_cpu(histogram, cpu_step.histogram, _histogram_in_torch)
+histogram.register_kernel("cpu")(_cpu_kernel(cpu_step.histogram, _histogram_in_torch))
 
 
 @histogram.register_fake
@@ -124,7 +138,7 @@ def _period_scores_in_torch(
     )
 
 
-_register_cpu(period_scores, cpu_step.period_scores, _period_scores_in_torch)
+period_scores.register_kernel("cpu")(_cpu_kernel(cpu_step.period_scores, _period_scores_in_torch))
 
 
 @period_scores.register_fake

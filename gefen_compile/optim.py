@@ -68,6 +68,7 @@ class Gefen(Optimizer):
         self._nearest: NearestCode | None = None
         self._buckets: list[Bucket] | None = None  # built at the first step
         self._index: dict[Tensor, tuple[int, int]] = {}
+        self._stateless: list[tuple[int, int, dict, Tensor]] = []  # rebuilt with the buckets
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -99,10 +100,13 @@ class Gefen(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Parameters without state (all of them before the first step; in steady state usually
+        # none): only these are scanned, so a step costs no Python work per stateful tensor here.
+        if self._buckets is None:
+            self._buckets = self._build_buckets({})
         fresh = [
             (group, p, _checked_grad(p, gi, pi))
-            for gi, group in enumerate(self.param_groups)
-            for pi, p in enumerate(group["params"])
+            for gi, pi, group, p in self._stateless
             if p.grad is not None and not self.state.get(p)
         ]
         if fresh and distributed.is_state_materialising_step(
@@ -116,11 +120,36 @@ class Gefen(Optimizer):
         if self._buckets is None:
             self._buckets = self._build_buckets({})
         for bucket in self._buckets:
-            grads = [_checked_grad(p, *self._index[p]) if p.grad is not None else None
-                     for p in bucket.owners]
+            grads = [p.grad for p in bucket.owners]
             if any(g is not None for g in grads):
-                self._step_bucket(bucket, grads)
+                self._step_bucket(bucket, self._checked_grads(bucket, grads))
         return loss
+
+    def _checked_grads(self, bucket: Bucket, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """``grads`` (local shards for DTensor parameters), after checking that every gradient
+        and parameter still has the dtype and size its state was built for: a few attribute
+        reads per tensor, no sync. A mismatch is an error naming the parameter, raised before
+        any kernel reads memory laid out for the old size or dtype."""
+        if bucket.sharded:
+            grads = [None if g is None else _checked_grad(p, *self._index[p])
+                     for p, g in zip(bucket.owners, grads)]
+        dtype, strided = bucket.dtype, torch.strided
+        if any(g is not None and (g.dtype != dtype or p.dtype != dtype or g.layout != strided
+                                  or g.numel() != n or p.numel() != n)
+               for p, g, n in zip(bucket.params, grads, bucket.numels)):
+            for p, owner, g, n in zip(bucket.params, bucket.owners, grads, bucket.numels):
+                if g is not None:
+                    _checked_grad(owner, *self._index[owner])  # sparse, complex, shape
+                    if (g.dtype, p.dtype, g.numel(), p.numel()) != (dtype, dtype, n, n):
+                        raise ValueError(
+                            f"Gefen: {self._locate(owner)} has dtype {p.dtype} and {p.numel()} "
+                            f"elements, its gradient {g.dtype} and {g.numel()}, but its state "
+                            f"was built for {dtype} and {n} (the parameter changed after its "
+                            "first step: model.to(dtype), p.data = ..., or a gradient of "
+                            "another dtype); build the optimizer again after changing the "
+                            "model, or keep parameter and gradient dtypes as they were"
+                        )
+        return grads
 
     def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
         # The kernels read memory in the flattened (logical) order of each tensor.
@@ -133,7 +162,7 @@ class Gefen(Optimizer):
         strided = [i for i, (p, g) in enumerate(zip(bucket.params, grads))
                    if g is not None and not p.is_contiguous()]
         kernel_grads = [None if i in strided else g for i, g in enumerate(grads)] if strided else grads
-        ops.step_(*self._kernel_args(bucket, kernel_grads))
+        ops.run_step(self._kernel_args(bucket, kernel_grads))
         self._step_in_torch(bucket, strided, grads)
 
     def _step_in_torch(self, bucket: Bucket, indices, grads: list[Tensor | None]) -> None:
@@ -189,12 +218,14 @@ class Gefen(Optimizer):
     def _build_buckets(self, new_dtypes: dict[Tensor, torch.dtype]) -> list[Bucket]:
         """Flat state for every parameter with state, one bucket per (device, state dtype);
         ``new_dtypes``: the state dtype of parameters whose state is only a period so far."""
-        self._index = {}
+        self._index, self._stateless = {}, []
         members: dict[tuple, list] = {}
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 self._index[p] = (gi, pi)
                 state = self.state.get(p)
+                if not state:
+                    self._stateless.append((gi, pi, group, p))
                 if state:
                     dtype = new_dtypes.get(p) or state["vmean"].dtype
                     members.setdefault((p.device, dtype), []).append((p, gi, state))

@@ -61,6 +61,8 @@ class Bucket:
     steps: torch.Tensor  # float32, per parameter
     segments: torch.Tensor  # int64 [parameters, SEG_FIELDS]
     num_rows: int
+    numels: list[int]  # elements of each parameter, as its state was built
+    sharded: bool  # whether params are local shards of the owners (DTensors)
     _work: tuple | None = field(default=None, repr=False)
 
     @property
@@ -118,6 +120,8 @@ def build_bucket(
         steps=steps,
         segments=segments.to(device),
         num_rows=m0,
+        numels=[n for n, _ in sizes],
+        sharded=owners is not None and any(o is not p for o, p in zip(owners, params)),
     )
 
 

@@ -1,0 +1,61 @@
+"""The steady-state step's checks: what the kernels rely on is verified per step (cheaply), and
+the eager fast path keeps autograd's in-place bookkeeping."""
+
+import pytest
+import torch
+
+from gefen_compile import Gefen
+
+
+def stepped(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)).to(dtype)
+    opt = Gefen(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 8, dtype=dtype)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_cast_after_the_first_step_is_refused_by_name(dtype):
+    model, opt = stepped()
+    model.to(dtype)
+    model(torch.randn(3, 8, dtype=dtype)).sum().backward()
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 has dtype .* state was "
+                                         r"built for torch.float32"):
+        opt.step()
+
+
+@pytest.mark.parametrize("numel", [4, 400])
+def test_a_parameter_resized_after_the_first_step_is_refused(numel):
+    model, opt = stepped()
+    weight = model[0].weight
+    weight.data = torch.zeros(numel)
+    weight.grad = torch.ones(numel)
+    with pytest.raises(ValueError, match="parameter 0 of param group 0 has dtype torch.float32 "
+                                         f"and {numel} elements"):
+        opt.step()
+
+
+def test_the_step_bumps_the_version_of_what_it_writes():
+    """In-place writes are visible to autograd, as AdamW's are: a tensor saved for backward
+    before the step is known to be stale after it."""
+    model, opt = stepped()
+    weight = model[0].weight
+    before = weight._version
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert weight._version > before
+    assert opt.state[weight]["codes"]._version > 0
+
+
+def test_stateful_parameters_are_not_rescanned_and_late_ones_still_join():
+    model, opt = stepped()
+    late = torch.nn.Parameter(torch.randn(5, 7))
+    opt.add_param_group({"params": [late]})
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert [p for _, _, _, p in opt._stateless] == [late]
+    late.grad = torch.randn(5, 7)
+    opt.step()
+    assert "codes" in opt.state[late] and not opt._stateless
