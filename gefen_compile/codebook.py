@@ -48,7 +48,11 @@ def gradient_histogram(grad: torch.Tensor, period: int) -> torch.Tensor:
         normalised = torch.where(peak > 0, chunk / peak, 0.0)
         # (v + 1) rounds in fp32 as published; the scale by 2048 is exact.
         bins = ((normalised + 1.0) * (NUM_BINS / 2)).floor_().clamp_(0, NUM_BINS - 1)
-        counts += torch.bincount(bins.long().reshape(-1), minlength=NUM_BINS)
+        index = bins.long().reshape(-1)
+        # index_add_, not bincount: bincount reads its largest index back to the host (a sync
+        # per chunk on CUDA). Integer sums: the same counts in any order.
+        one = torch.ones(1, dtype=torch.int64, device=index.device)
+        counts.index_add_(0, index, one.expand(index.numel()))
     return counts
 
 

@@ -1,5 +1,7 @@
 """What Gefen reads off first gradients: periods and the codebook, for many parameters at once
-with one host round trip for all their scores (GEFEN_SPEC "Period inference", "Codebook")."""
+(GEFEN_SPEC "Period inference", "Codebook"). Two host round trips in all, whatever the number
+or size of the tensors: the periods (with the finiteness check), then the histogram, which needs
+the periods to cut rows, for the codebook's dynamic program on the host."""
 
 from __future__ import annotations
 
@@ -15,16 +17,30 @@ from .partition import candidate_periods, scored_candidates, select_period
 
 def infer_periods(grads: Sequence[torch.Tensor]) -> list[int]:
     """The period of every tensor, from its first gradient."""
+    return read_first_gradients(grads)[0]
+
+
+def read_first_gradients(grads: Sequence[torch.Tensor]) -> tuple[list[int], list[bool]]:
+    """The period of every tensor, and whether its first gradient is finite, with one host
+    round trip for all of them (on CUDA: one sync, whatever the number of tensors)."""
     if not grads:
-        return []
+        return [], []
     candidates = [candidate_periods(g.numel()) for g in grads]
     scored = [scored_candidates(c) for c in candidates]
     flat, offsets = ops.flat_candidates(scored)
-    scores = ops.period_scores(list(grads), flat, offsets).tolist() if flat else []
-    return [
+    # A float64 sum is finite exactly when every element is (finite fp32 values cannot
+    # overflow it); one number per tensor, no n-byte mask.
+    sums = torch.stack([g.sum(dtype=torch.float64).to(grads[0].device) for g in grads])
+    device_values = [torch.isfinite(sums).double()]
+    if flat:
+        device_values.append(ops.period_scores(list(grads), flat, offsets))
+    host = torch.cat(device_values).tolist()
+    finite, scores = [v != 0.0 for v in host[: len(grads)]], host[len(grads):]
+    periods = [
         select_period(c, dict(zip(s, scores[a:b])))
         for c, s, a, b in zip(candidates, scored, offsets, offsets[1:])
     ]
+    return periods, finite
 
 
 def infer_period(grad: torch.Tensor) -> int:

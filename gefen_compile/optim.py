@@ -14,7 +14,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import checkpoint, distributed, ops
 from .codebook import NearestCode
 from .device_tables import device_table
-from .first_step import codebook_from, infer_periods
+from .first_step import codebook_from, read_first_gradients
 from .kernels import StepInputs
 from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
@@ -192,21 +192,16 @@ class Gefen(Optimizer):
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
         """Periods (and, at the first step, the codebook) for parameters seen for the first
         time, then their state, in the flat buckets."""
-        # A sum is finite exactly when every element is (short of an fp32 overflow, itself a
-        # sign of a broken gradient); one check for all, without an n-byte mask per tensor.
-        sums = [g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
-                for _, _, g in fresh]
-        sums = torch.stack([s.to(sums[0]) for s in sums])  # one device, one host transfer
-        for (_, p, _), finite in zip(fresh, torch.isfinite(sums).tolist()):
-            if not finite:
+        grads = [g for _, _, g in fresh]
+        periods, finite = read_first_gradients(grads)
+        for (_, p, _), ok in zip(fresh, finite):
+            if not ok:
                 raise ValueError(
                     f"Gefen: the first gradient of {self._locate(p)} has inf or nan values; "
                     "Gefen reads periods and its codebook from first gradients, so skip this "
                     "step (as torch.amp.GradScaler does) and call step() again with finite "
                     "gradients"
                 )
-        grads = [g for _, _, g in fresh]
-        periods = infer_periods(grads)
         if self.codebook is None:
             negate = [group["maximize"] for group, _, _ in fresh]
             params = [p for _, p, _ in fresh]
