@@ -79,7 +79,7 @@ def writes_a_parameter(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
 def _rewritten(gm: torch.fx.GraphModule, example_inputs: list):
     """``gm`` with its AdamW updates lowered to Gefen and the state report; on an unexpected
     failure, ``gm`` as it came (a warning says why) and no report."""
-    graph, attributes = copy.deepcopy(gm.graph), set(gm._buffers) | set(gm._parameters)
+    graph, attributes = _snapshot(gm.graph), set(gm._buffers) | set(gm._parameters)
     try:
         gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False)
         return gm, report.state
@@ -92,6 +92,16 @@ def _rewritten(gm: torch.fx.GraphModule, example_inputs: list):
         gm.graph = graph
         gm.recompile()
         return gm, None
+
+
+def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` to restore: with the attributes dynamo sets on nodes outside their
+    meta (a placeholder's ``_dynamo_source``, read by AOT autograd), which copying drops."""
+    copied = copy.deepcopy(graph)
+    for old, new in zip(graph.nodes, copied.nodes):
+        for key, value in vars(old).items():
+            vars(new).setdefault(key, value)
+    return copied
 
 
 class _CompiledGraph:
