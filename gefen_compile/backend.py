@@ -1,6 +1,7 @@
 """The ``"gefen"`` torch.compile backend: ``torch.compile(model, backend="gefen")``.
 
-Graphs compile through inductor, as with ``backend="inductor"``. Two things are added:
+Graphs compile through inductor, as with ``backend="inductor"``: ``mode``, ``options`` and
+``dynamic`` mean what they mean there. Two things are added:
 
 - the parameters of every compiled graph are remembered, and a global optimizer step pre-hook
   converts a ``torch.optim.AdamW`` (or an ``Adam`` without coupled weight decay) over them to
@@ -10,12 +11,17 @@ Graphs compile through inductor, as with ``backend="inductor"``. Two things are 
   optimizer the hook did not convert first) goes through the passes in ``passes/``, which
   convert its optimizer and lower the step to one ``gefen::step_`` call.
 
+The backend never breaks a compile that inductor accepts: a graph that writes no parameter in
+place (every model's forward and backward) goes to inductor untouched, and an unexpected
+failure inside the passes logs a warning and compiles the graph as dynamo traced it.
+
 Registered for ``torch.compile`` through the ``torch_dynamo_backends`` entry point, so it
 works without importing gefen_compile.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 
@@ -25,6 +31,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .convert import convert, is_convertible
 from .passes import StateReport, rewrite_adamw_steps
+from .passes.dataflow import is_inplace
+from .passes.rewrite_state import leaf_values
 
 log = logging.getLogger("gefen_compile")
 
@@ -35,16 +43,65 @@ _checked: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary(
 _hook = None
 
 
-def gefen_backend(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
-    """Compile ``gm`` with inductor, after converting AdamW steps to Gefen (module docstring)."""
-    from torch._inductor.compile_fx import compile_fx
-
+def gefen_backend(
+    gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | None = None,
+    options: dict | None = None,
+):
+    """Compile ``gm`` with inductor, after converting AdamW steps to Gefen (module docstring).
+    ``mode`` and ``options``: those of ``torch.compile``, applied as inductor applies them (an
+    unknown one raises inductor's own error)."""
+    # torch.compile hands a custom backend mode/options as keywords and keeps dynamic for
+    # dynamo; inductor's own wrapper turns them into its config patches.
+    inductor = torch._TorchCompileInductorWrapper(mode, options, None)
     _install_conversion_hook()
     _remember(t for _, t in gm.named_parameters())
-    gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False)
-    compiled = compile_fx(gm, example_inputs, **kwargs)
+    state = None
+    if writes_a_parameter(gm, example_inputs):
+        gm, state = _rewritten(gm, example_inputs)
+    compiled = inductor(gm, example_inputs)
     positions = [i for i, x in enumerate(example_inputs) if _is_parameter(x)]
-    return _CompiledGraph(compiled, positions, report.state)
+    return _CompiledGraph(compiled, positions, state)
+
+
+def writes_a_parameter(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
+    """Whether an op of ``gm`` writes a parameter in place: the cheap test every AdamW update
+    passes (it writes its parameter directly) and no forward or backward graph does."""
+    params = {node for node, t in leaf_values(gm, example_inputs).items() if _is_parameter(t)}
+    for node in gm.graph.nodes:
+        if params and node.op in ("call_function", "call_method") and node.args:
+            first = node.args[0]
+            written = first if isinstance(first, (list, tuple)) else (first,)
+            if any(isinstance(w, torch.fx.Node) and w in params for w in written) and is_inplace(node):
+                return True
+    return False
+
+
+def _rewritten(gm: torch.fx.GraphModule, example_inputs: list):
+    """``gm`` with its AdamW updates lowered to Gefen and the state report; on an unexpected
+    failure, ``gm`` as it came (a warning says why) and no report."""
+    graph, attributes = _snapshot(gm.graph), set(gm._buffers) | set(gm._parameters)
+    try:
+        gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False)
+        return gm, report.state
+    except Exception as error:  # noqa: BLE001 (any failure: the graph compiles unchanged)
+        log.warning("the gefen backend left a graph with an optimizer step as dynamo traced "
+                    "it, so its AdamW update is not Gefen's (%s: %s)", type(error).__name__,
+                    error, exc_info=log.isEnabledFor(logging.DEBUG))
+        for name in (set(gm._buffers) | set(gm._parameters)) - attributes:
+            delattr(gm, name)
+        gm.graph = graph
+        gm.recompile()
+        return gm, None
+
+
+def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` to restore: with the attributes dynamo sets on nodes outside their
+    meta (a placeholder's ``_dynamo_source``, read by AOT autograd), which copying drops."""
+    copied = copy.deepcopy(graph)
+    for old, new in zip(graph.nodes, copied.nodes):
+        for key, value in vars(old).items():
+            vars(new).setdefault(key, value)
+    return copied
 
 
 class _CompiledGraph:

@@ -189,6 +189,9 @@ class Gefen(Optimizer):
             t.codebook, t.lut, t.bounds, t.first_index, t.half, *bucket.work_plan(),
         )
 
+    # Host-side work (one host round trip, the codebook's DP), so it runs eagerly when a
+    # compiled function steps; the steady-state step around it stays traceable.
+    @torch.compiler.disable
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
         """Periods (and, at the first step, the codebook) for parameters seen for the first
         time, then their state, in the flat buckets."""

@@ -2,6 +2,7 @@
 model's parameters becomes Gefen before allocating AdamW's state."""
 
 import contextlib
+import copy
 import logging
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gefen_compile.backend as gefen_backend
 from allocations import Allocations
 from gefen_compile import Gefen
 
@@ -125,3 +127,137 @@ def test_compiled_adamw_step_is_gefen_over_several_steps(foreach):
             s.step()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
     assert isinstance(opt, Gefen) and opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
+
+
+def test_graphs_that_slice_compile_also_with_dynamic_shapes():
+    # Slices in node arguments are unhashable before Python 3.12; the passes never hash them.
+    def fn(x):
+        return x[1:] * 2 + x[:-1, None][..., 0]
+
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="gefen", dynamic=dynamic)
+        for n in (3, 5):
+            x = torch.randn(n)
+            torch.testing.assert_close(compiled(x), fn(x))
+
+
+def test_dynamic_means_what_it_means_for_inductor():
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(lambda x: x.sin() * 2, backend="gefen", dynamic=dynamic)
+        for n in (3, 5, 7):
+            compiled(torch.randn(n))
+        graphs[dynamic] = counters["stats"]["unique_graphs"]
+    assert graphs == {False: 3, True: 1}
+
+
+def _autotune_flags(**compile_kwargs):
+    """(max_autotune, coordinate_descent_tuning) as inductor's passes saw them, per graph."""
+    from torch._inductor import config
+
+    seen = []
+
+    def record(graph):
+        seen.append((config.max_autotune, config.coordinate_descent_tuning))
+
+    with config.patch(post_grad_custom_pre_pass=record):
+        torch.compile(lambda x: x.sin() * 2, **compile_kwargs)(torch.randn(8))
+    return seen
+
+
+def test_mode_reaches_inductors_config():
+    mode = "max-autotune-no-cudagraphs"
+    assert _autotune_flags(backend="gefen") == [(False, False)]
+    torch._dynamo.reset()
+    assert _autotune_flags(backend="gefen", mode=mode) == [(True, True)]
+    torch._dynamo.reset()
+    assert _autotune_flags(backend="inductor", mode=mode) == [(True, True)]
+
+
+def test_options_reach_inductors_config():
+    ran = []
+    compiled = torch.compile(lambda x: x.cos() + 1, backend="gefen",
+                             options={"post_grad_custom_pre_pass": ran.append})
+    compiled(torch.randn(8))
+    assert len(ran) == 1 and isinstance(ran[0], torch.fx.Graph)
+
+
+def test_unknown_options_raise_inductors_own_error():
+    with pytest.raises(RuntimeError) as inductor:
+        torch.compile(lambda x: x + 1, backend="inductor", options={"no_such_option": 1})
+    with pytest.raises(Exception) as gefen:
+        torch.compile(lambda x: x + 1, backend="gefen", options={"no_such_option": 1})(torch.ones(2))
+    assert "Unexpected optimization option no_such_option" in str(inductor.value)
+    assert str(inductor.value) in str(gefen.value)
+
+
+def test_graphs_writing_no_parameter_skip_the_passes(monkeypatch, caplog):
+    def never(*args, **kwargs):
+        raise AssertionError("the passes ran on a graph with no optimizer update")
+
+    monkeypatch.setattr(gefen_backend, "rewrite_adamw_steps", never)
+    torch.manual_seed(0)
+    # BatchNorm writes its running statistics in place: buffers, not parameters.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    with caplog.at_level(logging.WARNING, logger="gefen_compile"):
+        out = torch.compile(model, backend="gefen")(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, reference(x))
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    assert not caplog.records
+
+
+def test_a_failing_pass_logs_a_warning_and_compiles_the_graph_as_traced(monkeypatch, caplog):
+    def failing(gm, example_inputs, release_state):
+        # Half a rewrite, then an unexpected failure: the backend must undo the half.
+        gm.register_buffer("gefen_half", torch.zeros(1))
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(output):
+            gm.graph.call_function(torch.ops.aten.add_.Tensor, (gm.graph.get_attr("gefen_half"), 1))
+        raise RuntimeError("an unexpected failure")
+
+    monkeypatch.setattr(gefen_backend, "rewrite_adamw_steps", failing)
+    model, twin_model = mlp(), mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    twin = torch.optim.AdamW(twin_model.parameters(), lr=1e-2)
+    with caplog.at_level(logging.WARNING, logger="gefen_compile"):
+        for m in (model, twin_model):
+            m(batch(0)).square().mean().backward()
+        torch.compile(opt.step, backend="gefen")()
+    twin.step()
+    for p, q in zip(model.parameters(), twin_model.parameters()):  # AdamW's update, as traced
+        torch.testing.assert_close(p, q)
+    assert "exp_avg" in opt.state[model[0].weight]  # the half rewrite (a get_attr of a
+    # buffer it dropped) would not even compile
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "RuntimeError: an unexpected failure" in warnings[0]
+
+
+def test_first_step_work_runs_eagerly_in_a_compiled_step(monkeypatch):
+    import gefen_compile.optim as optim
+
+    compiling = []
+    learn = optim.codebook_from
+
+    def watched(*args):
+        compiling.append(torch.compiler.is_compiling())
+        return learn(*args)
+
+    monkeypatch.setattr(optim, "codebook_from", watched)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(x):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    torch.compile(step, backend="gefen")(batch(0))
+    assert compiling == [False] and isinstance(opt, Gefen)

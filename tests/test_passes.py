@@ -9,6 +9,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from gefen_compile import Gefen
 from gefen_compile.passes import lower_fused, match_adamw, rewrite_adamw_steps, rewrite_state
+from gefen_compile.passes.dataflow import value_graph
 from graph_text import check_golden, graph_text
 
 
@@ -194,3 +195,25 @@ def test_amsgrad_update_is_not_matched_and_says_why():
     assert not report.updates and report.unmatched
     assert any("amsgrad" in why or "gradient with two moments" in why
                for why in report.unmatched.values())
+
+
+def test_value_graph_of_slices_setitem_and_lists():
+    # Slices in node arguments (unhashable before Python 3.12), x[i] = v and ops over lists.
+    def f(x, y, buf):
+        z = torch.cat([x[1:], y[:2, None][:, 0]])
+        buf[0:2] = z[:2]
+        return z * 2
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(f, backend=capture)(torch.randn(4), torch.randn(3), torch.zeros(5))
+    gm = graphs[0]
+    assert any(isinstance(a, slice) for n in gm.graph.nodes for a in n.args)
+    values = value_graph(gm)
+    x, y, buf = (n for n in gm.graph.nodes if n.op == "placeholder")
+    assert values.written() == [buf]
+    assert values.leaves(values.final[buf]) == {x, y, buf}

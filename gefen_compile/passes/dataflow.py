@@ -20,11 +20,15 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-# Python's in-place operators: on tensors they write their first operand.
+# Python's in-place operators: on tensors they write their first operand (``x[i] = v``, a
+# setitem, writes ``x`` too).
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
-                      operator.ipow}
+                      operator.ipow, operator.setitem}
 
-Key = Any  # a leaf Node, a Node, or (Node, lane) for one element of a list-valued node
+# A Node, or (Node, int lane) for one element of a list-valued node. Keys hold nodes and ints
+# only: node arguments (slices, lists, dtypes, ...) are never hashed, since slices are
+# unhashable before Python 3.12.
+Key = Any
 
 
 @dataclass
@@ -80,7 +84,7 @@ def value_graph(gm: GraphModule) -> ValueGraph:
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        if node.target is operator.getitem and isinstance(node.args[0], Node):
+        if _is_list_element(node):
             alias[node] = (node.args[0], node.args[1])
             continue
         name = op_name(node)
@@ -131,15 +135,31 @@ def attribute(gm: GraphModule, target: str) -> Any:
     return reduce(getattr, target.split("."), gm)
 
 
+def _is_list_element(node: Node) -> bool:
+    """Whether ``node`` reads one element of a list-valued node (``out[2]`` of a foreach op).
+    Indexing a tensor (``x[1:]``, ``x[0]``, ``x[idx]``) is an op like any other: it computes a
+    value from ``x`` (and the index tensors)."""
+    if node.target is not operator.getitem or not isinstance(node.args[0], Node):
+        return False
+    source = node.args[0]
+    value = source.meta.get("example_value", source.meta.get("val"))
+    return isinstance(node.args[1], int) and not isinstance(value, torch.Tensor)
+
+
 def _lanes(node: Node) -> list[tuple[list[Key], Key | None]]:
     """The op lanes of ``node``: for each, its input keys and the key it writes if in place.
-    A foreach op has one lane per element of its list arguments; any other op has one."""
+    A foreach op has one lane per element of its list arguments; any other op (``cat`` of a
+    list, ``index_put_`` with a list of indices) has one, reading every node in its arguments
+    and writing its first argument."""
     args = [*node.args, *node.kwargs.values()]
+    if "_foreach_" not in op_name(node):
+        shared = [x for x in _flat(args) if isinstance(x, Node)]
+        first = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+        return [(shared, first)]
     lists = [a for a in args if isinstance(a, (list, tuple)) and any(isinstance(x, Node) for x in a)]
     shared = [a for a in args if isinstance(a, Node)]
     if not lists:
-        first = shared[0] if shared else None
-        return [(shared, first)]
+        return [(shared, shared[0] if shared else None)]
     width = len(lists[0])
     lanes = []
     for i in range(width):
@@ -147,6 +167,19 @@ def _lanes(node: Node) -> list[tuple[list[Key], Key | None]]:
         target = lists[0][i] if isinstance(lists[0][i], Node) else None
         lanes.append((inputs, target))
     return lanes
+
+
+def _flat(args) -> list:
+    """The elements of ``args``, nested lists, tuples and slices flattened."""
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out += _flat(a)
+        elif isinstance(a, slice):
+            out += _flat((a.start, a.stop, a.step))
+        else:
+            out.append(a)
+    return out
 
 
 def _new_value(values: ValueGraph) -> int:

@@ -116,17 +116,22 @@ def _param_update(p, values: ValueGraph, counters, moments, sqrt_free, shapes, w
 
 
 def _shapes(gm: GraphModule, example_inputs) -> dict[Node, tuple]:
-    """Shapes of the graph's leaves, from their values, example inputs or metadata."""
+    """Shapes of the graph's leaves, from their values, example inputs or metadata; a symbolic
+    size is kept as its expression's text (SymInts do not hash, and comparing them guards)."""
     shapes = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     examples = list(example_inputs) if example_inputs is not None else [None] * len(placeholders)
     for node, example in zip(placeholders, examples):
         value = example if example is not None else node.meta.get("val", node.meta.get("example_value"))
         if isinstance(value, torch.Tensor):
-            shapes[node] = tuple(value.shape)
+            shapes[node] = _shape(value)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = attribute(gm, node.target)
             if isinstance(value, torch.Tensor):
-                shapes[node] = tuple(value.shape)
+                shapes[node] = _shape(value)
     return shapes
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(d if isinstance(d, int) else str(d) for d in t.shape)
