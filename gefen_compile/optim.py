@@ -134,9 +134,9 @@ class Gefen(Optimizer):
             grads = [None if g is None else _checked_grad(p, *self._index[p])
                      for p, g in zip(bucket.owners, grads)]
         dtype, strided = bucket.dtype, torch.strided
-        if any(g is not None and (g.dtype != dtype or p.dtype != dtype or g.layout != strided
-                                  or g.numel() != n or p.numel() != n)
-               for p, g, n in zip(bucket.params, grads, bucket.numels)):
+        if [1 for p, g, n in zip(bucket.params, grads, bucket.numels)
+                if g is not None and (g.dtype != dtype or p.dtype != dtype or g.layout != strided
+                                      or g.numel() != n or p.numel() != n)]:
             for p, owner, g, n in zip(bucket.params, bucket.owners, grads, bucket.numels):
                 if g is not None:
                     _checked_grad(owner, *self._index[owner])  # sparse, complex, shape

@@ -25,6 +25,8 @@ the other paths exactly.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import reduce
+from operator import or_
 
 import torch
 import triton
@@ -234,9 +236,13 @@ def step(*args) -> None:
     ops.step_)."""
     a = StepInputs(*args)
     device = a.codes.device
-    addresses = tuple(x for p, g in zip(a.params, a.grads) for x in (p.data_ptr(), _address(g)))
-    has_grad = device_table(tuple(g is not None for g in a.grads), torch.uint8, device)
-    pointers = device_table(addresses, torch.int64, device)
+    # List comprehensions, not generators: this is the host work that grows with the number
+    # of tensors (DESIGN: host time per tensor small beside the kernel).
+    addresses = [0] * (2 * len(a.params))
+    addresses[0::2] = [p.data_ptr() for p in a.params]
+    addresses[1::2] = [0 if g is None else g.data_ptr() for g in a.grads]
+    has_grad = device_table(tuple([g is not None for g in a.grads]), torch.uint8, device)
+    pointers = device_table(tuple(addresses), torch.int64, device)
     # Step counts and bias corrections on the device: no host sync, CUDA-graph capturable.
     a.steps.add_(has_grad)
     # Per parameter, float64: lr / (1 - beta1^step) and 1 - beta2^step (IEEE division here,
@@ -246,7 +252,7 @@ def step(*args) -> None:
     scalars = torch.stack([hyper[:, 0] / bias[:, 0], bias[:, 1]], dim=1)
     # Parameters and gradients are the user's tensors: 128-bit access only where all are
     # aligned (they are, straight from the caching allocator; views may not be).
-    pointers_aligned = all(x % work_plan.ALIGN == 0 for x in addresses)
+    pointers_aligned = reduce(or_, addresses, 0) % work_plan.ALIGN == 0
     compute = tl.float64 if a.vmean.dtype == torch.float64 else tl.float32
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         for work, c in zip(a.work, classes(a.work_classes)):
@@ -265,7 +271,3 @@ def step(*args) -> None:
 def _launch(kernel, grid: tuple[int, ...], args: tuple, meta: dict) -> None:
     """One kernel launch (tests/test_triton_aot.py compiles through here without launching)."""
     kernel[grid](*args, **meta)
-
-
-def _address(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
