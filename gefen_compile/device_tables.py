@@ -38,3 +38,22 @@ def device_table(
     else:
         _CACHE.move_to_end(key)
     return table
+
+
+_LAST: OrderedDict[object, tuple[list, torch.Tensor]] = OrderedDict()
+
+
+def slot_table(slot: object, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``device_table(tuple(values), ...)`` for a caller that asks for the same ``slot`` every
+    step (a bucket's pointer table, say): when ``values`` equal the slot's last ones, a list
+    comparison returns the last table without building or hashing a key."""
+    last = _LAST.get(slot)
+    if last is not None and last[0] == values:
+        return last[1]
+    table = device_table(tuple(values), dtype, device)
+    _LAST[slot] = (values, table)
+    _LAST.move_to_end(slot)
+    if len(_LAST) > _CAPACITY:
+        _LAST.popitem(last=False)
+    return table
+

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import StepInputs
-from ..device_tables import device_table
+from ..device_tables import slot_table
 from . import work_plan
 from .work_plan import classes
 
@@ -241,8 +241,10 @@ def step(*args) -> None:
     addresses = [0] * (2 * len(a.params))
     addresses[0::2] = [p.data_ptr() for p in a.params]
     addresses[1::2] = [0 if g is None else g.data_ptr() for g in a.grads]
-    has_grad = device_table(tuple([g is not None for g in a.grads]), torch.uint8, device)
-    pointers = device_table(tuple(addresses), torch.int64, device)
+    bucket = (device, a.codes.data_ptr())  # the same slot every step of this bucket
+    has_grad = slot_table((*bucket, "has_grad"), [g is not None for g in a.grads], torch.uint8,
+                          device)
+    pointers = slot_table((*bucket, "pointers"), addresses, torch.int64, device)
     # Step counts and bias corrections on the device: no host sync, CUDA-graph capturable.
     a.steps.add_(has_grad)
     # Per parameter, float64: lr / (1 - beta1^step) and 1 - beta2^step (IEEE division here,
