@@ -18,4 +18,7 @@ def report_conversions() -> None:
 def _print(conversion: Conversion) -> None:
     if logging.getLogger().handlers or logging.getLogger("gefen_compile").handlers:
         return
-    print(f"gefen_compile: {conversion}", file=sys.stderr, flush=True)
+    # One write of the whole line: workers of one launch share stderr, and print() writes the
+    # text and its newline separately, so their lines ran together.
+    sys.stderr.write(f"gefen_compile: {conversion}\n")
+    sys.stderr.flush()

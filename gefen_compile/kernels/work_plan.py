@@ -46,7 +46,8 @@ class WorkClass(NamedTuple):
     @property
     def rows(self) -> int:
         """Rows of a tile."""
-        return max(1, TILE // self.cols)
+        # Whole rows of 1024 one at a time: two at once leave Triton 3.6's ptxas spilling.
+        return max(1, (TILE // 2 if self.cols >= 1024 and not self.multi else TILE) // self.cols)
 
 
 def row_class(length: int) -> tuple[int, bool]:
