@@ -30,7 +30,8 @@ PATHS = {
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(names)
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 

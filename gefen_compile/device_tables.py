@@ -43,7 +43,9 @@ def device_table(
 _LAST: OrderedDict[object, tuple[list, torch.Tensor]] = OrderedDict()
 
 
-def slot_table(slot: object, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def slot_table(
+    slot: object, values: list, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """``device_table(tuple(values), ...)`` for a caller that asks for the same ``slot`` every
     step (a bucket's pointer table, say): when ``values`` equal the slot's last ones, a list
     comparison returns the last table without building or hashing a key."""

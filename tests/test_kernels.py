@@ -145,7 +145,8 @@ def test_rounding_into_the_state_dtype_is_torchs(dtype):
             0x80000001, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001]
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32),
-                   torch.randn(50, generator=gen) * 10.0 ** torch.randint(-8, 8, (50,), generator=gen)])
+                   torch.randn(50, generator=gen)
+                   * 10.0 ** torch.randint(-8, 8, (50,), generator=gen)])
     out = torch.empty(len(x), dtype=dtype)
     round_kernel[(1,)](x, out, len(x), DTYPE=triton_step._TRITON_DTYPES[dtype], BLOCK=128)
     expected = x.to(dtype)

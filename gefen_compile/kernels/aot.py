@@ -153,7 +153,7 @@ def inspect_cubin(cubin: bytes) -> dict:
         kind = loads if op.startswith("LDG") else stores if op.startswith("STG") else None
         if kind is not None:
             width = re.search(r"\.(8|16|32|64|128|U8|S8|U16|S16)\b", op)
-            bits = {"U8": "8", "S8": "8", "U16": "16", "S16": "16"}.get(width.group(1), width.group(1)) if width else "32"
+            bits = width.group(1).lstrip("US") if width else "32"  # LDG.E is 32 bits
             kind[int(bits)] += 1
     return {
         "registers": int(resources.get("REG", 0)),
