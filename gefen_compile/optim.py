@@ -15,6 +15,7 @@ from . import checkpoint, distributed, ops
 from .codebook import NearestCode
 from .device_tables import device_table
 from .first_step import codebook_from, read_first_gradients
+from .hyperparameters import check_hyperparameters, scalar_betas
 from .kernels import StepInputs
 from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
@@ -52,7 +53,7 @@ class Gefen(Optimizer):
     ) -> None:
         defaults = {
             "lr": lr,
-            "betas": betas,
+            "betas": scalar_betas(betas) if isinstance(betas, (tuple, list)) else betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -326,35 +327,6 @@ class Gefen(Optimizer):
         self._buckets, self._index = None, {}  # rebuilt from the per-parameter state
 
 
-def check_hyperparameters(values: dict[str, Any], where: str) -> None:
-    lr, betas, eps, weight_decay = (values[k] for k in ("lr", "betas", "eps", "weight_decay"))
-    if values.get("amsgrad"):
-        raise NotImplementedError(
-            f"{where}: amsgrad=True is not Gefen (it needs a full-size max of the second "
-            "moment); use torch.optim.AdamW(amsgrad=True), or Gefen with amsgrad=False"
-        )
-    if values.get("differentiable"):
-        raise NotImplementedError(
-            f"{where}: differentiable=True is not supported (the quantised state is not "
-            "differentiable); use torch.optim.AdamW(differentiable=True)"
-        )
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"{where}: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
-    if not 0.0 <= lr:
-        raise ValueError(f"{where}: invalid learning rate lr={lr}; use lr >= 0")
-    if not 0.0 <= eps:
-        raise ValueError(f"{where}: invalid eps={eps}; use eps >= 0")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"{where}: invalid weight_decay={weight_decay}; use weight_decay >= 0")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, Tensor) and beta.numel() != 1:
-            raise ValueError(f"{where}: a Tensor betas[{i}] must have one element")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{where}: invalid betas[{i}]={beta}; use 0 <= beta < 1")
-
-
 def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
     g = p.grad
     where = f"parameter {index} of param group {group_index}"
@@ -402,8 +374,9 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
         values = (group["lr"], *group["betas"], group["eps"], group["weight_decay"],
                   group["maximize"])
         for column, value in enumerate(values):
-            if isinstance(value, Tensor):
-                tensors[i, column], value = value, 0.0
+            if isinstance(value, Tensor):  # one element; a shape (1,) lr is AdamW's too
+                tensors[i, column] = value.reshape(()) if value.dim() else value
+                value = 0.0
             row.append(float(value))
         rows.append(tuple(row))
     table = device_table(tuple(rows), torch.float64, device, tag=("tensors", *tensors))
