@@ -20,6 +20,8 @@ from .kernels import StepInputs
 from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
 from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
+from .state_checks import check_materialised, codebook_problem, entry_problem
+from .state_table import tracked
 
 
 class Gefen(Optimizer):
@@ -103,7 +105,8 @@ class Gefen(Optimizer):
                 loss = closure()
         # Parameters without state (all of them before the first step; in steady state usually
         # none): only these are scanned, so a step costs no Python work per stateful tensor here.
-        if self._buckets is None:
+        # ``changed``: state assigned into optimizer.state (state_table.py) since the last build.
+        if self._buckets is None or getattr(self.state, "changed", True):
             self._buckets = self._build_buckets({})
         fresh = [
             (group, p, _checked_grad(p, gi, pi))
@@ -216,7 +219,9 @@ class Gefen(Optimizer):
 
     def _build_buckets(self, new_dtypes: dict[Tensor, torch.dtype]) -> list[Bucket]:
         """Flat state for every parameter with state, one bucket per (device, state dtype);
-        ``new_dtypes``: the state dtype of parameters whose state is only a period so far."""
+        ``new_dtypes``: the state dtype of parameters whose state is only a period so far.
+        Other entries are checked first: they may hold tensors the user assigned."""
+        self.state = tracked(self.state)
         self._index, self._stateless = {}, []
         members: dict[tuple, list] = {}
         for gi, group in enumerate(self.param_groups):
@@ -226,13 +231,26 @@ class Gefen(Optimizer):
                 if not state:
                     self._stateless.append((gi, pi, group, p))
                 if state:
+                    if p not in new_dtypes:
+                        self._check_entry(state, p, "Gefen: optimizer.state of",
+                                          "assign tensors of the shape and dtype that Gefen "
+                                          "keeps (gefen_compile/state.py), or load a "
+                                          "state_dict with load_state_dict")
                     dtype = new_dtypes.get(p) or state["vmean"].dtype
                     members.setdefault((p.device, dtype), []).append((p, gi, state))
-        return [
+        buckets = [
             build_bucket([distributed.local(p) for p, _, _ in m], [gi for _, gi, _ in m],
                          [s for _, _, s in m], dtype, owners=[p for p, _, _ in m])
             for (_, dtype), m in members.items()
         ]
+        self.state.changed = False  # the buckets now hold every entry
+        return buckets
+
+    def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str) -> None:
+        """Raise a ValueError naming ``p`` when ``entry`` is not a valid state for it."""
+        problem = entry_problem(entry, distributed.local(p))
+        if problem:
+            raise ValueError(f"{source} {self._locate(p)} {problem}; {fix}")
 
     def _params(self) -> list[Tensor]:
         """Every parameter, in state_dict index order."""
@@ -292,11 +310,22 @@ class Gefen(Optimizer):
                 "(number of groups, or parameters per group); build the optimizer over the same "
                 "parameters, in the same groups, before loading"
             )
+        codebook = state_dict["codebook"]  # None: saved before any gradient had elements
+        problem = None if codebook is None else codebook_problem(codebook)
+        if problem:
+            raise ValueError(f"Gefen.load_state_dict: the saved codebook {problem}; load the "
+                             "state_dict that Gefen.state_dict() returned, unchanged")
+        # Every entry is checked before anything is replaced.
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         groups = []
         for saved, live in zip(saved_groups, self.param_groups):
             for key, param in zip(saved["params"], live["params"]):
                 if key in state_dict["state"]:
+                    self._check_entry(state_dict["state"][key], param,
+                                      "Gefen.load_state_dict: the saved state of",
+                                      "load a state_dict saved by Gefen over these parameters, "
+                                      "in the same order, shapes and dtypes (cast the model "
+                                      "as it was when saved before loading)")
                     state[param] = _moved(state_dict["state"][key], param, saved.get("capturable", False))
             group = deepcopy({k: v for k, v in saved.items() if k != "params"})
             group["params"] = live["params"]
@@ -304,7 +333,6 @@ class Gefen(Optimizer):
                 group.setdefault("param_names", live["param_names"])
             groups.append(group)
         self.__setstate__({"state": state, "param_groups": groups})
-        codebook = state_dict["codebook"]
         self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -330,6 +358,7 @@ class Gefen(Optimizer):
 def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
     g = p.grad
     where = f"parameter {index} of param group {group_index}"
+    check_materialised(p, where)
     if g.is_sparse:
         raise RuntimeError(
             f"Gefen does not support sparse gradients ({where}); use torch.optim.SparseAdam for "

@@ -1,0 +1,127 @@
+"""``optimizer.state`` for Gefen: a table that notes when the state the flat buckets hold is
+replaced, so that the next step rebuilds the buckets from it rather than ignoring it.
+
+The buckets (state.py) hold each parameter's state in flat buffers that the entries of
+``optimizer.state[p]`` view. Writing *into* those views needs nothing; assigning a new tensor
+(``opt.state[p]["vmean"] = t``), replacing or removing an entry, would otherwise leave the
+kernels updating the old buffers while ``state_dict()`` saved the new tensor. Both classes set
+one flag on such a change; the step reads that flag once (no per-parameter work).
+
+Both pickle and deep-copy as a plain ``defaultdict``/``dict``: checkpoints and copies never
+hold these classes, and the optimizer wraps its state again when it next builds its buckets.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+# The entry keys that the buckets hold (state.py): a new value for any of these changes them.
+BUCKET_KEYS = frozenset(("codes", "magnitude", "vmean", "step", "period"))
+
+
+class StateTable(defaultdict):
+    """``optimizer.state``: ``changed`` is set when an entry is replaced or removed, or when a
+    bucket key of an entry is (:class:`ParamState`)."""
+
+    def __init__(self, entries: Any = ()) -> None:
+        super().__init__(None, entries)
+        self.changed = True
+
+    def __missing__(self, param: Any) -> ParamState:
+        # An empty entry changes no bucket: inserted without marking the table changed.
+        entry = ParamState({}, self)
+        dict.__setitem__(self, param, entry)
+        return entry
+
+    def __setitem__(self, param: Any, entry: Any) -> None:
+        self.changed = True
+        super().__setitem__(param, entry)
+
+    def __delitem__(self, param: Any) -> None:
+        self.changed = True
+        super().__delitem__(param)
+
+    def pop(self, *args: Any) -> Any:
+        self.changed = True
+        return super().pop(*args)
+
+    def popitem(self) -> tuple:
+        self.changed = True
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.changed = True
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.changed = True
+        super().update(*args, **kwargs)
+
+    def setdefault(self, param: Any, default: Any = None) -> Any:
+        self.changed = True
+        return super().setdefault(param, default)
+
+    def __reduce__(self) -> tuple:
+        return defaultdict, (dict,), None, None, iter(self.items())
+
+
+class ParamState(dict):
+    """One parameter's entry of a :class:`StateTable`: assigning or removing a bucket key
+    (:data:`BUCKET_KEYS`) marks the table changed; other keys do not."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, entry: dict, table: StateTable) -> None:
+        super().__init__(entry)
+        self.table = table
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in BUCKET_KEYS:
+            self.table.changed = True
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        if key in BUCKET_KEYS:
+            self.table.changed = True
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in BUCKET_KEYS and key in self:
+            self.table.changed = True
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple:
+        self.table.changed = True
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.table.changed = True
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other: Any) -> ParamState:
+        self.update(other)
+        return self
+
+    def __reduce__(self) -> tuple:
+        return dict, (dict(self),)
+
+
+def tracked(table: Any) -> StateTable:
+    """``table`` (``optimizer.state``) as a :class:`StateTable` whose non-empty entries are
+    :class:`ParamState` of it, re-wrapping only what is not yet."""
+    if not isinstance(table, StateTable):
+        table = StateTable(table)
+    for param, entry in table.items():
+        if type(entry) is not ParamState or entry.table is not table:
+            dict.__setitem__(table, param, ParamState(entry, table))
+    return table
