@@ -106,7 +106,7 @@ class Gefen(Optimizer):
         # Parameters without state (all of them before the first step; in steady state usually
         # none): only these are scanned, so a step costs no Python work per stateful tensor here.
         # ``changed``: state assigned into optimizer.state (state_table.py) since the last build.
-        if self._buckets is None or getattr(self.state, "changed", True):
+        if self._buckets is None or self._changes.changed:
             self._buckets = self._build_buckets({})
         fresh = [
             (group, p, _checked_grad(p, gi, pi))
@@ -222,6 +222,7 @@ class Gefen(Optimizer):
         ``new_dtypes``: the state dtype of parameters whose state is only a period so far.
         Other entries are checked first: they may hold tensors the user assigned."""
         self.state = tracked(self.state)
+        self._changes = self.state.changes
         self._index, self._stateless = {}, []
         members: dict[tuple, list] = {}
         for gi, group in enumerate(self.param_groups):
@@ -243,7 +244,7 @@ class Gefen(Optimizer):
                          [s for _, _, s in m], dtype, owners=[p for p, _, _ in m])
             for (_, dtype), m in members.items()
         ]
-        self.state.changed = False  # the buckets now hold every entry
+        self._changes.changed = False  # the buckets now hold every entry
         return buckets
 
     def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str) -> None:

@@ -5,7 +5,9 @@ The buckets (state.py) hold each parameter's state in flat buffers that the entr
 ``optimizer.state[p]`` view. Writing *into* those views needs nothing; assigning a new tensor
 (``opt.state[p]["vmean"] = t``), replacing or removing an entry, would otherwise leave the
 kernels updating the old buffers while ``state_dict()`` saved the new tensor. Both classes set
-one flag on such a change; the step reads that flag once (no per-parameter work).
+one shared :class:`Changes` flag on such a change; the step reads that flag once (no
+per-parameter work). The flag is a plain object the optimizer holds, not an attribute of the
+table: under torch.compile, reading the table would make dynamo guard on its keys.
 
 Both pickle and deep-copy as a plain ``defaultdict``/``dict``: checkpoints and copies never
 hold these classes, and the optimizer wraps its state again when it next builds its buckets.
@@ -20,46 +22,53 @@ from typing import Any
 BUCKET_KEYS = frozenset(("codes", "magnitude", "vmean", "step", "period"))
 
 
+class Changes:
+    """Whether the state held by an optimizer's buckets was replaced since they were built."""
+
+    def __init__(self) -> None:
+        self.changed = True
+
+
 class StateTable(defaultdict):
-    """``optimizer.state``: ``changed`` is set when an entry is replaced or removed, or when a
-    bucket key of an entry is (:class:`ParamState`)."""
+    """``optimizer.state``: ``changes.changed`` is set when an entry is replaced or removed, or
+    when a bucket key of an entry is (:class:`ParamState`)."""
 
     def __init__(self, entries: Any = ()) -> None:
         super().__init__(None, entries)
-        self.changed = True
+        self.changes = Changes()
 
     def __missing__(self, param: Any) -> ParamState:
         # An empty entry changes no bucket: inserted without marking the table changed.
-        entry = ParamState({}, self)
+        entry = ParamState({}, self.changes)
         dict.__setitem__(self, param, entry)
         return entry
 
     def __setitem__(self, param: Any, entry: Any) -> None:
-        self.changed = True
+        self.changes.changed = True
         super().__setitem__(param, entry)
 
     def __delitem__(self, param: Any) -> None:
-        self.changed = True
+        self.changes.changed = True
         super().__delitem__(param)
 
     def pop(self, *args: Any) -> Any:
-        self.changed = True
+        self.changes.changed = True
         return super().pop(*args)
 
     def popitem(self) -> tuple:
-        self.changed = True
+        self.changes.changed = True
         return super().popitem()
 
     def clear(self) -> None:
-        self.changed = True
+        self.changes.changed = True
         super().clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self.changed = True
+        self.changes.changed = True
         super().update(*args, **kwargs)
 
     def setdefault(self, param: Any, default: Any = None) -> Any:
-        self.changed = True
+        self.changes.changed = True
         return super().setdefault(param, default)
 
     def __reduce__(self) -> tuple:
@@ -68,35 +77,35 @@ class StateTable(defaultdict):
 
 class ParamState(dict):
     """One parameter's entry of a :class:`StateTable`: assigning or removing a bucket key
-    (:data:`BUCKET_KEYS`) marks the table changed; other keys do not."""
+    (:data:`BUCKET_KEYS`) marks the table's :class:`Changes`; other keys do not."""
 
-    __slots__ = ("table",)
+    __slots__ = ("changes",)
 
-    def __init__(self, entry: dict, table: StateTable) -> None:
+    def __init__(self, entry: dict, changes: Changes) -> None:
         super().__init__(entry)
-        self.table = table
+        self.changes = changes
 
     def __setitem__(self, key: str, value: Any) -> None:
         if key in BUCKET_KEYS:
-            self.table.changed = True
+            self.changes.changed = True
         super().__setitem__(key, value)
 
     def __delitem__(self, key: str) -> None:
         if key in BUCKET_KEYS:
-            self.table.changed = True
+            self.changes.changed = True
         super().__delitem__(key)
 
     def pop(self, key: str, *default: Any) -> Any:
         if key in BUCKET_KEYS and key in self:
-            self.table.changed = True
+            self.changes.changed = True
         return super().pop(key, *default)
 
     def popitem(self) -> tuple:
-        self.table.changed = True
+        self.changes.changed = True
         return super().popitem()
 
     def clear(self) -> None:
-        self.table.changed = True
+        self.changes.changed = True
         super().clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
@@ -122,6 +131,6 @@ def tracked(table: Any) -> StateTable:
     if not isinstance(table, StateTable):
         table = StateTable(table)
     for param, entry in table.items():
-        if type(entry) is not ParamState or entry.table is not table:
-            dict.__setitem__(table, param, ParamState(entry, table))
+        if type(entry) is not ParamState or entry.changes is not table.changes:
+            dict.__setitem__(table, param, ParamState(entry, table.changes))
     return table
