@@ -21,7 +21,7 @@ from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
 from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
 from .state_checks import check_materialised, codebook_problem, entry_problem
-from .state_table import tracked
+from .state_table import Changes, tracked
 
 
 class Gefen(Optimizer):
@@ -221,8 +221,9 @@ class Gefen(Optimizer):
         """Flat state for every parameter with state, one bucket per (device, state dtype);
         ``new_dtypes``: the state dtype of parameters whose state is only a period so far.
         Other entries are checked first: they may hold tensors the user assigned."""
-        self.state = tracked(self.state)
-        self._changes = self.state.changes
+        if getattr(self, "_changes", None) is None:  # also for optimizers converted in place
+            self._changes = Changes()
+        self.state = tracked(self.state, self._changes)
         self._index, self._stateless = {}, []
         members: dict[tuple, list] = {}
         for gi, group in enumerate(self.param_groups):

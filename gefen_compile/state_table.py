@@ -33,9 +33,9 @@ class StateTable(defaultdict):
     """``optimizer.state``: ``changes.changed`` is set when an entry is replaced or removed, or
     when a bucket key of an entry is (:class:`ParamState`)."""
 
-    def __init__(self, entries: Any = ()) -> None:
+    def __init__(self, entries: Any, changes: Changes) -> None:
         super().__init__(None, entries)
-        self.changes = Changes()
+        self.changes = changes
 
     def __missing__(self, param: Any) -> ParamState:
         # An empty entry changes no bucket: inserted without marking the table changed.
@@ -86,7 +86,9 @@ class ParamState(dict):
         self.changes = changes
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if key in BUCKET_KEYS:
+        # The same object again is no change (dynamo's optimizer tracing reassigns
+        # state["step"] = state["step"].to(p.device), the same tensor).
+        if key in BUCKET_KEYS and dict.get(self, key) is not value:
             self.changes.changed = True
         super().__setitem__(key, value)
 
@@ -125,11 +127,12 @@ class ParamState(dict):
         return dict, (dict(self),)
 
 
-def tracked(table: Any) -> StateTable:
-    """``table`` (``optimizer.state``) as a :class:`StateTable` whose non-empty entries are
-    :class:`ParamState` of it, re-wrapping only what is not yet."""
-    if not isinstance(table, StateTable):
-        table = StateTable(table)
+def tracked(table: Any, changes: Changes) -> StateTable:
+    """``table`` (``optimizer.state``) as a :class:`StateTable` reporting to ``changes`` (the
+    optimizer's, kept for its lifetime), every entry a :class:`ParamState` of it; only what is
+    not yet is wrapped."""
+    if not (isinstance(table, StateTable) and table.changes is changes):
+        table = StateTable(table, changes)
     for param, entry in table.items():
         if type(entry) is not ParamState or entry.changes is not table.changes:
             dict.__setitem__(table, param, ParamState(entry, table.changes))
