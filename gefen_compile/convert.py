@@ -26,8 +26,9 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Adam, AdamW, Optimizer
 
+from .hyperparameters import check_hyperparameters
 from .migrate import migrate_adamw_state
-from .optim import Gefen, check_hyperparameters
+from .optim import Gefen
 from .state import adamw_state_nbytes
 
 log = logging.getLogger("gefen_compile")

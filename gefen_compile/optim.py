@@ -15,10 +15,13 @@ from . import checkpoint, distributed, ops
 from .codebook import NearestCode
 from .device_tables import device_table
 from .first_step import codebook_from, read_first_gradients
+from .hyperparameters import check_hyperparameters, scalar_betas
 from .kernels import StepInputs
 from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
 from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
+from .state_checks import check_materialised, codebook_problem, entry_problem
+from .state_table import Changes, tracked
 
 
 class Gefen(Optimizer):
@@ -52,7 +55,7 @@ class Gefen(Optimizer):
     ) -> None:
         defaults = {
             "lr": lr,
-            "betas": betas,
+            "betas": scalar_betas(betas) if isinstance(betas, (tuple, list)) else betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -102,7 +105,8 @@ class Gefen(Optimizer):
                 loss = closure()
         # Parameters without state (all of them before the first step; in steady state usually
         # none): only these are scanned, so a step costs no Python work per stateful tensor here.
-        if self._buckets is None:
+        # ``changed``: state assigned into optimizer.state (state_table.py) since the last build.
+        if self._buckets is None or self._changes.changed:
             self._buckets = self._build_buckets({})
         fresh = [
             (group, p, _checked_grad(p, gi, pi))
@@ -215,7 +219,11 @@ class Gefen(Optimizer):
 
     def _build_buckets(self, new_dtypes: dict[Tensor, torch.dtype]) -> list[Bucket]:
         """Flat state for every parameter with state, one bucket per (device, state dtype);
-        ``new_dtypes``: the state dtype of parameters whose state is only a period so far."""
+        ``new_dtypes``: the state dtype of parameters whose state is only a period so far.
+        Other entries are checked first: they may hold tensors the user assigned."""
+        if getattr(self, "_changes", None) is None:  # also for optimizers converted in place
+            self._changes = Changes()
+        self.state = tracked(self.state, self._changes)
         self._index, self._stateless = {}, []
         members: dict[tuple, list] = {}
         for gi, group in enumerate(self.param_groups):
@@ -225,13 +233,26 @@ class Gefen(Optimizer):
                 if not state:
                     self._stateless.append((gi, pi, group, p))
                 if state:
+                    if p not in new_dtypes:
+                        self._check_entry(state, p, "Gefen: optimizer.state of",
+                                          "assign tensors of the shape and dtype that Gefen "
+                                          "keeps (gefen_compile/state.py), or load a "
+                                          "state_dict with load_state_dict")
                     dtype = new_dtypes.get(p) or state["vmean"].dtype
                     members.setdefault((p.device, dtype), []).append((p, gi, state))
-        return [
+        buckets = [
             build_bucket([distributed.local(p) for p, _, _ in m], [gi for _, gi, _ in m],
                          [s for _, _, s in m], dtype, owners=[p for p, _, _ in m])
             for (_, dtype), m in members.items()
         ]
+        self._changes.changed = False  # the buckets now hold every entry
+        return buckets
+
+    def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str) -> None:
+        """Raise a ValueError naming ``p`` when ``entry`` is not a valid state for it."""
+        problem = entry_problem(entry, distributed.local(p))
+        if problem:
+            raise ValueError(f"{source} {self._locate(p)} {problem}; {fix}")
 
     def _params(self) -> list[Tensor]:
         """Every parameter, in state_dict index order."""
@@ -291,11 +312,22 @@ class Gefen(Optimizer):
                 "(number of groups, or parameters per group); build the optimizer over the same "
                 "parameters, in the same groups, before loading"
             )
+        codebook = state_dict["codebook"]  # None: saved before any gradient had elements
+        problem = None if codebook is None else codebook_problem(codebook)
+        if problem:
+            raise ValueError(f"Gefen.load_state_dict: the saved codebook {problem}; load the "
+                             "state_dict that Gefen.state_dict() returned, unchanged")
+        # Every entry is checked before anything is replaced.
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         groups = []
         for saved, live in zip(saved_groups, self.param_groups):
             for key, param in zip(saved["params"], live["params"]):
                 if key in state_dict["state"]:
+                    self._check_entry(state_dict["state"][key], param,
+                                      "Gefen.load_state_dict: the saved state of",
+                                      "load a state_dict saved by Gefen over these parameters, "
+                                      "in the same order, shapes and dtypes (cast the model "
+                                      "as it was when saved before loading)")
                     state[param] = _moved(state_dict["state"][key], param, saved.get("capturable", False))
             group = deepcopy({k: v for k, v in saved.items() if k != "params"})
             group["params"] = live["params"]
@@ -303,7 +335,6 @@ class Gefen(Optimizer):
                 group.setdefault("param_names", live["param_names"])
             groups.append(group)
         self.__setstate__({"state": state, "param_groups": groups})
-        codebook = state_dict["codebook"]
         self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -326,38 +357,10 @@ class Gefen(Optimizer):
         self._buckets, self._index = None, {}  # rebuilt from the per-parameter state
 
 
-def check_hyperparameters(values: dict[str, Any], where: str) -> None:
-    lr, betas, eps, weight_decay = (values[k] for k in ("lr", "betas", "eps", "weight_decay"))
-    if values.get("amsgrad"):
-        raise NotImplementedError(
-            f"{where}: amsgrad=True is not Gefen (it needs a full-size max of the second "
-            "moment); use torch.optim.AdamW(amsgrad=True), or Gefen with amsgrad=False"
-        )
-    if values.get("differentiable"):
-        raise NotImplementedError(
-            f"{where}: differentiable=True is not supported (the quantised state is not "
-            "differentiable); use torch.optim.AdamW(differentiable=True)"
-        )
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"{where}: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
-    if not 0.0 <= lr:
-        raise ValueError(f"{where}: invalid learning rate lr={lr}; use lr >= 0")
-    if not 0.0 <= eps:
-        raise ValueError(f"{where}: invalid eps={eps}; use eps >= 0")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"{where}: invalid weight_decay={weight_decay}; use weight_decay >= 0")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, Tensor) and beta.numel() != 1:
-            raise ValueError(f"{where}: a Tensor betas[{i}] must have one element")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{where}: invalid betas[{i}]={beta}; use 0 <= beta < 1")
-
-
 def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
     g = p.grad
     where = f"parameter {index} of param group {group_index}"
+    check_materialised(p, where)
     if g.is_sparse:
         raise RuntimeError(
             f"Gefen does not support sparse gradients ({where}); use torch.optim.SparseAdam for "
@@ -402,8 +405,9 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
         values = (group["lr"], *group["betas"], group["eps"], group["weight_decay"],
                   group["maximize"])
         for column, value in enumerate(values):
-            if isinstance(value, Tensor):
-                tensors[i, column], value = value, 0.0
+            if isinstance(value, Tensor):  # one element; a shape (1,) lr is AdamW's too
+                tensors[i, column] = value.reshape(()) if value.dim() else value
+                value = 0.0
             row.append(float(value))
         rows.append(tuple(row))
     table = device_table(tuple(rows), torch.float64, device, tag=("tensors", *tensors))

@@ -107,7 +107,7 @@ def build_bucket(
         for key, view in views.items():
             if key in state:
                 view.copy_(state[key].reshape(view.shape))
-            state[key] = view
+            dict.__setitem__(state, key, view)  # the bucket's own views: no change to report
         segments[i] = torch.tensor([m0, magnitude_block(n, period), c0, v0, int(period == 1)])
         c0, m0, v0 = c0 + _aligned(n), m0 + m, v0 + _aligned(v)
     return Bucket(

@@ -314,6 +314,20 @@ def test_tensor_lr_equals_float_lr(lr, weight_decay):
     assert isinstance(opt_tensor.param_groups[0]["lr"], torch.Tensor)
 
 
+def test_one_element_tensor_hyperparameters_of_any_shape_step_as_0d_ones():
+    """AdamW accepts a shape (1,) lr and betas like tensor([[[0.9]]]) (squeezed in its
+    constructor); so does Gefen, with the trajectory of the 0-d values."""
+    a, b = make_params(), make_params()
+    shaped = Gefen(a, lr=torch.tensor([1e-2]), betas=(torch.tensor([[[0.9]]]), torch.tensor([[0.99]])),
+                   capturable=True)
+    plain = Gefen(b, lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.99)),
+                  capturable=True)
+    assert [beta.shape for beta in shaped.param_groups[0]["betas"]] == [(), ()]
+    run(shaped, a, 3)
+    run(plain, b, 3)
+    assert_all_equal(a, b)
+
+
 SCHEDULERS = {
     "StepLR": lambda opt: StepLR(opt, step_size=2, gamma=0.1),
     "LambdaLR": lambda opt: LambdaLR(opt, lambda epoch: 1.0 / (epoch + 1)),
@@ -660,17 +674,29 @@ def test_repr_matches_adamw():
 # error inputs
 
 
+# AdamW's error type and wording first (code written against AdamW matches it), Gefen's fix after.
 HYPERPARAMETER_ERRORS = [
     ({"amsgrad": True}, NotImplementedError, ["amsgrad=True", "amsgrad=False"]),
     ({"differentiable": True}, NotImplementedError, ["differentiable=True", "AdamW"]),
-    ({"lr": -1e-3}, ValueError, ["lr=-0.001", "lr >= 0"]),
-    ({"lr": float("nan")}, ValueError, ["lr=nan", "lr >= 0"]),
-    ({"eps": -1e-8}, ValueError, ["eps=-1e-08", "eps >= 0"]),
-    ({"weight_decay": -0.1}, ValueError, ["weight_decay=-0.1", "weight_decay >= 0"]),
-    ({"betas": (1.0, 0.999)}, ValueError, ["betas[0]=1.0", "0 <= beta < 1"]),
-    ({"betas": (-0.1, 0.999)}, ValueError, ["betas[0]=-0.1", "0 <= beta < 1"]),
-    ({"betas": (0.9, 1.0)}, ValueError, ["betas[1]=1.0", "0 <= beta < 1"]),
-    ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, ["Tensor lr", "one element"]),
+    ({"lr": -1e-3}, ValueError, ["Invalid learning rate: -0.001", "lr >= 0"]),
+    ({"lr": float("nan")}, ValueError, ["Invalid learning rate: nan", "lr >= 0"]),
+    ({"eps": -1e-8}, ValueError, ["Invalid epsilon value: -1e-08", "eps >= 0"]),
+    ({"weight_decay": -0.1}, ValueError, ["Invalid weight_decay value: -0.1", "weight_decay >= 0"]),
+    ({"weight_decay": -1}, ValueError, ["Invalid weight_decay value: -1 ("]),
+    ({"betas": (1.0, 0.999)}, ValueError, ["Invalid beta parameter at index 0: 1.0", "0 <= beta < 1"]),
+    ({"betas": (-0.1, 0.999)}, ValueError, ["Invalid beta parameter at index 0: -0.1", "0 <= beta"]),
+    ({"betas": (0.9, 1.0)}, ValueError, ["Invalid beta parameter at index 1: 1.0", "0 <= beta < 1"]),
+    ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, ["Tensor lr must be 1-element", "(2,)"]),
+    ({"betas": (torch.tensor([0.9, 0.9]), torch.tensor(0.99))}, ValueError,
+     ["Tensor betas[0] must be 1-element", "(2,)"]),
+    ({"betas": (0.9, torch.tensor(0.99))}, ValueError,
+     ["betas must be either both floats or both Tensors", "float and Tensor"]),
+    ({"betas": (torch.tensor(0.9), 0.99)}, ValueError,
+     ["betas must be either both floats or both Tensors", "Tensor and float"]),
+    ({"lr": torch.tensor(1e-3), "foreach": True}, ValueError,
+     ["lr as a Tensor is not supported for capturable=False and foreach=True", "capturable=True"]),
+    ({"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True}, ValueError,
+     ["betas[0] as a Tensor is not supported for capturable=False and foreach=True"]),
 ]
 
 
@@ -683,8 +709,10 @@ HYPERPARAMETER_ERRORS = [
 def test_invalid_hyperparameters_raise_with_a_fix(kwargs, exc_type, needles, where):
     params = make_params()
     if where == "constructor":
-        with raises_naming(exc_type, *needles):
+        with raises_naming(exc_type, *needles) as info:
             Gefen(params, **kwargs)
+        if exc_type is ValueError:  # AdamW's wording starts the message
+            assert str(info.value).startswith(needles[0]), str(info.value)
     else:
         opt = Gefen(params[:2])
         with raises_naming(exc_type, "param group 1", *needles):

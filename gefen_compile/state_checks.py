@@ -1,0 +1,76 @@
+"""What Gefen's state must look like before the kernels read it (GEFEN_SPEC "State per
+parameter"): the codebook, and each parameter's entry against its parameter and period.
+
+Loaded checkpoints and state assigned into ``optimizer.state[p]`` are checked here before they
+replace anything: the C kernel trusts these sizes, so a wrong one would read or write outside
+a buffer. Each check returns a description of the first problem (None when there is none);
+callers add where the state came from and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .codebook import CODEBOOK_SIZE
+from .state import state_sizes
+
+ENTRY_KEYS = ("codes", "magnitude", "vmean", "step", "period")
+
+
+def codebook_problem(codebook: Any) -> str | None:
+    """Why ``codebook`` is not a Gefen codebook: 256 finite floats, non-decreasing, in [-1, 1]."""
+    if not isinstance(codebook, Tensor):
+        return f"is a {type(codebook).__name__}, not a tensor"
+    if codebook.shape != (CODEBOOK_SIZE,) or not codebook.is_floating_point():
+        return (f"has shape {tuple(codebook.shape)} and dtype {codebook.dtype}; a Gefen "
+                f"codebook is {CODEBOOK_SIZE} floating-point values")
+    values = codebook.detach().cpu().double()  # 256 values, read once at load
+    if not (bool(values.isfinite().all()) and bool((values.abs() <= 1).all())
+            and bool((values[1:] >= values[:-1]).all())):
+        return "is not finite, non-decreasing and within [-1, 1]"
+    return None
+
+
+def entry_problem(entry: dict, param: Tensor) -> str | None:
+    """Why ``entry`` is not the state of ``param`` (its local tensor, for a DTensor): every key,
+    uint8 codes with one per element, magnitude and vmean of the lengths its period gives, in
+    the parameter's dtype (the state dtype is the gradient's, which must be the parameter's),
+    and a one-element step."""
+    missing = [k for k in ENTRY_KEYS if k not in entry]
+    if missing:
+        return f"has no {', '.join(map(repr, missing))} (a Gefen entry has {ENTRY_KEYS})"
+    n, period = param.numel(), entry["period"]
+    if type(period) is not int or period < 1 or (period > 1 and n % period):
+        return (f"has period {period!r}, which is not a positive int dividing the parameter's "
+                f"{n} elements")
+    magnitude, vmean = state_sizes(n, period)
+    expected = {"codes": ((n,), torch.uint8), "magnitude": ((magnitude,), param.dtype),
+                "vmean": ((vmean,), param.dtype)}
+    for key, (shape, dtype) in expected.items():
+        value = entry[key]
+        if not isinstance(value, Tensor):
+            return f"has {key} of type {type(value).__name__}, not a tensor"
+        # codes are saved in the parameter's shape (checkpoint.py), or flat (older layout)
+        size = (value.numel(),) if key == "codes" else tuple(value.shape)
+        if (size, value.dtype) != (shape, dtype):
+            return (f"has {key} of shape {tuple(value.shape)} and dtype {value.dtype}; the "
+                    f"parameter ({n} elements, {param.dtype}, period {period}) needs "
+                    f"{shape[0]} elements of {dtype}")
+    step = entry["step"]
+    if not (isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex()):
+        return f"has step {step!r}; it must be a one-element real tensor"
+    return None
+
+
+def check_materialised(param: Tensor, where: str) -> None:
+    """Refuse a parameter on the meta device (no data to update), with the fix."""
+    if param.is_meta:
+        raise ValueError(
+            f"Gefen: {where} is on the meta device (it has a shape but no data), so there is "
+            "nothing to update; materialise the model first, then build the optimizer over "
+            "its parameters: model.to_empty(device=...), initialise the weights (or load a "
+            "checkpoint), then Gefen(model.parameters(), ...) (to_empty makes new parameters)"
+        )
