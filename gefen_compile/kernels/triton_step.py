@@ -249,7 +249,7 @@ def step(*args) -> None:
     a.steps.add_(has_grad)
     # Per parameter, float64: lr / (1 - beta1^step) and 1 - beta2^step (IEEE division here,
     # so the kernel needs no float64 division).
-    hyper = a.hyper[a.param_group]
+    hyper = a.hyper.index_select(0, a.param_group)
     bias = 1 - hyper[:, 1:3] ** a.steps.double().unsqueeze(1)
     scalars = torch.stack([hyper[:, 0] / bias[:, 0], bias[:, 1]], dim=1)
     # Parameters and gradients are the user's tensors: 128-bit access only where all are
