@@ -165,7 +165,7 @@ class RefGefen:
             counts = sum(ref_histogram(grads[i], periods[i]) for i in fresh)
             # Only empty gradients: nothing to learn from, so the codebook waits (the spec is
             # silent; the project's choice) and nothing is updated before it exists.
-            self.codebook = ref_codebook(counts) if counts.any() else None
+            self.codebook = self.learn_codebook(counts) if counts.any() else None
         for i in fresh:
             n, P = grads[i].numel(), periods[i]
             Q = max(d for d in range(1, 257) if n % d == 0)
@@ -181,6 +181,10 @@ class RefGefen:
         for i, g in enumerate(grads):
             if g is not None and self.codebook is not None:
                 self._update(i, g)
+
+    def learn_codebook(self, counts: np.ndarray) -> np.ndarray:
+        """The codebook of the first step's histogram (a subclass may accept another optimum)."""
+        return ref_codebook(counts)
 
     def _update(self, i, grad):
         s, p = self.state[i], self.params[i]
@@ -225,3 +229,13 @@ def ref_codebook(counts: np.ndarray) -> np.ndarray:
         c[0], c[-1] = -1.0, 1.0
         return np.sort(c).astype(np.float32)
     return slow_dp(counts, K)[0].astype(np.float32)
+
+
+def codebook_cost(counts: np.ndarray, codebook: np.ndarray) -> float:
+    """The k-means objective of ``codebook`` on the histogram's points: sum of w (x - nearest
+    entry)^2. For a codebook of the DP (ends pinned, the other entries cluster means) it equals
+    the partition's cost when the partition is optimal, so two codebooks that both reach the
+    slow DP's optimum cost are equally good (the spec lets ties break either way)."""
+    x, w = points(counts)
+    d = np.abs(x[:, None] - codebook.astype(np.float64)[None, :]).min(axis=1)
+    return float((w * d * d).sum())

@@ -13,17 +13,18 @@ import io
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from reference import RefGefen
+from reference import K, RefGefen, codebook_cost, points
 from reference_compare import assert_matches_reference
 
 from gefen_compile import Gefen
 
-settings.register_profile(
-    "ci", max_examples=40, deadline=None, derandomize=True, database=None,
-    suppress_health_check=[HealthCheck.too_slow],
+settings.register_profile(  # no shrinking: a failure reports the example as generated
+    "ci", max_examples=100, deadline=None, derandomize=True, database=None,
+    phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
     "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -32,14 +33,17 @@ PROFILE = settings.get_profile(os.environ.get("GEFEN_HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 PRIMES = [2, 3, 5, 7, 13, 31, 37, 61, 97, 131, 251]
-# Every tensor under 300 elements: the reference's O(B^2 K) codebook stays fast.
+# Every tensor under 300 elements: the reference's O(B^2 K) codebook stays fast. Gradients scale
+# by row (the first dimension), so the shapes with four rows or more of over 8 elements usually
+# get a period above 1.
 SHAPES = st.one_of(
     st.just(()),  # 0-d
     st.sampled_from([(0,), (3, 0), (0, 4, 2)]),  # empty
-    st.sampled_from(PRIMES).map(lambda n: (n,)),  # prime lengths: period 1, one magnitude each
-    st.tuples(st.integers(1, 12), st.integers(1, 24)),
-    st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 12)),  # 3-D
-    st.sampled_from([(4, 64), (2, 4, 32), (8, 32)]),  # long rows: periods above 8
+    st.sampled_from(PRIMES).map(lambda n: (n,)),  # prime lengths: period 1
+    st.tuples(st.integers(1, 6), st.integers(1, 8)),  # period 1
+    st.tuples(st.integers(4, 12), st.integers(9, 24)),
+    st.tuples(st.integers(4, 6), st.integers(1, 4), st.integers(3, 12)),  # 3-D
+    st.sampled_from([(4, 64), (2, 4, 32), (8, 32)]),  # long rows
 )
 HYPER = st.fixed_dictionaries({
     "lr": st.sampled_from([1e-3, 1e-2, 0.1]),
@@ -48,8 +52,8 @@ HYPER = st.fixed_dictionaries({
     "weight_decay": st.sampled_from([0.0, 0.1, 1.0]),
     "maximize": st.booleans(),
 })
-# A parameter's gradient at one step: none, an all-zero one, or row-scaled noise.
-GRADIENTS = st.sampled_from(["noise", None, "zero"])
+# A parameter's gradient at one step: row-scaled noise (most often), none, or all zeros.
+GRADIENTS = st.sampled_from(["noise", "noise", "noise", None, None, "zero"])
 
 
 @dataclass
@@ -83,6 +87,23 @@ def cases(draw) -> Case:
         save_at=draw(st.integers(0, steps)),
         seed=draw(st.integers(0, 2**16)),
     )
+
+
+class TieAcceptingReference(RefGefen):
+    """The reference, taking Gefen's codebook where the two DP solutions differ but reach the
+    same optimal cost: with more points than entries, equal-cost clusterings are common (two
+    neighbours at the same distance, say), and the spec lets ties break either way."""
+
+    optimizer: Gefen
+
+    def learn_codebook(self, counts):
+        codebook, learned = super().learn_codebook(counts), self.optimizer.codebook.numpy()
+        if len(points(counts)[0]) < K or np.array_equal(codebook, learned):
+            return codebook  # the padded codebook has no ties: it must be equal
+        np.testing.assert_allclose(
+            codebook_cost(counts, learned), codebook_cost(counts, codebook), rtol=1e-9
+        )
+        return learned
 
 
 def gradients(case: Case) -> list[list[torch.Tensor | None]]:
@@ -161,7 +182,8 @@ def test_random_cases_follow_the_reference_and_resume_bit_identically(case):
     straight = [torch.nn.Parameter(v.clone()) for v in values]
     opt = Gefen(param_groups(case, straight))
     ref_groups = param_groups(case, values)
-    ref = RefGefen.from_groups(ref_groups)
+    ref = TieAcceptingReference.from_groups(ref_groups)
+    ref.optimizer = opt
     for grads in schedule:
         step(opt, straight, grads)
         ref.step(in_group_order(case, grads))
