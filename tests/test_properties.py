@@ -9,7 +9,6 @@ at random: the first run to try after changing the step, its state or checkpoint
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 
@@ -19,6 +18,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from reference import K, RefGefen, codebook_cost, points
 from reference_compare import assert_matches_reference
+from test_checkpoint import saved_and_loaded
+from test_optimizer_contract import assert_tree_equal
 
 from gefen_compile import Gefen
 
@@ -147,31 +148,6 @@ def in_group_order(case: Case, values: list) -> list:
     return [values[i] for g in case.groups for i in g["members"]]
 
 
-def saved_and_loaded(opt: Gefen) -> dict:
-    """The optimizer's state_dict after a round trip through torch.save, as a checkpoint."""
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def assert_identical(a, b, where: str = "state_dict") -> None:
-    """Equal values, tensors equal bit for bit (same dtype and shape)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 @PROFILE
 @given(case=cases())
 def test_random_cases_follow_the_reference_and_resume_bit_identically(case):
@@ -181,8 +157,7 @@ def test_random_cases_follow_the_reference_and_resume_bit_identically(case):
     # The run that never stops, against the reference.
     straight = [torch.nn.Parameter(v.clone()) for v in values]
     opt = Gefen(param_groups(case, straight))
-    ref_groups = param_groups(case, values)
-    ref = TieAcceptingReference.from_groups(ref_groups)
+    ref = TieAcceptingReference.from_groups(param_groups(case, values))
     ref.optimizer = opt
     for grads in schedule:
         step(opt, straight, grads)
@@ -195,13 +170,12 @@ def test_random_cases_follow_the_reference_and_resume_bit_identically(case):
     first = Gefen(param_groups(case, resumed))
     for grads in schedule[:case.save_at]:
         step(first, resumed, grads)
-    checkpoint = saved_and_loaded(first)
+    checkpoint = saved_and_loaded(first.state_dict())  # through torch.save and torch.load
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in resumed]
     second = Gefen(param_groups(case, resumed, with_hyper=False))
     second.load_state_dict(checkpoint)
     for grads in schedule[case.save_at:]:
         step(second, resumed, grads)
 
-    for i, (p, q) in enumerate(zip(straight, resumed)):
-        assert_identical(p.detach(), q.detach(), f"parameter {i}")
-    assert_identical(opt.state_dict(), second.state_dict())
+    assert_tree_equal([p.detach() for p in straight], [p.detach() for p in resumed], "params")
+    assert_tree_equal(opt.state_dict(), second.state_dict(), "state_dict")
