@@ -194,7 +194,12 @@ class RefGefen:
         ct = np.float64 if dt == torch.float64 else np.float32  # fp64 state: fp64 math
         sq = g * g
         block_sq = sq if P == 1 else np.array([sq[j:j + P].mean() for j in range(0, g.size, P)])
-        s["vmean"] = _round(b2 * s["vmean"] + (1 - b2) * block_sq, dt)
+        if dt == torch.float64:
+            s["vmean"] = _round(b2 * s["vmean"] + (1 - b2) * block_sq, dt)
+        else:  # the spec's fp32 math, rounded once into the state dtype (a block's mean of g^2
+            # in float64: the order of its sum is open, so it may differ in the last fp32 bit)
+            v32 = np.float32(b2) * s["vmean"].astype(np.float32)
+            s["vmean"] = _round(v32 + block_sq.astype(np.float32) * np.float32(1 - b2), dt)
         s["step"] += 1
         cb = self.codebook
         codes = np.empty_like(s["codes"])

@@ -30,7 +30,11 @@ def assert_matches_reference(params, opt, ref):
         assert state["magnitude"].dtype == dtype and state["vmean"].dtype == dtype
         np.testing.assert_array_equal(state["codes"].long().numpy(), ref_state["codes"])
         np.testing.assert_array_equal(state["magnitude"].double().numpy(), ref_state["magnitude"])
+        # The block sums of g^2 add in another order: rounding apart, which in the subnormal
+        # range (fp16 from 6e-5 down) is one step of the smallest subnormal, not relative.
+        finfo = torch.finfo(dtype)
         np.testing.assert_allclose(
-            state["vmean"].double().numpy(), ref_state["vmean"], rtol=PARAM_TOL[dtype]["rtol"]
+            state["vmean"].double().numpy(), ref_state["vmean"], rtol=PARAM_TOL[dtype]["rtol"],
+            atol=finfo.smallest_normal * finfo.eps,
         )
         torch.testing.assert_close(p.detach(), ref_p, **PARAM_TOL[dtype])

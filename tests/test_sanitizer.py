@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # One fp32 or bf16 parameter of 8192 elements after its first step; the child then calls the C
-# step with the bucket's arguments, one of them replaced by `BAD`.
+# step with the bucket's arguments, one of them replaced by the `bad` line.
 CHILD = """
 import torch
 from gefen_compile import Gefen
