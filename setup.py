@@ -2,8 +2,12 @@
 
 The extension is optional: without a working C compiler the build warns and the install goes on
 without it; CPU steps then run the plain-torch path (kernels/native.py says so at run time), and
-CUDA steps never need it."""
+CUDA steps never need it.
 
+GEFEN_SANITIZE=1 builds them with AddressSanitizer and UndefinedBehaviorSanitizer, for
+scripts/sanitize.sh (which builds into a temporary copy and says how to load the result)."""
+
+import os
 import platform
 import sys
 import sysconfig
@@ -20,13 +24,20 @@ if gcc:
 if gcc and platform.machine() in ("x86_64", "AMD64"):
     # GCC's generic tuning emulates gathers with scalar loads; the table lookups want them.
     flags.append("-mtune-ctrl=use_gather")
+link_flags = ["-fopenmp"] if gcc else []
+if os.environ.get("GEFEN_SANITIZE") == "1":
+    # Same optimisation (the vector paths are the ones under test), plus debug lines for the
+    # reports; any undefined behaviour aborts, as an ASan report does.
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    flags += [*sanitize, "-g", "-fno-omit-frame-pointer"]
+    link_flags += sanitize
 setup(
     ext_modules=[
         Extension(
             "gefen_compile.kernels._cpu",
             sources=["gefen_compile/kernels/cpu_step.c", "gefen_compile/kernels/codebook_dp.c"],
             extra_compile_args=flags,
-            extra_link_args=["-fopenmp"] if gcc else [],
+            extra_link_args=link_flags,
             optional=True,
         )
     ]

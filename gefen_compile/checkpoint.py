@@ -36,9 +36,13 @@ STEP = "gefen_step"
 def for_saving(params: list[Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` (entries keyed by index into ``params``) as Gefen saves it: the step
     counter under ``"gefen_step"``, the :data:`MARKER` under ``"step"``, plain ``codes`` in the
-    parameter's shape (views: nothing is copied)."""
+    parameter's shape (views: nothing is copied). An empty entry (reading ``optimizer.state[p]``
+    creates one for a parameter without state) is saved as it is, as torch saves it."""
     state = {}
     for key, entry in state_dict["state"].items():
+        if not entry:
+            state[key] = entry
+            continue
         entry = {**entry, "step": MARKER, STEP: entry["step"]}
         if not is_sharded(entry["codes"]):
             entry["codes"] = entry["codes"].view(params[key].shape)

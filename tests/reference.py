@@ -2,7 +2,8 @@
 
 Loops and float64 wherever the spec leaves precision open; float32 exactly where the spec fixes
 it (the normalisation g / max|g|, the bin arithmetic, and the first-moment math that feeds a
-quantisation decision), so that discrete decisions can be compared bit for bit.
+quantisation decision; float64 for float64 state, as the README documents), so that discrete
+decisions can be compared bit for bit.
 """
 
 from __future__ import annotations
@@ -135,22 +136,36 @@ def _round(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 
 class RefGefen:
-    """GEFEN_SPEC's optimizer for a list of parameters in one group, one parameter at a time."""
+    """GEFEN_SPEC's optimizer for a list of parameters in one group, one parameter at a time
+    (``from_groups``: several groups, each with its own hyperparameters, one codebook)."""
 
     def __init__(self, params, lr, betas, eps, weight_decay, maximize=False):
         self.params = [p.detach().clone() for p in params]
-        self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
-        self.maximize = maximize
+        self.hyper = [(lr, *betas, eps, weight_decay, maximize)] * len(params)
         self.codebook = None
         self.state = [None] * len(params)
 
+    @classmethod
+    def from_groups(cls, groups):
+        """``groups``: dicts of "params" and every hyperparameter, as Gefen's param groups;
+        parameters are numbered across the groups in order."""
+        ref = cls([p for g in groups for p in g["params"]], 0.0, (0.0, 0.0), 0.0, 0.0)
+        ref.hyper = [
+            (g["lr"], *g["betas"], g["eps"], g["weight_decay"], g.get("maximize", False))
+            for g in groups
+            for _ in g["params"]
+        ]
+        return ref
+
     def step(self, grads):
-        grads = [None if g is None else (-g if self.maximize else g) for g in grads]
+        grads = [None if g is None else (-g if h[5] else g) for g, h in zip(grads, self.hyper)]
         fresh = [i for i, g in enumerate(grads) if g is not None and self.state[i] is None]
         periods = {i: ref_period(grads[i]) for i in fresh}
         if self.codebook is None and fresh:
             counts = sum(ref_histogram(grads[i], periods[i]) for i in fresh)
-            self.codebook = ref_codebook(counts)
+            # Only empty gradients: nothing to learn from, so the codebook waits (the spec is
+            # silent; the project's choice) and nothing is updated before it exists.
+            self.codebook = self.learn_codebook(counts) if counts.any() else None
         for i in fresh:
             n, P = grads[i].numel(), periods[i]
             Q = max(d for d in range(1, 257) if n % d == 0)
@@ -164,17 +179,27 @@ class RefGefen:
                 "step": 0,
             }
         for i, g in enumerate(grads):
-            if g is not None:
+            if g is not None and self.codebook is not None:
                 self._update(i, g)
+
+    def learn_codebook(self, counts: np.ndarray) -> np.ndarray:
+        """The codebook of the first step's histogram (a subclass may accept another optimum)."""
+        return ref_codebook(counts)
 
     def _update(self, i, grad):
         s, p = self.state[i], self.params[i]
+        lr, b1, b2, eps, wd, _ = self.hyper[i]
         dt, P, B = s["dtype"], s["period"], s["block"]
         g = grad.reshape(-1).double().numpy()
-        f32 = np.float32
+        ct = np.float64 if dt == torch.float64 else np.float32  # fp64 state: fp64 math
         sq = g * g
         block_sq = sq if P == 1 else np.array([sq[j:j + P].mean() for j in range(0, g.size, P)])
-        s["vmean"] = _round(self.b2 * s["vmean"] + (1 - self.b2) * block_sq, dt)
+        if dt == torch.float64:
+            s["vmean"] = _round(b2 * s["vmean"] + (1 - b2) * block_sq, dt)
+        else:  # the spec's fp32 math, rounded once into the state dtype (a block's mean of g^2
+            # in float64: the order of its sum is open, so it may differ in the last fp32 bit)
+            v32 = np.float32(b2) * s["vmean"].astype(np.float32)
+            s["vmean"] = _round(v32 + block_sq.astype(np.float32) * np.float32(1 - b2), dt)
         s["step"] += 1
         cb = self.codebook
         codes = np.empty_like(s["codes"])
@@ -182,21 +207,21 @@ class RefGefen:
         mags = np.empty_like(s["magnitude"])
         for blk in range(g.size // B):
             sl = slice(blk * B, (blk + 1) * B)
-            m = cb[s["codes"][sl]].astype(f32) * f32(s["magnitude"][blk])
-            m = m * f32(self.b1) + g[sl].astype(f32) * f32(1 - self.b1)
+            m = cb[s["codes"][sl]].astype(ct) * ct(s["magnitude"][blk])
+            m = m * ct(b1) + g[sl].astype(ct) * ct(1 - b1)
             mag = _round(np.abs(m).max(), dt)
             mags[blk] = mag
             if mag == 0:
                 codes[sl] = 0
             else:
-                codes[sl] = ref_nearest(m / f32(mag), cb)
+                codes[sl] = ref_nearest(m / ct(mag), cb)
             m_q[sl] = cb[codes[sl]].astype(np.float64) * mag
         s["codes"], s["magnitude"] = codes, mags
         t = s["step"]
-        bc1, bc2 = 1 - self.b1**t, 1 - self.b2**t
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
         v = s["vmean"] if P == 1 else np.repeat(s["vmean"], P)
-        x = p.reshape(-1).double().numpy() * (1 - self.lr * self.wd)
-        x = x - self.lr * m_q / bc1 / (np.sqrt(v / bc2) + self.eps)
+        x = p.reshape(-1).double().numpy() * (1 - lr * wd)
+        x = x - lr * m_q / bc1 / (np.sqrt(v / bc2) + eps)
         self.params[i] = torch.from_numpy(x).to(p.dtype).view_as(p)
 
 
@@ -209,3 +234,13 @@ def ref_codebook(counts: np.ndarray) -> np.ndarray:
         c[0], c[-1] = -1.0, 1.0
         return np.sort(c).astype(np.float32)
     return slow_dp(counts, K)[0].astype(np.float32)
+
+
+def codebook_cost(counts: np.ndarray, codebook: np.ndarray) -> float:
+    """The k-means objective of ``codebook`` on the histogram's points: sum of w (x - nearest
+    entry)^2. For a codebook of the DP (ends pinned, the other entries cluster means) it equals
+    the partition's cost when the partition is optimal, so two codebooks that both reach the
+    slow DP's optimum cost are equally good (the spec lets ties break either way)."""
+    x, w = points(counts)
+    d = np.abs(x[:, None] - codebook.astype(np.float64)[None, :]).min(axis=1)
+    return float((w * d * d).sum())

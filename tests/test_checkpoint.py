@@ -143,3 +143,25 @@ def test_adamw_state_dict_refuses_what_is_not_gefen_state():
     del state_dict["codebook"]
     with pytest.raises(ValueError, match="no 'codebook'"):
         adamw_state_dict(state_dict)
+
+
+def test_reading_the_state_of_a_parameter_without_state_keeps_state_dict_working():
+    # optimizer.state is a defaultdict, as torch's: reading it for a parameter that has no
+    # state yet (logging code does) leaves an empty entry, which AdamW saves as it is.
+    params, opt = stepped_gefen()
+    late = torch.nn.Parameter(torch.randn(6))
+    opt.add_param_group({"params": [late]})
+    assert opt.state[late] == {}
+    state_dict = opt.state_dict()
+    assert state_dict["state"][len(params)] == {}
+    assert adamw_state_dict(state_dict)["state"][len(params)] == {}
+    twin_params = [p.detach().clone().requires_grad_() for p in [*params, late]]
+    twin = Gefen(twin_params[:-1])
+    twin.add_param_group({"params": twin_params[-1:]})
+    twin.load_state_dict(saved_and_loaded(state_dict))
+    for k in range(3, 5):
+        for ps, o in ((params + [late], opt), (twin_params, twin)):
+            set_grads(ps, k)
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip([*params, late], twin_params))
+    assert opt.state[late]["step"].item() == 2

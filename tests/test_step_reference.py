@@ -1,9 +1,9 @@
 """Gefen's trajectory against the slow reference over 20 steps (GEFEN_SPEC "One step")."""
 
-import numpy as np
 import pytest
 import torch
 from reference import RefGefen
+from reference_compare import assert_matches_reference
 
 from gefen_compile import Gefen
 
@@ -53,38 +53,13 @@ def run_both(shapes, dtype, hyper, seed=0):
     return params, opt, ref
 
 
-PARAM_TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=2e-3, atol=1e-4),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
-}
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 
 
-def assert_matches_reference(params, opt, ref, dtype):
-    np.testing.assert_array_equal(opt.codebook.numpy(), ref.codebook)
-    for p, ref_p, ref_state in zip(params, ref.params, ref.state):
-        if ref_state is None:
-            assert not opt.state[p]
-            continue
-        state = opt.state[p]
-        assert state["period"] == ref_state["period"]
-        assert state["step"].item() == ref_state["step"]
-        assert state["codes"].dtype == torch.uint8
-        assert state["magnitude"].dtype == dtype and state["vmean"].dtype == dtype
-        # Every decision follows the spec's fp32 arithmetic, so the codes agree exactly.
-        np.testing.assert_array_equal(state["codes"].long().numpy(), ref_state["codes"])
-        np.testing.assert_array_equal(state["magnitude"].double().numpy(), ref_state["magnitude"])
-        np.testing.assert_allclose(
-            state["vmean"].double().numpy(), ref_state["vmean"], rtol=PARAM_TOL[dtype]["rtol"]
-        )
-        torch.testing.assert_close(p.detach(), ref_p, **PARAM_TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_trajectory_equals_reference(dtype):
     params, opt, ref = run_both(SHAPES, dtype, HYPER)
-    assert_matches_reference(params, opt, ref, dtype)
+    assert_matches_reference(params, opt, ref)
 
 
 @pytest.mark.parametrize(
@@ -96,13 +71,13 @@ def test_trajectory_equals_reference(dtype):
 )
 def test_hyperparameters_follow_reference(hyper):
     params, opt, ref = run_both(SHAPES, torch.float32, hyper, seed=1)
-    assert_matches_reference(params, opt, ref, torch.float32)
+    assert_matches_reference(params, opt, ref)
 
 
 def test_padded_codebook_trajectory():
     params, opt, ref = run_both(TINY_SHAPES, torch.float32, HYPER, seed=2)
     assert len(torch.unique(opt.codebook)) < 256  # the padded case really ran
-    assert_matches_reference(params, opt, ref, torch.float32)
+    assert_matches_reference(params, opt, ref)
 
 
 def test_late_parameter_uses_the_first_codebook():

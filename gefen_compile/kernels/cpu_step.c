@@ -287,6 +287,19 @@ DEFINE_ROW(row_f64, double, double, LOAD_F64, STORE_F64, sqrt)
 
 #define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,bmi2")))
 
+/* ASan instruments plain loads and stores, not intrinsics: in sanitized builds (setup.py,
+ * GEFEN_SANITIZE=1) a VBMI row first reads the first poisoned byte, if any, of each range it
+ * touches, so that ASan reports what the vector accesses would have read or written. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+static void touch_poisoned(const void *ptr, int64_t count, size_t size) {
+    const char *bad = __asan_region_is_poisoned((void *)ptr, (size_t)count * size);
+    if (bad) (void)*(volatile const char *)bad;
+}
+#else
+#define touch_poisoned(ptr, count, size) ((void)0)
+#endif
+
 struct BytePlanes {
     _Alignas(64) uint8_t codebook[4][256]; /* byte b of entry i at [b][i] */
     _Alignas(64) uint8_t bounds[4][256];   /* +inf past the last boundary */
@@ -442,6 +455,10 @@ VBMI static inline __m512i nearest_codes(const BytePlanes *t, const Quantiser *q
 
 VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
     ROW_SETUP(float, float, LOAD_F32)
+    touch_poisoned(g, len, sizeof(float));
+    touch_poisoned(param, len, sizeof(float));
+    touch_poisoned(codes, len, 1);
+    touch_poisoned(v, per_element ? len : 1, sizeof(float));
     const BytePlanes *t = s->planes;
     const int32_t half = (int32_t)a->lut_half;
     const __m512 old_mag_v = _mm512_set1_ps(old_mag), beta1_v = _mm512_set1_ps(beta1);
