@@ -37,11 +37,11 @@ def for_saving(params: list[Tensor], state_dict: dict[str, Any]) -> dict[str, An
     """``state_dict`` (entries keyed by index into ``params``) as Gefen saves it: the step
     counter under ``"gefen_step"``, the :data:`MARKER` under ``"step"``, plain ``codes`` in the
     parameter's shape (views: nothing is copied). An empty entry (reading ``optimizer.state[p]``
-    creates one for a parameter without state) is saved as it is, as torch saves it."""
+    creates one for a parameter without state) is saved empty, as torch saves it."""
     state = {}
     for key, entry in state_dict["state"].items():
         if not entry:
-            state[key] = entry
+            state[key] = {}  # a plain dict: the live entry is a state-tracking subclass
             continue
         entry = {**entry, "step": MARKER, STEP: entry["step"]}
         if not is_sharded(entry["codes"]):

@@ -322,7 +322,7 @@ class Gefen(Optimizer):
         groups = []
         for saved, live in zip(saved_groups, self.param_groups):
             for key, param in zip(saved["params"], live["params"]):
-                if key in state_dict["state"]:
+                if state_dict["state"].get(key):  # an empty entry: no state, as AdamW saves it
                     self._check_entry(state_dict["state"][key], param,
                                       "Gefen.load_state_dict: the saved state of",
                                       "load a state_dict saved by Gefen over these parameters, "
