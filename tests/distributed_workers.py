@@ -7,6 +7,8 @@ The model and data are shared with the single-process reference the tests run th
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 from pathlib import Path
 
 import torch
@@ -80,16 +82,32 @@ def reference(steps: int, lr: float = LR) -> tuple[nn.Module, Gefen, list[float]
     return model, opt, losses
 
 
+def faults_file(out_dir: str | Path, rank: int) -> Path:
+    """Where a rank's fatal-signal traceback goes, for the fixture to report."""
+    return Path(out_dir) / f"rank{rank}.faults"
+
+
 def run(rank: int, init_file: str, out_dir: str) -> None:
     """Entry point of each spawned rank."""
+    faults = faults_file(out_dir, rank).open("w")
+    faulthandler.enable(file=faults, all_threads=True)
+    # Two ranks on a 2-core CI machine: one thread each, not two ranks of two threads.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD_SIZE)
     try:
         results = {"ddp": {lr: _ddp(rank, lr) for lr in DDP_LRS}, "hsdp": _hsdp(rank),
                    "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint")}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # FSDP's last collectives and the models' hooks must be gone on both ranks before either
+        # closes its gloo connections: a peer closing early aborts the other rank.
+        del results
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+        faulthandler.disable()
+        faults.close()
 
 
 def _ddp(rank: int, lr: float) -> dict:

@@ -37,12 +37,26 @@ def ranks(tmp_path_factory):
     try:
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
-                pytest.fail(f"the distributed ranks did not finish in {SPAWN_TIMEOUT_S} s")
+                pytest.fail(f"the distributed ranks did not finish in {SPAWN_TIMEOUT_S} s"
+                            + _faults(out))
+    except mp.ProcessExitedException as exc:
+        pytest.fail(f"{exc}{_faults(out)}")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(workers.WORLD_SIZE)]
+
+
+def _faults(out) -> str:
+    """The ranks' fatal-signal tracebacks (faulthandler), so a crash on CI shows where."""
+    reports = []
+    for rank in range(workers.WORLD_SIZE):
+        path = workers.faults_file(out, rank)
+        text = path.read_text() if path.exists() else ""
+        if text.strip():
+            reports.append(f"\n--- rank {rank} ---\n{text}")
+    return "".join(reports)
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
