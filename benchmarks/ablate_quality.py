@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import train_gpt as T  # noqa: E402
 
 import gefen_compile  # noqa: E402
-from gefen_compile.partition import magnitude_block  # noqa: E402
+from gefen_compile.variant import PUBLISHED  # noqa: E402
 
 MODES = ("adamw", "gefen", "shared_v", "quantised_m", "both")
 
@@ -102,7 +102,7 @@ def build_optimizer(mode, model, periods, codebook, lr):
         period = periods[name]
         options.append(dict(shared=period if mode != "quantised_m" and period > 1 else None,
                             quantise=mode != "shared_v",
-                            block=magnitude_block(p.numel(), period)))
+                            block=PUBLISHED.magnitude_block(p.numel(), period)))
     return AblatedAdamW(model.parameters(), options, codebook, lr)
 
 

@@ -21,8 +21,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .distributed import is_sharded
-from .partition import magnitude_block
+from .kernels.torch_step import as_blocks
 from .state import compute_dtype
+from .variant import Variant, saved_variant
 
 MARKER = (
     b"this is gefen_compile.Gefen optimizer state, which torch.optim.AdamW cannot load: load it "
@@ -85,6 +86,7 @@ def adamw_state_dict(optimizer_or_state_dict: Optimizer | dict[str, Any]) -> dic
         )
     state_dict = from_saved(state_dict)
     codebook = state_dict.get("codebook")
+    variant = saved_variant(state_dict)
     state = {}
     for key, entry in state_dict["state"].items():
         if "per_rank" in entry:
@@ -100,16 +102,16 @@ def adamw_state_dict(optimizer_or_state_dict: Optimizer | dict[str, Any]) -> dic
                 "adamw_state_dict: this state_dict has Gefen entries but no 'codebook'; pass "
                 "the optimizer's own state_dict() (torch's state_dict helpers drop it)"
             )
-        state[key] = _adamw_entry(entry, codebook)
+        state[key] = _adamw_entry(entry, codebook, variant)
     return {"state": state, "param_groups": deepcopy(state_dict["param_groups"])}
 
 
-def _adamw_entry(entry: dict[str, Any], codebook: Tensor) -> dict[str, Any]:
+def _adamw_entry(entry: dict[str, Any], codebook: Tensor, variant: Variant) -> dict[str, Any]:
     codes, magnitude, vmean, period = (entry[k] for k in ("codes", "magnitude", "vmean", "period"))
     math = compute_dtype(vmean.dtype)
-    block = magnitude_block(codes.numel(), period)
-    values = codebook.to(codes.device, math)[codes.reshape(-1, block).long()]
-    exp_avg = values * magnitude.to(math).unsqueeze(1)
+    block = variant.magnitude_block(codes.numel(), period)
+    values = as_blocks(codebook.to(codes.device, math)[codes.reshape(-1).long()], block)
+    exp_avg = (values * magnitude.to(math).unsqueeze(1)).view(-1)[: codes.numel()]
     exp_avg_sq = vmean.repeat_interleave(period) if period > 1 else vmean.clone()
     return {
         "step": entry["step"].detach().to("cpu", torch.float32).clone(),

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .kernels import native
+from .variant import ROBUST, Variant
 
 NUM_BINS = 4096
 CODEBOOK_SIZE = 256
@@ -33,16 +34,20 @@ _MAX_TOTAL_COUNT = 2**36
 _HISTOGRAM_CHUNK = 1 << 20
 
 
-def gradient_histogram(grad: torch.Tensor, period: int) -> torch.Tensor:
-    """Counts (int64, ``NUM_BINS``, on ``grad``'s device) of ``grad`` viewed as rows of
-    ``period`` elements, each row divided by its max |g| in fp32 (zero rows count as 0).
+def gradient_histogram(grad: torch.Tensor, row: int) -> torch.Tensor:
+    """Counts (int64, ``NUM_BINS``, on ``grad``'s device) of ``grad`` viewed as rows of ``row``
+    elements (the last row holds what remains), each row divided by its max |g| in fp32 (zero
+    rows count as 0).
 
     Plain torch ops, no host round trip: the CUDA path (the CPU path is the C kernel in
     kernels/cpu_step.c)."""
-    rows = grad.detach().reshape(-1, period)
+    flat = grad.detach().reshape(-1)
+    whole = flat.numel() - flat.numel() % row
     counts = torch.zeros(NUM_BINS, dtype=torch.int64, device=grad.device)
-    rows_per_chunk = max(1, _HISTOGRAM_CHUNK // period)
-    for chunk in rows.split(rows_per_chunk):
+    rows_per_chunk = max(1, _HISTOGRAM_CHUNK // row)
+    for chunk in (*flat[:whole].view(-1, row).split(rows_per_chunk), flat[whole:].view(1, -1)):
+        if chunk.numel() == 0:
+            continue
         chunk = chunk.float()
         peak = chunk.abs().amax(dim=1, keepdim=True)
         normalised = torch.where(peak > 0, chunk / peak, 0.0)
@@ -61,52 +66,55 @@ def bin_centres(bins: torch.Tensor | np.ndarray) -> np.ndarray:
     return (2 * np.asarray(bins, dtype=np.int64) + 1 - NUM_BINS) * Y_SCALE
 
 
-def learn_codebook(counts: torch.Tensor, size: int = CODEBOOK_SIZE) -> torch.Tensor:
-    """The codebook (float32, ``size`` entries, ascending, on CPU) for a bin-count histogram."""
+def learn_codebook(counts: torch.Tensor, variant: Variant = ROBUST,
+                   size: int = CODEBOOK_SIZE) -> torch.Tensor:
+    """The codebook (float32, ``size`` entries, ascending, on CPU) for a bin-count histogram:
+    pinned entries -1 and +1, and 0.0 too where ``variant.zero_in_codebook``."""
     counts_np = _validated_counts(counts)
     bins = np.flatnonzero(counts_np)
-    if len(bins) < size:
-        # As published: the non-empty centres padded with the last one, ends pinned to -1 and +1.
+    zero = variant.zero_in_codebook
+    if len(bins) < size - zero:
+        # As published: the non-empty centres padded with the last one, ends pinned to -1 and
+        # +1; the robust variant turns one padded copy into 0.0.
         centres = bin_centres(bins)
         padded = np.concatenate([centres, np.full(size - len(bins), centres[-1])])
         padded[0], padded[-1] = -1.0, 1.0
+        if zero:
+            padded[len(bins)] = 0.0
         return torch.from_numpy(np.sort(padded)).float()
-    centres, _ = optimal_clustering(counts_np, size)
+    centres, _ = optimal_clustering(counts_np, size, zero)
     return torch.from_numpy(centres).float()
 
 
-def optimal_clustering(counts: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, float]:
-    """Exact weighted k-means of the non-empty bin centres into ``k`` contiguous clusters,
-    the first centred at -1 and the last at +1.
+def optimal_clustering(counts: torch.Tensor | np.ndarray, k: int,
+                       zero: bool = False) -> tuple[np.ndarray, float]:
+    """Exact weighted k-means of the non-empty bin centres into ``k`` contiguous clusters, the
+    first centred at -1 and the last at +1; with ``zero``, one more cluster, possibly empty,
+    is centred at 0.0 (its cost is sum w y^2).
 
     Returns the ``k`` centres (float64, ascending) and the optimal cost
     ``sum(count * (centre_of_bin - centre_of_its_cluster)^2)``. Needs ``2 <= k <=`` number of
-    non-empty bins.
+    non-empty bins (``3 <= k <=`` that number + 1 with ``zero``).
     """
     counts_np = _validated_counts(counts)
     bins = np.flatnonzero(counts_np)
-    if not 2 <= k <= len(bins):
+    nonempty = k - zero  # clusters that hold points
+    if not 2 <= nonempty <= len(bins):
         raise ValueError(
-            f"k={k} clusters need 2 <= k <= {len(bins)} (the number of non-empty bins)"
+            f"k={k} clusters need {2 + zero} <= k <= {len(bins) + zero} (the number of "
+            f"non-empty bins{' + 1: the zero cluster may be empty' if zero else ''})"
         )
     y = 2 * bins.astype(np.int64) + 1 - NUM_BINS
     w = counts_np[bins].astype(np.int64)
-    if native.library is None:
-        # Once per run, on the first step, also on CUDA, so not worth the warning of a CPU step.
-        edges, cost = _ClusterCosts(y, w).optimal_edges(k)
-    else:
-        edges = np.empty(k + 1, dtype=np.int64)
-        cost = native.library.gefen_codebook_dp(
-            len(y), y.ctypes.data, w.ctypes.data, k, _END, edges.ctypes.data
-        )
-        if np.isnan(cost):
-            raise MemoryError(f"the codebook's dynamic program ran out of memory ({len(y)} points)")
-    prefix_w = np.concatenate([[0], np.cumsum(w)])
-    prefix_wy = np.concatenate([[0], np.cumsum(w * y)])
+    costs = _ClusterCosts(y, w)
+    edges, zero_cluster, cost = (_edges_with_zero if zero else _edges)(costs, nonempty)
     lo, hi = edges[:-1], edges[1:]
-    centres = (prefix_wy[hi] - prefix_wy[lo]) / (prefix_w[hi] - prefix_w[lo]) * Y_SCALE
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty zero cluster: set below
+        centres = (costs.w_y[hi] - costs.w_y[lo]) / (costs.w_1[hi] - costs.w_1[lo]) * Y_SCALE
     centres[0], centres[-1] = -1.0, 1.0
-    return centres, cost * Y_SCALE**2
+    if zero_cluster is not None:
+        centres[zero_cluster] = 0.0
+    return np.sort(centres), cost * Y_SCALE**2
 
 
 def _validated_counts(counts: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -134,17 +142,17 @@ class _ClusterCosts:
 
     def __init__(self, y: np.ndarray, w: np.ndarray):
         zero = np.zeros(1, dtype=np.int64)
-        self.y = y
+        self.y, self.weights = y, w
         self.n = len(y)
-        self.w = np.concatenate([zero, np.cumsum(w)])
-        self.wy = np.concatenate([zero, np.cumsum(w * y)])
-        self.wyy = np.concatenate([zero, np.cumsum(w * y * y)])
+        self.w_1 = np.concatenate([zero, np.cumsum(w)])
+        self.w_y = np.concatenate([zero, np.cumsum(w * y)])
+        self.w_yy = np.concatenate([zero, np.cumsum(w * y * y)])
 
     def _moments_about(self, i, j, a):
         """sum(w), sum(w (y - a)), sum(w (y - a)^2) over points i..j-1, exactly."""
-        w = self.w[j] - self.w[i]
-        wy = self.wy[j] - self.wy[i]
-        wyy = self.wyy[j] - self.wyy[i]
+        w = self.w_1[j] - self.w_1[i]
+        wy = self.w_y[j] - self.w_y[i]
+        wyy = self.w_yy[j] - self.w_yy[i]
         return w, wy - a * w, wyy - 2 * a * wy + a * a * w
 
     def free(self, i, j):
@@ -156,24 +164,16 @@ class _ClusterCosts:
         """Cost of points i..j-1 about a fixed centre."""
         return self._moments_about(i, j, centre)[2].astype(np.float64)
 
-    def optimal_edges(self, k: int) -> tuple[np.ndarray, float]:
-        """Cluster edges 0 = e_0 < ... < e_k = n minimising the total cost, and that cost."""
+    def layers(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """What :func:`_layers` returns, in numpy."""
         n = self.n
-        # best[j]: optimal cost of points 0..j-1 in the clusters placed so far.
-        ends = np.arange(1, n - k + 2)
-        best = np.full(n + 1, np.inf)
-        best[ends] = self.pinned(0, ends, -_END)
-        split = np.zeros((k, n + 1), dtype=np.int64)
-        for layer in range(2, k):
-            best = self._next_layer(best, layer, n - (k - layer), split[layer])
-        starts = np.arange(k - 1, n)
-        totals = best[starts] + self.pinned(starts, n, _END)
-        edges = np.empty(k + 1, dtype=np.int64)
-        edges[k], edges[0] = n, 0
-        edges[k - 1] = starts[np.argmin(totals)]
-        for layer in range(k - 1, 1, -1):
-            edges[layer - 1] = split[layer, edges[layer]]
-        return edges, float(totals.min())
+        best = np.full((count + 1, n + 1), np.inf)
+        split = np.zeros((count + 1, n + 1), dtype=np.int64)
+        ends = np.arange(1, n + 1)
+        best[1, ends] = self.pinned(0, ends, -_END)
+        for layer in range(2, count + 1):
+            best[layer] = self._next_layer(best[layer - 1], layer, n, split[layer])
+        return best, split
 
     def _next_layer(self, prev: np.ndarray, layer: int, last_end: int, split: np.ndarray):
         """Optimal costs with one more free cluster, ending at ``layer..last_end``.
@@ -203,6 +203,71 @@ class _ClusterCosts:
                 np.concatenate([arg[left], hi_split[right]]),
             )
         return cur
+
+
+def _layers(costs: _ClusterCosts, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The DP's layers 1..count: ``best[c, j]``, the optimal cost of points 0..j-1 in c
+    non-empty clusters, the first pinned at -1, the others free, and ``split[c, j]``, where
+    the last of those clusters starts. In C (kernels/codebook_dp.c) where it is built."""
+    if native.library is None:
+        # Once per run, on the first step, also on CUDA, so not worth the warning of a CPU step.
+        return costs.layers(count)
+    n = costs.n
+    best = np.empty((count + 1, n + 1))
+    split = np.zeros((count + 1, n + 1), dtype=np.int64)
+    status = native.library.gefen_codebook_layers(
+        n, costs.y.ctypes.data, costs.weights.ctypes.data, count, _END, best.ctypes.data,
+        split.ctypes.data,
+    )
+    if status != 0:
+        raise MemoryError(f"the codebook's dynamic program ran out of memory ({n} points)")
+    return best, split
+
+
+def _backtrack(split: np.ndarray, clusters: int, end: int) -> list[int]:
+    """Edges 0 = e_0 < ... < e_clusters = ``end`` of the optimal first ``clusters`` layers."""
+    edges = [end]
+    for layer in range(clusters, 1, -1):
+        edges.append(int(split[layer, edges[-1]]))
+    return [0, *edges[::-1]]
+
+
+def _edges(costs: _ClusterCosts, k: int) -> tuple[np.ndarray, None, float]:
+    """The published DP: k non-empty clusters, the first pinned at -1 and the last at +1."""
+    n = costs.n
+    best, split = _layers(costs, k - 1)
+    starts = np.arange(k - 1, n)
+    totals = best[k - 1, starts] + costs.pinned(starts, n, _END)
+    last = int(starts[np.argmin(totals)])
+    return np.array([*_backtrack(split, k - 1, last), n]), None, float(totals.min())
+
+
+def _edges_with_zero(costs: _ClusterCosts, nonempty: int) -> tuple[np.ndarray, int, float]:
+    """The robust DP: ``nonempty`` non-empty clusters, the first pinned at -1 and the last at
+    +1, and between them one more, possibly empty, pinned at 0.
+
+    Left of the zero cluster [a, b) lie c clusters (the DP's layers from the left), right of
+    it ``nonempty - c`` (the same DP on the mirrored points). The zero cluster's cost
+    S[b] - S[a] (S: prefix sums of w y^2) separates, so for every c and b the best a comes
+    from a running minimum: O(K B) beside the two DPs.
+    """
+    n = costs.n
+    left_best, left_split = _layers(costs, nonempty - 1)
+    mirrored = _ClusterCosts(-costs.y[::-1].copy(), costs.weights[::-1].copy())
+    right_best, right_split = _layers(mirrored, nonempty - 1)
+    squares = costs.w_yy.astype(np.float64)  # S
+    lefts = np.arange(1, nonempty)  # clusters left of the zero cluster
+    # min over a <= b of left_best[c, a] - S[a], for every c and b
+    best_left = np.minimum.accumulate(left_best[lefts] - squares, axis=1)
+    # points b..n-1 in nonempty - c clusters: the mirrored DP's points 0..n-b-1
+    right = right_best[nonempty - lefts][:, ::-1]
+    totals = best_left + squares + right
+    row, b = np.unravel_index(np.argmin(totals), totals.shape)
+    c, b = int(lefts[row]), int(b)
+    a = int(np.argmin(left_best[c, : b + 1] - squares[: b + 1]))
+    right_edges = [n - e for e in _backtrack(right_split, nonempty - c, n - b)][::-1]
+    edges = np.array([*_backtrack(left_split, c, a), *right_edges])
+    return edges, c, float(totals[row, b])
 
 
 @dataclass(frozen=True)

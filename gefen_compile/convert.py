@@ -30,6 +30,7 @@ from .hyperparameters import check_hyperparameters
 from .migrate import migrate_adamw_state
 from .optim import Gefen
 from .state import adamw_state_nbytes
+from .variant import ROBUST, variant_named
 
 log = logging.getLogger("gefen_compile")
 
@@ -118,9 +119,9 @@ def overrides_step(cls: type) -> bool:
 _CONVERTED: dict[type, type] = {AdamW: GefenAdamW, Adam: GefenAdam}
 
 
-def convert(optimizer: Optimizer) -> Optimizer:
+def convert(optimizer: Optimizer, *, variant: str = ROBUST.name) -> Optimizer:
     """Turn ``optimizer`` (a ``torch.optim.AdamW``, or an ``Adam`` with decoupled weight decay or
-    ``weight_decay=0``) into Gefen in place, and return it.
+    ``weight_decay=0``) into Gefen in place, and return it. ``variant``: as for ``Gefen``.
 
     Before its first step nothing is allocated; after it, AdamW's state is migrated into Gefen's
     and its fp32 buffers are released. Param groups, hooks, LR schedulers and references to the
@@ -135,11 +136,13 @@ def convert(optimizer: Optimizer) -> Optimizer:
     ):
         return optimizer
     check_convertible(optimizer)
+    chosen = variant_named(variant, "convert")
     before = _state_bytes(optimizer)
     full_adamw = sum(adamw_state_nbytes(p) for g in optimizer.param_groups for p in g["params"])
     if not isinstance(optimizer, _ConvertedAdam):
         optimizer.__class__ = _converted_class(own_class(optimizer))
     optimizer._patch_step_function()  # a class never instantiated has an unhooked step
+    optimizer.variant = chosen
     optimizer._set_codebook(None)
     optimizer._buckets, optimizer._index = None, {}
     _install_update_hook(optimizer)

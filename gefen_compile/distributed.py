@@ -92,10 +92,11 @@ def local_grad(p: Tensor, g: Tensor, where: str) -> Tensor:
 def global_histogram(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    periods: Sequence[int],
+    rows: Sequence[int],
     negate: Sequence[bool],
 ) -> Tensor | None:
-    """The codebook's histogram of first gradients (``grads``: local tensors of ``params``).
+    """The codebook's histogram of first gradients (``grads``: local tensors of ``params``, cut
+    into rows of ``rows[t]`` elements: see ops.histogram).
 
     Without DTensor parameters it is this process's histogram. With them, every piece of every
     parameter is counted once over the mesh (a rank counts a parameter only at coordinate 0 of
@@ -104,10 +105,10 @@ def global_histogram(
     """
     mesh = _common_mesh(params)
     if mesh is None:
-        return ops.histogram(list(grads), list(periods), list(negate)) if grads else None
+        return ops.histogram(list(grads), list(rows), list(negate)) if grads else None
     counted = [i for i, p in enumerate(params) if _counted_here(p, mesh)]
     if counted:
-        counts = ops.histogram([grads[i] for i in counted], [periods[i] for i in counted],
+        counts = ops.histogram([grads[i] for i in counted], [rows[i] for i in counted],
                                [negate[i] for i in counted])
     else:
         counts = torch.zeros(NUM_BINS, dtype=torch.int64, device=grads[0].device)
@@ -118,6 +119,19 @@ def global_histogram(
     for dim in range(mesh.ndim):
         dist.all_reduce(counts, group=mesh.get_group(dim))
     return counts
+
+
+def nonzero_anywhere(params: Sequence[Tensor], nonzero: Sequence[bool]) -> list[bool]:
+    """Whether each parameter's first gradient is non-zero on any rank of the mesh of its
+    DTensor shards (``nonzero``: on this rank), so that every rank sets up the same
+    parameters and learns the codebook at the same step. Every rank must call this together."""
+    mesh = _common_mesh(params)
+    if mesh is None:
+        return list(nonzero)
+    flags = torch.tensor(nonzero, dtype=torch.int32).to(mesh.device_type)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return [bool(f) for f in flags.tolist()]
 
 
 def is_state_materialising_step(groups: Sequence[dict], grads: Sequence[Tensor]) -> bool:

@@ -13,6 +13,7 @@ from . import ops
 from .codebook import learn_codebook
 from .distributed import global_histogram
 from .partition import candidate_periods, scored_candidates, select_period
+from .variant import Variant
 
 
 def infer_periods(grads: Sequence[torch.Tensor]) -> list[int]:
@@ -20,27 +21,35 @@ def infer_periods(grads: Sequence[torch.Tensor]) -> list[int]:
     return read_first_gradients(grads)[0]
 
 
-def read_first_gradients(grads: Sequence[torch.Tensor]) -> tuple[list[int], list[bool]]:
-    """The period of every tensor, and whether its first gradient is finite, with one host
-    round trip for all of them (on CUDA: one sync, whatever the number of tensors)."""
+def read_first_gradients(
+    grads: Sequence[torch.Tensor],
+) -> tuple[list[int], list[bool], list[bool]]:
+    """The period of every tensor, whether its first gradient is finite and whether it has a
+    non-zero element, with one host round trip for all of them (on CUDA: one sync, whatever
+    the number of tensors)."""
     if not grads:
-        return [], []
+        return [], [], []
     candidates = [candidate_periods(g.numel()) for g in grads]
     scored = [scored_candidates(c) for c in candidates]
     flat, offsets = ops.flat_candidates(scored)
-    # A float64 sum is finite exactly when every element is (finite fp32 values cannot
-    # overflow it); one number per tensor, no n-byte mask.
-    sums = torch.stack([g.sum(dtype=torch.float64).to(grads[0].device) for g in grads])
-    device_values = [torch.isfinite(sums).double()]
+    # A float64 sum of |g| is finite exactly when every element is (finite fp32 values cannot
+    # overflow it) and zero exactly when every element is: one number per tensor, no n-byte
+    # mask, no copy.
+    sums = torch.stack([torch.linalg.vector_norm(g, 1, dtype=torch.float64).to(grads[0].device)
+                        for g in grads])
+    device_values = [torch.isfinite(sums).double(), (sums != 0).double()]
     if flat:
         device_values.append(ops.period_scores(list(grads), flat, offsets))
     host = torch.cat(device_values).tolist()
-    finite, scores = [v != 0.0 for v in host[: len(grads)]], host[len(grads):]
+    count = len(grads)
+    finite = [v != 0.0 for v in host[:count]]
+    nonzero = [v != 0.0 for v in host[count : 2 * count]]
+    scores = host[2 * count :]
     periods = [
         select_period(c, dict(zip(s, scores[a:b])))
         for c, s, a, b in zip(candidates, scored, offsets, offsets[1:])
     ]
-    return periods, finite
+    return periods, finite, nonzero
 
 
 def infer_period(grad: torch.Tensor) -> int:
@@ -53,12 +62,14 @@ def codebook_from(
     grads: Sequence[torch.Tensor],
     periods: Sequence[int],
     negate: Sequence[bool],
+    variant: Variant,
 ) -> torch.Tensor | None:
     """The codebook learned from the first gradients of ``params`` (local tensors; negated where
     ``negate``: maximize), or None when they hold no element. Summed over the ranks that hold
     shards of DTensor parameters (distributed.global_histogram)."""
-    counts = global_histogram(params, grads, periods, negate)
+    rows = [variant.histogram_row(g.numel(), period) for g, period in zip(grads, periods)]
+    counts = global_histogram(params, grads, rows, negate)
     if counts is None:
         return None
     counts = counts.cpu()
-    return learn_codebook(counts) if counts.any() else None
+    return learn_codebook(counts, variant) if counts.any() else None

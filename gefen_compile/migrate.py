@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from .first_step import codebook_from, infer_period
-from .kernels.torch_step import quantise_blocks
-from .partition import magnitude_block
+from .kernels.torch_step import as_blocks, quantise_blocks
 from .state import STATE_DTYPES, compute_dtype
 
 _ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
@@ -28,7 +27,8 @@ def has_adamw_state(entry: dict[str, Any]) -> bool:
 
 def migrate_adamw_state(optimizer) -> None:
     """Replace AdamW state entries (``exp_avg``, ``exp_avg_sq``, ``step``) of a Gefen optimizer
-    by Gefen state; an entry that never stepped is dropped (Gefen's first step sets it up)."""
+    by Gefen state; an entry that never stepped (robust variant: or saw only zero gradients)
+    is dropped (Gefen's first step sets it up)."""
     entries = [
         (p, optimizer.state[p])
         for group in optimizer.param_groups
@@ -39,6 +39,10 @@ def migrate_adamw_state(optimizer) -> None:
         return
     steps = torch.stack([torch.as_tensor(s["step"], dtype=torch.float64).cpu() for _, s in entries])
     stepped = [(p, s) for (p, s), n in zip(entries, steps.tolist()) if n > 0]
+    if optimizer.variant.zero_gradients_wait and stepped:
+        # Entries whose gradients were all zero so far teach nothing: set up at a later step.
+        seen = torch.stack([s["exp_avg_sq"].detach().count_nonzero().cpu() for _, s in stepped])
+        stepped = [e for e, any_gradient in zip(stepped, (seen > 0).tolist()) if any_gradient]
     for p, _ in entries:
         del optimizer.state[p]
     if not stepped:
@@ -47,7 +51,7 @@ def migrate_adamw_state(optimizer) -> None:
     if optimizer.codebook is None:
         first_moments = [s["exp_avg"] for _, s in stepped]
         optimizer._set_codebook(codebook_from([p for p, _ in stepped], first_moments, periods,
-                                              [False] * len(periods)))
+                                              [False] * len(periods), optimizer.variant))
     for (p, saved), period in zip(stepped, periods):
         optimizer.state[p] = _gefen_entry(optimizer, saved, period)
     optimizer._buckets = None
@@ -64,14 +68,14 @@ def _gefen_entry(optimizer, saved: dict[str, Any], period: int) -> dict[str, Any
         )
     math = compute_dtype(dtype)
     n = exp_avg.numel()
-    m = exp_avg.reshape(-1, magnitude_block(n, period)).to(math)
+    m = as_blocks(exp_avg.reshape(-1).to(math), optimizer.variant.magnitude_block(n, period))
     magnitude = torch.empty(m.shape[0], dtype=dtype, device=m.device)
-    codes = quantise_blocks(m, magnitude, optimizer._nearest)
+    codes = quantise_blocks(m, magnitude, optimizer._nearest).view(-1)[:n]
     v = exp_avg_sq.reshape(-1).to(math)
     vmean = v.view(-1, period).mean(dim=1) if period > 1 else v
     return {
         "period": period,
-        "codes": codes.to(torch.uint8).view(-1),
+        "codes": codes.to(torch.uint8),
         "magnitude": magnitude,
         "vmean": vmean.to(dtype),
         "step": torch.as_tensor(saved["step"], dtype=torch.float32).to(exp_avg.device),

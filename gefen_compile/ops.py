@@ -99,16 +99,17 @@ def _step_fake(*args) -> None:
 
 
 @torch.library.custom_op("gefen::histogram", mutates_args=())
-def histogram(grads: list[Tensor], periods: list[int], negate: list[bool]) -> Tensor:
-    """int64 [4096] counts of every gradient viewed as rows of its period, each row normalised
-    by its max |g| (negated first where ``negate``), summed over the gradients."""
-    return _histogram_in_torch(grads, periods, negate)
+def histogram(grads: list[Tensor], rows: list[int], negate: list[bool]) -> Tensor:
+    """int64 [4096] counts of every gradient viewed as rows of ``rows[t]`` elements (the last
+    holds what remains), each row normalised by its max |g| (negated first where ``negate``),
+    summed over the gradients."""
+    return _histogram_in_torch(grads, rows, negate)
 
 
-def _histogram_in_torch(grads: list[Tensor], periods: list[int], negate: list[bool]) -> Tensor:
+def _histogram_in_torch(grads: list[Tensor], rows: list[int], negate: list[bool]) -> Tensor:
     counts = torch.zeros(NUM_BINS, dtype=torch.int64, device=grads[0].device)
-    for grad, period, neg in zip(grads, periods, negate):
-        counts += gradient_histogram(-grad if neg else grad, period)
+    for grad, row, neg in zip(grads, rows, negate):
+        counts += gradient_histogram(-grad if neg else grad, row)
     return counts
 
 
@@ -116,7 +117,7 @@ histogram.register_kernel("cpu")(_cpu_kernel(cpu_step.histogram, _histogram_in_t
 
 
 @histogram.register_fake
-def _histogram_fake(grads, periods, negate) -> Tensor:
+def _histogram_fake(grads, rows, negate) -> Tensor:
     return grads[0].new_empty(NUM_BINS, dtype=torch.int64)
 
 

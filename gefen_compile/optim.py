@@ -22,6 +22,7 @@ from .migrate import has_adamw_state, migrate_adamw_state
 from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
 from .state_checks import check_materialised, codebook_problem, entry_problem
 from .state_table import Changes, tracked
+from .variant import ROBUST, Variant, saved_variant, variant_named
 
 
 class Gefen(Optimizer):
@@ -33,6 +34,10 @@ class Gefen(Optimizer):
     first-moment magnitude and one second-moment value per block. ``foreach`` and ``fused`` are
     accepted and recorded for drop-in compatibility: they choose among AdamW's implementations
     and Gefen has its own.
+
+    ``variant``: ``"robust"`` (the default) or ``"published"``, the exact method of the paper;
+    they differ only where GEFEN_SPEC's "Robust variant" says (variant.py). Saved in
+    ``state_dict()`` and restored by ``load_state_dict()``.
 
     Not supported (an error says so): ``amsgrad=True``, ``differentiable=True``, sparse or
     complex gradients, non-floating parameters.
@@ -52,7 +57,9 @@ class Gefen(Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        variant: str = ROBUST.name,
     ) -> None:
+        self.variant: Variant = variant_named(variant)
         defaults = {
             "lr": lr,
             "betas": scalar_betas(betas) if isinstance(betas, (tuple, list)) else betas,
@@ -177,7 +184,7 @@ class Gefen(Optimizer):
                 continue
             group = self.param_groups[self._index[owner][0]]
             tables = self._nearest.tables(p.device, compute_dtype(bucket.dtype))
-            gefen_update(p, g, self.state[owner], tables.codebook, self._nearest,
+            gefen_update(p, g, self.state[owner], tables.codebook, self._nearest, self.variant,
                          lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                          eps=group["eps"], weight_decay=group["weight_decay"],
                          maximize=group["maximize"])
@@ -200,7 +207,7 @@ class Gefen(Optimizer):
         """Periods (and, at the first step, the codebook) for parameters seen for the first
         time, then their state, in the flat buckets."""
         grads = [g for _, _, g in fresh]
-        periods, finite = read_first_gradients(grads)
+        periods, finite, nonzero = read_first_gradients(grads)
         for (_, p, _), ok in zip(fresh, finite):
             if not ok:
                 raise ValueError(
@@ -209,10 +216,18 @@ class Gefen(Optimizer):
                     "step (as torch.amp.GradScaler does) and call step() again with finite "
                     "gradients"
                 )
+        if self.variant.zero_gradients_wait:
+            nonzero = distributed.nonzero_anywhere([p for _, p, _ in fresh], nonzero)
+            _decay_only([f for f, learn in zip(fresh, nonzero) if not learn])
+            fresh = [f for f, learn in zip(fresh, nonzero) if learn]
+            periods = [period for period, learn in zip(periods, nonzero) if learn]
+            grads = [g for _, _, g in fresh]
+            if not fresh:
+                return
         if self.codebook is None:
             negate = [group["maximize"] for group, _, _ in fresh]
             params = [p for _, p, _ in fresh]
-            self._set_codebook(codebook_from(params, grads, periods, negate))
+            self._set_codebook(codebook_from(params, grads, periods, negate, self.variant))
         for (_, p, _), period in zip(fresh, periods):
             self.state[p] = {"period": period}
         self._buckets = self._build_buckets({p: g.dtype for _, p, g in fresh})
@@ -242,15 +257,17 @@ class Gefen(Optimizer):
                     members.setdefault((p.device, dtype), []).append((p, gi, state))
         buckets = [
             build_bucket([distributed.local(p) for p, _, _ in m], [gi for _, gi, _ in m],
-                         [s for _, _, s in m], dtype, owners=[p for p, _, _ in m])
+                         [s for _, _, s in m], dtype, self.variant, owners=[p for p, _, _ in m])
             for (_, dtype), m in members.items()
         ]
         self._changes.changed = False  # the buckets now hold every entry
         return buckets
 
-    def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str) -> None:
-        """Raise a ValueError naming ``p`` when ``entry`` is not a valid state for it."""
-        problem = entry_problem(entry, distributed.local(p))
+    def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str,
+                     variant: Variant | None = None) -> None:
+        """Raise a ValueError naming ``p`` when ``entry`` is not a valid state for it (laid
+        out as ``variant``, by default this optimizer's, lays it out)."""
+        problem = entry_problem(entry, distributed.local(p), variant or self.variant)
         if problem:
             raise ValueError(f"{source} {self._locate(p)} {problem}; {fix}")
 
@@ -272,7 +289,8 @@ class Gefen(Optimizer):
         self._nearest = None if codebook is None else NearestCode(codebook)
 
     def state_dict(self) -> dict[str, Any]:
-        """AdamW's ``state_dict`` plus ``"codebook"`` (float32, or None before the first step).
+        """AdamW's ``state_dict`` plus ``"codebook"`` (float32, or None before the first step)
+        and ``"variant"`` (its name; a state_dict without one holds published state).
 
         Per-parameter entries hold ``codes`` (in the parameter's shape), ``magnitude``,
         ``vmean``, ``gefen_step`` (the step counter), ``period``, and under ``step`` a marker
@@ -283,6 +301,7 @@ class Gefen(Optimizer):
         """
         state_dict = super().state_dict()
         state_dict["codebook"] = self.codebook
+        state_dict["variant"] = self.variant.name
         state_dict = distributed.sharded_state_dict(self._params(), state_dict)
         return checkpoint.for_saving(self._params(), state_dict)
 
@@ -313,11 +332,22 @@ class Gefen(Optimizer):
                 "parameters, in the same groups, before loading"
             )
         codebook = state_dict["codebook"]  # None: saved before any gradient had elements
+        variant = saved_variant(state_dict)
         problem = None if codebook is None else codebook_problem(codebook)
         if problem:
             raise ValueError(f"Gefen.load_state_dict: the saved codebook {problem}; load the "
                              "state_dict that Gefen.state_dict() returned, unchanged")
-        # Every entry is checked before anything is replaced.
+        # Every entry is checked (against the saved variant's layout) before anything is replaced.
+        state, groups = self._checked_saved_state(state_dict, saved_groups, variant)
+        self.__setstate__({"state": state, "param_groups": groups, "variant": variant})
+        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked_saved_state(self, state_dict: dict[str, Any], saved_groups: list[dict],
+                             variant: Variant) -> tuple:
+        """The state (keyed by parameter, on their devices) and param groups of a loaded
+        ``state_dict``, every entry checked against its parameter."""
         state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
         groups = []
         for saved, live in zip(saved_groups, self.param_groups):
@@ -327,17 +357,14 @@ class Gefen(Optimizer):
                                       "Gefen.load_state_dict: the saved state of",
                                       "load a state_dict saved by Gefen over these parameters, "
                                       "in the same order, shapes and dtypes (cast the model "
-                                      "as it was when saved before loading)")
+                                      "as it was when saved before loading)", variant)
                     state[param] = _moved(state_dict["state"][key], param, saved.get("capturable", False))
             group = deepcopy({k: v for k, v in saved.items() if k != "params"})
             group["params"] = live["params"]
             if "param_names" in live:
                 group.setdefault("param_names", live["param_names"])
             groups.append(group)
-        self.__setstate__({"state": state, "param_groups": groups})
-        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        return state, groups
 
     def _load_adamw_state_dict(self, state_dict: dict[str, Any]) -> None:
         """An AdamW checkpoint: loaded as AdamW loads it, then migrated to Gefen state."""
@@ -347,11 +374,12 @@ class Gefen(Optimizer):
         self._buckets, self._index = None, {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "codebook": self.codebook}
+        return {**super().__getstate__(), "codebook": self.codebook, "variant": self.variant}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         codebook = state.pop("codebook", getattr(self, "codebook", None))
+        self.variant = state.pop("variant", getattr(self, "variant", ROBUST))
         super().__setstate__(state)
         self._set_codebook(codebook)
         self._buckets, self._index = None, {}  # rebuilt from the per-parameter state
@@ -381,6 +409,14 @@ def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
             f"{tuple(p.shape)}; the gradient must have the parameter's shape"
         )
     return distributed.local_grad(p, g, where)
+
+
+def _decay_only(waiting: list[tuple[dict, Tensor, Tensor]]) -> None:
+    """AdamW's step for a zero gradient, for parameters whose state waits for a non-zero one:
+    decoupled weight decay only (p *= 1 - lr * weight_decay)."""
+    for group, p, _ in waiting:
+        if group["weight_decay"]:
+            distributed.local(p).mul_(1 - group["lr"] * group["weight_decay"])
 
 
 def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, Any]:

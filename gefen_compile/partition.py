@@ -87,9 +87,8 @@ def select_period(candidates: list[int], scores: dict[int, float]) -> int:
     return best
 
 
-def magnitude_block(n: int, period: int) -> int:
-    """Elements per first-moment magnitude: the period, or for period 1 the largest divisor of
-    ``n`` that is at most 256 (Q in GEFEN_SPEC)."""
-    if period > 1:
-        return period
+def published_magnitude_block(n: int) -> int:
+    """Q of GEFEN_SPEC: elements per first-moment magnitude of a period-1 tensor, as
+    published: the largest divisor of ``n`` that is at most 256 (variant.py holds both
+    variants' rules)."""
     return max((d for d in divisors(n) if d <= MAX_MAGNITUDE_BLOCK), default=1)

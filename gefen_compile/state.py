@@ -4,7 +4,8 @@ per parameter through views.
 Keys of ``optimizer.state[p]``, a stable checkpoint format:
 
 - ``codes``: uint8, one per element, index into the global codebook;
-- ``magnitude``: state dtype, one per magnitude block (the period, or Q for period 1);
+- ``magnitude``: state dtype, one per magnitude block (the period; for period 1, the
+  variant's block, whose last block may be shorter: variant.py);
 - ``vmean``: state dtype, one per period block (one per element for period 1);
 - ``step``: float32 scalar tensor on the parameter's device;
 - ``period``: int.
@@ -24,15 +25,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .partition import magnitude_block
+from .variant import Variant
 
 TENSOR_KEYS = ("codes", "magnitude", "vmean", "step")
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Columns of Bucket.segments: the parameter's first row (rows are numbered like magnitudes: one
-# each), row length (its magnitude block), where its codes and second moments begin, and whether
-# it keeps one second moment per element (period 1) or one per row.
-SEG_ROW0, SEG_BLOCK, SEG_CODE, SEG_V, SEG_V_PER_ELEMENT = range(5)
-SEG_FIELDS = 5
+# each), row length (its magnitude block; the last row holds what remains of the parameter's
+# elements, fewer where the block does not divide them), where its codes and second moments
+# begin, whether it keeps one second moment per element (period 1) or one per row, and its
+# number of elements.
+SEG_ROW0, SEG_BLOCK, SEG_CODE, SEG_V, SEG_V_PER_ELEMENT, SEG_NUMEL = range(6)
+SEG_FIELDS = 6
 # Codes and second moments of each parameter start at a multiple of this many elements.
 STATE_ALIGN = 16
 
@@ -42,10 +45,10 @@ def compute_dtype(state_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if state_dtype == torch.float64 else torch.float32
 
 
-def state_sizes(numel: int, period: int) -> tuple[int, int]:
+def state_sizes(numel: int, period: int, variant: Variant) -> tuple[int, int]:
     """(magnitude length, vmean length) of a parameter."""
     vmean = numel // period if period > 1 else numel
-    return numel // magnitude_block(numel, period), vmean
+    return -(-numel // variant.magnitude_block(numel, period)), vmean
 
 
 @dataclass
@@ -83,6 +86,7 @@ def build_bucket(
     groups: list[int],
     states: list[dict],
     dtype: torch.dtype,
+    variant: Variant,
     owners: list[torch.Tensor] | None = None,
 ) -> Bucket:
     """Allocate one bucket for ``params`` (their ``states`` hold at least ``period``), copy any
@@ -90,7 +94,7 @@ def build_bucket(
     the optimizer's parameters when ``params`` are their local shards."""
     device = params[0].device
     sizes = [(p.numel(), s["period"]) for p, s in zip(params, states)]
-    lengths = [(n, *state_sizes(n, period)) for n, period in sizes]
+    lengths = [(n, *state_sizes(n, period, variant)) for n, period in sizes]
     codes = torch.zeros(sum(_aligned(n) for n, _, _ in lengths), dtype=torch.uint8, device=device)
     magnitude = torch.zeros(sum(m for _, m, _ in lengths), dtype=dtype, device=device)
     vmean = torch.zeros(sum(_aligned(v) for _, _, v in lengths), dtype=dtype, device=device)
@@ -108,7 +112,8 @@ def build_bucket(
             if key in state:
                 view.copy_(state[key].reshape(view.shape))
             dict.__setitem__(state, key, view)  # the bucket's own views: no change to report
-        segments[i] = torch.tensor([m0, magnitude_block(n, period), c0, v0, int(period == 1)])
+        block = variant.magnitude_block(n, period)
+        segments[i] = torch.tensor([m0, block, c0, v0, int(period == 1), n])
         c0, m0, v0 = c0 + _aligned(n), m0 + m, v0 + _aligned(v)
     return Bucket(
         params=list(params),

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .codebook import CODEBOOK_SIZE
 from .state import state_sizes
+from .variant import Variant
 
 ENTRY_KEYS = ("codes", "magnitude", "vmean", "step", "period")
 
@@ -34,9 +35,10 @@ def codebook_problem(codebook: Any) -> str | None:
     return None
 
 
-def entry_problem(entry: dict, param: Tensor) -> str | None:
+def entry_problem(entry: dict, param: Tensor, variant: Variant) -> str | None:
     """Why ``entry`` is not the state of ``param`` (its local tensor, for a DTensor): every key,
-    uint8 codes with one per element, magnitude and vmean of the lengths its period gives, in
+    uint8 codes with one per element, magnitude and vmean of the lengths its period gives (as
+    ``variant`` lays them out), in
     the parameter's dtype (the state dtype is the gradient's, which must be the parameter's),
     and a one-element step."""
     missing = [k for k in ENTRY_KEYS if k not in entry]
@@ -46,7 +48,7 @@ def entry_problem(entry: dict, param: Tensor) -> str | None:
     if type(period) is not int or period < 1 or (period > 1 and n % period):
         return (f"has period {period!r}, which is not a positive int dividing the parameter's "
                 f"{n} elements")
-    magnitude, vmean = state_sizes(n, period)
+    magnitude, vmean = state_sizes(n, period, variant)
     expected = {"codes": ((n,), torch.uint8), "magnitude": ((magnitude,), param.dtype),
                 "vmean": ((vmean,), param.dtype)}
     for key, (shape, dtype) in expected.items():

@@ -44,10 +44,12 @@ def ref_period(grad: torch.Tensor) -> int:
     return best
 
 
-def ref_histogram(grad: torch.Tensor, period: int) -> np.ndarray:
+def ref_histogram(grad: torch.Tensor, row_length: int) -> np.ndarray:
+    """Counts of the rows of ``row_length`` elements (the last one holds what remains)."""
     counts = np.zeros(BINS, dtype=np.int64)
-    rows = grad.detach().float().reshape(-1, period).numpy()
-    for row in rows:
+    flat = grad.detach().float().reshape(-1).numpy()
+    for start in range(0, flat.size, row_length):
+        row = flat[start:start + row_length]
         peak = np.float32(np.abs(row).max())
         for g in row:
             v = np.float32(0.0) if peak == 0 else np.float32(g) / peak
@@ -77,13 +79,26 @@ def partition_cost(x, w, edges) -> float:
     return total
 
 
-def brute_force_cost(counts: np.ndarray, k: int) -> float:
-    """Every split of the points into k contiguous non-empty clusters."""
+def brute_force_cost(counts: np.ndarray, k: int, zero: bool = False) -> float:
+    """Every split of the points into k contiguous non-empty clusters; with ``zero``, every
+    choice of one inner cluster centred at 0, which may be empty."""
     x, w = points(counts)
     n = len(x)
-    return min(
-        partition_cost(x, w, (0, *cuts, n)) for cuts in itertools.combinations(range(1, n), k - 1)
-    )
+    if not zero:
+        return min(partition_cost(x, w, (0, *cuts, n))
+                   for cuts in itertools.combinations(range(1, n), k - 1))
+    best = np.inf
+    for z in range(1, k - 1):
+        for cuts in itertools.combinations_with_replacement(range(1, n), k - 1):
+            edges = (0, *cuts, n)
+            if any(edges[c + 1] == edges[c] and c != z for c in range(k)):
+                continue
+            total = 0.0
+            for c, (i, j) in enumerate(zip(edges[:-1], edges[1:])):
+                centre = -1.0 if c == 0 else 1.0 if c == k - 1 else 0.0 if c == z else None
+                total += cluster_cost(x[i:j], w[i:j], centre) if j > i else 0.0
+            best = min(best, total)
+    return best
 
 
 def slow_dp(counts: np.ndarray, k: int) -> tuple[np.ndarray, float]:
@@ -118,6 +133,55 @@ def slow_dp(counts: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     return np.array(centres), float(totals.min())
 
 
+def slow_dp_zero(counts: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """The robust variant's DP, O(B^2 K): k clusters, the first pinned at -1, the last at +1,
+    one in between pinned at 0 and allowed to be empty. Two tables per layer: without and with
+    the zero cluster placed so far. Returns (sorted centres, optimal cost)."""
+    x, w = points(counts)
+    n = len(x)
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    cx = np.concatenate([[0.0], np.cumsum(w * x)])
+    cxx = np.concatenate([[0.0], np.cumsum(w * x * x)])
+    i = np.arange(n + 1)[:, None]
+    j = np.arange(n + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        free = np.where(j > i, (cxx[j] - cxx[i]) - (cx[j] - cx[i]) ** 2 / (cw[j] - cw[i]), np.inf)
+    zero = np.where(j >= i, cxx[j] - cxx[i], np.inf)  # about 0, possibly empty
+    first = cxx + 2 * cx + cw
+    last = (cxx[n] - cxx) - 2 * (cx[n] - cx) + (cw[n] - cw)
+    without = np.where(np.arange(n + 1) >= 1, first, np.inf)
+    placed = np.full(n + 1, np.inf)
+    choices = []  # per layer: for "without" and "placed", (came from placed?, start)
+    for _ in range(2, k):
+        free_from_without = without[:, None] + free
+        free_from_placed = placed[:, None] + free
+        zero_from_without = without[:, None] + zero
+        new_without = free_from_without.min(axis=0)
+        candidates = np.stack([free_from_placed.min(axis=0), zero_from_without.min(axis=0)])
+        kind = candidates.argmin(axis=0)  # 0: a free cluster after the zero one; 1: the zero one
+        starts = np.where(kind == 0, free_from_placed.argmin(axis=0),
+                          zero_from_without.argmin(axis=0))
+        choices.append((free_from_without.argmin(axis=0), kind, starts))
+        without, placed = new_without, candidates.min(axis=0)
+    totals = placed[:n] + last[:n]
+    end = int(np.argmin(totals))
+    clusters = [(end, n, 1.0)]
+    in_placed = True
+    for from_without, kind, starts in reversed(choices):
+        if in_placed:
+            start = int(starts[end])
+            centre = 0.0 if kind[end] == 1 else None
+            in_placed = kind[end] == 0
+        else:
+            start, centre = int(from_without[end]), None
+        clusters.append((start, end, centre))
+        end = start
+    clusters.append((0, end, -1.0))
+    centres = [c if c is not None else float((w[a:b] * x[a:b]).sum() / w[a:b].sum())
+               for a, b, c in clusters]
+    return np.sort(np.array(centres)), float(totals.min())
+
+
 def ref_nearest(x: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """Index of the nearest entry, the lower index on a tie; near-ties are settled exactly."""
     c = codebook.astype(np.float64)
@@ -139,17 +203,19 @@ class RefGefen:
     """GEFEN_SPEC's optimizer for a list of parameters in one group, one parameter at a time
     (``from_groups``: several groups, each with its own hyperparameters, one codebook)."""
 
-    def __init__(self, params, lr, betas, eps, weight_decay, maximize=False):
+    def __init__(self, params, lr, betas, eps, weight_decay, maximize=False, variant="robust"):
         self.params = [p.detach().clone() for p in params]
         self.hyper = [(lr, *betas, eps, weight_decay, maximize)] * len(params)
         self.codebook = None
         self.state = [None] * len(params)
+        self.robust = variant == "robust"
 
     @classmethod
-    def from_groups(cls, groups):
+    def from_groups(cls, groups, variant="robust"):
         """``groups``: dicts of "params" and every hyperparameter, as Gefen's param groups;
         parameters are numbered across the groups in order."""
-        ref = cls([p for g in groups for p in g["params"]], 0.0, (0.0, 0.0), 0.0, 0.0)
+        ref = cls([p for g in groups for p in g["params"]], 0.0, (0.0, 0.0), 0.0, 0.0,
+                  variant=variant)
         ref.hyper = [
             (g["lr"], *g["betas"], g["eps"], g["weight_decay"], g.get("maximize", False))
             for g in groups
@@ -160,31 +226,47 @@ class RefGefen:
     def step(self, grads):
         grads = [None if g is None else (-g if h[5] else g) for g, h in zip(grads, self.hyper)]
         fresh = [i for i, g in enumerate(grads) if g is not None and self.state[i] is None]
+        if self.robust:  # an all-zero first gradient teaches nothing: weight decay only
+            for i in [i for i in fresh if not grads[i].any()]:
+                lr, wd = self.hyper[i][0], self.hyper[i][4]
+                x = self.params[i].double() * (1 - lr * wd)
+                self.params[i] = x.to(self.params[i].dtype)
+                fresh.remove(i)
         periods = {i: ref_period(grads[i]) for i in fresh}
+        blocks = {i: self.block(grads[i].numel(), periods[i]) for i in fresh}
         if self.codebook is None and fresh:
-            counts = sum(ref_histogram(grads[i], periods[i]) for i in fresh)
+            rows = blocks if self.robust else periods
+            counts = sum(ref_histogram(grads[i], rows[i]) for i in fresh)
             # Only empty gradients: nothing to learn from, so the codebook waits (the spec is
             # silent; the project's choice) and nothing is updated before it exists.
             self.codebook = self.learn_codebook(counts) if counts.any() else None
         for i in fresh:
-            n, P = grads[i].numel(), periods[i]
-            Q = max(d for d in range(1, 257) if n % d == 0)
+            n, P, B = grads[i].numel(), periods[i], blocks[i]
             self.state[i] = {
                 "period": P,
-                "block": P if P > 1 else Q,
+                "block": B,
                 "dtype": grads[i].dtype,
                 "codes": np.zeros(n, dtype=np.int64),
-                "magnitude": np.zeros(n // (P if P > 1 else Q)),
+                "magnitude": np.zeros(math.ceil(n / B)),
                 "vmean": np.zeros(n // P if P > 1 else n),
                 "step": 0,
             }
         for i, g in enumerate(grads):
-            if g is not None and self.codebook is not None:
+            if g is not None and self.codebook is not None and self.state[i] is not None:
                 self._update(i, g)
+
+    def block(self, n: int, period: int) -> int:
+        """Elements per magnitude: the period; for period 1, Q (published) or 256 with a
+        shorter last block (robust)."""
+        if period > 1:
+            return period
+        if self.robust:
+            return max(1, min(n, 256))
+        return max(d for d in range(1, 257) if n % d == 0)
 
     def learn_codebook(self, counts: np.ndarray) -> np.ndarray:
         """The codebook of the first step's histogram (a subclass may accept another optimum)."""
-        return ref_codebook(counts)
+        return ref_codebook(counts, zero=self.robust)
 
     def _update(self, i, grad):
         s, p = self.state[i], self.params[i]
@@ -205,7 +287,7 @@ class RefGefen:
         codes = np.empty_like(s["codes"])
         m_q = np.empty(g.size)
         mags = np.empty_like(s["magnitude"])
-        for blk in range(g.size // B):
+        for blk in range(math.ceil(g.size / B)):
             sl = slice(blk * B, (blk + 1) * B)
             m = cb[s["codes"][sl]].astype(ct) * ct(s["magnitude"][blk])
             m = m * ct(b1) + g[sl].astype(ct) * ct(1 - b1)
@@ -225,15 +307,18 @@ class RefGefen:
         self.params[i] = torch.from_numpy(x).to(p.dtype).view_as(p)
 
 
-def ref_codebook(counts: np.ndarray) -> np.ndarray:
-    """float32 codebook: padded centres, or the slow DP's centres."""
+def ref_codebook(counts: np.ndarray, zero: bool = False) -> np.ndarray:
+    """float32 codebook: padded centres (robust: one padded copy turned into 0.0), or the slow
+    DP's centres."""
     x, w = points(counts)
     n = len(x)
-    if n < K:
+    if n < K - zero:
         c = np.concatenate([x, np.full(K - n, x[-1])])
         c[0], c[-1] = -1.0, 1.0
+        if zero:
+            c[n] = 0.0
         return np.sort(c).astype(np.float32)
-    return slow_dp(counts, K)[0].astype(np.float32)
+    return (slow_dp_zero if zero else slow_dp)(counts, K)[0].astype(np.float32)
 
 
 def codebook_cost(counts: np.ndarray, codebook: np.ndarray) -> float:

@@ -11,6 +11,7 @@ from reference import (
     ref_histogram,
     ref_nearest,
     slow_dp,
+    slow_dp_zero,
 )
 
 from gefen_compile.codebook import (
@@ -21,7 +22,11 @@ from gefen_compile.codebook import (
     learn_codebook,
     optimal_clustering,
 )
+from gefen_compile import ops
 from gefen_compile.kernels import native
+from gefen_compile.variant import PUBLISHED, ROBUST
+
+VARIANTS = {"published": PUBLISHED, "robust": ROBUST}
 
 
 def realistic_counts(elements: int, period: int, seed: int) -> np.ndarray:
@@ -57,6 +62,22 @@ def test_histogram_equals_reference(shape, period, dtype):
     np.testing.assert_array_equal(counts.numpy(), ref_histogram(grad, period))
 
 
+@pytest.mark.parametrize("kernel", ["C", "torch"])
+def test_ragged_rows_histogram_equals_reference(kernel):
+    """Rows of 256 with a shorter last one (the robust variant's period-1 blocks), in the C
+    kernel and in torch."""
+    if kernel == "C" and native.library is None:
+        pytest.skip("the C library is not built")
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(1000, generator=gen), torch.randn(257, generator=gen).bfloat16()]
+    if kernel == "C":
+        counts = ops.histogram(grads, [256, 256], [False, True]).numpy()
+    else:
+        counts = sum(gradient_histogram(g, 256) for g in (grads[0], -grads[1])).numpy()
+    expected = ref_histogram(grads[0], 256) + ref_histogram(-grads[1], 256)
+    np.testing.assert_array_equal(counts, expected)
+
+
 def test_histogram_bin_edges():
     # -1 -> bin 0, +1 clamps into the last bin, 0 -> the middle bin.
     grad = torch.tensor([-1.0, 1.0, 0.0, 0.5])
@@ -75,26 +96,42 @@ def test_dp_cost_equals_brute_force(seed):
     assert cost == pytest.approx(brute_force_cost(counts, k), rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.parametrize("seed", range(25))
+def test_zero_pinned_dp_cost_equals_brute_force(seed):
+    """The robust variant's DP: -1, 0 and +1 pinned, the zero cluster possibly empty."""
+    rng = np.random.default_rng(seed)
+    bins = int(rng.integers(2, 8))
+    k = int(rng.integers(3, bins + 2))
+    counts = sparse_counts(bins, seed)
+    centres, cost = optimal_clustering(counts, k, zero=True)
+    assert 0.0 in centres and centres[0] == -1.0 and centres[-1] == 1.0
+    assert cost == pytest.approx(brute_force_cost(counts, k, zero=True), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
     ("elements", "period", "seed"), [(2000, 40, 0), (3000, 3, 1), (6000, 100, 2)]
 )
-def test_codebook_is_optimal_on_realistic_histograms(elements, period, seed):
+def test_codebook_is_optimal_on_realistic_histograms(elements, period, seed, variant):
     counts = realistic_counts(elements, period, seed)
     assert np.count_nonzero(counts) >= CODEBOOK_SIZE
-    centres, cost = optimal_clustering(counts, CODEBOOK_SIZE)
-    _, slow_cost = slow_dp(counts, CODEBOOK_SIZE)
+    zero = variant == "robust"
+    centres, cost = optimal_clustering(counts, CODEBOOK_SIZE, zero)
+    _, slow_cost = (slow_dp_zero if zero else slow_dp)(counts, CODEBOOK_SIZE)
     assert cost == pytest.approx(slow_cost, rel=1e-9)
     # The learned codebook achieves that optimum: assigning every point to its nearest
     # entry (the optimal partition is contiguous and nearest-consistent) costs the same.
-    codebook = learn_codebook(torch.from_numpy(counts))
+    codebook = learn_codebook(torch.from_numpy(counts), VARIANTS[variant])
+    assert (0.0 in codebook.tolist()) == zero
     x, w = points(counts)
     nearest = codebook.double().numpy()[ref_nearest(x, codebook.numpy())]
     assert float((w * (x - nearest) ** 2).sum()) == pytest.approx(slow_cost, rel=1e-6)
     np.testing.assert_allclose(codebook.numpy(), centres.astype(np.float32))
 
 
-def test_codebook_shape_dtype_and_pinned_ends():
-    codebook = learn_codebook(torch.from_numpy(realistic_counts(4000, 50, 3)))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_codebook_shape_dtype_and_pinned_ends(variant):
+    codebook = learn_codebook(torch.from_numpy(realistic_counts(4000, 50, 3)), VARIANTS[variant])
     assert codebook.dtype == torch.float32 and codebook.shape == (CODEBOOK_SIZE,)
     assert codebook[0] == -1.0 and codebook[-1] == 1.0
     assert bool((codebook[1:] > codebook[:-1]).all())
@@ -112,7 +149,7 @@ def test_all_bins_nonempty_is_solved_and_optimal():
 @pytest.mark.parametrize("bins", [1, 2, 3, 100, CODEBOOK_SIZE - 1])
 def test_padded_codebook(bins):
     counts = sparse_counts(bins, bins)
-    codebook = learn_codebook(torch.from_numpy(counts))
+    codebook = learn_codebook(torch.from_numpy(counts), PUBLISHED)
     np.testing.assert_array_equal(codebook.numpy(), ref_codebook(counts))
     x, _ = points(counts)
     expected = np.sort(np.concatenate([[-1.0], x[1:], np.full(CODEBOOK_SIZE - bins, x[-1])]))
@@ -120,6 +157,16 @@ def test_padded_codebook(bins):
     if bins == 1:  # its one centre is overwritten by -1, its copies stay, the last becomes +1
         expected = np.concatenate([[-1.0], np.full(CODEBOOK_SIZE - 2, x[0]), [1.0]])
     np.testing.assert_array_equal(codebook.numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("bins", [1, 2, 100, CODEBOOK_SIZE - 2, CODEBOOK_SIZE - 1])
+def test_robust_padded_codebook_holds_zero(bins):
+    """Robust: the published padding with one padded copy turned into 0.0; from 255 non-empty
+    bins on (the zero cluster may be empty) the DP runs."""
+    counts = sparse_counts(bins, bins)
+    codebook = learn_codebook(torch.from_numpy(counts), ROBUST)
+    np.testing.assert_array_equal(codebook.numpy(), ref_codebook(counts, zero=True))
+    assert 0.0 in codebook.tolist() and codebook[0] == -1.0 and codebook[-1] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -174,13 +221,14 @@ def test_nearest_code_equals_argmin(name, dtype):
         (np.repeat([0, 5], NUM_BINS // 2), 40),
     ],
 )
-def test_numpy_dp_equals_c_dp(monkeypatch, counts, k):
+@pytest.mark.parametrize("zero", [False, True])
+def test_numpy_dp_equals_c_dp(monkeypatch, counts, k, zero):
     """Without the C library the codebook's dynamic program runs in numpy: the same float64
     operations in the same order, so the same cost, bit for bit, and the same clusters."""
     if native.library is None:
         pytest.skip("the C library is not built")
-    c_centres, c_cost = optimal_clustering(counts, k)
+    c_centres, c_cost = optimal_clustering(counts, k, zero)
     monkeypatch.setattr(native, "library", None)
-    centres, cost = optimal_clustering(counts, k)
+    centres, cost = optimal_clustering(counts, k, zero)
     assert cost == c_cost
     np.testing.assert_array_equal(centres, c_centres)

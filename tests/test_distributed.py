@@ -21,6 +21,7 @@ import distributed_workers as workers  # noqa: E402
 from gefen_compile import Gefen, ops  # noqa: E402
 from gefen_compile.codebook import learn_codebook  # noqa: E402
 from gefen_compile.first_step import infer_period  # noqa: E402
+from gefen_compile.variant import ROBUST  # noqa: E402
 
 SPAWN_TIMEOUT_S = 180
 
@@ -88,12 +89,12 @@ def test_fsdp_ranks_learn_one_codebook_from_every_shard(ranks):
     fsdp = [r["fsdp"] for r in ranks]
     assert torch.equal(fsdp[0]["codebook"], fsdp[1]["codebook"])
     # The codebook of the summed histogram of both ranks' first local gradients.
-    grads, periods = [], []
+    grads, rows = [], []
     for r in fsdp:
         for name, grad in r["first_grads"].items():
             grads.append(grad)
-            periods.append(r["state"][name]["period"])
-    counts = ops.histogram(grads, periods, [False] * len(grads))
+            rows.append(ROBUST.histogram_row(grad.numel(), r["state"][name]["period"]))
+    counts = ops.histogram(grads, rows, [False] * len(grads))
     assert torch.equal(fsdp[0]["codebook"], learn_codebook(counts))
 
 
@@ -189,10 +190,11 @@ def test_lr_zero_zero_gradient_step_leaves_parameters_without_state_stateless():
     assert opt.state[late]["period"] >= 1 and float(opt.state[late]["step"]) == 1
 
 
-def test_a_zero_gradient_first_step_with_a_learning_rate_still_initialises():
-    # Only the lr = 0 helper step is skipped: with lr > 0 a zero gradient is a gradient.
+def test_published_zero_gradient_first_step_with_a_learning_rate_still_initialises():
+    # Only the lr = 0 helper step is skipped: with lr > 0 a zero gradient is a gradient to the
+    # published method (the robust default learns nothing from it: test_robust_variant.py).
     p = nn.Parameter(torch.ones(64))
-    opt = Gefen([p], lr=1e-2)
+    opt = Gefen([p], lr=1e-2, variant="published")
     p.grad = torch.zeros(64)
     opt.step()
     assert opt.codebook is not None and opt.state[p]["period"] == 1

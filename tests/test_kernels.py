@@ -9,8 +9,9 @@ from gefen_compile import Gefen
 from gefen_compile.kernels import cpu_step, native, torch_step, triton_step
 from gefen_compile.state import compute_dtype
 
-# Odd shapes: primes, period 1, periods above 1024, 3-D tensors, an element.
-SHAPES = [(24, 40), (24,), (37,), (4, 6, 10), (300,), (8, 2048), (1,), (5, 12)]
+# Odd shapes: primes, period 1 (ragged under the robust variant: (300,), (1000,)), periods
+# above 1024, 3-D tensors, an element.
+SHAPES = [(24, 40), (24,), (37,), (4, 6, 10), (300,), (8, 2048), (1,), (5, 12), (1000,)]
 KERNELS = {"cpu": cpu_step.step, "torch": torch_step.step, "triton": triton_step.step}
 GROUPS = [
     dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
@@ -30,7 +31,7 @@ def structured(shape, gen, dtype):
     return (rows * torch.randn(shape, generator=gen)).to(dtype)
 
 
-def twin_optimizers(dtype, seed=0):
+def twin_optimizers(dtype, seed=0, variant="robust"):
     """Two identical optimizers over identical parameters, in three groups, first step taken."""
     gen = torch.Generator().manual_seed(seed)
     values = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
@@ -38,7 +39,7 @@ def twin_optimizers(dtype, seed=0):
     for _ in range(2):
         params = [torch.nn.Parameter(v.clone()) for v in values]
         groups = [{"params": params[i::3], **hyper} for i, hyper in enumerate(GROUPS)]
-        twins.append((params, Gefen(groups)))
+        twins.append((params, Gefen(groups, variant=variant)))
     grads = [structured(s, gen, dtype) for s in SHAPES]
     for params, opt in twins:
         for p, g in zip(params, grads):
@@ -55,7 +56,8 @@ def core_step(opt):
             if p.grad is not None:
                 tables = opt._nearest.tables(p.device, compute_dtype(p.grad.dtype))
                 torch_step.gefen_update(
-                    p, p.grad, opt.state[p], tables.codebook, opt._nearest, lr=group["lr"],
+                    p, p.grad, opt.state[p], tables.codebook, opt._nearest, opt.variant,
+                    lr=group["lr"],
                     beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                     weight_decay=group["weight_decay"], maximize=group["maximize"],
                 )
@@ -67,10 +69,11 @@ def kernel_step(opt, kernel):
         kernel(*opt._kernel_args(bucket, [p.grad for p in bucket.params]))
 
 
+@pytest.mark.parametrize("variant", ["robust", "published"])
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_kernel_equals_core(kernel, dtype):
-    ((core_params, core), (params, fused)), gen = twin_optimizers(dtype)
+def test_kernel_equals_core(kernel, dtype, variant):
+    ((core_params, core), (params, fused)), gen = twin_optimizers(dtype, variant=variant)
     steps = 3
     for t in range(steps):
         grads = [structured(s, gen, dtype) for s in SHAPES]
@@ -192,7 +195,7 @@ def test_vbmi_rows_equal_portable_rows():
     long_rows = (8, 2053)
     try:
         for shapes in (SHAPES + [long_rows], [(3, 4), (5,)]):
-            gen = torch.Generator().manual_seed(1)
+            gen = torch.Generator().manual_seed(3)
             values = [torch.randn(s, generator=gen) for s in shapes]
             # Rows of very different sizes, so that the long shape takes its rows as period.
             grads = [[structured(s, gen, torch.float32) * torch.randn(s[0], *[1] * (len(s) - 1),

@@ -143,7 +143,10 @@ def test_constructor_signature_equals_adamw():
         return [n for n, p in sig.parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
 
     assert positional(Gefen) == positional(torch.optim.AdamW)
-    assert describe(Gefen) == describe(torch.optim.AdamW)
+    # AdamW's signature, plus the keyword-only choice of Gefen's variant.
+    gefen = describe(Gefen)
+    assert gefen.pop("variant") == (inspect.Parameter.KEYWORD_ONLY, "robust")
+    assert gefen == describe(torch.optim.AdamW)
     # So a call written for AdamW with every positional argument works unchanged.
     args = (1e-3, (0.9, 0.999), 1e-8, 1e-2, False)
     params = make_params()
@@ -273,7 +276,8 @@ def test_param_group_lr_and_weight_decay_scale_the_update():
 )
 def test_group_without_gradient_step(lr, weight_decay, grads, expected_factor):
     """lr=0 freezes a group whatever its gradient; a zero gradient moves a group only by its
-    weight decay; another group keeps training meanwhile."""
+    weight decay (and, an all-zero first gradient teaching nothing, sets up no state); another
+    group keeps training meanwhile."""
     active, probe = make_params(seed=1), make_params(seed=2)
     opt = Gefen(
         [{"params": active}, {"params": probe, "lr": lr, "weight_decay": weight_decay}]
@@ -293,7 +297,10 @@ def test_group_without_gradient_step(lr, weight_decay, grads, expected_factor):
         else:
             for p, e in zip(probe, expected):
                 torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=0)
-    assert all(float(opt.state[p]["step"]) == 3 for p in probe)
+    if grads == "random":
+        assert all(float(opt.state[p]["step"]) == 3 for p in probe)
+    else:
+        assert not any(opt.state.get(p) for p in probe)
     assert all(not torch.equal(p, s) for p, s in zip(active, start_active))
 
 
@@ -503,24 +510,29 @@ def test_step_hooks_run_in_order():
 # state_dict
 
 
-def expected_lengths(n: int, period: int) -> tuple[int, int]:
-    """(magnitude, vmean) lengths of an n-element tensor of the given period."""
+def expected_lengths(n: int, period: int, variant: str = "robust") -> tuple[int, int]:
+    """(magnitude, vmean) lengths of an n-element tensor of the given period: period-1 blocks
+    of 256 with a shorter last one (robust), or of Q, the largest divisor up to 256."""
     if period > 1:
         return n // period, n // period
+    if variant == "robust":
+        return -(-n // 256), n
     q = max(d for d in range(1, min(n, 256) + 1) if n % d == 0)
     return n // q, n
 
 
+@pytest.mark.parametrize("variant", ["robust", "published"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_state_dict_layout_and_determinism(dtype):
+def test_state_dict_layout_and_determinism(dtype, variant):
     params = make_params(dtype)
-    opt = Gefen(params)
+    opt = Gefen(params, variant=variant)
     empty = opt.state_dict()
-    assert empty["codebook"] is None and empty["state"] == {}
+    assert empty["codebook"] is None and empty["state"] == {} and empty["variant"] == variant
     run(opt, params, 2)
     sd = opt.state_dict()
     assert_tree_equal(sd, opt.state_dict())
-    assert sd.keys() == {"state", "param_groups", "codebook"}
+    assert sd.keys() == {"state", "param_groups", "codebook", "variant"}
+    assert sd["variant"] == variant
     codebook = sd["codebook"]
     assert codebook.dtype == torch.float32 and codebook.shape == (256,)
     assert codebook[0] == -1 and codebook[-1] == 1 and bool((codebook.diff() >= 0).all())
@@ -534,7 +546,7 @@ def test_state_dict_layout_and_determinism(dtype):
         assert isinstance(entry["period"], int) and p.numel() % entry["period"] == 0
         assert entry["codes"].dtype == torch.uint8 and entry["codes"].shape == p.shape
         assert entry["magnitude"].dtype == entry["vmean"].dtype == dtype
-        lengths = expected_lengths(p.numel(), entry["period"])
+        lengths = expected_lengths(p.numel(), entry["period"], variant)
         assert (entry["magnitude"].numel(), entry["vmean"].numel()) == lengths
         assert float(entry["gefen_step"]) == 2
 

@@ -5,9 +5,9 @@ import torch
 from reference import ref_period
 
 from gefen_compile.first_step import infer_period
+from gefen_compile.variant import PUBLISHED, ROBUST
 from gefen_compile.partition import (
     candidate_periods,
-    magnitude_block,
     period_scores,
     scored_candidates,
     select_period,
@@ -105,8 +105,20 @@ def test_only_scores_that_can_matter_are_computed():
 
 
 @pytest.mark.parametrize(
-    ("n", "period", "block"),
-    [(4096, 64, 64), (4096, 1, 256), (7919, 1, 1), (768, 1, 256), (1000, 1, 250), (1, 1, 1)],
+    ("n", "period", "published", "robust"),
+    [(4096, 64, 64, 64), (4096, 1, 256, 256), (7919, 1, 1, 256), (768, 1, 256, 256),
+     (1000, 1, 250, 256), (1, 1, 1, 1), (37, 1, 37, 37)],
 )
-def test_magnitude_block(n, period, block):
-    assert magnitude_block(n, period) == block
+def test_magnitude_block(n, period, published, robust):
+    """Published: Q, the largest divisor of n up to 256; robust: 256 elements (the last block
+    shorter), or the whole tensor below 256."""
+    assert PUBLISHED.magnitude_block(n, period) == published
+    assert ROBUST.magnitude_block(n, period) == robust
+
+
+@pytest.mark.parametrize("variant", ["published", "robust"])
+def test_histogram_rows(variant):
+    """Published: rows of the period (one element for period 1); robust: the magnitude blocks."""
+    rules = PUBLISHED if variant == "published" else ROBUST
+    assert rules.histogram_row(4096, 64) == 64
+    assert rules.histogram_row(1000, 1) == (1 if variant == "published" else 256)

@@ -36,6 +36,7 @@ import torch
 MIXED_BUCKET = (
     ((768,), 1), ((37,), 1), ((6, 7), 1), ((64, 64), 64), ((32, 128), 128), ((4, 768), 768),
     ((8, 1024), 1024), ((4, 2048), 2048), ((12, 40), 40), ((9, 3), 3), ((4, 3072), 3072),
+    ((1000,), 1),  # robust variant: three rows of 256, then a short last row of 232
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -104,13 +105,15 @@ def bucket_inputs(dtype: torch.dtype, shapes=MIXED_BUCKET, unaligned: bool = Fal
     from ..codebook import NearestCode
     from ..optim import hyper_table
     from ..state import build_bucket
+    from ..variant import ROBUST
     from . import StepInputs
 
     params = [torch.zeros(shape, dtype=dtype) for shape, _ in shapes]
     grads = [torch.zeros(shape, dtype=dtype) for shape, _ in shapes]
     if unaligned:
         grads[0] = torch.zeros(grads[0].numel() + 1, dtype=dtype)[1:].view(grads[0].shape)
-    bucket = build_bucket(params, [0] * len(params), [{"period": p} for _, p in shapes], dtype)
+    bucket = build_bucket(params, [0] * len(params), [{"period": p} for _, p in shapes], dtype,
+                          ROBUST)
     nearest = NearestCode(torch.linspace(-1, 1, 256))
     t = nearest.tables("cpu", torch.float64 if dtype == torch.float64 else torch.float32)
     groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,

@@ -1,11 +1,14 @@
-/* The codebook's exact dynamic program (see gefen_compile/codebook.py), in C: the first step
- * runs it once, and in numpy its divide and conquer cost tenths of a second.
+/* The layers of the codebook's exact dynamic program (see gefen_compile/codebook.py), in C:
+ * the first step runs them once (twice for the robust variant's zero pin), and in numpy their
+ * divide and conquer cost tenths of a second.
  *
  * Points are integers y (bin centres in units of 2**-12) with integer weights w; a cluster's
  * cost is computed from exact int64 moments about its first point. Cluster 0 is pinned at
- * -PIN, the last at +PIN, the others sit at their weighted mean. Each layer's optimal split is
- * monotone in the end point (the cost satisfies the quadrangle inequality), so a divide and
- * conquer over end points finds every layer in O(n log n); ties keep the leftmost split. */
+ * -PIN, the others sit at their weighted mean (codebook.py adds the clusters pinned at +PIN
+ * and, for the robust variant, at 0, and reads the edges off the split tables). Each layer's
+ * optimal split is monotone in the end point (the cost satisfies the quadrangle inequality), so
+ * a divide and conquer over end points finds every layer in O(n log n); ties keep the leftmost
+ * split. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -58,45 +61,30 @@ static void solve(const Layer *L, int64_t lo_end, int64_t hi_end, int64_t lo_spl
     }
 }
 
-/* Writes the k + 1 cluster edges (0 = e_0 < ... < e_k = n) minimising the total cost and
- * returns that cost; NAN if 2 <= k <= n does not hold or memory runs out. */
-double gefen_codebook_dp(int64_t n, const int64_t *y, const int64_t *w, int64_t k, int64_t pin,
-                         int64_t *edges) {
-    if (k < 2 || k > n) return NAN;
+/* The DP's layers 1..count (see _layers in gefen_compile/codebook.py): best[c * (n + 1) + j],
+ * the optimal cost of points 0..j-1 in c non-empty clusters, the first pinned at -pin and the
+ * others free; split[c * (n + 1) + j], where the last of them starts. best and split hold
+ * (count + 1) * (n + 1) values. Returns 0, or -1 if 1 <= count <= n does not hold or memory
+ * runs out. */
+int gefen_codebook_layers(int64_t n, const int64_t *y, const int64_t *w, int64_t count,
+                          int64_t pin, double *best, int64_t *split) {
+    if (count < 1 || count > n) return -1;
     int64_t *sums = calloc(3 * (size_t)(n + 1), sizeof(int64_t));
-    double *costs = malloc(2 * (size_t)(n + 1) * sizeof(double));
-    int64_t *split = calloc((size_t)k * (size_t)(n + 1), sizeof(int64_t));
-    if (!sums || !costs || !split) {
-        free(sums), free(costs), free(split);
-        return NAN;
-    }
+    if (!sums) return -1;
     int64_t *sw = sums, *swy = sums + n + 1, *swyy = sums + 2 * (n + 1);
     for (int64_t i = 0; i < n; i++) {
         sw[i + 1] = sw[i] + w[i];
         swy[i + 1] = swy[i] + w[i] * y[i];
         swyy[i + 1] = swyy[i] + w[i] * y[i] * y[i];
     }
-    double *prev = costs, *cur = costs + n + 1;
-    Layer L = {y, sw, swy, swyy, prev, cur, NULL};
-    for (int64_t j = 0; j <= n; j++) prev[j] = j >= 1 && j <= n - k + 1 ? pinned_cost(&L, 0, j, -pin) : INFINITY;
-    for (int64_t layer = 2; layer < k; layer++) {
-        const int64_t last_end = n - (k - layer);
-        for (int64_t j = 0; j <= n; j++) cur[j] = INFINITY;
-        L.prev = prev, L.cur = cur, L.split = split + layer * (n + 1);
-        solve(&L, layer, last_end, layer - 1, last_end - 1);
-        double *t = prev;
-        prev = cur, cur = t;
+    for (int64_t j = 0; j < (count + 1) * (n + 1); j++) best[j] = INFINITY, split[j] = 0;
+    Layer L = {y, sw, swy, swyy, NULL, NULL, NULL};
+    for (int64_t j = 1; j <= n; j++) best[(n + 1) + j] = pinned_cost(&L, 0, j, -pin);
+    for (int64_t layer = 2; layer <= count; layer++) {
+        L.prev = best + (layer - 1) * (n + 1), L.cur = best + layer * (n + 1);
+        L.split = split + layer * (n + 1);
+        solve(&L, layer, n, layer - 1, n - 1);
     }
-    L.prev = prev;
-    double best = INFINITY;
-    int64_t arg = k - 1;
-    for (int64_t s = k - 1; s < n; s++) {
-        const double total = prev[s] + pinned_cost(&L, s, n, pin);
-        if (total < best) best = total, arg = s;
-    }
-    edges[0] = 0, edges[k] = n, edges[k - 1] = arg;
-    for (int64_t layer = k - 1; layer > 1; layer--)
-        edges[layer - 1] = split[layer * (n + 1) + edges[layer]];
-    free(sums), free(costs), free(split);
-    return best;
+    free(sums);
+    return 0;
 }

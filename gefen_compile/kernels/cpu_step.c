@@ -18,7 +18,7 @@
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_F64 = 3 };
 /* Columns of a bucket's segment table (gefen_compile/state.py): one row per parameter. */
-enum { SEG_ROW0, SEG_BLOCK, SEG_CODE, SEG_V, SEG_V_PER_ELEMENT, SEG_FIELDS };
+enum { SEG_ROW0, SEG_BLOCK, SEG_CODE, SEG_V, SEG_V_PER_ELEMENT, SEG_NUMEL, SEG_FIELDS };
 enum { H_LR, H_BETA1, H_BETA2, H_EPS, H_WD, H_MAXIMIZE, H_FIELDS };
 
 #define NUM_BINS 4096
@@ -132,7 +132,9 @@ typedef struct {
     const int64_t p = param_of_row(a, r);                                                       \
     if (!a->has_grad[p]) return;                                                                \
     const int64_t *seg = a->segments + p * SEG_FIELDS;                                          \
-    const int64_t len = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * len;             \
+    const int64_t block = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * block;         \
+    /* the last row of a parameter holds what remains: fewer elements where blocks are ragged */ \
+    const int64_t len = seg[SEG_NUMEL] - start < block ? seg[SEG_NUMEL] - start : block;        \
     const int per_element = seg[SEG_V_PER_ELEMENT] != 0, identity = a->num_distinct == 256;     \
     const double *h = a->hyper + a->param_group[p] * H_FIELDS;                                  \
     const T beta1 = (T)h[H_BETA1], keep1 = (T)(1.0 - h[H_BETA1]);                              \
@@ -623,28 +625,30 @@ int gefen_step(const StepArgs *a, int dtype) {
 
 /* ---- first step: histogram of normalised rows ---- */
 
-/* Adds to counts[NUM_BINS] the bins of every tensor viewed as rows of its period, each row
- * divided by its max |g| in fp32 (zero rows count as 0). negate[t]: maximize. */
+/* Adds to counts[NUM_BINS] the bins of every tensor viewed as rows of row_lengths[t] elements
+ * (the last row holds what remains), each row divided by its max |g| in fp32 (zero rows count
+ * as 0). negate[t]: maximize. */
 void gefen_histogram(int64_t num_tensors, const void *const *data, const int64_t *dtypes,
-                     const int64_t *numel, const int64_t *periods, const int64_t *negate,
+                     const int64_t *numel, const int64_t *row_lengths, const int64_t *negate,
                      int64_t *counts, int64_t num_threads) {
     _Pragma("omp parallel num_threads(num_threads)") {
         int64_t local[NUM_BINS];
         memset(local, 0, sizeof(local));
         for (int64_t t = 0; t < num_tensors; t++) {
-            const int64_t period = periods[t], rows = numel[t] / period;
+            const int64_t row_length = row_lengths[t], rows = (numel[t] + row_length - 1) / row_length;
             const int dtype = (int)dtypes[t];
             const float sign = negate[t] ? -1.0f : 1.0f;
             _Pragma("omp for schedule(dynamic, 64) nowait")
             for (int64_t r = 0; r < rows; r++) {
-                const int64_t base = r * period;
+                const int64_t base = r * row_length;
+                const int64_t len = numel[t] - base < row_length ? numel[t] - base : row_length;
                 float peak = 0.0f;
-                for (int64_t i = 0; i < period; i++) {
+                for (int64_t i = 0; i < len; i++) {
                     float g = (float)load_any(data[t], base + i, dtype);
                     g = g < 0 ? -g : g;
                     if (g > peak) peak = g;
                 }
-                for (int64_t i = 0; i < period; i++) {
+                for (int64_t i = 0; i < len; i++) {
                     const float g = sign * (float)load_any(data[t], base + i, dtype);
                     const float v = peak > 0.0f ? g / peak : 0.0f;
                     float b = floorf((v + 1.0f) * (float)(NUM_BINS / 2));

@@ -51,12 +51,12 @@ def _gradient_tables(grads: Sequence[torch.Tensor], *more: Sequence[int]) -> tup
 
 
 def histogram(
-    grads: Sequence[torch.Tensor], periods: Sequence[int], negate: Sequence[bool]
+    grads: Sequence[torch.Tensor], rows: Sequence[int], negate: Sequence[bool]
 ) -> torch.Tensor:
     """int64 counts of every gradient's normalised rows (see codebook.gradient_histogram)."""
     grads = [g.contiguous() for g in grads]
     counts = torch.zeros(NUM_BINS, dtype=torch.int64)
-    tables = _gradient_tables(grads, periods, negate)
+    tables = _gradient_tables(grads, rows, negate)
     _lib.gefen_histogram(
         len(grads), *(t.data_ptr() for t in tables), counts.data_ptr(), torch.get_num_threads()
     )

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 
 from ..codebook import LookupTables
-from ..partition import magnitude_block
 from ..state import compute_dtype
+from ..variant import Variant
 from . import StepInputs
 
 
@@ -31,9 +31,8 @@ def step(*args) -> None:
     for i, (param, grad, group) in enumerate(zip(a.params, a.grads, a.param_group.tolist())):
         if grad is None:
             continue
-        row0, block, code0, v0, per_element = segments[i]
-        n = param.numel()
-        rows = n // block
+        row0, block, code0, v0, per_element, n = segments[i]
+        rows = -(-n // block)
         lr, beta1, beta2, eps, weight_decay, maximize = hyper[group]
         update_parameter(
             param, grad, a.codes[code0 : code0 + n], a.magnitude[row0 : row0 + rows],
@@ -50,6 +49,7 @@ def gefen_update(
     state: dict,
     codebook: torch.Tensor,
     nearest: Callable[[torch.Tensor], torch.Tensor],
+    variant: Variant,
     *,
     lr: float | torch.Tensor,
     beta1: float | torch.Tensor,
@@ -65,7 +65,7 @@ def gefen_update(
     period = state["period"]
     update_parameter(
         param, grad, state["codes"], state["magnitude"], state["vmean"], state["step"],
-        period=period, block=magnitude_block(state["codes"].numel(), period),
+        period=period, block=variant.magnitude_block(state["codes"].numel(), period),
         codebook=codebook, nearest=nearest, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, maximize=maximize,
     )
@@ -92,7 +92,7 @@ def update_parameter(
 ) -> None:
     """The step of one parameter: updates ``param``, its state tensors (``codes`` .. ``vmean``,
     see state.py) and its step ``count`` (a float32 scalar tensor) in place; ``block`` is its
-    magnitude block (``partition.magnitude_block``)."""
+    magnitude block (``Variant.magnitude_block``; the last block may be shorter)."""
     dtype = compute_dtype(vmean.dtype)
     g = grad.reshape(-1).to(dtype)
     if maximize:
@@ -105,11 +105,12 @@ def update_parameter(
 
     count += 1
 
-    m = codebook[codes.long()].view(-1, block) * magnitude.to(dtype).unsqueeze(1)
-    m = m * beta1 + g.view(-1, block) * (1 - beta1)
+    n = g.numel()
+    m = as_blocks(codebook[codes.long()], block) * magnitude.to(dtype).unsqueeze(1)
+    m = m * beta1 + as_blocks(g, block) * (1 - beta1)
     new_codes = quantise_blocks(m, magnitude, nearest)
-    codes.copy_(new_codes.view(-1))
-    m_q = codebook[new_codes] * magnitude.to(dtype).unsqueeze(1)
+    codes.copy_(new_codes.view(-1)[:n])
+    m_q = (codebook[new_codes] * magnitude.to(dtype).unsqueeze(1)).view(-1)[:n]
 
     step64 = count.double()
     bias1 = 1 - beta1**step64
@@ -119,13 +120,17 @@ def update_parameter(
     scale = torch.div(lr, bias1) / ((vmean.to(dtype) / bias2).sqrt() + eps)
     if period > 1:
         m_q, scale = m_q.view(-1, period), scale.unsqueeze(1)
-    else:
-        m_q = m_q.view(-1)
     # The decay factor in float64, as the kernels compute it, also for a (float32) tensor lr.
     decay = 1 - (lr.double() if isinstance(lr, torch.Tensor) else lr) * weight_decay
     p = param.reshape(-1).to(dtype) * decay
     p = p.view(m_q.shape) - m_q * scale
     param.copy_(p.view_as(param))
+
+
+def as_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Flat ``x`` as rows of ``block`` elements; a short last row is filled with zeros, which
+    raise no block's max |m| and whose codes are dropped."""
+    return torch.nn.functional.pad(x, (0, -x.numel() % block)).view(-1, block)
 
 
 def quantise_blocks(

@@ -70,17 +70,19 @@ def work_plan(segments: torch.Tensor, numels: list[int]) -> tuple[list[torch.Ten
                 "the CUDA kernel addresses a block with 32-bit offsets: reshape the parameter "
                 "so that its period is below 2**31"
             )
-        cols, multi = row_class(length)
-        key = WorkClass(cols, per_element, multi, length % ALIGN == 0)
-        rows = n // length
-        per_item = max(1, ITEM_ELEMENTS // length)
-        for first in range(0, rows, per_item):
-            elem = first * length
-            v = seg[SEG_V] + (elem if per_element else first)
-            items.setdefault(key, []).append(
-                [p, seg[SEG_ROW0] + first, min(per_item, rows - first), length,
-                 seg[SEG_CODE] + elem, v, elem]
-            )
+        full_rows, tail = divmod(n, length)
+        # A ragged parameter's short last row is an item of its own, in the class of its length.
+        for rows, row_length, first in ((full_rows, length, 0), (int(tail > 0), tail, full_rows)):
+            cols, multi = row_class(max(row_length, 1))
+            key = WorkClass(cols, per_element, multi, row_length % ALIGN == 0)
+            per_item = max(1, ITEM_ELEMENTS // max(row_length, 1))
+            for row in range(first, first + rows, per_item):
+                elem = row * length
+                v = seg[SEG_V] + (elem if per_element else row)
+                items.setdefault(key, []).append(
+                    [p, seg[SEG_ROW0] + row, min(per_item, first + rows - row), row_length,
+                     seg[SEG_CODE] + elem, v, elem]
+                )
     classes = sorted(items)
     tables = [torch.tensor(items[c], dtype=torch.int64).to(segments.device) for c in classes]
     return tables, [int(x) for c in classes for x in c]

@@ -1,0 +1,171 @@
+"""The robust default against the published method, where they differ (GEFEN_SPEC "Robust
+variant (the default)"): training that the published rule makes diverge, zero gradients, and
+prime-length tensors. tests/test_step_reference.py checks both variants' every step against the
+slow reference; benchmarks/quality/ measures them on real workloads."""
+
+import pytest
+import torch
+from torch import nn
+
+from gefen_compile import Gefen, memory_report
+
+# Configurations of the 27-MLP family (samples x inputs -> hidden -> outputs, activation,
+# seed) on which the published method diverges: every tensor is at period 1.
+DIVERGING = [((64, 32, 64, 8), nn.GELU, 1), ((128, 16, 32, 4), nn.ReLU, 1),
+             ((64, 32, 64, 8), nn.Tanh, 0)]
+STEPS = 100
+
+
+def train_mlp(size, activation, seed, optimizer) -> list[float]:
+    """Full-batch regression on random targets, lr 1e-3: the loss before each step, then the
+    final loss."""
+    n, inputs, hidden, outputs = size
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, inputs, generator=gen), torch.randn(n, outputs, generator=gen)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(inputs, hidden), activation(), nn.Linear(hidden, outputs))
+    opt = optimizer(model.parameters())
+    losses = []
+    for _ in range(STEPS):
+        loss = nn.functional.mse_loss(model(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses + [nn.functional.mse_loss(model(x), y).item()]
+
+
+@pytest.mark.parametrize(("size", "activation", "seed"), DIVERGING)
+def test_robust_default_trains_where_the_published_method_diverges(size, activation, seed):
+    adamw = train_mlp(size, activation, seed, lambda p: torch.optim.AdamW(p, lr=1e-3))
+    robust = train_mlp(size, activation, seed, lambda p: Gefen(p, lr=1e-3))
+    published = train_mlp(size, activation, seed,
+                          lambda p: Gefen(p, lr=1e-3, variant="published"))
+    assert robust[-1] < 1.2 * adamw[-1] < 1.2 * adamw[0]
+    # The published method as published: its three-value codebook blows the loss up.
+    assert not published[-1] < published[0]
+
+
+def test_zero_gradient_elements_never_move():
+    """Dead units' biases (always a zero gradient) beside a large weight: the robust codebook
+    stores their zero first moment exactly, as AdamW does; the published one cannot."""
+    moved = {}
+    for variant in ("robust", "published"):
+        torch.manual_seed(0)
+        weight = nn.Parameter(torch.randn(512, 512))
+        bias = nn.Parameter(torch.zeros(16))
+        opt = Gefen([weight, bias], lr=1e-3, weight_decay=0.0, variant=variant)
+        dead = torch.arange(16) % 2 == 1
+        for step in range(3):
+            weight.grad = torch.randn(512, 512)
+            bias.grad = torch.randn(16) * ~dead
+            opt.step()
+        assert opt.state[bias]["period"] == 1
+        moved[variant] = bias.detach()[dead].abs().max().item()
+    assert moved["robust"] == 0.0
+    assert moved["published"] > 1.0  # far: 0 + eps under a dequantised non-zero moment
+
+
+def regression_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 4))
+
+
+def regression_step(model, opt, scale=1.0):
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(64, 16, generator=gen), torch.randn(64, 4, generator=gen)
+    loss = nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    (loss * scale).backward()
+    opt.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_all_zero_first_gradient_teaches_nothing(weight_decay):
+    """A `loss * 0` warm-up step: no period, no codebook, only AdamW's weight decay; training
+    afterwards is what it would have been from that point."""
+    lr = 1e-2
+    warmed, fresh = regression_mlp(), regression_mlp()
+    opt = Gefen(warmed.parameters(), lr=lr, weight_decay=weight_decay)
+    twin = Gefen(fresh.parameters(), lr=lr, weight_decay=weight_decay)
+    before = [p.detach().clone() for p in warmed.parameters()]
+    regression_step(warmed, opt, scale=0.0)
+    assert opt.codebook is None and not any(opt.state.get(p) for p in warmed.parameters())
+    for p, b in zip(warmed.parameters(), before):
+        torch.testing.assert_close(p.detach(), b * (1 - lr * weight_decay), rtol=1e-6, atol=0)
+    with torch.no_grad():  # the twin starts where the warm-up left the weights
+        for p, q in zip(fresh.parameters(), warmed.parameters()):
+            p.copy_(q)
+    for _ in range(5):
+        regression_step(warmed, opt)
+        regression_step(fresh, twin)
+    assert torch.equal(opt.codebook, twin.codebook)
+    for p, q in zip(warmed.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+        assert opt.state[p]["period"] == twin.state[q]["period"]
+
+
+def test_published_method_learns_from_an_all_zero_first_gradient():
+    model = regression_mlp()
+    opt = Gefen(model.parameters(), lr=1e-2, variant="published")
+    regression_step(model, opt, scale=0.0)
+    assert all(opt.state[p]["period"] == 1 for p in model.parameters())
+    assert len(torch.unique(opt.codebook)) == 3  # -1, 0, +1 and copies: as published
+
+
+def test_zero_gradient_parameter_waits_for_its_first_non_zero_gradient():
+    """Per parameter: one tensor with a zero first gradient waits while the others train; its
+    state is set up, with the codebook already learned, at its first non-zero gradient."""
+    a, b = nn.Parameter(torch.randn(32, 16)), nn.Parameter(torch.randn(32, 16))
+    opt = Gefen([a, b], lr=1e-2)
+    a.grad, b.grad = torch.randn(32, 16), torch.zeros(32, 16)
+    opt.step()
+    codebook = opt.codebook.clone()
+    assert opt.state[a] and not opt.state.get(b)
+    for _ in range(2):
+        a.grad, b.grad = torch.randn(32, 16), torch.randn(32, 16)
+        opt.step()
+    assert torch.equal(opt.codebook, codebook)
+    assert opt.state[b]["step"].item() == 2 and opt.state[a]["step"].item() == 3
+
+
+@pytest.mark.parametrize("n", [257, 7919, 65521])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prime_length_tensors_cost_less_than_adamw(n, dtype):
+    """Period 1 with magnitude blocks of 256 (the last shorter): ~5 bytes/param in fp32, where
+    the published Q = 1 costs 9."""
+    cost = {}
+    for variant in ("robust", "published"):
+        p = nn.Parameter(torch.randn(n).to(dtype))
+        opt = Gefen([p], variant=variant)
+        p.grad = torch.randn(n).to(dtype)
+        opt.step()
+        assert opt.state[p]["period"] == 1
+        cost[variant] = memory_report(opt).gefen_bytes_per_param
+    # codes, per-element second moments, a magnitude per 256 (and alignment padding)
+    assert cost["robust"] < 1 + dtype.itemsize + 0.1 < 8
+    assert cost["published"] >= 1 + 2 * dtype.itemsize  # Q = 1: a magnitude per element
+
+
+def test_unknown_variant_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"variant must be one of \('robust', 'published'\)"):
+        Gefen([nn.Parameter(torch.zeros(3))], variant="paper")
+
+
+def test_state_dict_without_variant_loads_as_published():
+    """Checkpoints saved before the variant existed hold the published layout."""
+    p = nn.Parameter(torch.randn(1000))
+    opt = Gefen([p], variant="published")
+    p.grad = torch.randn(1000)
+    opt.step()
+    saved = opt.state_dict()
+    del saved["variant"]
+    q = nn.Parameter(p.detach().clone())
+    loaded = Gefen([q])
+    loaded.load_state_dict(saved)
+    assert loaded.variant.name == "published"
+    for opt_, param in ((opt, p), (loaded, q)):
+        param.grad = torch.ones(1000)
+        opt_.step()
+    assert torch.equal(p, q)
