@@ -1,4 +1,5 @@
-"""``python -m gefen_compile [--quiet] script.py ARGS...`` (or ``gefen-run script.py ARGS...``):
+"""``python -m gefen_compile [--quiet] [--variant published] script.py ARGS...`` (or
+``gefen-run script.py ARGS...``):
 run an unmodified training script with :func:`~gefen_compile.patch_adamw` applied, so every
 ``torch.optim.AdamW`` it builds or steps is Gefen. ``-m module ARGS...`` runs a module instead,
 as ``python -m`` does; ``-m torch.distributed.run ...`` (torchrun) runs every worker under the
@@ -14,8 +15,10 @@ import runpy
 import sys
 
 from .runner import TORCHRUN, run_patched, run_torchrun
+from .variant import VARIANT_NAMES
 
-_USAGE = "python -m gefen_compile [--quiet] [-m module | script.py] [ARGS...]"
+_USAGE = ("python -m gefen_compile [--quiet] [--variant {robust,published}] "
+          "[-m module | script.py] [ARGS...]")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quiet", action="store_true",
                         help="print nothing about the optimizers converted")
+    parser.add_argument("--variant", choices=VARIANT_NAMES, default="robust",
+                        help="Gefen's variant: the robust default, or the published method")
     parser.add_argument("-m", dest="module", help="run a library module as a script")
     # The runner's options come first; everything from the script (or -m's module) on is the
     # script's, even what looks like an option (argparse's REMAINDER would take it as ours).
@@ -36,9 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     target = argv[ours:]
     if args.module is None and not target:
         parser.error("give the script to run: " + _USAGE)
-    run_patched(args.quiet)
+    run_patched(args.quiet, args.variant)
     if args.module == TORCHRUN:
-        run_torchrun(target, args.quiet)
+        run_torchrun(target, args.quiet, args.variant)
     elif args.module is not None:
         sys.argv = [args.module, *target]
         runpy.run_module(args.module, run_name="__main__", alter_sys=True)
@@ -55,11 +60,12 @@ def main(argv: list[str] | None = None) -> None:
 def _runner_options(argv: list[str]) -> int:
     """How many leading items of ``argv`` are the runner's own options."""
     i = 0
-    while i < len(argv) and argv[i] in ("--quiet", "-h", "--help", "-m"):
+    while i < len(argv) and (argv[i] in ("--quiet", "-h", "--help", "-m", "--variant")
+                             or argv[i].startswith("--variant=")):
         if argv[i] == "-m":
             return min(i + 2, len(argv))
-        i += 1
-    return i
+        i += 2 if argv[i] == "--variant" else 1
+    return min(i, len(argv))
 
 
 if __name__ == "__main__":

@@ -119,9 +119,20 @@ def overrides_step(cls: type) -> bool:
 _CONVERTED: dict[type, type] = {AdamW: GefenAdamW, Adam: GefenAdam}
 
 
-def convert(optimizer: Optimizer, *, variant: str = ROBUST.name) -> Optimizer:
+# The variant of conversions that name none (the patch's, the runner's and the backend's):
+# the robust default, or what patch_adamw(variant=...) chose.
+_default_variant = [ROBUST]
+
+
+def set_default_variant(name: str, where: str) -> None:
+    """The variant conversions use from now on when they name none."""
+    _default_variant[0] = variant_named(name, where)
+
+
+def convert(optimizer: Optimizer, *, variant: str | None = None) -> Optimizer:
     """Turn ``optimizer`` (a ``torch.optim.AdamW``, or an ``Adam`` with decoupled weight decay or
-    ``weight_decay=0``) into Gefen in place, and return it. ``variant``: as for ``Gefen``.
+    ``weight_decay=0``) into Gefen in place, and return it. ``variant``: as for ``Gefen``
+    (None: the robust default, or the one ``patch_adamw(variant=...)`` chose).
 
     Before its first step nothing is allocated; after it, AdamW's state is migrated into Gefen's
     and its fp32 buffers are released. Param groups, hooks, LR schedulers and references to the
@@ -136,7 +147,7 @@ def convert(optimizer: Optimizer, *, variant: str = ROBUST.name) -> Optimizer:
     ):
         return optimizer
     check_convertible(optimizer)
-    chosen = variant_named(variant, "convert")
+    chosen = _default_variant[0] if variant is None else variant_named(variant, "convert")
     before = _state_bytes(optimizer)
     full_adamw = sum(adamw_state_nbytes(p) for g in optimizer.param_groups for p in g["params"])
     if not isinstance(optimizer, _ConvertedAdam):

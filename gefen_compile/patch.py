@@ -43,7 +43,7 @@ from torch.optim.optimizer import (
 )
 
 from .convert import (GefenAdamW, GefenStep, check_convertible, convert, gefen_step_above,
-                      own_class, overrides_step)
+                      own_class, overrides_step, set_default_variant)
 from .optim import Gefen
 
 log = logging.getLogger("gefen_compile")
@@ -94,10 +94,12 @@ class PatchedAdamW(GefenAdamW, metaclass=_AdamWName):
             ) from None
 
 
-def patch_adamw() -> None:
+def patch_adamw(*, variant: str = "robust") -> None:
     """Make ``torch.optim.AdamW`` (and ``torch.optim.adamw.AdamW``) build Gefen, and convert
     every other AdamW at its first step (module docstring), until :func:`unpatch_adamw`.
-    Patching twice is harmless."""
+    ``variant``: as for ``Gefen``; every conversion from then on uses it (the compiler
+    backend's too). Patching twice is harmless."""
+    set_default_variant(variant, "patch_adamw")
     for module in _MODULES:
         module.AdamW = PatchedAdamW
     if not _hooks:
@@ -108,6 +110,7 @@ def patch_adamw() -> None:
 def unpatch_adamw() -> None:
     """Restore ``torch.optim.AdamW`` and stop converting AdamWs at their first step. Optimizers
     already converted stay Gefen."""
+    set_default_variant("robust", "unpatch_adamw")
     for module in _MODULES:
         module.AdamW = _ORIGINAL
     while _hooks:

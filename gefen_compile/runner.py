@@ -21,17 +21,19 @@ from .patch import patch_adamw
 from .report import report_conversions
 
 ENV = "GEFEN_COMPILE_RUNNER"  # "report" or "quiet"
+VARIANT_ENV = "GEFEN_COMPILE_VARIANT"
 _CHILD = "import gefen_compile.runner as _gefen; _gefen.enter_child(); "
 TORCHRUN = "torch.distributed.run"
 
 
-def run_patched(quiet: bool) -> None:
-    """Set this process up as the runner does: the patch, the report (unless ``quiet``), and
-    both passed on to the processes it starts."""
-    patch_adamw()
+def run_patched(quiet: bool, variant: str = "robust") -> None:
+    """Set this process up as the runner does: the patch (converting to ``variant``), the
+    report (unless ``quiet``), and both passed on to the processes it starts."""
+    patch_adamw(variant=variant)
     if not quiet:
         report_conversions()
     os.environ[ENV] = "quiet" if quiet else "report"
+    os.environ[VARIANT_ENV] = variant
     _prefix_spawned_children()
 
 
@@ -39,7 +41,7 @@ def enter_child() -> None:
     """The first thing a spawned child of a runner's process does (see the module docstring)."""
     mode = os.environ.get(ENV)
     if mode is not None:
-        run_patched(quiet=mode == "quiet")
+        run_patched(quiet=mode == "quiet", variant=os.environ.get(VARIANT_ENV, "robust"))
 
 
 def _prefix_spawned_children() -> None:
@@ -60,7 +62,7 @@ def _prefix_spawned_children() -> None:
     spawn.get_command_line = get_command_line
 
 
-def run_torchrun(argv: list[str], quiet: bool) -> None:
+def run_torchrun(argv: list[str], quiet: bool, variant: str = "robust") -> None:
     """``torch.distributed.run`` with ``argv``, its workers started under the runner."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -73,8 +75,8 @@ def run_torchrun(argv: list[str], quiet: bool) -> None:
             "in the script"
         )
     script = ["-m", args.training_script] if args.module else [args.training_script]
-    args.training_script_args = [*(["--quiet"] if quiet else []), *script,
-                                 *args.training_script_args]
+    args.training_script_args = [*(["--quiet"] if quiet else []), "--variant", variant,
+                                 *script, *args.training_script_args]
     args.training_script, args.module = "gefen_compile", True
     sys.argv = [TORCHRUN, *argv]
     record(torchrun.run)(args)

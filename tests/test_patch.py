@@ -100,6 +100,19 @@ def test_adamw_built_from_an_earlier_reference_is_gefen_from_its_first_step(buil
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params))  # one update per step
 
 
+def test_patch_converts_to_the_variant_asked_for_until_unpatched():
+    gefen.patch_adamw(variant="published")
+    built = torch.optim.AdamW(mlp().parameters())
+    early = EARLY_ADAMW(mlp().parameters())
+    early.step()  # converted at its first step, with no gradient: nothing else happens
+    assert built.variant.name == early.variant.name == "published"
+    gefen.unpatch_adamw()
+    later = gefen.convert(EARLY_ADAMW(mlp().parameters()))
+    assert later.variant.name == "robust"
+    with pytest.raises(ValueError, match="patch_adamw: variant must be one of"):
+        gefen.patch_adamw(variant="paper")
+
+
 def test_unpatch_stops_converting_adamws_at_their_first_step():
     gefen.patch_adamw()
     params = list(mlp().parameters())

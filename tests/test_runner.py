@@ -33,7 +33,7 @@ model = torch.nn.Linear(32, 16)
 opt = AdamW(model.parameters(), lr=1e-2)
 model(torch.randn(4, 32)).sum().backward()
 opt.step()
-print(type(opt).__name__)
+print(type(opt).__name__, opt.variant.name)
 """
 
 
@@ -42,9 +42,17 @@ def test_runner_prints_one_line_per_conversion_unless_quiet(tmp_path, quiet):
     (tmp_path / "train.py").write_text(TRAIN.format(configure=""))
     result = run(["-m", "gefen_compile", *(["--quiet"] if quiet else []), "train.py"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "GefenAdamW"
+    assert result.stdout.strip() == "GefenAdamW robust"
     assert conversions(result.stderr) == ([] if quiet else [(2, 32 * 16 + 16)])
     assert ("gefen_compile" in result.stderr) == (not quiet)
+
+
+@pytest.mark.parametrize("option", [["--variant", "published"], ["--variant=published"]])
+def test_runner_converts_to_the_variant_asked_for(tmp_path, option):
+    (tmp_path / "train.py").write_text(TRAIN.format(configure=""))
+    result = run(["-m", "gefen_compile", *option, "--quiet", "train.py"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "GefenAdamW published"
 
 
 def test_runner_leaves_the_report_to_the_users_logging(tmp_path):
@@ -83,7 +91,7 @@ def train(out):
         opt.step()
         opt.zero_grad()
     with open(f"{out}/rank{rank}", "w") as f:
-        f.write(type(opt).__name__)
+        f.write(f"{type(opt).__name__} {opt.variant.name}")
 
 
 def run(out):
@@ -125,7 +133,8 @@ def test_processes_the_script_starts_run_patched(tmp_path, launcher):
     else:
         (tmp_path / "train.py").write_text(SPAWN)
         args = ["train.py", str(out)]
-    result = run(["-m", "gefen_compile", *args], tmp_path)
+    # The variant chosen on the runner's command line reaches the workers too.
+    result = run(["-m", "gefen_compile", "--variant", "published", *args], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [(out / f"rank{r}").read_text() for r in range(2)] == ["GefenAdamW"] * 2
+    assert [(out / f"rank{r}").read_text() for r in range(2)] == ["GefenAdamW published"] * 2
     assert conversions(result.stderr) == [(2, 32 * 16 + 16)] * 2, result.stderr[-3000:]
