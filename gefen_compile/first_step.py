@@ -16,17 +16,17 @@ from .partition import candidate_periods, scored_candidates, select_period
 from .variant import Variant
 
 
-def infer_periods(grads: Sequence[torch.Tensor]) -> list[int]:
+def infer_periods(grads: Sequence[torch.Tensor], variant: Variant) -> list[int]:
     """The period of every tensor, from its first gradient."""
-    return read_first_gradients(grads)[0]
+    return read_first_gradients(grads, variant)[0]
 
 
 def read_first_gradients(
-    grads: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor], variant: Variant,
 ) -> tuple[list[int], list[bool], list[bool]]:
-    """The period of every tensor, whether its first gradient is finite and whether it has a
-    non-zero element, with one host round trip for all of them (on CUDA: one sync, whatever
-    the number of tensors)."""
+    """The period of every tensor (as ``variant`` sets it from the inferred one), whether its
+    first gradient is finite and whether it has a non-zero element, with one host round trip
+    for all of them (on CUDA: one sync, whatever the number of tensors)."""
     if not grads:
         return [], [], []
     candidates = [candidate_periods(g.numel()) for g in grads]
@@ -46,15 +46,15 @@ def read_first_gradients(
     nonzero = [v != 0.0 for v in host[count : 2 * count]]
     scores = host[2 * count :]
     periods = [
-        select_period(c, dict(zip(s, scores[a:b])))
-        for c, s, a, b in zip(candidates, scored, offsets, offsets[1:])
+        variant.period(tuple(g.shape), select_period(c, dict(zip(s, scores[a:b]))))
+        for g, c, s, a, b in zip(grads, candidates, scored, offsets, offsets[1:])
     ]
     return periods, finite, nonzero
 
 
-def infer_period(grad: torch.Tensor) -> int:
+def infer_period(grad: torch.Tensor, variant: Variant) -> int:
     """Gefen's period for one tensor, from its first gradient."""
-    return infer_periods([grad])[0]
+    return infer_periods([grad], variant)[0]
 
 
 def codebook_from(

@@ -47,7 +47,7 @@ def migrate_adamw_state(optimizer) -> None:
         del optimizer.state[p]
     if not stepped:
         return
-    periods = [infer_period(s["exp_avg_sq"].sqrt()) for _, s in stepped]
+    periods = [infer_period(s["exp_avg_sq"].sqrt(), optimizer.variant) for _, s in stepped]
     if optimizer.codebook is None:
         first_moments = [s["exp_avg"] for _, s in stepped]
         optimizer._set_codebook(codebook_from([p for p, _ in stepped], first_moments, periods,

@@ -207,7 +207,7 @@ class Gefen(Optimizer):
         """Periods (and, at the first step, the codebook) for parameters seen for the first
         time, then their state, in the flat buckets."""
         grads = [g for _, _, g in fresh]
-        periods, finite, nonzero = read_first_gradients(grads)
+        periods, finite, nonzero = read_first_gradients(grads, self.variant)
         for (_, p, _), ok in zip(fresh, finite):
             if not ok:
                 raise ValueError(

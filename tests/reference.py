@@ -232,7 +232,7 @@ class RefGefen:
                 x = self.params[i].double() * (1 - lr * wd)
                 self.params[i] = x.to(self.params[i].dtype)
                 fresh.remove(i)
-        periods = {i: ref_period(grads[i]) for i in fresh}
+        periods = {i: self.period(grads[i]) for i in fresh}
         blocks = {i: self.block(grads[i].numel(), periods[i]) for i in fresh}
         if self.codebook is None and fresh:
             rows = blocks if self.robust else periods
@@ -254,6 +254,16 @@ class RefGefen:
         for i, g in enumerate(grads):
             if g is not None and self.codebook is not None and self.state[i] is not None:
                 self._update(i, g)
+
+    def period(self, grad: torch.Tensor) -> int:
+        """The inferred period; robust: cut to one row (numel / shape[0]) where it spans several
+        rows of more than 8 elements."""
+        period = ref_period(grad)
+        if self.robust and grad.dim() >= 2 and grad.shape[0] > 0:
+            row = grad.numel() // grad.shape[0]
+            if row > 8 and period > row:
+                return row
+        return period
 
     def block(self, n: int, period: int) -> int:
         """Elements per magnitude: the period; for period 1, Q (published) or 256 with a

@@ -113,7 +113,7 @@ def test_fsdp_periods_are_inferred_per_local_shard(ranks):
     for r in ranks:
         fsdp = r["fsdp"]
         for name, grad in fsdp["first_grads"].items():
-            assert fsdp["state"][name]["period"] == infer_period(grad), name
+            assert fsdp["state"][name]["period"] == infer_period(grad, ROBUST), name
             assert fsdp["state"][name]["codes"].numel() == grad.numel()
             periods.add(fsdp["state"][name]["period"])
         assert fsdp["report_numel"] == sum(g.numel() for g in fsdp["first_grads"].values())

@@ -28,6 +28,7 @@ from torch.optim.optimizer import (
 
 from gefen_compile import Gefen
 from gefen_compile.first_step import infer_period
+from gefen_compile.variant import ROBUST
 
 # A structured matrix (rows of very different scales: period > 1), a vector, a small matrix and
 # a 0-dim tensor. Small enough that the whole file runs in a few seconds.
@@ -205,7 +206,7 @@ def test_step_skips_params_without_grad_and_late_grad_uses_existing_codebook():
     assert torch.equal(opt.codebook, codebook), "a late parameter must reuse the codebook"
     state = opt.state[params[late]]
     assert state.keys() == STATE_KEYS
-    assert state["period"] == infer_period(first_grad)
+    assert state["period"] == infer_period(first_grad, ROBUST)
     assert float(state["step"]) == 1
     assert not torch.equal(params[late], before[late])
     # params[0] (no grad this step) and params[3] (never a grad) are untouched.

@@ -169,3 +169,29 @@ def test_state_dict_without_variant_loads_as_published():
         param.grad = torch.ones(1000)
         opt_.step()
     assert torch.equal(p, q)
+
+
+def rows_in_groups(shape, rows_per_group, seed=0):
+    """A gradient whose rows come in groups of equal scale (8 token rows of a byte embedding,
+    say): the published inference reads the group as the period."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.exp(3 * torch.randn(shape[0] // rows_per_group, generator=gen))
+    scales = scales.repeat_interleave(rows_per_group).view(-1, *[1] * (len(shape) - 1))
+    return scales * torch.randn(shape, generator=gen)
+
+
+@pytest.mark.parametrize(("shape", "published", "robust"), [
+    ((64, 256), 2048, 256),  # 8 rows per inferred block: one second moment per row
+    ((64, 4, 3, 3), 288, 36),  # a conv weight: rows of in * kh * kw
+    ((64, 8), 64, 64),  # rows of 8: left alone (a moment per row would cost > 1 byte/param)
+])
+def test_robust_periods_never_span_rows(shape, published, robust):
+    grad = rows_in_groups(shape, 8)
+    periods = {}
+    for variant in ("robust", "published"):
+        p = nn.Parameter(torch.zeros(shape))
+        opt = Gefen([p], variant=variant)
+        p.grad = grad.clone()
+        opt.step()
+        periods[variant] = opt.state[p]["period"]
+    assert periods == {"published": published, "robust": robust}

@@ -12,6 +12,7 @@ SHAPES = {
     "3-D": (4, 6, 10),
     "prime": (37,),
     "ragged": (300,),  # period 1: robust blocks 256 + 44, published Q = 150
+    "grouped rows": (32, 16),  # rows in groups of 4 of one scale: robust cuts P to a row
     "one element": (1,),
     "late": (8, 16),  # its gradient first appears at step LATE
     "never": (5,),  # never gets a gradient
@@ -21,10 +22,12 @@ LATE = 5
 STEPS = 20
 
 
-def structured_grad(shape, gen):
-    """Rows with their own scales, as real weight gradients have."""
-    rows = torch.exp(torch.randn(shape[0], *[1] * (len(shape) - 1), generator=gen))
-    return rows * torch.randn(shape, generator=gen)
+def structured_grad(shape, gen, rows_per_scale=1):
+    """Rows with their own scales (or groups of rows sharing one), as real weight gradients
+    have."""
+    rows = torch.exp(2 * torch.randn(-(-shape[0] // rows_per_scale), generator=gen))
+    rows = rows.repeat_interleave(rows_per_scale)[: shape[0]]
+    return rows.view(-1, *[1] * (len(shape) - 1)) * torch.randn(shape, generator=gen)
 
 
 def gradient_sequence(shapes, dtype, seed):
@@ -33,7 +36,7 @@ def gradient_sequence(shapes, dtype, seed):
         [
             None
             if name == "never" or (name == "late" and t < LATE)
-            else structured_grad(shape, gen).to(dtype)
+            else structured_grad(shape, gen, 4 if name == "grouped rows" else 1).to(dtype)
             for name, shape in shapes.items()
         ]
         for t in range(STEPS)
@@ -74,6 +77,13 @@ def test_trajectory_equals_reference(dtype, variant):
 def test_hyperparameters_follow_reference(hyper):
     params, opt, ref = run_both(SHAPES, torch.float32, hyper, seed=1)
     assert_matches_reference(params, opt, ref)
+
+
+def test_grouped_rows_take_the_variants_periods():
+    """The case where the variants' periods differ is really in the trajectories above."""
+    for variant, period in (("published", 64), ("robust", 16)):
+        params, opt, _ = run_both(SHAPES, torch.float32, HYPER, variant=variant)
+        assert opt.state[params[list(SHAPES).index("grouped rows")]]["period"] == period
 
 
 @pytest.mark.parametrize("variant", ["robust", "published"])
