@@ -16,7 +16,7 @@ copy of the model, from the same first batch):
 ``--period NAME=P`` replaces the inferred period of one parameter (``tok_emb.weight=1``, say);
 ``--zero-entry`` replaces the codebook entry nearest 0 by 0. Everything else is train_gpt.py's
 default run (model, data, batch, schedule, clipping, weight decay). Prints one JSON line: the
-final validation loss and the periodic ones. Results: benchmarks/results/quality.md.
+final validation loss and the periodic ones. Results: benchmarks/results/quality_ablation.md.
 """
 
 from __future__ import annotations

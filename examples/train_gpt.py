@@ -2,7 +2,8 @@
 
 Every run trains the same byte-level GPT from the same initial weights, on the same batches,
 with the same hyperparameters and learning-rate schedule; only the optimizer differs. At the end
-a table compares validation loss, optimizer-state bytes per parameter and time.
+a table compares validation loss and optimizer-state bytes per parameter (no speed: the runs are
+sequential; ``benchmarks/bench_step.py`` times the step side by side).
 
     python examples/train_gpt.py                          # AdamW, then Gefen (about 3 min, 2 cores)
     python examples/train_gpt.py --optimizer gefen --steps 1000 --seed 1
@@ -700,15 +701,17 @@ def write_report(results: list[RunResult], config: TrainConfig, path: Path) -> N
 
 
 def format_table(results: list[RunResult]) -> str:
-    """The final comparison: validation loss (and its ratio to the first run), train loss,
-    optimizer-state bytes/param, tokens/s and wall time, one row per run."""
+    """The final comparison: validation loss (and its ratio to the first run), train loss and
+    optimizer-state bytes/param, one row per run. No speed: the runs are sequential, so a change
+    in the machine's load would read as optimizer speed (benchmarks/bench_step.py measures the
+    step side by side, interleaved)."""
     base = results[0].final_val_loss
     header = ("optimizer", "class", "val loss", f"/ {results[0].optimizer}", "train loss",
-              "state B/param", "tokens/s", "time (s)")
+              "state B/param")
     rows = [header] + [
         (r.optimizer, r.optimizer_class, f"{r.final_val_loss:.4f}",
          f"{r.final_val_loss / base:.4f}", f"{r.final_train_loss:.4f}",
-         f"{r.state_bytes_per_param:.3f}", f"{r.tokens_per_s:,.0f}", f"{r.wall_seconds:.1f}")
+         f"{r.state_bytes_per_param:.3f}")
         for r in results
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

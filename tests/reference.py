@@ -101,8 +101,10 @@ def brute_force_cost(counts: np.ndarray, k: int, zero: bool = False) -> float:
     return best
 
 
-def slow_dp(counts: np.ndarray, k: int) -> tuple[np.ndarray, float]:
-    """The O(B^2 K) dynamic program over every split point: (centres, optimal cost)."""
+def cost_tables(counts: np.ndarray) -> tuple:
+    """The points (x, w), their number n, and every cluster cost: ``free[i, j]`` (points
+    i..j-1 about their mean, inf unless j > i), ``squares[i, j]`` (about 0, inf unless j >= i),
+    ``first[j]`` (points 0..j-1 about -1) and ``last[i]`` (points i..n-1 about +1)."""
     x, w = points(counts)
     n = len(x)
     cw = np.concatenate([[0.0], np.cumsum(w)])
@@ -113,8 +115,15 @@ def slow_dp(counts: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     with np.errstate(divide="ignore", invalid="ignore"):
         sw, sx, sxx = cw[j] - cw[i], cx[j] - cx[i], cxx[j] - cxx[i]
         free = np.where(j > i, sxx - sx**2 / sw, np.inf)
-    first = cxx + 2 * cx + cw  # points 0..j-1 about -1
-    last = (cxx[n] - cxx) - 2 * (cx[n] - cx) + (cw[n] - cw)  # points i..n-1 about +1
+    squares = np.where(j >= i, sxx, np.inf)
+    first = cxx + 2 * cx + cw
+    last = (cxx[n] - cxx) - 2 * (cx[n] - cx) + (cw[n] - cw)
+    return x, w, n, free, squares, first, last
+
+
+def slow_dp(counts: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """The O(B^2 K) dynamic program over every split point: (centres, optimal cost)."""
+    x, w, n, free, _, first, last = cost_tables(counts)
     best = np.where(np.arange(n + 1) >= 1, first, np.inf)
     choices = []
     for _ in range(2, k):
@@ -137,18 +146,7 @@ def slow_dp_zero(counts: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     """The robust variant's DP, O(B^2 K): k clusters, the first pinned at -1, the last at +1,
     one in between pinned at 0 and allowed to be empty. Two tables per layer: without and with
     the zero cluster placed so far. Returns (sorted centres, optimal cost)."""
-    x, w = points(counts)
-    n = len(x)
-    cw = np.concatenate([[0.0], np.cumsum(w)])
-    cx = np.concatenate([[0.0], np.cumsum(w * x)])
-    cxx = np.concatenate([[0.0], np.cumsum(w * x * x)])
-    i = np.arange(n + 1)[:, None]
-    j = np.arange(n + 1)[None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        free = np.where(j > i, (cxx[j] - cxx[i]) - (cx[j] - cx[i]) ** 2 / (cw[j] - cw[i]), np.inf)
-    zero = np.where(j >= i, cxx[j] - cxx[i], np.inf)  # about 0, possibly empty
-    first = cxx + 2 * cx + cw
-    last = (cxx[n] - cxx) - 2 * (cx[n] - cx) + (cw[n] - cw)
+    x, w, n, free, zero, first, last = cost_tables(counts)
     without = np.where(np.arange(n + 1) >= 1, first, np.inf)
     placed = np.full(n + 1, np.inf)
     choices = []  # per layer: for "without" and "placed", (came from placed?, start)

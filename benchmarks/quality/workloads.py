@@ -165,20 +165,9 @@ def describe_byte_gpt(quick: bool) -> str:
 # 2-3. GPT-2- and Llama-style models on BPE tokens of the same corpus
 
 
-@dataclass(frozen=True)
-class LMSetting:
-    """Size and schedule of a BPE language-model workload (betas, weight decay, clipping and
-    the lr schedule's shape are ``train_gpt``'s)."""
-
-    n_layer: int
-    n_head: int
-    n_embd: int
-    block_size: int
-    batch_size: int
-    steps: int
-    lr: float
-
-
+# Size and schedule of a BPE language-model workload, as train_gpt's presets give them (betas,
+# weight decay, clipping and the lr schedule's shape are train_gpt's too).
+LMSetting = train_gpt.Preset
 LM_SETTINGS = {
     # Sized by the suite's ~30 min budget on 2 CPU cores, not by what would be a good model:
     # about 0.37 CPU-s per step (one thread), 9 runs per workload. Width 256 keeps weight
