@@ -61,7 +61,7 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype) -> Measured:
 
 def measure_model(kinds: list[TensorKind], dtype: torch.dtype) -> dict[tuple[int, ...], Measured]:
     """One measurement per distinct shape, largest first so peak memory is reached early."""
-    shapes = sorted({k.shape for k in kinds}, key=_numel, reverse=True)
+    shapes = sorted({k.shape for k in kinds}, key=numel, reverse=True)
     return {shape: measure(shape, dtype) for shape in shapes}
 
 

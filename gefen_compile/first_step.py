@@ -32,12 +32,16 @@ def read_first_gradients(
     candidates = [candidate_periods(g.numel()) for g in grads]
     scored = [scored_candidates(c) for c in candidates]
     flat, offsets = ops.flat_candidates(scored)
-    # A float64 sum of |g| is finite exactly when every element is (finite fp32 values cannot
-    # overflow it) and zero exactly when every element is: one number per tensor, no n-byte
-    # mask, no copy.
-    sums = torch.stack([torch.linalg.vector_norm(g, 1, dtype=torch.float64).to(grads[0].device)
-                        for g in grads])
-    device_values = [torch.isfinite(sums).double(), (sums != 0).double()]
+    # A tensor's min and max (one pass, no copy, no sum that could overflow) are both finite
+    # exactly when every element is, and both zero exactly when every element is.
+    device = grads[0].device
+    extremes = torch.stack([
+        torch.stack(torch.aminmax(g.detach())).double().to(device) if g.numel()
+        else torch.zeros(2, dtype=torch.float64, device=device)
+        for g in grads
+    ])
+    device_values = [torch.isfinite(extremes).all(dim=1).double(),
+                     (extremes != 0).any(dim=1).double()]
     if flat:
         device_values.append(ops.period_scores(list(grads), flat, offsets))
     host = torch.cat(device_values).tolist()

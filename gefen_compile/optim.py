@@ -205,7 +205,8 @@ class Gefen(Optimizer):
     @torch.compiler.disable
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
         """Periods (and, at the first step, the codebook) for parameters seen for the first
-        time, then their state, in the flat buckets."""
+        time, then their state, in the flat buckets. Robust variant: those whose gradient is
+        all zero (on every rank) get AdamW's weight decay only, and wait."""
         grads = [g for _, _, g in fresh]
         periods, finite, nonzero = read_first_gradients(grads, self.variant)
         for (_, p, _), ok in zip(fresh, finite):
