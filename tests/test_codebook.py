@@ -86,26 +86,17 @@ def test_histogram_bin_edges():
     assert counts[NUM_BINS // 2] == 1 and counts[3 * NUM_BINS // 4] == 1
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_dp_cost_equals_brute_force(seed):
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("seed", range(30))
+def test_dp_cost_equals_brute_force(seed, zero):
+    """Published: -1 and +1 pinned; robust (zero): 0 pinned too, its cluster possibly empty."""
     rng = np.random.default_rng(seed)
-    bins = int(rng.integers(2, 10))
-    k = int(rng.integers(2, bins + 1))
+    bins = int(rng.integers(2, 8 if zero else 10))
+    k = int(rng.integers(2 + zero, bins + 1 + zero))
     counts = sparse_counts(bins, seed)
-    _, cost = optimal_clustering(counts, k)
-    assert cost == pytest.approx(brute_force_cost(counts, k), rel=1e-12, abs=1e-15)
-
-
-@pytest.mark.parametrize("seed", range(25))
-def test_zero_pinned_dp_cost_equals_brute_force(seed):
-    """The robust variant's DP: -1, 0 and +1 pinned, the zero cluster possibly empty."""
-    rng = np.random.default_rng(seed)
-    bins = int(rng.integers(2, 8))
-    k = int(rng.integers(3, bins + 2))
-    counts = sparse_counts(bins, seed)
-    centres, cost = optimal_clustering(counts, k, zero=True)
-    assert 0.0 in centres and centres[0] == -1.0 and centres[-1] == 1.0
-    assert cost == pytest.approx(brute_force_cost(counts, k, zero=True), rel=1e-12, abs=1e-15)
+    centres, cost = optimal_clustering(counts, k, zero)
+    assert centres[0] == -1.0 and centres[-1] == 1.0 and (0.0 in centres) == zero
+    assert cost == pytest.approx(brute_force_cost(counts, k, zero), rel=1e-12, abs=1e-15)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
