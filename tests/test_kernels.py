@@ -185,41 +185,47 @@ def test_strided_parameters_and_gradients_follow_the_logical_order():
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
 
 
-def test_vbmi_rows_equal_portable_rows():
-    """The AVX-512 VBMI rows of the C kernel (fp32 state, where the CPU has them) give the same
-    bytes as its portable rows: codes, magnitudes, second moments and parameters. Shapes cover
-    a row longer than the kernel's buffer (period 2053), chunk tails, period 1, and a padded
-    codebook (the tiny shapes alone: under 256 distinct entries)."""
-    if not native.library.gefen_vbmi_rows(-1):
-        pytest.skip("this CPU has no AVX-512 VBMI")
-    long_rows = (8, 2053)
+def _train_on_path(path, values, grads, dtype):
+    """Parameters and optimizer after a Gefen run over ``grads`` with CPU steps on ``path``."""
+    previous = native.use_cpu_path(path)
     try:
-        for shapes in (SHAPES + [long_rows], [(3, 4), (5,)]):
-            gen = torch.Generator().manual_seed(3)
-            values = [torch.randn(s, generator=gen) for s in shapes]
-            # Rows of very different sizes, so that the long shape takes its rows as period.
-            grads = [[structured(s, gen, torch.float32) * torch.randn(s[0], *[1] * (len(s) - 1),
-                                                                      generator=gen).exp()
-                      for s in shapes] for _ in range(4)]
-            runs = []
-            for vbmi in (1, 0):
-                native.library.gefen_vbmi_rows(vbmi)
-                params = [torch.nn.Parameter(v.clone()) for v in values]
-                groups = [{"params": params[i::3], **hyper} for i, hyper in enumerate(GROUPS)]
-                opt = Gefen(groups)
-                for step in grads:
-                    for p, g in zip(params, step):
-                        p.grad = g.clone()
-                    opt.step()
-                runs.append((params, opt))
-            (params, opt), (twins, twin_opt) = runs
-            if long_rows in shapes:
-                assert opt.state[params[-1]]["period"] == 2053
-            else:
-                assert len(torch.unique(opt.codebook)) < 256
-            for a, b in zip(params, twins):
-                assert torch.equal(a, b)
-                for key in ("codes", "magnitude", "vmean"):
-                    assert torch.equal(opt.state[a][key], twin_opt.state[b][key])
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        groups = [{"params": params[i::3], **hyper} for i, hyper in enumerate(GROUPS)]
+        opt = Gefen(groups)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return params, opt
     finally:
-        native.library.gefen_vbmi_rows(1)
+        native.use_cpu_path(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("path", [p for p in native.CPU_PATHS if p != "portable"])
+def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
+    """Each instruction-set path of the C step (the vectoriser's rows for AVX2 and AVX-512,
+    the written AVX2 and VBMI rows) gives the same bytes as the portable rows: codes,
+    magnitudes, second moments and parameters. Shapes cover a row longer than the kernels'
+    buffer (period 8219), chunk tails, period 1, maximize, and a padded codebook (the tiny
+    shapes alone: under 256 distinct entries)."""
+    if path not in native.cpu_paths():
+        pytest.skip(f"this CPU does not run the {path} path")
+    long_rows = (8, 8219)
+    for shapes in (SHAPES + [long_rows], [(3, 4), (5,)]):
+        gen = torch.Generator().manual_seed(3)
+        values = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        # Rows of very different sizes, so that the long shape takes its rows as period.
+        grads = [[(structured(s, gen, torch.float32) * torch.randn(
+            s[0], *[1] * (len(s) - 1), generator=gen).exp()).to(dtype) for s in shapes]
+            for _ in range(4)]
+        params, opt = _train_on_path(path, values, grads, dtype)
+        twins, twin_opt = _train_on_path("portable", values, grads, dtype)
+        if long_rows in shapes:
+            assert opt.state[params[-1]]["period"] == 8219
+        else:
+            assert len(torch.unique(opt.codebook)) < 256
+        for a, b in zip(params, twins):
+            assert torch.equal(a, b)
+            for key in ("codes", "magnitude", "vmean"):
+                assert torch.equal(opt.state[a][key], twin_opt.state[b][key])

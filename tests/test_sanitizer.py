@@ -25,7 +25,7 @@ import torch
 from gefen_compile import Gefen
 from gefen_compile.kernels import cpu_step, native
 
-native.library.gefen_vbmi_rows({vbmi})
+native.use_cpu_path({path!r})
 p = torch.nn.Parameter(torch.randn(64, 128, dtype=torch.{dtype}))
 opt = Gefen([p])
 p.grad = torch.randn_like(p)
@@ -48,32 +48,35 @@ MISALIGNED_PARAM = textwrap.dedent("""
 """)
 
 
-def run_child(dtype: str, vbmi: int, bad: str) -> subprocess.CompletedProcess:
+def run_child(dtype: str, path: str, bad: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1"  # reports to stderr
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
-    code = CHILD.format(dtype=dtype, vbmi=vbmi, bad=bad)
+    code = CHILD.format(dtype=dtype, path=path, bad=bad)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
 
 
-def vbmi_supported() -> bool:
+def paths() -> tuple[str, ...]:
     from gefen_compile.kernels import native
 
-    previous = native.library.gefen_vbmi_rows(-1)
-    supported = native.library.gefen_vbmi_rows(1)
-    native.library.gefen_vbmi_rows(previous)
-    return bool(supported)
+    return native.cpu_paths()
+
+
+def best_path() -> str:
+    return paths()[-1]
 
 
 @pytest.mark.parametrize(
-    "dtype, vbmi, row",
-    [("float32", 0, "row_f32"), ("bfloat16", 0, "row_bf16"), ("float32", 1, "row_f32_vbmi")],
+    "dtype, path, row",
+    [("float32", "portable", "row_f32_portable"), ("bfloat16", "portable", "row_bf16_portable"),
+     ("float32", "avx2", "row_f32_avx2"), ("bfloat16", "avx2", "row_bf16_avx2"),
+     ("float16", "avx512", "row_f16_vec_avx512"), ("float32", "vbmi", "row_f32_vbmi")],
 )
-def test_a_short_codes_buffer_is_reported_by_asan(dtype, vbmi, row):
-    if vbmi and not vbmi_supported():
-        pytest.skip("this CPU has no AVX-512 VBMI rows")
-    child = run_child(dtype, vbmi, SHORT_CODES)
+def test_a_short_codes_buffer_is_reported_by_asan(dtype, path, row):
+    if path not in paths():
+        pytest.skip(f"this CPU does not run the {path} path")
+    child = run_child(dtype, path, SHORT_CODES)
     assert child.returncode != 0 and "no report" not in child.stdout
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in child.stderr, child.stderr[-3000:]
     # The report points into the row that overran, one byte past an 8191-byte buffer.
@@ -82,7 +85,7 @@ def test_a_short_codes_buffer_is_reported_by_asan(dtype, vbmi, row):
 
 
 def test_a_misaligned_parameter_is_reported_by_ubsan():
-    child = run_child("float32", 0, MISALIGNED_PARAM)
+    child = run_child("float32", "portable", MISALIGNED_PARAM)
     assert child.returncode != 0 and "no report" not in child.stdout
     assert "runtime error: load of misaligned address" in child.stderr, child.stderr[-3000:]
     assert "cpu_step.c" in child.stderr
@@ -90,6 +93,6 @@ def test_a_misaligned_parameter_is_reported_by_ubsan():
 
 def test_the_correct_call_is_clean():
     """The canaries' setup itself reports nothing: the reports above come from the bad input."""
-    child = run_child("float32", int(vbmi_supported()), "")
+    child = run_child("float32", best_path(), "")
     assert child.returncode == 0, child.stderr[-3000:]
     assert child.stdout.strip() == "no report" and "Sanitizer" not in child.stderr

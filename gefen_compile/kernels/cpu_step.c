@@ -12,6 +12,7 @@
 #include <Python.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,18 +106,20 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
     }
 }
 
-typedef struct BytePlanes BytePlanes; /* the vector path's tables, below */
+typedef struct BytePlanes BytePlanes; /* the VBMI rows' tables, below */
 
 /* What every row of one call shares. */
 typedef struct {
     const StepArgs *a;
     const double *bias1, *bias2; /* per parameter */
-    const BytePlanes *planes;    /* NULL where the portable rows run */
+    const BytePlanes *planes;    /* the VBMI rows' tables */
+    const struct CellTable *cells; /* the AVX2 rows' table */
 } Step;
 
 /* Rows up to this long keep their first moments from the first pass; longer ones recompute.
- * A multiple of 64, the vector path's chunk. */
-#define TILE 2048
+ * A multiple of 64, the VBMI rows' chunk; large enough for the rows of common LLM matrices
+ * (8192: Llama's MLP), small enough for a thread's stack. */
+#define TILE 8192
 
 /* The block's sum of g^2 is taken in one fixed order on every path, so that all give the same
  * bits: element i goes to running sum i % SUM_LANES, then the halves are added pairwise. */
@@ -166,12 +169,16 @@ typedef struct {
  * convert. The row is read twice: once for the new magnitude (and the block's mean g^2), once to
  * quantise and update, recomputing the first moment identically rather than storing it. The
  * element loops are written for the vectoriser (gathers from small tables, reductions under
- * `omp simd`); a clone for the running x86 core's vector width is picked when the library
- * loads. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=haswell", "default")))
+ * `omp simd`), and compiled once per x86 instruction-set level (ISA_*); gefen_cpu_path picks
+ * one at run time by the CPU's features. Elsewhere (AArch64: NEON) the baseline is the only
+ * level. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define X86_PATHS 1
+#define ISA_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")))
+#define ISA_AVX512 \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")))
 #else
-#define VECTOR_CLONES
+#define X86_PATHS 0
 #endif
 
 #define FIRST_MOMENT(LOAD, i, CODE) (codebook[CODE] * old_mag * beta1 + (sign * LOAD(g, i)) * keep1)
@@ -238,8 +245,8 @@ typedef struct {
         QUANTISE_AND_UPDATE(T, LOAD, STORE, M, shared_scale, first[below]);                     \
     }
 
-#define DEFINE_ROW(NAME, T, ST, LOAD, STORE, SQRT)                                              \
-    VECTOR_CLONES static void NAME(const Step *s, int64_t r) {                                  \
+#define DEFINE_ROW(NAME, ISA, T, ST, LOAD, STORE, SQRT)                                         \
+    ISA static void NAME(const Step *s, int64_t r) {                                            \
         ROW_SETUP(T, ST, LOAD)                                                                  \
         const T *restrict codebook = (const T *)a->codebook;                                    \
         const T *restrict bounds = (const T *)a->bounds;                                        \
@@ -262,10 +269,20 @@ typedef struct {
         }                                                                                       \
     }
 
-DEFINE_ROW(row_f32, float, float, LOAD_F32, STORE_F32, sqrtf)
-DEFINE_ROW(row_bf16, float, uint16_t, LOAD_BF16, STORE_BF16, sqrtf)
-DEFINE_ROW(row_f16, float, _Float16, LOAD_F16, STORE_F16, sqrtf)
-DEFINE_ROW(row_f64, double, double, LOAD_F64, STORE_F64, sqrt)
+/* The four dtypes' rows at one instruction-set level, as rows##SUFFIX[dtype]. */
+#define DEFINE_ROWS(SUFFIX, ISA)                                                                \
+    DEFINE_ROW(row_f32##SUFFIX, ISA, float, float, LOAD_F32, STORE_F32, sqrtf)                  \
+    DEFINE_ROW(row_bf16##SUFFIX, ISA, float, uint16_t, LOAD_BF16, STORE_BF16, sqrtf)            \
+    DEFINE_ROW(row_f16##SUFFIX, ISA, float, _Float16, LOAD_F16, STORE_F16, sqrtf)               \
+    DEFINE_ROW(row_f64##SUFFIX, ISA, double, double, LOAD_F64, STORE_F64, sqrt)                 \
+    static void (*const rows##SUFFIX[4])(const Step *, int64_t) = {                            \
+        row_f32##SUFFIX, row_bf16##SUFFIX, row_f16##SUFFIX, row_f64##SUFFIX};
+
+DEFINE_ROWS(_portable, )
+#if X86_PATHS
+DEFINE_ROWS(_vec_avx2, ISA_AVX2)
+DEFINE_ROWS(_vec_avx512, ISA_AVX512)
+#endif
 
 /* ---- the AVX-512 VBMI rows (fp32 state) ----
  *
@@ -283,8 +300,7 @@ DEFINE_ROW(row_f64, double, double, LOAD_F64, STORE_F64, sqrt)
  * cell of a learned codebook holds a few steps (at most one per cell).
  *
  * The arithmetic is the portable rows', operation for operation, so both give the same bits. */
-#if defined(__x86_64__) && defined(__GNUC__)
-#define HAVE_VBMI_ROWS 1
+#if X86_PATHS
 #include <immintrin.h>
 
 #define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,bmi2")))
@@ -561,25 +577,352 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
     }
 }
 
-/* Whether fp32 steps take the VBMI rows from now on: `enable` (0 or 1) where the CPU has VBMI
- * and the OS saves AVX-512 state, -1 to only ask. Returns the setting in force (by default,
- * whether the CPU has them). Tests switch them off to compare the two paths. */
-int gefen_vbmi_rows(int enable) {
-    static int supported = -1, in_force = -1;
-    if (supported < 0)
-        supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
-                    __builtin_cpu_supports("bmi2");
-    if (enable >= 0 || in_force < 0) in_force = enable != 0 && supported;
-    return in_force;
-}
-#else
-#define HAVE_VBMI_ROWS 0
-int gefen_vbmi_rows(int enable) {
-    (void)enable;
+
+/* ---- the AVX2 rows (fp32 and bf16 state) ----
+ *
+ * Without VBMI's byte permutes, table lookups are gathers (about 5 cycles per 8 lanes on the
+ * cores measured), and the vectoriser's rows need four per element: the old code's entry, the
+ * cell's boundary count, the boundary, the new code's entry. These rows need three. The code of
+ * x is the number of boundaries b < x, and on the integers that order fp32 values (ordered()),
+ * b < x compares the cells (the top bits) and then, within a cell, the offsets (the low bits).
+ * With cells so fine that each holds at most one boundary, one 32-bit entry per cell gives the
+ * codes below and above its boundary and the boundary's offset: one gather, one integer compare.
+ * The cells follow the floating-point spacing, fine near 0 where the codebook is dense. */
+
+#define OFFSET_NONE 0xffffu /* no offset is above it: the cell holds no boundary */
+
+/* The integer whose signed order is the order of the fp32 values (bits u), -0 below +0. */
+static inline int32_t ordered(uint32_t u) { return (int32_t)(u ^ ((uint32_t)((int32_t)u >> 31) >> 1)); }
+
+typedef struct CellTable {
+    int64_t num_distinct;       /* the tables it was built from */
+    float bounds[256];
+    int32_t first[256];
+    int shift;                  /* cell = ordered(x) >> shift */
+    int32_t low, high;          /* ordered(x) clamped to these: x in [-2, 2] (the codebook's in [-1, 1]) */
+    uint32_t *cells;            /* from the cell of `low`: code below (bits 0-7), code above (8-15),
+                                   the boundary's offset (16-31; OFFSET_NONE) */
+} CellTable;
+
+/* Fills t->cells for t's bounds, at the coarsest shift from 16 (offsets fit 16 bits) down to
+ * 13 (a 1 MB table) that leaves at most one boundary per cell. Returns 0, or -1 if none does or
+ * memory runs out. */
+static int build_cells(CellTable *t) {
+    const float two = 2.0f;
+    uint32_t bits;
+    memcpy(&bits, &two, 4);
+    t->high = ordered(bits);
+    t->low = -t->high - 1; /* ordered(-2.0f) */
+    const int64_t count = t->num_distinct - 1; /* the last bound is +inf */
+    int32_t keys[256];
+    for (int64_t j = 0; j < count; j++) {
+        const float b = t->bounds[j] == 0.0f ? 0.0f : t->bounds[j]; /* -0 compares as +0 */
+        memcpy(&bits, &b, 4);
+        keys[j] = ordered(bits);
+        if (!(keys[j] > t->low && keys[j] < t->high)) return -1;
+    }
+    for (t->shift = 16; t->shift >= 13; t->shift--) {
+        int unique = 1;
+        for (int64_t j = 1; j < count && unique; j++)
+            unique = keys[j] >> t->shift > keys[j - 1] >> t->shift;
+        if (unique) break;
+    }
+    if (t->shift < 13) return -1;
+    const int32_t base = t->low >> t->shift, cells = (t->high >> t->shift) - base + 1;
+    t->cells = malloc((size_t)cells * sizeof(uint32_t));
+    if (!t->cells) return -1;
+    for (int32_t c = 0, j = 0; c < cells; c++) {
+        while (j < count && keys[j] >> t->shift < base + c) j++; /* boundaries below the cell */
+        const int inside = j < count && keys[j] >> t->shift == base + c;
+        const uint32_t below = (uint32_t)t->first[j], above = (uint32_t)t->first[j + inside];
+        const uint32_t offset = inside ? (uint32_t)keys[j] & ((1u << t->shift) - 1) : OFFSET_NONE;
+        t->cells[c] = below | above << 8 | offset << 16;
+    }
     return 0;
 }
+
+static void free_cell_table(void *table) {
+    if (table) free(((CellTable *)table)->cells);
+    free(table);
+}
+
+/* The cell table of a call's codebook: built when the codebook changes, kept per thread (the
+ * Python side calls from any thread, without the GIL), freed when the thread ends. NULL if
+ * this codebook's boundaries need cells finer than build_cells allows, or memory runs out. */
+static pthread_once_t cell_key_once = PTHREAD_ONCE_INIT;
+static pthread_key_t cell_key;
+static int cell_key_status = -1;
+
+static void make_cell_key(void) { cell_key_status = pthread_key_create(&cell_key, free_cell_table); }
+
+static const CellTable *cell_table(const StepArgs *a) {
+    pthread_once(&cell_key_once, make_cell_key);
+    if (cell_key_status != 0) return NULL;
+    CellTable *t = pthread_getspecific(cell_key);
+    const float *bounds = (const float *)a->bounds;
+    if (t && t->num_distinct == a->num_distinct &&
+        memcmp(t->bounds, bounds, (size_t)a->num_distinct * sizeof(float)) == 0 &&
+        memcmp(t->first, a->first_index, (size_t)a->num_distinct * sizeof(int32_t)) == 0)
+        return t->cells ? t : NULL;
+    if (!t && (!(t = calloc(1, sizeof(CellTable))) || pthread_setspecific(cell_key, t) != 0)) {
+        free(t);
+        return NULL;
+    }
+    free(t->cells);
+    t->cells = NULL;
+    t->num_distinct = a->num_distinct;
+    memcpy(t->bounds, bounds, (size_t)a->num_distinct * sizeof(float));
+    memcpy(t->first, a->first_index, (size_t)a->num_distinct * sizeof(int32_t));
+    if (build_cells(t) != 0) {
+        free(t->cells);
+        t->cells = NULL; /* remembered: this codebook takes the vectoriser's rows */
+        return NULL;
+    }
+    return t;
+}
+
+#define LOAD8_F32(ptr) _mm256_loadu_ps(ptr)
+#define STORE8_F32(ptr, x) _mm256_storeu_ps(ptr, x)
+#define LOAD8_BF16(ptr)                                                                         \
+    _mm256_castsi256_ps(_mm256_slli_epi32(                                                      \
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(ptr))), 16))
+#define STORE8_BF16(ptr, x) _mm_storeu_si128((__m128i *)(ptr), bf16_of(x))
+
+/* f32_to_bf16 of 8 lanes. */
+ISA_AVX2 static inline __m128i bf16_of(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i half = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+    /* in-lane packs leave lanes 0-3 in quadword 0, 4-7 in quadword 2 */
+    const __m256i packed = _mm256_packus_epi32(half, half);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+/* FIRST_MOMENT of 8 elements from their 8 code bytes; keep1 carries the sign of maximize
+ * ((sign g) keep1 and g (sign keep1) are the same bits: negation is exact). */
+ISA_AVX2 static inline __m256 first_moment8(const float *codebook, const uint8_t *codes,
+                                            __m256 g, __m256 old_mag, __m256 beta1,
+                                            __m256 signed_keep1) {
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
+    const __m256 entry = _mm256_i32gather_ps(codebook, code, 4);
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(entry, old_mag), beta1),
+                         _mm256_mul_ps(g, signed_keep1));
+}
+
+/* What the codes of a row's quotients need, as vectors. */
+typedef struct {
+    const uint32_t *cells;
+    __m256i low, high, base, offset_mask, keep; /* keep: the code's byte (0xff) where the row is live */
+    __m128i shift;
+} Coder;
+
+/* The codes of 8 quotients x, as 32-bit lanes (NaN gives 0, as in the portable rows). */
+ISA_AVX2 static inline __m256i codes8(const Coder *c, __m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    __m256i key = _mm256_xor_si256(u, _mm256_srli_epi32(_mm256_srai_epi32(u, 31), 1));
+    key = _mm256_min_epi32(_mm256_max_epi32(key, c->low), c->high);
+    const __m256i entry = _mm256_i32gather_epi32(
+        (const int *)c->cells, _mm256_sub_epi32(_mm256_sra_epi32(key, c->shift), c->base), 4);
+    const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(key, c->offset_mask),
+                                             _mm256_srli_epi32(entry, 16));
+    const __m256i code = _mm256_blendv_epi8(entry, _mm256_srli_epi32(entry, 8), above);
+    const __m256i number = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q));
+    return _mm256_and_si256(code, _mm256_and_si256(number, c->keep));
+}
+
+/* The low bytes of 8 32-bit lanes, stored as 8 bytes. */
+ISA_AVX2 static inline void store_codes8(uint8_t *codes, __m256i code) {
+    const __m256i bytes = _mm256_shuffle_epi8(
+        code, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                               0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m128i both = _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes),
+                                            _mm256_extracti128_si256(bytes, 1));
+    _mm_storel_epi64((__m128i *)codes, both);
+}
+
+/* One row; ST and LOAD8/STORE8: the storage type and its 8-lane conversions (LOAD/STORE: one
+ * element, for ROW_SETUP). The chunk bodies run on the row in place, then on copies of its last
+ * len % 8 elements padded to 8 (lanes past the row are computed and dropped). */
+#define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8)                                   \
+    ISA_AVX2 static void NAME(const Step *s, int64_t r) {                                       \
+        ROW_SETUP(float, ST, LOAD)                                                              \
+        touch_poisoned(g, len, sizeof(ST));                                                     \
+        touch_poisoned(param, len, sizeof(ST));                                                 \
+        touch_poisoned(codes, len, 1);                                                          \
+        touch_poisoned(v, per_element ? len : 1, sizeof(ST));                                   \
+        const float *restrict codebook = (const float *)a->codebook;                           \
+        const __m256 old_mag_v = _mm256_set1_ps(old_mag), beta1_v = _mm256_set1_ps(beta1);      \
+        const __m256 keep1_v = _mm256_set1_ps(sign * keep1);                                    \
+        const __m256 beta2_v = _mm256_set1_ps(beta2), keep2_v = _mm256_set1_ps(keep2);         \
+        const int64_t whole = len & ~(int64_t)7, rest = len - whole;                            \
+        _Alignas(32) float kept[TILE];                                                          \
+        ST g_tail[8] = {0}, p_tail[8] = {0}, v_tail[8] = {0};                                   \
+        uint8_t c_tail[8] = {0};                                                                \
+        memcpy(g_tail, g + whole, rest * sizeof(ST));                                           \
+        memcpy(p_tail, param + whole, rest * sizeof(ST));                                       \
+        memcpy(c_tail, codes + whole, rest);                                                    \
+        if (per_element) memcpy(v_tail, v + whole, rest * sizeof(ST));                          \
+        const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));             \
+        const __m256 tail_mask = _mm256_and_ps(abs_mask, _mm256_castsi256_ps(_mm256_cmpgt_epi32( \
+            _mm256_set1_epi32((int)rest), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));         \
+        __m256 peak_v = _mm256_setzero_ps(), even = _mm256_setzero_ps(), odd = even;            \
+        /* the first pass: m, its peak (lanes past the row masked out), then v, or the sum of   \
+         * g^2 in the lanes of SUM_LANES: element i in `even` or `odd` by i / 8 % 2, lane i % 8. \
+         * One loop per case, each without branches. */                                         \
+        int64_t i = 0;                                                                          \
+        if (per_element && buffered) AVX2_FIRST_PASS(LOAD8, STORE8, 1, 1)                       \
+        else if (per_element) AVX2_FIRST_PASS(LOAD8, STORE8, 1, 0)                              \
+        else if (buffered) AVX2_FIRST_PASS(LOAD8, STORE8, 0, 1)                                 \
+        else AVX2_FIRST_PASS(LOAD8, STORE8, 0, 0)                                               \
+        _Alignas(32) float lanes[SUM_LANES], peaks[8];                                          \
+        _mm256_store_ps(lanes, even);                                                           \
+        _mm256_store_ps(lanes + 8, odd);                                                        \
+        FOLD_LANES(lanes)                                                                       \
+        const float square_sum = lanes[0];                                                      \
+        _mm256_store_ps(peaks, peak_v);                                                         \
+        float peak = 0;                                                                         \
+        for (int l = 0; l < 8; l++) peak = peaks[l] > peak ? peaks[l] : peak;                   \
+        NEW_MAGNITUDE(float, LOAD, STORE, sqrtf)                                                \
+        const CellTable *t = s->cells;                                                          \
+        const Coder coder = {                                                                   \
+            .cells = t->cells,                                                                  \
+            .low = _mm256_set1_epi32(t->low),                                                   \
+            .high = _mm256_set1_epi32(t->high),                                                 \
+            .base = _mm256_set1_epi32(t->low >> t->shift),                                      \
+            .offset_mask = _mm256_set1_epi32((1 << t->shift) - 1),                              \
+            .keep = _mm256_set1_epi32(live ? 0xff : 0),                                         \
+            .shift = _mm_cvtsi32_si128(t->shift),                                               \
+        };                                                                                      \
+        const __m256 stored_v = _mm256_set1_ps(stored), decay_v = _mm256_set1_ps(decay);        \
+        const __m256 step_v = _mm256_set1_ps(step_size), bias2_v = _mm256_set1_ps(bias2_t);     \
+        const __m256 eps_v = _mm256_set1_ps(eps), shared_v = _mm256_set1_ps(shared_scale);     \
+        /* the second pass: codes, then the update. Kept rows do each in a loop of its own      \
+         * (shorter dependency chains, which the core overlaps), the codes kept in place of the  \
+         * moments; the others recompute the moments, in one loop. */                           \
+        if (buffered) {                                                                         \
+            for (i = 0; i < len; i += 8) {                                                      \
+                const __m256i code = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored_v)); \
+                _mm256_store_si256((__m256i *)(kept + i), code);                                \
+                store_codes8(i < whole ? codes + i : c_tail, code);                             \
+            }                                                                                   \
+            if (per_element) AVX2_UPDATES(LOAD8, STORE8, 1, _mm256_load_si256((const __m256i *)(kept + i))) \
+            else AVX2_UPDATES(LOAD8, STORE8, 0, _mm256_load_si256((const __m256i *)(kept + i)))  \
+        } else {                                                                                \
+            AVX2_UPDATES(LOAD8, STORE8, per_element, AVX2_RECOMPUTED_CODES(LOAD8))               \
+        }                                                                                       \
+        memcpy(param + whole, p_tail, rest * sizeof(ST));                                       \
+        memcpy(codes + whole, c_tail, rest);                                                    \
+        if (per_element) memcpy(v + whole, v_tail, rest * sizeof(ST));                          \
+    }
+
+/* The first pass over the chunk at I of (G, C, V): the row's gradients, codes and second
+ * moments there (its own, or the padded tail's copies). MASK: |.| of the lanes inside the
+ * row; SUM: the running sums of its lanes of SUM_LANES. PER, BUF: per_element, buffered. */
+#define AVX2_FIRST_CHUNK(LOAD8, STORE8, PER, BUF, G, C, V, I, MASK, SUM)                        \
+    {                                                                                           \
+        const __m256 gc = LOAD8(G);                                                             \
+        const __m256 m = first_moment8(codebook, C, gc, old_mag_v, beta1_v, keep1_v);           \
+        if (BUF) _mm256_store_ps(kept + (I), m);                                                \
+        /* max(mag, peak) keeps peak when mag is NaN, as the portable rows do */                \
+        peak_v = _mm256_max_ps(_mm256_and_ps(m, MASK), peak_v);                                 \
+        const __m256 square = _mm256_mul_ps(gc, gc);                                            \
+        if (PER)                                                                                \
+            STORE8(V, _mm256_add_ps(_mm256_mul_ps(LOAD8(V), beta2_v), _mm256_mul_ps(square, keep2_v))); \
+        else                                                                                    \
+            SUM = _mm256_add_ps(SUM, square); /* the tail's padding adds +0 */                  \
+    }
+#define AVX2_FIRST_PASS(LOAD8, STORE8, PER, BUF)                                                \
+    {                                                                                           \
+        for (; i + 16 <= whole; i += 16) {                                                      \
+            /* see PREFETCH_AHEAD: the gradients ahead, the parameters the second pass reads */  \
+            _mm_prefetch((const char *)(g + i + PREFETCH_AHEAD), _MM_HINT_T0);                  \
+            _mm_prefetch((const char *)(param + i), _MM_HINT_T0);                               \
+            AVX2_FIRST_CHUNK(LOAD8, STORE8, PER, BUF, g + i, codes + i, v + i, i, abs_mask, even) \
+            AVX2_FIRST_CHUNK(LOAD8, STORE8, PER, BUF, g + i + 8, codes + i + 8, v + i + 8, i + 8, \
+                             abs_mask, odd)                                                     \
+        }                                                                                       \
+        if (i < whole) {                                                                        \
+            AVX2_FIRST_CHUNK(LOAD8, STORE8, PER, BUF, g + i, codes + i, v + i, i, abs_mask, even) \
+            i += 8;                                                                             \
+        }                                                                                       \
+        if (rest && i / 8 % 2 == 0)                                                             \
+            AVX2_FIRST_CHUNK(LOAD8, STORE8, PER, BUF, g_tail, c_tail, v_tail, i, tail_mask, even) \
+        else if (rest)                                                                          \
+            AVX2_FIRST_CHUNK(LOAD8, STORE8, PER, BUF, g_tail, c_tail, v_tail, i, tail_mask, odd) \
+    }
+
+/* The codes of the chunk at i of an unkept row, from its first moments recomputed (and
+ * stored: the codes they replace were just read). */
+#define AVX2_RECOMPUTED_CODES(LOAD8)                                                            \
+    ({                                                                                          \
+        uint8_t *c = i < whole ? codes + i : c_tail;                                            \
+        const __m256 m = first_moment8(codebook, c, LOAD8(i < whole ? g + i : g_tail),          \
+                                       old_mag_v, beta1_v, keep1_v);                            \
+        const __m256i code = codes8(&coder, _mm256_div_ps(m, stored_v));                       \
+        store_codes8(c, code);                                                                  \
+        code;                                                                                   \
+    })
+
+/* The update of the chunk at i, from its codes CODE, of the row's parameters and (PER) second
+ * moments, or of the padded tail's. */
+#define AVX2_UPDATE(LOAD8, STORE8, PER, P, V, CODE)                                             \
+    {                                                                                           \
+        const __m256 entry = _mm256_i32gather_ps(codebook, CODE, 4);                           \
+        const __m256 scale = PER ? _mm256_div_ps(step_v, _mm256_add_ps( /* ELEMENT_SCALE */     \
+                                       _mm256_sqrt_ps(_mm256_div_ps(LOAD8(V), bias2_v)), eps_v)) \
+                                 : shared_v;                                                    \
+        const __m256 update = _mm256_mul_ps(_mm256_mul_ps(entry, stored_v), scale);            \
+        STORE8(P, _mm256_sub_ps(_mm256_mul_ps(LOAD8(P), decay_v), update));                    \
+    }
+#define AVX2_UPDATES(LOAD8, STORE8, PER, CODE)                                                  \
+    {                                                                                           \
+        for (i = 0; i < whole; i += 8) AVX2_UPDATE(LOAD8, STORE8, PER, param + i, v + i, CODE)  \
+        if (rest) AVX2_UPDATE(LOAD8, STORE8, PER, p_tail, v_tail, CODE)                          \
+    }
+
+DEFINE_AVX2_ROW(row_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32)
+DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STORE8_BF16)
 #endif
+
+/* ---- the paths, picked by the CPU's features ---- */
+
+enum { PATH_PORTABLE, PATH_AVX2, PATH_AVX512, PATH_VBMI, NUM_PATHS };
+
+/* Bit p set where this CPU (and its OS, which must save the vector state: libgcc's feature
+ * checks ask it) runs path p. */
+int gefen_cpu_paths(void) {
+    int paths = 1 << PATH_PORTABLE;
+#if X86_PATHS
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                     __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
+                     __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+    const int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
+    paths |= avx2 << PATH_AVX2 | avx512 << PATH_AVX512;
+    paths |= (avx512 && __builtin_cpu_supports("avx512vbmi")) << PATH_VBMI;
+#endif
+    return paths;
+}
+
+/* The path CPU steps take from now on: `force` >= 0 picks one (tests and benchmarks compare
+ * them), -1 only asks. Returns the path in force (by default the fastest this CPU runs), or -1,
+ * changing nothing, if it cannot run `force`. */
+int gefen_cpu_path(int force) {
+    static int in_force = -1;
+    const int paths = gefen_cpu_paths();
+    if (force >= NUM_PATHS || (force >= 0 && !(paths >> force & 1))) return -1;
+    if (force >= 0) in_force = force;
+    if (in_force < 0)
+        for (int p = PATH_PORTABLE; p < NUM_PATHS; p++)
+            if (paths >> p & 1) in_force = p;
+    return in_force;
+}
 
 /* ---- one call: every row of a bucket ---- */
 
@@ -595,30 +938,29 @@ int gefen_step(const StepArgs *a, int dtype) {
     double *bias = malloc(2 * (size_t)(a->num_params > 0 ? a->num_params : 1) * sizeof(double));
     if (!bias) return -1;
     count_steps(a, bias, bias + a->num_params);
-    Step s = {a, bias, bias + a->num_params, NULL};
+    Step s = {a, bias, bias + a->num_params, NULL, NULL};
     int status = 0;
-    switch (dtype) {
-    case DT_F32:
-#if HAVE_VBMI_ROWS
-        if (gefen_vbmi_rows(-1) && 2 * a->lut_half <= MAX_VBMI_CELLS) {
-            BytePlanes planes;
-            if (build_planes(&planes, a) == 0) {
-                s.planes = &planes;
-                run_rows(&s, row_f32_vbmi);
-            } else {
-                status = -1;
-            }
-            free(planes.steps);
-            break;
+    if (dtype < DT_F32 || dtype > DT_F64) status = -1;
+#if X86_PATHS
+    else if (gefen_cpu_path(-1) == PATH_VBMI && dtype == DT_F32 &&
+             2 * a->lut_half <= MAX_VBMI_CELLS) {
+        BytePlanes planes;
+        if (build_planes(&planes, a) == 0) {
+            s.planes = &planes;
+            run_rows(&s, row_f32_vbmi);
+        } else {
+            status = -1;
         }
-#endif
-        run_rows(&s, row_f32);
-        break;
-    case DT_BF16: run_rows(&s, row_bf16); break;
-    case DT_F16: run_rows(&s, row_f16); break;
-    case DT_F64: run_rows(&s, row_f64); break;
-    default: status = -1;
+        free(planes.steps);
+    } else if (gefen_cpu_path(-1) >= PATH_AVX512) {
+        run_rows(&s, rows_vec_avx512[dtype]);
+    } else if (gefen_cpu_path(-1) == PATH_AVX2 && dtype <= DT_BF16 && (s.cells = cell_table(a))) {
+        run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2);
+    } else if (gefen_cpu_path(-1) == PATH_AVX2) {
+        run_rows(&s, rows_vec_avx2[dtype]);
     }
+#endif
+    else run_rows(&s, rows_portable[dtype]);
     free(bias);
     return status;
 }

@@ -9,6 +9,9 @@ warns once (:func:`warn_missing`).
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
+import platform
 import warnings
 
 try:
@@ -58,8 +61,10 @@ def _load() -> ctypes.CDLL | None:
     library = ctypes.CDLL(_cpu.__file__)
     library.gefen_step.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_int]
     library.gefen_step.restype = ctypes.c_int
-    library.gefen_vbmi_rows.argtypes = [ctypes.c_int]
-    library.gefen_vbmi_rows.restype = ctypes.c_int
+    library.gefen_cpu_path.argtypes = [ctypes.c_int]
+    library.gefen_cpu_path.restype = ctypes.c_int
+    library.gefen_cpu_paths.argtypes = []
+    library.gefen_cpu_paths.restype = ctypes.c_int
     library.gefen_histogram.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
     library.gefen_histogram.restype = None
     library.gefen_period_scores.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
@@ -71,6 +76,60 @@ def _load() -> ctypes.CDLL | None:
 
 library = _load()
 _warned = False
+
+# The C step's instruction-set paths, in the order of cpu_step.c's PATH_* (each faster than the
+# one before where the CPU runs it): plain vectorised C at the x86-64 (or AArch64 NEON)
+# baseline, the same C compiled for AVX2 and for AVX-512, and fp32 rows written for AVX-512
+# VBMI. All give the same bits.
+CPU_PATHS = ("portable", "avx2", "avx512", "vbmi")
+PATH_VARIABLE = "GEFEN_COMPILE_CPU_PATH"
+_log = logging.getLogger("gefen_compile")
+
+
+def cpu_paths() -> tuple[str, ...]:
+    """The paths this CPU runs; () without the C kernels."""
+    mask = library.gefen_cpu_paths() if library is not None else 0
+    return tuple(name for i, name in enumerate(CPU_PATHS) if mask >> i & 1)
+
+
+def cpu_path() -> str | None:
+    """The path CPU steps take (None without the C kernels: they take the torch path)."""
+    return None if library is None else CPU_PATHS[library.gefen_cpu_path(-1)]
+
+
+def use_cpu_path(name: str) -> str:
+    """Make CPU steps take path ``name`` (one of :func:`cpu_paths`); returns the one it
+    replaces. By default the fastest path the CPU runs is taken; environment variable
+    GEFEN_COMPILE_CPU_PATH picks another for a whole process."""
+    if library is None:
+        raise RuntimeError(f"use_cpu_path({name!r}): the C kernels are not built "
+                           f"({_load_error}); install a C compiler and reinstall gefen-compile")
+    if name not in cpu_paths():
+        raise ValueError(f"use_cpu_path: {name!r} is not a path this CPU runs; it runs "
+                         f"{', '.join(cpu_paths())} (of {', '.join(CPU_PATHS)})")
+    previous = cpu_path()
+    library.gefen_cpu_path(CPU_PATHS.index(name))
+    _log.debug("gefen_compile: CPU steps take the %s path (%s)", name, processor_name())
+    return previous
+
+
+def processor_name() -> str:
+    """The CPU's model name, for attributing timings."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if library is not None and os.environ.get(PATH_VARIABLE):
+    try:
+        use_cpu_path(os.environ[PATH_VARIABLE])
+    except ValueError as error:
+        raise ValueError(f"{PATH_VARIABLE}={os.environ[PATH_VARIABLE]}: {error}") from None
 
 
 def warn_missing() -> None:
