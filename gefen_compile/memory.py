@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .distributed import local
+from .kernels import native
 from .state import adamw_state_nbytes, state_nbytes
 
 
@@ -28,6 +29,9 @@ class MemoryReport:
     """Optimizer-state bytes of every parameter; ``str()`` renders a table."""
 
     tensors: tuple[TensorMemory, ...]
+    # Which C step (instruction-set path and rows) CPU parameters take, to attribute timings;
+    # None when no parameter is on the CPU.
+    cpu_step: str | None = None
 
     @property
     def numel(self) -> int:
@@ -78,6 +82,8 @@ class MemoryReport:
         pending = sum(t.period is None for t in self.tensors)
         if pending:
             lines.append(f"({pending} tensor(s) have had no gradient yet and hold no state)")
+        if self.cpu_step:
+            lines.append(f"CPU step: {self.cpu_step}")
         return "\n".join(lines)
 
 
@@ -102,4 +108,5 @@ def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
                     adamw_bytes=adamw_state_nbytes(p),
                 )
             )
-    return MemoryReport(tuple(rows))
+    on_cpu = any(local(p).device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
+    return MemoryReport(tuple(rows), native.describe() if on_cpu else None)

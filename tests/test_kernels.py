@@ -2,10 +2,16 @@
 interpreter without a GPU) against the core implementation (kernels/torch_step.py, itself checked
 against the slow reference)."""
 
+import logging
+import math
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from gefen_compile import Gefen
+from gefen_compile import Gefen, memory_report
 from gefen_compile.kernels import cpu_step, native, torch_step, triton_step
 from gefen_compile.state import compute_dtype
 
@@ -196,9 +202,18 @@ def _train_on_path(path, values, grads, dtype):
             for p, g in zip(params, step):
                 p.grad = g.clone()
             opt.step()
-        return params, opt
+        return params, opt, native.last_rows()
     finally:
         native.use_cpu_path(previous)
+
+
+# The rows each path runs per dtype: its own where it has them, else its vectoriser's.
+PATH_ROWS = {
+    "avx2": {torch.float32: "avx2", torch.bfloat16: "avx2"},
+    "vbmi": {torch.float32: "vbmi"},
+}
+VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
+              "vbmi": "avx512 (vectorised)"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -207,8 +222,8 @@ def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
     """Each instruction-set path of the C step (the vectoriser's rows for AVX2 and AVX-512,
     the written AVX2 and VBMI rows) gives the same bytes as the portable rows: codes,
     magnitudes, second moments and parameters. Shapes cover a row longer than the kernels'
-    buffer (period 8219), chunk tails, period 1, maximize, and a padded codebook (the tiny
-    shapes alone: under 256 distinct entries)."""
+    buffer (period 8219), chunk tails, period 1, maximize, NaN and infinite gradients, and a
+    padded codebook (the tiny shapes alone: under 256 distinct entries)."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
     long_rows = (8, 8219)
@@ -219,13 +234,60 @@ def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
         grads = [[(structured(s, gen, torch.float32) * torch.randn(
             s[0], *[1] * (len(s) - 1), generator=gen).exp()).to(dtype) for s in shapes]
             for _ in range(4)]
-        params, opt = _train_on_path(path, values, grads, dtype)
-        twins, twin_opt = _train_on_path("portable", values, grads, dtype)
+        # Non-finite gradients after the first step: NaN codes are 0 on every path.
+        for value, (index, g) in zip((math.nan, math.inf, -math.inf), enumerate(grads[2])):
+            g.view(-1)[index] = value
+        params, opt, rows = _train_on_path(path, values, grads, dtype)
+        twins, twin_opt, _ = _train_on_path("portable", values, grads, dtype)
+        assert rows == PATH_ROWS.get(path, {}).get(dtype, VECTORISED[path])
         if long_rows in shapes:
             assert opt.state[params[-1]]["period"] == 8219
         else:
             assert len(torch.unique(opt.codebook)) < 256
         for a, b in zip(params, twins):
-            assert torch.equal(a, b)
+            assert _bytes(a) == _bytes(b)
             for key in ("codes", "magnitude", "vmean"):
-                assert torch.equal(opt.state[a][key], twin_opt.state[b][key])
+                assert _bytes(opt.state[a][key]) == _bytes(twin_opt.state[b][key])
+
+
+def _bytes(t):
+    """The tensor's bytes (NaN payloads included; torch.equal calls NaN unequal to itself)."""
+    return t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_cpu_paths_are_chosen_by_features_and_forced_by_name(caplog, monkeypatch):
+    """The fastest path the CPU runs is the default; use_cpu_path forces another and refuses
+    (naming the choices) one the CPU lacks; the path and rows are in memory_report and the
+    debug log."""
+    paths = native.cpu_paths()
+    assert paths[0] == "portable" and set(paths) <= set(native.CPU_PATHS)
+    assert native.cpu_path() == paths[-1]
+    with pytest.raises(ValueError, match="'sse9' is not a path this CPU runs; it runs portable"):
+        native.use_cpu_path("sse9")
+    p = torch.nn.Parameter(torch.randn(16, 32))
+    opt = Gefen([p])
+    p.grad = torch.randn(16, 32)
+    previous = native.use_cpu_path("portable")
+    monkeypatch.setattr(native, "_logged_rows", None)  # as in a new process
+    try:
+        with caplog.at_level(logging.DEBUG, logger="gefen_compile"):
+            opt.step()
+            opt.step()
+        assert native.last_rows() == "portable"
+        assert "CPU step: C, portable path" in str(memory_report(opt))
+        logged = [r.getMessage() for r in caplog.records if "CPU step" in r.getMessage()]
+        assert len(logged) == 1 and native.processor_name() in logged[0]
+    finally:
+        native.use_cpu_path(previous)
+
+
+@pytest.mark.parametrize("value, error", [("portable", None),
+                                          ("sse9", "GEFEN_COMPILE_CPU_PATH=sse9: use_cpu_path")])
+def test_the_environment_picks_the_cpu_path(value, error):
+    code = "from gefen_compile.kernels import native; print(native.cpu_path())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, native.PATH_VARIABLE: value}, timeout=120)
+    if error:
+        assert child.returncode != 0 and error in child.stderr
+    else:
+        assert child.returncode == 0 and child.stdout.strip() == value

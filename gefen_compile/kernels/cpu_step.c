@@ -583,61 +583,61 @@ VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
  * Without VBMI's byte permutes, table lookups are gathers (about 5 cycles per 8 lanes on the
  * cores measured), and the vectoriser's rows need four per element: the old code's entry, the
  * cell's boundary count, the boundary, the new code's entry. These rows need three. The code of
- * x is the number of boundaries b < x, and on the integers that order fp32 values (ordered()),
- * b < x compares the cells (the top bits) and then, within a cell, the offsets (the low bits).
- * With cells so fine that each holds at most one boundary, one 32-bit entry per cell gives the
- * codes below and above its boundary and the boundary's offset: one gather, one integer compare.
- * The cells follow the floating-point spacing, fine near 0 where the codebook is dense. */
+ * x is the number of boundaries b < x, and on the unsigned integers that order fp32 values
+ * (unsigned_key()), b < x compares the cells (the top bits) and then, within a cell, the
+ * offsets (the low bits). With cells so fine that each holds at most one boundary, one 32-bit
+ * entry per cell gives the codes below and above its boundary and the boundary's offset: one
+ * gather, one integer compare. The cells follow the floating-point spacing, fine near 0 where
+ * the codebook is dense, and cover every fp32 value, NaN (code 0, as in the portable rows) and
+ * infinities included, so that no key needs clamping. */
 
 #define OFFSET_NONE 0xffffu /* no offset is above it: the cell holds no boundary */
 
-/* The integer whose signed order is the order of the fp32 values (bits u), -0 below +0. */
-static inline int32_t ordered(uint32_t u) { return (int32_t)(u ^ ((uint32_t)((int32_t)u >> 31) >> 1)); }
+/* The unsigned integer whose order is the order of the fp32 values (bits u), -0 below +0, NaNs
+ * past the infinities. */
+static inline uint32_t unsigned_key(uint32_t u) { return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u); }
 
 typedef struct CellTable {
     int64_t num_distinct;       /* the tables it was built from */
     float bounds[256];
     int32_t first[256];
-    int shift;                  /* cell = ordered(x) >> shift */
-    int32_t low, high;          /* ordered(x) clamped to these: x in [-2, 2] (the codebook's in [-1, 1]) */
-    uint32_t *cells;            /* from the cell of `low`: code below (bits 0-7), code above (8-15),
-                                   the boundary's offset (16-31; OFFSET_NONE) */
+    int shift;                  /* cell = unsigned_key(x) >> shift */
+    uint32_t *cells;            /* code below (bits 0-7), code above (8-15), the boundary's
+                                   offset in the cell (16-31; OFFSET_NONE) */
 } CellTable;
 
 /* Fills t->cells for t's bounds, at the coarsest shift from 16 (offsets fit 16 bits) down to
- * 13 (a 1 MB table) that leaves at most one boundary per cell. Returns 0, or -1 if none does or
- * memory runs out. */
+ * 14 (a 1 MB table) that leaves at most one boundary per cell. Returns 0, or -1 if none does,
+ * a boundary is not in [-2, 2], or memory runs out. */
 static int build_cells(CellTable *t) {
-    const float two = 2.0f;
-    uint32_t bits;
-    memcpy(&bits, &two, 4);
-    t->high = ordered(bits);
-    t->low = -t->high - 1; /* ordered(-2.0f) */
     const int64_t count = t->num_distinct - 1; /* the last bound is +inf */
-    int32_t keys[256];
+    uint32_t keys[256], bits;
     for (int64_t j = 0; j < count; j++) {
         const float b = t->bounds[j] == 0.0f ? 0.0f : t->bounds[j]; /* -0 compares as +0 */
+        if (!(fabsf(b) <= 2.0f)) return -1;
         memcpy(&bits, &b, 4);
-        keys[j] = ordered(bits);
-        if (!(keys[j] > t->low && keys[j] < t->high)) return -1;
+        keys[j] = unsigned_key(bits);
     }
-    for (t->shift = 16; t->shift >= 13; t->shift--) {
+    for (t->shift = 16; t->shift >= 14; t->shift--) {
         int unique = 1;
         for (int64_t j = 1; j < count && unique; j++)
             unique = keys[j] >> t->shift > keys[j - 1] >> t->shift;
         if (unique) break;
     }
-    if (t->shift < 13) return -1;
-    const int32_t base = t->low >> t->shift, cells = (t->high >> t->shift) - base + 1;
+    if (t->shift < 14) return -1;
+    const uint32_t cells = 1u << (32 - t->shift), mask = (1u << t->shift) - 1;
     t->cells = malloc((size_t)cells * sizeof(uint32_t));
     if (!t->cells) return -1;
-    for (int32_t c = 0, j = 0; c < cells; c++) {
-        while (j < count && keys[j] >> t->shift < base + c) j++; /* boundaries below the cell */
-        const int inside = j < count && keys[j] >> t->shift == base + c;
+    for (uint32_t c = 0, j = 0; c < cells; c++) {
+        while (j < count && keys[j] >> t->shift < c) j++; /* boundaries below the cell */
+        const int inside = j < count && keys[j] >> t->shift == c;
         const uint32_t below = (uint32_t)t->first[j], above = (uint32_t)t->first[j + inside];
-        const uint32_t offset = inside ? (uint32_t)keys[j] & ((1u << t->shift) - 1) : OFFSET_NONE;
-        t->cells[c] = below | above << 8 | offset << 16;
+        t->cells[c] = below | above << 8 | (inside ? keys[j] & mask : OFFSET_NONE) << 16;
     }
+    /* Past +inf (offset 0 of its cell) the keys are NaNs: code 0 */
+    const uint32_t inf = unsigned_key(0x7f800000u) >> t->shift;
+    t->cells[inf] = (uint32_t)t->first[count] | 0u << 16;
+    for (uint32_t c = inf + 1; c < cells; c++) t->cells[c] = OFFSET_NONE << 16;
     return 0;
 }
 
@@ -716,22 +716,22 @@ ISA_AVX2 static inline __m256 first_moment8(const float *codebook, const uint8_t
 /* What the codes of a row's quotients need, as vectors. */
 typedef struct {
     const uint32_t *cells;
-    __m256i low, high, base, offset_mask, keep; /* keep: the code's byte (0xff) where the row is live */
+    __m256i offset_mask, keep; /* keep: the code's byte (0xff) where the row is live, else 0 */
     __m128i shift;
 } Coder;
 
-/* The codes of 8 quotients x, as 32-bit lanes (NaN gives 0, as in the portable rows). */
+/* The codes of 8 quotients x, as 32-bit lanes. */
 ISA_AVX2 static inline __m256i codes8(const Coder *c, __m256 x) {
     const __m256i u = _mm256_castps_si256(x);
-    __m256i key = _mm256_xor_si256(u, _mm256_srli_epi32(_mm256_srai_epi32(u, 31), 1));
-    key = _mm256_min_epi32(_mm256_max_epi32(key, c->low), c->high);
-    const __m256i entry = _mm256_i32gather_epi32(
-        (const int *)c->cells, _mm256_sub_epi32(_mm256_sra_epi32(key, c->shift), c->base), 4);
+    const __m256i key = _mm256_xor_si256(
+        u, _mm256_or_si256(_mm256_srai_epi32(u, 31), _mm256_set1_epi32((int)0x80000000u)));
+    const __m256i entry = _mm256_i32gather_epi32((const int *)c->cells,
+                                                 _mm256_srl_epi32(key, c->shift), 4);
     const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(key, c->offset_mask),
                                              _mm256_srli_epi32(entry, 16));
-    const __m256i code = _mm256_blendv_epi8(entry, _mm256_srli_epi32(entry, 8), above);
-    const __m256i number = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_ORD_Q));
-    return _mm256_and_si256(code, _mm256_and_si256(number, c->keep));
+    /* the code above the boundary is the entry's second byte */
+    const __m256i code = _mm256_srlv_epi32(entry, _mm256_and_si256(above, _mm256_set1_epi32(8)));
+    return _mm256_and_si256(code, c->keep);
 }
 
 /* The low bytes of 8 32-bit lanes, stored as 8 bytes. */
@@ -742,6 +742,15 @@ ISA_AVX2 static inline void store_codes8(uint8_t *codes, __m256i code) {
     const __m128i both = _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes),
                                             _mm256_extracti128_si256(bytes, 1));
     _mm_storel_epi64((__m128i *)codes, both);
+}
+
+/* The low bytes of two chunks' 32-bit lanes (at most 255), stored as 16 bytes. */
+ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i second) {
+    /* in-lane packs leave dwords 0, 1, 4, 5: first[0..3], second[0..3], first[4..7], ... */
+    const __m256i words = _mm256_packus_epi32(first, second);
+    const __m256i bytes = _mm256_packus_epi16(words, words);
+    const __m256i order = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+    _mm_storeu_si128((__m128i *)codes, _mm256_castsi256_si128(order));
 }
 
 /* One row; ST and LOAD8/STORE8: the storage type and its 8-lane conversions (LOAD/STORE: one
@@ -790,9 +799,6 @@ ISA_AVX2 static inline void store_codes8(uint8_t *codes, __m256i code) {
         const CellTable *t = s->cells;                                                          \
         const Coder coder = {                                                                   \
             .cells = t->cells,                                                                  \
-            .low = _mm256_set1_epi32(t->low),                                                   \
-            .high = _mm256_set1_epi32(t->high),                                                 \
-            .base = _mm256_set1_epi32(t->low >> t->shift),                                      \
             .offset_mask = _mm256_set1_epi32((1 << t->shift) - 1),                              \
             .keep = _mm256_set1_epi32(live ? 0xff : 0),                                         \
             .shift = _mm_cvtsi32_si128(t->shift),                                               \
@@ -804,13 +810,16 @@ ISA_AVX2 static inline void store_codes8(uint8_t *codes, __m256i code) {
          * (shorter dependency chains, which the core overlaps), the codes kept in place of the  \
          * moments; the others recompute the moments, in one loop. */                           \
         if (buffered) {                                                                         \
-            for (i = 0; i < len; i += 8) {                                                      \
-                const __m256i code = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored_v)); \
-                _mm256_store_si256((__m256i *)(kept + i), code);                                \
-                store_codes8(i < whole ? codes + i : c_tail, code);                             \
+            for (i = 0; i + 16 <= whole; i += 16) {                                             \
+                const __m256i c0 = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored_v)); \
+                const __m256i c1 = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i + 8), stored_v)); \
+                store_codes16(codes + i, c0, c1);                                               \
             }                                                                                   \
-            if (per_element) AVX2_UPDATES(LOAD8, STORE8, 1, _mm256_load_si256((const __m256i *)(kept + i))) \
-            else AVX2_UPDATES(LOAD8, STORE8, 0, _mm256_load_si256((const __m256i *)(kept + i)))  \
+            for (; i < len; i += 8)                                                             \
+                store_codes8(i < whole ? codes + i : c_tail,                                    \
+                             codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored_v))); \
+            if (per_element) AVX2_UPDATES(LOAD8, STORE8, 1, AVX2_STORED_CODES)                  \
+            else AVX2_UPDATES(LOAD8, STORE8, 0, AVX2_STORED_CODES)                              \
         } else {                                                                                \
             AVX2_UPDATES(LOAD8, STORE8, per_element, AVX2_RECOMPUTED_CODES(LOAD8))               \
         }                                                                                       \
@@ -866,6 +875,10 @@ ISA_AVX2 static inline void store_codes8(uint8_t *codes, __m256i code) {
         store_codes8(c, code);                                                                  \
         code;                                                                                   \
     })
+
+/* The codes of the chunk at i, as the first loop of a kept row stored them. */
+#define AVX2_STORED_CODES                                                                       \
+    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(i < whole ? codes + i : c_tail)))
 
 /* The update of the chunk at i, from its codes CODE, of the row's parameters and (PER) second
  * moments, or of the padded tail's. */
@@ -928,7 +941,15 @@ int gefen_cpu_path(int force) {
 
 typedef void (*RowFn)(const Step *, int64_t);
 
-static void run_rows(const Step *s, RowFn row) {
+/* The rows a step ran, for reports (kernels/native.py names them): the path's own, or the
+ * vectoriser's where its tables do not fit (a fine-grained codebook, fp16 or fp64 state). */
+enum { ROWS_NONE, ROWS_PORTABLE, ROWS_VEC_AVX2, ROWS_AVX2, ROWS_VEC_AVX512, ROWS_VBMI };
+static int last_rows = ROWS_NONE;
+
+int gefen_last_rows(void) { return __atomic_load_n(&last_rows, __ATOMIC_RELAXED); }
+
+static void run_rows(const Step *s, RowFn row, int rows) {
+    __atomic_store_n(&last_rows, rows, __ATOMIC_RELAXED);
     _Pragma("omp parallel for schedule(dynamic, 16) num_threads(s->a->num_threads)")
     for (int64_t r = 0; r < s->a->num_rows; r++) row(s, r);
 }
@@ -947,20 +968,20 @@ int gefen_step(const StepArgs *a, int dtype) {
         BytePlanes planes;
         if (build_planes(&planes, a) == 0) {
             s.planes = &planes;
-            run_rows(&s, row_f32_vbmi);
+            run_rows(&s, row_f32_vbmi, ROWS_VBMI);
         } else {
             status = -1;
         }
         free(planes.steps);
     } else if (gefen_cpu_path(-1) >= PATH_AVX512) {
-        run_rows(&s, rows_vec_avx512[dtype]);
+        run_rows(&s, rows_vec_avx512[dtype], ROWS_VEC_AVX512);
     } else if (gefen_cpu_path(-1) == PATH_AVX2 && dtype <= DT_BF16 && (s.cells = cell_table(a))) {
-        run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2);
+        run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2, ROWS_AVX2);
     } else if (gefen_cpu_path(-1) == PATH_AVX2) {
-        run_rows(&s, rows_vec_avx2[dtype]);
+        run_rows(&s, rows_vec_avx2[dtype], ROWS_VEC_AVX2);
     }
 #endif
-    else run_rows(&s, rows_portable[dtype]);
+    else run_rows(&s, rows_portable[dtype], ROWS_PORTABLE);
     free(bias);
     return status;
 }

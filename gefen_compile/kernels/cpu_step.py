@@ -14,7 +14,7 @@ import torch
 
 from ..codebook import NUM_BINS
 from . import StepInputs
-from .native import StepArgs, library as _lib
+from .native import StepArgs, library as _lib, log_rows
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
@@ -38,6 +38,7 @@ def step(*args) -> None:
                     torch.get_num_threads())
     if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[a.vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
+    log_rows()
 
 
 def _gradient_tables(grads: Sequence[torch.Tensor], *more: Sequence[int]) -> tuple:

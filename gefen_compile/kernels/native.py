@@ -65,6 +65,8 @@ def _load() -> ctypes.CDLL | None:
     library.gefen_cpu_path.restype = ctypes.c_int
     library.gefen_cpu_paths.argtypes = []
     library.gefen_cpu_paths.restype = ctypes.c_int
+    library.gefen_last_rows.argtypes = []
+    library.gefen_last_rows.restype = ctypes.c_int
     library.gefen_histogram.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
     library.gefen_histogram.restype = None
     library.gefen_period_scores.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
@@ -123,6 +125,36 @@ def processor_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The rows of cpu_step.c's ROWS_*: a path's own rows, or the vectoriser's rows of its instruction
+# set where the path has none (fp16, fp64) or its tables do not fit the codebook.
+ROWS = (None, "portable", "avx2 (vectorised)", "avx2", "avx512 (vectorised)", "vbmi")
+_logged_rows = None
+
+
+def last_rows() -> str | None:
+    """The rows the last CPU step ran (None before any)."""
+    return None if library is None else ROWS[library.gefen_last_rows()]
+
+
+def describe() -> str:
+    """Which C step CPU steps take and why, for reports: path, rows last run, CPU."""
+    if library is None:
+        return f"plain torch (the C kernels are not built: {_load_error})"
+    rows = last_rows()
+    ran = f"; last step ran the {rows} rows" if rows and rows != cpu_path() else ""
+    return (f"C, {cpu_path()} path{ran} (of {', '.join(cpu_paths())} on {processor_name()}; "
+            f"{PATH_VARIABLE} picks another)")
+
+
+def log_rows() -> None:
+    """Debug-log the rows CPU steps run, when they change (first step, path or dtype)."""
+    global _logged_rows
+    rows = last_rows()
+    if rows != _logged_rows:
+        _logged_rows = rows
+        _log.debug("gefen_compile: CPU step: %s", describe())
 
 
 if library is not None and os.environ.get(PATH_VARIABLE):
