@@ -16,7 +16,7 @@ from .codebook import NearestCode
 from .device_tables import device_table
 from .first_step import codebook_from, read_first_gradients
 from .hyperparameters import check_hyperparameters, scalar_betas
-from .kernels import StepInputs
+from .kernels import StepInputs, cpu_step
 from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
 from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
@@ -131,6 +131,8 @@ class Gefen(Optimizer):
         if self._buckets is None:
             self._buckets = self._build_buckets({})
         for bucket in self._buckets:
+            if cpu_step.step_prepared(bucket, lambda b=bucket: self._kernel_args(b, [])):
+                continue
             grads = [p.grad for p in bucket.owners]
             if any(g is not None for g in grads):
                 self._step_bucket(bucket, self._checked_grads(bucket, grads))

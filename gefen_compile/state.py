@@ -67,6 +67,8 @@ class Bucket:
     numels: list[int]  # elements of each parameter, as its state was built
     sharded: bool  # whether params are local shards of the owners (DTensors)
     _work: tuple | None = field(default=None, repr=False)
+    _host: tuple | None = field(default=None, repr=False)
+    _written: list | None = field(default=None, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,6 +81,21 @@ class Bucket:
 
             self._work = work_plan(self.segments, [p.numel() for p in self.params])
         return self._work
+
+    def host_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The CPU step's tables, refilled each step (kernels/cpu_step.step_prepared): data
+        pointers of the parameters and of their gradients (int64), which have one (uint8)."""
+        if self._host is None:
+            n = len(self.params)
+            self._host = (torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
+                          torch.zeros(n, dtype=torch.uint8))
+        return self._host
+
+    def written(self) -> list[torch.Tensor]:
+        """What a step writes: the tensors whose version counters it bumps."""
+        if self._written is None:
+            self._written = [*self.params, self.codes, self.magnitude, self.vmean, self.steps]
+        return self._written
 
 
 def build_bucket(

@@ -291,3 +291,31 @@ def test_the_environment_picks_the_cpu_path(value, error):
         assert child.returncode != 0 and error in child.stderr
     else:
         assert child.returncode == 0 and child.stdout.strip() == value
+
+
+def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monkeypatch):
+    """In steady state a CPU step reads gradients and fills its pointer tables in one C call
+    (cpu_step.step_prepared), never the per-tensor Python checks; a tensor that call cannot
+    vouch for (a gradient of another dtype, a non-contiguous gradient) goes to the general
+    path, which raises the error naming it or converts it."""
+    if native.library is None:
+        pytest.skip("no C library")
+    params = [torch.nn.Parameter(torch.randn(6, 10)) for _ in range(3)]
+    opt = Gefen(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    general = []
+    original = Gefen._checked_grads
+    monkeypatch.setattr(Gefen, "_checked_grads", lambda self, *a: general.append(1) or original(self, *a))
+    twin = [p.detach().clone() for p in params]
+    opt.step()
+    assert general == [] and not all(torch.equal(p, t) for p, t in zip(params, twin))
+    params[1].grad = params[1].grad.T.contiguous().T  # same values, another memory order
+    opt.step()
+    assert general == [1]
+    if hasattr(params[2], "grad_dtype"):  # torch >= 2.10 refuses other dtypes unless told
+        params[2].grad_dtype = None
+    params[2].grad = params[2].grad.double()
+    with pytest.raises(ValueError, match="parameter 2 of param group 0 has dtype torch.float32"):
+        opt.step()

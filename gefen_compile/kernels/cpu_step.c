@@ -96,13 +96,17 @@ static inline int64_t param_of_row(const StepArgs *a, int64_t r) {
 
 /* Bias corrections per parameter (and its step count), before any row is touched. */
 static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
+    /* parameters in a row usually share betas and step: pow() once for them */
+    double beta1 = NAN, beta2 = NAN, t = NAN, last1 = 0, last2 = 0;
     for (int64_t p = 0; p < a->num_params; p++) {
         if (!a->has_grad[p]) continue;
         const double *h = a->hyper + a->param_group[p] * H_FIELDS;
         a->steps[p] += 1.0f;
-        double t = (double)a->steps[p];
-        bias1[p] = 1.0 - pow(h[H_BETA1], t);
-        bias2[p] = 1.0 - pow(h[H_BETA2], t);
+        if (h[H_BETA1] != beta1 || h[H_BETA2] != beta2 || (double)a->steps[p] != t) {
+            beta1 = h[H_BETA1], beta2 = h[H_BETA2], t = (double)a->steps[p];
+            last1 = 1.0 - pow(beta1, t), last2 = 1.0 - pow(beta2, t);
+        }
+        bias1[p] = last1, bias2[p] = last2;
     }
 }
 
@@ -1088,6 +1092,134 @@ int gefen_period_scores(int64_t num_tensors, const void *const *data, const int6
     return status;
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_cpu", .m_size = -1};
+/* ---- the step's per-tensor host work, in one call ---- */
+
+/* torch.Tensor's descriptors (set by bind(), kernels/native.py): reading them straight skips
+ * the attribute lookup through a Parameter's class and instance dict, most of the cost. */
+enum { GRAD, DTYPE, NUMEL, CONTIGUOUS, DATA_PTR, DESCRIPTORS };
+static PyObject *descriptors[DESCRIPTORS];
+
+static PyObject *bind(PyObject *self, PyObject *args) {
+    PyObject *given[DESCRIPTORS];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOOOO", &given[GRAD], &given[DTYPE], &given[NUMEL],
+                          &given[CONTIGUOUS], &given[DATA_PTR]))
+        return NULL;
+    for (int k = 0; k < DESCRIPTORS; k++) {
+        Py_INCREF(given[k]);
+        Py_XSETREF(descriptors[k], given[k]);
+    }
+    Py_RETURN_NONE;
+}
+
+/* t's attribute behind getset descriptor k, a new reference (NULL with the error set). */
+static inline PyObject *get(PyObject *t, int k) {
+    return Py_TYPE(descriptors[k])->tp_descr_get(descriptors[k], t, NULL);
+}
+
+/* t.method() for method descriptor k, a new reference (NULL with the error set). */
+static inline PyObject *call(PyObject *t, int k) { return PyObject_Vectorcall(descriptors[k], &t, 1, NULL); }
+
+/* An int64 from t.method() for method descriptor k; -1 with the error set on failure. */
+static int64_t call_int(PyObject *t, int k) {
+    PyObject *result = call(t, k);
+    if (!result) return -1;
+    const int64_t value = PyLong_AsLongLong(result);
+    Py_DECREF(result);
+    return value;
+}
+
+/* Whether tensor t is as the bucket's state was built: `numel` elements, contiguous (a sparse
+ * tensor raises there: no), and, where `dtype` is given, of that dtype. Then its data pointer
+ * into *ptr. 1 yes, 0 no, -1 error (set). */
+static int usable(PyObject *t, PyObject *dtype, int64_t numel, int64_t *ptr) {
+    if (dtype) {
+        PyObject *d = get(t, DTYPE);
+        if (!d) return -1;
+        Py_DECREF(d);
+        if (d != dtype) return 0;
+    }
+    PyObject *contiguous = call(t, CONTIGUOUS);
+    if (!contiguous) {
+        PyErr_Clear(); /* the general path raises the error that names the tensor */
+        return 0;
+    }
+    Py_DECREF(contiguous);
+    if (contiguous != Py_True) return 0;
+    const int64_t n = call_int(t, NUMEL);
+    if (n != numel) return PyErr_Occurred() ? -1 : 0;
+    *ptr = call_int(t, DATA_PTR);
+    return PyErr_Occurred() ? -1 : 1;
+}
+
+/* step_tables(params, numels, dtype, param_ptrs, grad_ptrs, has_grad): for every parameter (a
+ * plain tensor: its .grad is read here), its gradient's and its own data pointers into the
+ * int64 tables at param_ptrs and grad_ptrs (addresses), and whether it has a gradient into the
+ * uint8 table at has_grad: the attribute reads and method calls Python would make per tensor,
+ * without the interpreter. A parameter whose data pointer stays keeps its dtype (a new dtype is
+ * new memory) and its size (a smaller view gives gradients of that size), so only its memory
+ * order is asked again. Returns -1 when the
+ * tables are ready, -2 when no parameter has a gradient, else the index of the first parameter
+ * the Python side must look at (its gradient or itself not as the state was built: it
+ * converts, or raises the error that names it). */
+static PyObject *step_tables(PyObject *self, PyObject *args) {
+    PyObject *params, *numels, *dtype;
+    unsigned long long param_address, grad_address, has_address;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!O!OKKK", &PyList_Type, &params, &PyList_Type, &numels, &dtype,
+                          &param_address, &grad_address, &has_address))
+        return NULL;
+    if (!descriptors[GRAD]) {
+        PyErr_SetString(PyExc_RuntimeError, "step_tables: bind() torch.Tensor's descriptors first");
+        return NULL;
+    }
+    const Py_ssize_t count = PyList_GET_SIZE(params);
+    if (PyList_GET_SIZE(numels) != count) {
+        PyErr_SetString(PyExc_ValueError, "step_tables: one numel per parameter");
+        return NULL;
+    }
+    int64_t *param_ptrs = (int64_t *)(uintptr_t)param_address;
+    int64_t *grad_ptrs = (int64_t *)(uintptr_t)grad_address;
+    uint8_t *has_grad = (uint8_t *)(uintptr_t)has_address;
+    int any = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *p = PyList_GET_ITEM(params, i);
+        PyObject *g = get(p, GRAD);
+        if (!g) return NULL;
+        has_grad[i] = g != Py_None;
+        if (g == Py_None) {
+            Py_DECREF(g);
+            continue;
+        }
+        const int64_t numel = PyLong_AsLongLong(PyList_GET_ITEM(numels, i)), known = param_ptrs[i];
+        int ok = numel < 0 && PyErr_Occurred() ? -1 : usable(g, dtype, numel, grad_ptrs + i);
+        if (ok == 1) {
+            /* a parameter whose memory stayed keeps its dtype and (its gradient says) size */
+            PyObject *contiguous = call(p, CONTIGUOUS);
+            ok = !contiguous ? -1 : contiguous == Py_True;
+            Py_XDECREF(contiguous);
+            if (ok == 1) param_ptrs[i] = call_int(p, DATA_PTR);
+            if (PyErr_Occurred()) ok = -1;
+        }
+        if (ok == 1 && param_ptrs[i] != known) ok = usable(p, dtype, numel, param_ptrs + i);
+        Py_DECREF(g);
+        if (ok < 0) return NULL;
+        if (ok == 0) {
+            param_ptrs[i] = 0; /* asked in full next time */
+            return PyLong_FromSsize_t(i);
+        }
+        any = 1;
+    }
+    return PyLong_FromLong(any ? -1 : -2);
+}
+
+static PyMethodDef methods[] = {
+    {"bind", bind, METH_VARARGS, "torch.Tensor's grad, dtype, numel, is_contiguous, data_ptr."},
+    {"step_tables", step_tables, METH_VARARGS, "The step's pointer tables (see cpu_step.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_cpu", .m_size = -1,
+                                    .m_methods = methods};
 
 PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&module); }

@@ -8,13 +8,14 @@ threads.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..codebook import NUM_BINS
 from . import StepInputs
-from .native import StepArgs, library as _lib, log_rows
+from ..state import Bucket
+from .native import StepArgs, _cpu, library as _lib, log_rows
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
@@ -26,14 +27,37 @@ def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
 def step(*args) -> None:
     """One Gefen step of every row of a bucket, in place (the arguments of ops.step_)."""
     a = StepInputs(*args)
-    per_step = (
-        _pointers(a.params),
-        _pointers(a.grads),
-        torch.tensor([g is not None for g in a.grads], dtype=torch.uint8),
-    )
-    tensors = (*per_step, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean, a.steps,
-               a.codebook, a.lut, a.bounds, a.first_index)
-    args = StepArgs(a.num_rows, a.segments.data_ptr(), len(a.params),
+    _run(a, _pointers(a.params), _pointers(a.grads),
+         torch.tensor([g is not None for g in a.grads], dtype=torch.uint8))
+
+
+def step_prepared(bucket: Bucket, make_args: Callable[[], StepInputs]) -> bool:
+    """The eager CPU step of ``bucket`` with its per-tensor host work (gradients read, checked,
+    pointer tables filled) in one C call, ~0.3 us per tensor instead of ~2 in Python. False,
+    having done nothing, where the general path must run: no C library, not on the CPU,
+    DTensor shards, under torch.compile (which traces ops.step_), or a tensor the general path
+    must convert or name in an error. ``make_args``: the bucket's ops.step_ arguments (its
+    lists of params and grads are not read)."""
+    if (_lib is None or bucket.sharded or bucket.codes.device.type != "cpu"
+            or torch.compiler.is_compiling()):
+        return False
+    tables = bucket.host_tables()
+    status = _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
+                              *(t.data_ptr() for t in tables))
+    if status >= 0:
+        return False
+    if status == -1:  # else no parameter has a gradient
+        _run(make_args(), *tables)
+        torch.autograd.graph.increment_version(bucket.written())
+    return True
+
+
+def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor) -> None:
+    """The C step on ``a``, with its parameters' and gradients' data pointers (int64) and
+    which have a gradient (uint8) in the tables given."""
+    tensors = (params, grads, has_grad, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean,
+               a.steps, a.codebook, a.lut, a.bounds, a.first_index)
+    args = StepArgs(a.num_rows, a.segments.data_ptr(), len(params),
                     *(t.data_ptr() for t in tensors), a.first_index.numel(), a.lut_half,
                     torch.get_num_threads())
     if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[a.vmean.dtype]) != 0:

@@ -77,6 +77,11 @@ def _load() -> ctypes.CDLL | None:
 
 
 library = _load()
+if _cpu is not None:  # the descriptors kernels/cpu_step.c reads tensors through
+    import torch
+
+    _cpu.bind(*(torch._C.TensorBase.__dict__[name]
+                for name in ("grad", "dtype", "numel", "is_contiguous", "data_ptr")))
 _warned = False
 
 # The C step's instruction-set paths, in the order of cpu_step.c's PATH_* (each faster than the
