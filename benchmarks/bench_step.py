@@ -2,18 +2,21 @@
 against Gefen, side by side in one process, on GPT-2-small and Llama-1B parameter shapes.
 
     python benchmarks/bench_step.py [--model {gpt2,llama1b,all}] [--dtype {float32,bfloat16}]
-                                    [--steps N] [--layers L] [--vocab V]
+                                    [--steps N] [--layers L] [--vocab V] [--threads T]
+                                    [--cpu-path {portable,avx2,avx512,vbmi}]
 
 On CPU the models are scaled down by default (fewer layers, a smaller vocabulary: the same
-shapes, fewer of them); on CUDA they run at full size, and the table adds the fraction of the
-memory-bandwidth roofline each optimizer reaches: bytes its step must move / step time /
-bandwidth of a large device copy measured in the same process.
+shapes, fewer of them); on CUDA they run at full size. Every optimizer has its own copy of the
+parameters; after their first steps, their steps are interleaved, so that the machine's load
+changes reach all of them alike. The last line names the processor and which kernels ran
+(Gefen's C path, torch's CPU capability), to attribute the figures.
 
-Columns: median step time (first step excluded) and its ratio to fused AdamW; the first step
+Columns: median step time (first steps excluded) and its ratio to fused AdamW; the first step
 (Gefen: periods, codebook and state; AdamW: state allocation) and its ratio to one fused AdamW
 step; optimizer-state bytes per parameter; the peak memory the optimizer adds over its first
-steps, first included (process RSS high-water mark on CPU, the allocator's peak on CUDA), in
-bytes per parameter.
+three steps (process RSS high-water mark on CPU, the allocator's peak on CUDA), in bytes per
+parameter; and the fraction of the copy bandwidth reached: the bytes its step must move / step
+time / bandwidth of a large copy measured in the same process.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from gefen_compile import Gefen
+from gefen_compile.kernels import native
 from models import MODELS, format_table, structured_grad
 
 CPU_SCALE = {"gpt2": dict(layers=4, vocab=8192), "llama1b": dict(layers=1, vocab=8192)}
@@ -118,68 +122,73 @@ def step_bytes(name: str, dtype: torch.dtype) -> float:
     return 7 * size if name.startswith("AdamW") else 4 * size + 2
 
 
-def run(name: str, params: list[torch.nn.Parameter], grads: list[torch.Tensor], steps: int):
-    """First-step time, median later step time, state bytes and peak extra memory."""
-    device = params[0].device
+def prepare(name: str, originals: list[torch.Tensor], grads: list[torch.Tensor]) -> dict:
+    """A fresh copy of the parameters (sharing the read-only gradients) and its optimizer,
+    after its first steps: their time, the state's bytes and the peak memory they added."""
+    device = originals[0].device
+    params = [torch.nn.Parameter(o.clone()) for o in originals]
     for p, g in zip(params, grads):
         p.grad = g
     optimizer = OPTIMIZERS[name](params)
     with PeakMemory(device) as peak:
         first = timed(optimizer.step, device)
-        times = [timed(optimizer.step, device) for _ in range(steps)]
+        for _ in range(2):
+            optimizer.step()
     state = sum(
         t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
-    result = dict(first=first, median=statistics.median(times), state=state, peak=peak.peak)
-    del optimizer
-    gc.collect()
-    return result
+    return dict(optimizer=optimizer, first=first, state=state, peak=peak.peak, times=[])
 
 
 @torch.no_grad()
 def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: int) -> str:
-    params, grads = [], []
+    originals, grads = [], []
     for kind in kinds:
         for _ in range(kind.count):
-            params.append(torch.nn.Parameter(torch.randn(kind.shape, dtype=dtype, device=device)))
+            originals.append(torch.randn(kind.shape, dtype=dtype, device=device))
             grads.append(structured_grad(kind.shape, dtype).to(device))
-    numel = sum(p.numel() for p in params)
-    originals = [p.detach().clone() for p in params]
-    results = {}
-    torch.optim.AdamW(params)  # the first optimizer imports torch._dynamo: not part of a step
-    for name in OPTIMIZERS:
-        for p, original in zip(params, originals):
-            p.copy_(original)
-        results[name] = run(name, params, grads, steps)
-    fused = results["AdamW (fused)"]
-    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    numel = sum(p.numel() for p in originals)
+    torch.optim.AdamW([torch.nn.Parameter(originals[0])])  # imports torch._dynamo: not a step
+    results = {name: prepare(name, originals, grads) for name in OPTIMIZERS}
+    # Steps interleaved, so that a change in the machine's load reaches every optimizer alike.
+    for _ in range(steps):
+        for r in results.values():
+            r["times"].append(timed(r["optimizer"].step, device))
+    fused = statistics.median(results["AdamW (fused)"]["times"])
+    bandwidth = copy_bandwidth(device)
     header = ("optimizer", "step ms", "vs fused", "first step ms", "vs fused step",
-              "state B/param", "peak extra B/param") + (("roofline",) if bandwidth else ())
+              "state B/param", "peak extra B/param", "of copy bandwidth")
     rows = []
     for name, r in results.items():
-        row = (
+        median = statistics.median(r["times"])
+        rows.append((
             name,
-            f"{r['median'] * 1e3:.2f}",
-            f"{r['median'] / fused['median']:.2f}x",
+            f"{median * 1e3:.2f}",
+            f"{median / fused:.2f}x",
             f"{r['first'] * 1e3:.1f}",
-            f"{r['first'] / fused['median']:.1f}x",
+            f"{r['first'] / fused:.1f}x",
             f"{r['state'] / numel:.3f}",
             f"{r['peak'] / numel:.2f}",
-        )
-        if bandwidth:
-            achieved = step_bytes(name, dtype) * numel / r["median"]
-            row += (f"{achieved / bandwidth:.0%}",)
-        rows.append(row)
-    lines = [
+            f"{step_bytes(name, dtype) * numel / median / bandwidth:.0%}",
+        ))
+    return "\n".join([
         f"{title}: {numel / 1e6:.1f}M {str(dtype).removeprefix('torch.')} parameters in "
-        f"{len(params)} tensors, {device}, {torch.get_num_threads()} threads, "
-        f"median of {steps} steps",
+        f"{len(originals)} tensors, {device}, {torch.get_num_threads()} threads, "
+        f"median of {steps} interleaved steps",
         "",
         format_table(header, rows, left=1),
-    ]
-    if bandwidth:
-        lines.append(f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s)")
-    return "\n".join(lines)
+        f"(copy bandwidth {bandwidth / 1e9:.1f} GB/s: bytes read and written by a 1 GB copy; "
+        "a step's bytes: AdamW 7, Gefen 4 per parameter element size, plus 2 code bytes)",
+    ])
+
+
+def machine(device: torch.device) -> str:
+    """What the figures depend on: the processor or GPU, and which kernels ran."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}; Gefen's step: Triton"
+    return (f"{native.processor_name()}; Gefen's step: {native.describe()}; torch's CPU "
+            f"kernels: {torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY picks "
+            "another)")
 
 
 def main() -> None:
@@ -189,7 +198,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--layers", type=int, help="default: full size on CUDA, fewer on CPU")
     parser.add_argument("--vocab", type=int, help="default: full size on CUDA, smaller on CPU")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--cpu-path", choices=native.CPU_PATHS,
+                        help="Gefen's C step path (default: the fastest the CPU runs); to "
+                        "measure an AVX2-only CPU on an AVX-512 one, --cpu-path avx2 with "
+                        "ATEN_CPU_CAPABILITY=avx2 for torch's AdamW")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_path:
+        native.use_cpu_path(args.cpu_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     for i, name in enumerate(MODELS if args.model == "all" else [args.model]):
@@ -199,6 +217,7 @@ def main() -> None:
         if size:
             title += " shapes, " + ", ".join(f"{k} {v}" for k, v in size.items())
         print(("\n" if i else "") + bench(title, build(**size), dtype, device, args.steps))
+    print(f"\n{machine(device)}")
 
 
 if __name__ == "__main__":

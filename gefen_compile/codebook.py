@@ -15,6 +15,7 @@ same order and keep the leftmost of tied splits, so they return the same edges a
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,9 +253,13 @@ def _edges_with_zero(costs: _ClusterCosts, nonempty: int) -> tuple[np.ndarray, i
     from a running minimum: O(K B) beside the two DPs.
     """
     n = costs.n
-    left_best, left_split = _layers(costs, nonempty - 1)
     mirrored = _ClusterCosts(-costs.y[::-1].copy(), costs.weights[::-1].copy())
-    right_best, right_split = _layers(mirrored, nonempty - 1)
+    # The two DPs are independent: side by side where there are threads (the C one and
+    # numpy's loops run without the GIL).
+    with ThreadPoolExecutor(min(2, torch.get_num_threads())) as pool:
+        right = pool.submit(_layers, mirrored, nonempty - 1)
+        left_best, left_split = _layers(costs, nonempty - 1)
+        right_best, right_split = right.result()
     squares = costs.w_yy.astype(np.float64)  # S
     lefts = np.arange(1, nonempty)  # clusters left of the zero cluster
     # min over a <= b of left_best[c, a] - S[a], for every c and b

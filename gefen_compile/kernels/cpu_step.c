@@ -992,40 +992,87 @@ int gefen_step(const StepArgs *a, int dtype) {
 
 /* ---- first step: histogram of normalised rows ---- */
 
+/* Elements whose bins one vectorised loop computes before they are counted. */
+#define HISTOGRAM_CHUNK 256
+
+/* Counts into two uint32 histograms (alternating elements, so that runs of one bin do not
+ * wait on their own increments) the bins of row g[0..len), divided by its max |g| in fp32;
+ * v + 1 >= 0, so truncation is floor. One per dtype and instruction-set level. */
+#define DEFINE_HISTOGRAM_ROW(NAME, ISA, ST, LOAD)                                               \
+    ISA static void NAME(const void *data, int64_t len, float sign, uint32_t (*local)[NUM_BINS]) { \
+        const ST *restrict g = (const ST *)data;                                                \
+        float peak = 0.0f;                                                                      \
+        _Pragma("omp simd reduction(max:peak)")                                                 \
+        for (int64_t i = 0; i < len; i++) {                                                     \
+            const float x = (float)LOAD(g, i), magnitude = x < 0 ? -x : x;                      \
+            peak = magnitude > peak ? magnitude : peak;                                         \
+        }                                                                                       \
+        int32_t bins[HISTOGRAM_CHUNK];                                                          \
+        for (int64_t lo = 0; lo < len; lo += HISTOGRAM_CHUNK) {                                 \
+            const int64_t n = len - lo < HISTOGRAM_CHUNK ? len - lo : HISTOGRAM_CHUNK;          \
+            _Pragma("omp simd")                                                                 \
+            for (int64_t i = 0; i < n; i++) {                                                   \
+                const float x = sign * (float)LOAD(g, lo + i);                                  \
+                const float v = peak > 0.0f ? x / peak : 0.0f;                                  \
+                const int32_t bin = (int32_t)((v + 1.0f) * (float)(NUM_BINS / 2));              \
+                bins[i] = bin < NUM_BINS - 1 ? bin : NUM_BINS - 1;                              \
+            }                                                                                   \
+            for (int64_t i = 0; i < n; i++) local[i & 1][bins[i]]++;                            \
+        }                                                                                       \
+    }
+#define DEFINE_HISTOGRAM_ROWS(SUFFIX, ISA)                                                      \
+    DEFINE_HISTOGRAM_ROW(histogram_f32##SUFFIX, ISA, float, LOAD_F32)                           \
+    DEFINE_HISTOGRAM_ROW(histogram_bf16##SUFFIX, ISA, uint16_t, LOAD_BF16)                      \
+    DEFINE_HISTOGRAM_ROW(histogram_f16##SUFFIX, ISA, _Float16, LOAD_F16)                        \
+    DEFINE_HISTOGRAM_ROW(histogram_f64##SUFFIX, ISA, double, LOAD_F64)                          \
+    static void (*const histograms##SUFFIX[4])(const void *, int64_t, float, uint32_t(*)[NUM_BINS]) = { \
+        histogram_f32##SUFFIX, histogram_bf16##SUFFIX, histogram_f16##SUFFIX, histogram_f64##SUFFIX};
+
+DEFINE_HISTOGRAM_ROWS(_portable, )
+#if X86_PATHS
+DEFINE_HISTOGRAM_ROWS(_avx2, ISA_AVX2)
+DEFINE_HISTOGRAM_ROWS(_avx512, ISA_AVX512)
+#endif
+
 /* Adds to counts[NUM_BINS] the bins of every tensor viewed as rows of row_lengths[t] elements
  * (the last row holds what remains), each row divided by its max |g| in fp32 (zero rows count
  * as 0). negate[t]: maximize. */
 void gefen_histogram(int64_t num_tensors, const void *const *data, const int64_t *dtypes,
                      const int64_t *numel, const int64_t *row_lengths, const int64_t *negate,
                      int64_t *counts, int64_t num_threads) {
+    const int path = gefen_cpu_path(-1);
+    void (*const *rows)(const void *, int64_t, float, uint32_t(*)[NUM_BINS]) = histograms_portable;
+#if X86_PATHS
+    if (path >= PATH_AVX512) rows = histograms_avx512;
+    else if (path == PATH_AVX2) rows = histograms_avx2;
+#endif
+    (void)path;
     _Pragma("omp parallel num_threads(num_threads)") {
-        int64_t local[NUM_BINS];
+        int64_t total[NUM_BINS];
+        uint32_t local[2][NUM_BINS]; /* emptied into total before any can wrap */
+        int64_t pending = 0;
+        memset(total, 0, sizeof(total));
         memset(local, 0, sizeof(local));
         for (int64_t t = 0; t < num_tensors; t++) {
-            const int64_t row_length = row_lengths[t], rows = (numel[t] + row_length - 1) / row_length;
+            const int64_t row_length = row_lengths[t], rows_in = (numel[t] + row_length - 1) / row_length;
             const int dtype = (int)dtypes[t];
+            const size_t size = dtype == DT_F32 ? 4 : dtype == DT_F64 ? 8 : 2;
             const float sign = negate[t] ? -1.0f : 1.0f;
             _Pragma("omp for schedule(dynamic, 64) nowait")
-            for (int64_t r = 0; r < rows; r++) {
+            for (int64_t r = 0; r < rows_in; r++) {
                 const int64_t base = r * row_length;
                 const int64_t len = numel[t] - base < row_length ? numel[t] - base : row_length;
-                float peak = 0.0f;
-                for (int64_t i = 0; i < len; i++) {
-                    float g = (float)load_any(data[t], base + i, dtype);
-                    g = g < 0 ? -g : g;
-                    if (g > peak) peak = g;
+                if (pending + len > UINT32_MAX) {
+                    for (int b = 0; b < NUM_BINS; b++) total[b] += local[0][b] + (int64_t)local[1][b];
+                    memset(local, 0, sizeof(local));
+                    pending = 0;
                 }
-                for (int64_t i = 0; i < len; i++) {
-                    const float g = sign * (float)load_any(data[t], base + i, dtype);
-                    const float v = peak > 0.0f ? g / peak : 0.0f;
-                    float b = floorf((v + 1.0f) * (float)(NUM_BINS / 2));
-                    b = b < 0.0f ? 0.0f : (b > NUM_BINS - 1 ? NUM_BINS - 1 : b);
-                    local[(int64_t)b]++;
-                }
+                pending += len;
+                rows[dtype]((const char *)data[t] + base * size, len, sign, local);
             }
         }
         _Pragma("omp critical")
-        for (int b = 0; b < NUM_BINS; b++) counts[b] += local[b];
+        for (int b = 0; b < NUM_BINS; b++) counts[b] += total[b] + local[0][b] + (int64_t)local[1][b];
     }
 }
 
@@ -1033,37 +1080,81 @@ void gefen_histogram(int64_t num_tensors, const void *const *data, const int64_t
 
 #define SCORE_CHUNK 4096
 
+/* log(x) for normal x > 0, written for the vectoriser (libm's log is a call per element, most
+ * of the scores' time): x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s) with
+ * s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^23 (remainder under 1e-19), e ln 2
+ * in two parts (fdlibm's). Within 3 ulp of log; scores need far less, and equal inputs still
+ * give equal logs, so constant runs stay exactly constant. */
+static inline double log_positive(double x) {
+    uint64_t bits;
+    memcpy(&bits, &x, 8);
+    /* the exponent of x / sqrt(1/2), biased by 2048 so a logical shift reads it */
+    const uint64_t offset = (bits - 0x3fe6a09e667f3bcdull) ^ 0x8000000000000000ull;
+    const uint64_t top = offset & 0xfff0000000000000ull; /* (e + 2048) << 52 */
+    const uint64_t m_bits = bits - top + 0x8000000000000000ull, e_bits = (top >> 52) + 0x4338000000000000ull - 2048;
+    double m, e;
+    memcpy(&m, &m_bits, 8);
+    memcpy(&e, &e_bits, 8);
+    e -= 6755399441055744.0; /* 2^52 + 2^51: the integer e */
+    const double s = (m - 1.0) / (m + 1.0), z = s * s;
+    double series = 1.0 / 23;
+    for (int k = 21; k >= 1; k -= 2) series = series * z + 1.0 / k;
+    return e * 6.93147180369123816490e-01 + (2.0 * s * series + e * 1.90821492927058770002e-10);
+}
+
+/* The chunk's x - x0, x = log(g^2 + 1e-12), one loop per dtype. */
+#define SCORE_LOGS(ST, LOAD)                                                                    \
+    {                                                                                           \
+        const ST *restrict g = (const ST *)data + lo;                                           \
+        _Pragma("omp simd")                                                                     \
+        for (int64_t i = 0; i < hi - lo; i++) {                                                 \
+            const double gi = LOAD(g, i);                                                       \
+            xs[i] = log_positive(gi * gi + 1e-12) - x0;                                         \
+        }                                                                                       \
+    }
+
 /* Scores of the candidate periods of one tensor: mean |difference| of adjacent block means of
  * x = log(g^2 + 1e-12), all from one running prefix sum of x - x[0] (exact over constant runs). */
-static int period_scores_one(const void *data, int dtype, int64_t n, int64_t num_cands,
+#define DEFINE_PERIOD_SCORES(NAME, ISA)                                                         \
+    ISA static int NAME(const void *data, int dtype, int64_t n, int64_t num_cands,              \
+                        const int64_t *cands, double *scores) {                                 \
+        return period_scores_one(data, dtype, n, num_cands, cands, scores);                     \
+    }
+
+static inline __attribute__((always_inline)) int period_scores_one(const void *data, int dtype, int64_t n, int64_t num_cands,
                              const int64_t *cands, double *scores) {
     double *edge = calloc((size_t)num_cands * 3, sizeof(double)); /* prefix, last sum, total */
     int64_t *seen = calloc((size_t)num_cands, sizeof(int64_t));   /* block edges passed */
-    double prefix[SCORE_CHUNK + 1];
+    double prefix[SCORE_CHUNK + 1], xs[SCORE_CHUNK];
     if (!edge || !seen) {
         free(edge);
         free(seen);
         return -1;
     }
-    const double g0 = load_any(data, 0, dtype), x0 = log(g0 * g0 + 1e-12);
+    const double g0 = load_any(data, 0, dtype), x0 = log_positive(g0 * g0 + 1e-12);
     prefix[0] = 0.0;
     for (int64_t lo = 0; lo < n; lo += SCORE_CHUNK) {
         const int64_t hi = lo + SCORE_CHUNK < n ? lo + SCORE_CHUNK : n;
-        for (int64_t i = lo; i < hi; i++) {
-            const double g = load_any(data, i, dtype);
-            prefix[i - lo + 1] = prefix[i - lo] + (log(g * g + 1e-12) - x0);
+        switch (dtype) {
+        case DT_F32: SCORE_LOGS(float, LOAD_F32) break;
+        case DT_BF16: SCORE_LOGS(uint16_t, LOAD_BF16) break;
+        case DT_F16: SCORE_LOGS(_Float16, LOAD_F16) break;
+        default: SCORE_LOGS(double, LOAD_F64)
         }
+        for (int64_t i = lo; i < hi; i++) prefix[i - lo + 1] = prefix[i - lo] + xs[i - lo];
         for (int64_t c = 0; c < num_cands; c++) {
             const int64_t p = cands[c];
-            double *e = edge + 3 * c;
+            double *e = edge + 3 * c, last_prefix = e[0], last_diff = e[1], total = e[2];
+            int64_t count = seen[c];
             for (int64_t end = (lo / p + 1) * p; end <= hi; end += p) {
                 const double s = prefix[end - lo];
-                const double diff = s - e[0]; /* p times this block's mean */
-                if (seen[c] >= 1) e[2] += fabs(diff - e[1]);
-                e[1] = diff;
-                e[0] = s;
-                seen[c]++;
+                const double diff = s - last_prefix; /* p times this block's mean */
+                if (count >= 1) total += fabs(diff - last_diff);
+                last_diff = diff;
+                last_prefix = s;
+                count++;
             }
+            e[0] = last_prefix, e[1] = last_diff, e[2] = total, seen[c] = count;
         }
         prefix[0] = prefix[hi - lo];
     }
@@ -1074,18 +1165,29 @@ static int period_scores_one(const void *data, int dtype, int64_t n, int64_t num
     return 0;
 }
 
+/* period_scores_one at each instruction-set level (the logs vectorise). */
+DEFINE_PERIOD_SCORES(scores_portable, )
+#if X86_PATHS
+DEFINE_PERIOD_SCORES(scores_avx2, ISA_AVX2)
+DEFINE_PERIOD_SCORES(scores_avx512, ISA_AVX512)
+#endif
+
 /* Scores of every tensor; candidates of tensor t are cands[offsets[t] .. offsets[t + 1]).
  * Returns 0, or -1 if an allocation failed. */
 int gefen_period_scores(int64_t num_tensors, const void *const *data, const int64_t *dtypes,
                         const int64_t *numel, const int64_t *offsets, const int64_t *cands,
                         double *scores, int64_t num_threads) {
+    int (*one)(const void *, int, int64_t, int64_t, const int64_t *, double *) = scores_portable;
+#if X86_PATHS
+    if (gefen_cpu_path(-1) >= PATH_AVX512) one = scores_avx512;
+    else if (gefen_cpu_path(-1) == PATH_AVX2) one = scores_avx2;
+#endif
     int status = 0;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(min:status)")
     for (int64_t t = 0; t < num_tensors; t++) {
         const int64_t first = offsets[t], count = offsets[t + 1] - first;
         if (count > 0) {
-            const int s = period_scores_one(data[t], (int)dtypes[t], numel[t], count,
-                                            cands + first, scores + first);
+            const int s = one(data[t], (int)dtypes[t], numel[t], count, cands + first, scores + first);
             if (s < status) status = s;
         }
     }
