@@ -210,6 +210,7 @@ def _train_on_path(path, values, grads, dtype):
 # The rows each path runs per dtype: its own where it has them, else its vectoriser's.
 PATH_ROWS = {
     "avx2": {torch.float32: "avx2", torch.bfloat16: "avx2"},
+    "avx512": {torch.float32: "avx2"},
     "vbmi": {torch.float32: "vbmi"},
 }
 VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
@@ -319,3 +320,40 @@ def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monke
     params[2].grad = params[2].grad.double()
     with pytest.raises(ValueError, match="parameter 2 of param group 0 has dtype torch.float32"):
         opt.step()
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_a_codebook_too_fine_for_the_cell_table_takes_the_vectorised_rows(path):
+    """The written AVX2 rows need at most one codebook boundary per cell of their table (cells
+    2^-9 wide, relatively); a codebook with entries closer than that (loaded, say) runs the
+    vectoriser's rows of the same path instead, with the same bytes as the portable rows."""
+    if path not in native.cpu_paths():
+        pytest.skip(f"this CPU does not run the {path} path")
+    gen = torch.Generator().manual_seed(5)
+    values = [torch.randn(32, 48, generator=gen)]
+    grads = [[structured((32, 48), gen, torch.float32)] for _ in range(3)]
+    source = Gefen([torch.nn.Parameter(values[0].clone())])
+    source.param_groups[0]["params"][0].grad = grads[0][0].clone()
+    source.step()
+    saved = source.state_dict()
+    codebook = saved["codebook"].clone()
+    codebook[100:110] = 0.3 + 1e-6 * torch.arange(10)  # ten boundaries within 2^-18
+    saved["codebook"] = codebook.sort().values
+    runs = []
+    for run_path in (path, "portable"):
+        previous = native.use_cpu_path(run_path)
+        try:
+            p = torch.nn.Parameter(values[0].clone())
+            opt = Gefen([p])
+            opt.load_state_dict(saved)
+            for (g,) in grads:
+                p.grad = g.clone()
+                opt.step()
+            runs.append((p, opt, native.last_rows()))
+        finally:
+            native.use_cpu_path(previous)
+    (p, opt, rows), (twin, twin_opt, _) = runs
+    assert rows == VECTORISED[path]
+    assert _bytes(p) == _bytes(twin)
+    for key in ("codes", "magnitude", "vmean"):
+        assert _bytes(opt.state[p][key]) == _bytes(twin_opt.state[twin][key])
