@@ -186,9 +186,8 @@ def machine(device: torch.device) -> str:
     """What the figures depend on: the processor or GPU, and which kernels ran."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}; Gefen's step: Triton"
-    return (f"{native.processor_name()}; Gefen's step: {native.describe()}; torch's CPU "
-            f"kernels: {torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY picks "
-            "another)")
+    return (f"Gefen's step: {native.describe()}; torch's CPU kernels: "
+            f"{torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY picks another)")
 
 
 def main() -> None:

@@ -5,8 +5,11 @@ against the slow reference)."""
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -357,3 +360,18 @@ def test_a_codebook_too_fine_for_the_cell_table_takes_the_vectorised_rows(path):
     assert _bytes(p) == _bytes(twin)
     for key in ("codes", "magnitude", "vmean"):
         assert _bytes(opt.state[p][key]) == _bytes(twin_opt.state[twin][key])
+
+
+def test_the_kernels_compile_without_the_x86_paths():
+    """What a non-x86 machine (AArch64, with NEON at its baseline) builds: the portable rows
+    alone, without warnings."""
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no gcc")
+    source = Path(native.__file__).with_name("cpu_step.c")
+    include = sysconfig.get_paths()["include"]
+    child = subprocess.run(
+        [compiler, "-fsyntax-only", "-std=gnu11", "-fopenmp", "-Wall", "-Wextra", "-Werror",
+         "-DGEFEN_PORTABLE_ONLY", f"-I{include}", str(source)],
+        capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr

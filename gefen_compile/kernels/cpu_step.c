@@ -174,9 +174,9 @@ typedef struct {
  * quantise and update, recomputing the first moment identically rather than storing it. The
  * element loops are written for the vectoriser (gathers from small tables, reductions under
  * `omp simd`), and compiled once per x86 instruction-set level (ISA_*); gefen_cpu_path picks
- * one at run time by the CPU's features. Elsewhere (AArch64: NEON) the baseline is the only
- * level. */
-#if defined(__x86_64__) && defined(__GNUC__)
+ * one at run time by the CPU's features. Elsewhere (AArch64: NEON), or built with
+ * -DGEFEN_PORTABLE_ONLY, the baseline is the only level. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(GEFEN_PORTABLE_ONLY)
 #define X86_PATHS 1
 #define ISA_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")))
 #define ISA_AVX512 \
@@ -767,6 +767,7 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         touch_poisoned(param, len, sizeof(ST));                                                 \
         touch_poisoned(codes, len, 1);                                                          \
         touch_poisoned(v, per_element ? len : 1, sizeof(ST));                                   \
+        (void)identity; /* the cell table holds the codes of repeated entries */                \
         const float *restrict codebook = (const float *)a->codebook;                           \
         const __m256 old_mag_v = _mm256_set1_ps(old_mag), beta1_v = _mm256_set1_ps(beta1);      \
         const __m256 keep1_v = _mm256_set1_ps(sign * keep1);                                    \
