@@ -214,7 +214,7 @@ def _train_on_path(path, values, grads, dtype):
 PATH_ROWS = {
     "avx2": {torch.float32: "avx2", torch.bfloat16: "avx2"},
     "avx512": {torch.float32: "avx2"},
-    "vbmi": {torch.float32: "vbmi"},
+    "vbmi": {torch.float32: "vbmi", torch.bfloat16: "vbmi"},
 }
 VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
               "vbmi": "avx512 (vectorised)"}

@@ -136,7 +136,7 @@ typedef struct {
  * function if its parameter has no gradient this step. */
 #define ROW_SETUP(T, ST, LOAD)                                                                  \
     const StepArgs *a = s->a;                                                                   \
-    const int64_t p = param_of_row(a, r);                                                       \
+    const int64_t p = owner; /* the parameter owning row r */                                     \
     if (!a->has_grad[p]) return;                                                                \
     const int64_t *seg = a->segments + p * SEG_FIELDS;                                          \
     const int64_t block = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * block;         \
@@ -250,7 +250,7 @@ typedef struct {
     }
 
 #define DEFINE_ROW(NAME, ISA, T, ST, LOAD, STORE, SQRT)                                         \
-    ISA static void NAME(const Step *s, int64_t r) {                                            \
+    ISA static void NAME(const Step *s, int64_t r, int64_t owner) {                             \
         ROW_SETUP(T, ST, LOAD)                                                                  \
         const T *restrict codebook = (const T *)a->codebook;                                    \
         const T *restrict bounds = (const T *)a->bounds;                                        \
@@ -279,7 +279,7 @@ typedef struct {
     DEFINE_ROW(row_bf16##SUFFIX, ISA, float, uint16_t, LOAD_BF16, STORE_BF16, sqrtf)            \
     DEFINE_ROW(row_f16##SUFFIX, ISA, float, _Float16, LOAD_F16, STORE_F16, sqrtf)               \
     DEFINE_ROW(row_f64##SUFFIX, ISA, double, double, LOAD_F64, STORE_F64, sqrt)                 \
-    static void (*const rows##SUFFIX[4])(const Step *, int64_t) = {                            \
+    static void (*const rows##SUFFIX[4])(const Step *, int64_t, int64_t) = {                   \
         row_f32##SUFFIX, row_bf16##SUFFIX, row_f16##SUFFIX, row_f64##SUFFIX};
 
 DEFINE_ROWS(_portable, )
@@ -288,7 +288,7 @@ DEFINE_ROWS(_vec_avx2, ISA_AVX2)
 DEFINE_ROWS(_vec_avx512, ISA_AVX512)
 #endif
 
-/* ---- the AVX-512 VBMI rows (fp32 state) ----
+/* ---- the AVX-512 VBMI rows (fp32 and bf16 state) ----
  *
  * The portable rows spend most of their time in table lookups, which the vectoriser turns into
  * gathers, about 1 cycle per element each on the cores measured (Zen 4). Codes are bytes, so a
@@ -307,7 +307,7 @@ DEFINE_ROWS(_vec_avx512, ISA_AVX512)
 #if X86_PATHS
 #include <immintrin.h>
 
-#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vbmi,bmi2")))
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,bmi2")))
 
 /* ASan instruments plain loads and stores, not intrinsics: in sanitized builds (setup.py,
  * GEFEN_SANITIZE=1) a VBMI row first reads the first poisoned byte, if any, of each range it
@@ -403,15 +403,39 @@ VBMI static inline void lookup_f32(const uint8_t planes[4][256], __m512i index, 
     out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23));
 }
 
+/* 16 lanes of fp32 from storage at p (bf16: widened), those past `lanes` zero; and back, bf16
+ * rounded as f32_to_bf16 rounds (NaN: 0x7fc0). */
+VBMI static inline __m512 load16(const void *p, __mmask16 lanes, int bf16) {
+    if (!bf16) return _mm512_maskz_loadu_ps(lanes, p);
+    const __m256i half = _mm256_maskz_loadu_epi16(lanes, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+VBMI static inline void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
+    if (!bf16) {
+        _mm512_mask_storeu_ps(p, lanes, x);
+        return;
+    }
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                                    _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(rounded));
+}
+
 /* First moments (FIRST_MOMENT) of the n <= 64 elements from i, and their sign-corrected
  * gradients; lanes past n hold what zero codes and gradients give. */
-VBMI static inline void first_moments(const BytePlanes *t, const uint8_t *codes, const float *g,
-                                      int64_t i, __mmask64 n, __m512 old_mag, __m512 beta1,
-                                      __m512 sign, __m512 keep1, __m512 m[4], __m512 gi[4]) {
+VBMI static inline void first_moments(const BytePlanes *t, const uint8_t *codes, const void *g,
+                                      int bf16, int64_t i, __mmask64 n, __m512 old_mag,
+                                      __m512 beta1, __m512 sign, __m512 keep1, __m512 m[4],
+                                      __m512 gi[4]) {
     __m512 dequantised[4];
     lookup_f32(t->codebook, transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i)), dequantised);
     for (int k = 0; k < 4; k++) {
-        gi[k] = _mm512_mul_ps(sign, _mm512_maskz_loadu_ps((__mmask16)(n >> 16 * k), g + i + 16 * k));
+        const int64_t at = (i + 16 * k) * (bf16 ? 2 : 4);
+        gi[k] = _mm512_mul_ps(sign, load16((const char *)g + at, (__mmask16)(n >> 16 * k), bf16));
         m[k] = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(dequantised[k], old_mag), beta1),
                              _mm512_mul_ps(gi[k], keep1));
     }
@@ -475,111 +499,116 @@ VBMI static inline __m512i nearest_codes(const BytePlanes *t, const Quantiser *q
  * -> 1.06x the time of fused AdamW on one 8M-element tensor, one thread). */
 #define PREFETCH_AHEAD 512
 
-VBMI static void row_f32_vbmi(const Step *s, int64_t r) {
-    ROW_SETUP(float, float, LOAD_F32)
-    touch_poisoned(g, len, sizeof(float));
-    touch_poisoned(param, len, sizeof(float));
-    touch_poisoned(codes, len, 1);
-    touch_poisoned(v, per_element ? len : 1, sizeof(float));
-    const BytePlanes *t = s->planes;
-    const int32_t half = (int32_t)a->lut_half;
-    const __m512 old_mag_v = _mm512_set1_ps(old_mag), beta1_v = _mm512_set1_ps(beta1);
-    const __m512 keep1_v = _mm512_set1_ps(keep1), sign_v = _mm512_set1_ps(sign);
-    const __m512 beta2_v = _mm512_set1_ps(beta2), keep2_v = _mm512_set1_ps(keep2);
-    _Alignas(64) float kept[TILE];
-    __m512 peak_v = _mm512_setzero_ps(), sum_v = _mm512_setzero_ps(), m[4], gi[4];
-    for (int64_t i = 0; i < len; i += 64) {
-        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
-        for (int k = 0; k < 4; k++) {
-            _mm_prefetch((const char *)(g + i + 16 * k + PREFETCH_AHEAD), _MM_HINT_T0);
-            _mm_prefetch((const char *)(param + i + 16 * k), _MM_HINT_T0);
-        }
-        first_moments(t, codes, g, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi);
-        for (int k = 0; k < 4; k++) {
-            const __mmask16 lanes = (__mmask16)(n >> 16 * k);
-            const __m512 square = _mm512_mul_ps(gi[k], gi[k]);
-            if (buffered) _mm512_store_ps(kept + i + 16 * k, m[k]);
-            /* max(mag, peak) keeps peak when mag is NaN, as the portable rows do */
-            peak_v = _mm512_mask_max_ps(peak_v, lanes, _mm512_abs_ps(m[k]), peak_v);
-            if (per_element) {
-                float *vk = v + i + 16 * k;
-                const __m512 vv = _mm512_maskz_loadu_ps(lanes, vk);
-                _mm512_mask_storeu_ps(vk, lanes, _mm512_add_ps(_mm512_mul_ps(vv, beta2_v),
-                                                               _mm512_mul_ps(square, keep2_v)));
-            } else {
-                sum_v = _mm512_add_ps(sum_v, square); /* lanes past n add +0 */
-            }
-        }
-    }
-    _Alignas(64) float lanes[SUM_LANES];
-    _mm512_store_ps(lanes, sum_v);
-    FOLD_LANES(lanes)
-    const float square_sum = lanes[0], peak = _mm512_reduce_max_ps(peak_v);
-    NEW_MAGNITUDE(float, LOAD_F32, STORE_F32, sqrtf)
-
-    const Quantiser q = {
-        .stored = _mm512_set1_ps(stored),
-        .half = _mm512_set1_ps((float)half),
-        .low_cell = _mm512_set1_ps((float)-half),
-        .high_cell = _mm512_set1_ps((float)(half - 1)),
-        .half_i = _mm512_set1_epi32(half),
-        .fine_mask = _mm512_set1_epi16((short)((1 << t->shift) - 1)),
-        .live = _mm512_set1_epi8(live ? -1 : 0),
-        .shift = _mm_cvtsi32_si128(t->shift),
-        .identity = identity,
-    };
-    /* Three loops, each with a dependency chain per chunk short enough for the core to overlap
-     * consecutive chunks (one loop doing all of it ran about 9% slower): the quotients and the
-     * boundary counts below them, the codes, the update. Rows longer than TILE have no buffer:
-     * their codes follow in the first loop. */
-    _Alignas(64) uint8_t below_buffer[TILE];
-    for (int64_t i = 0; i < len; i += 64) {
-        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
-        if (buffered) {
-            for (int k = 0; k < 4; k++) m[k] = _mm512_load_ps(kept + i + 16 * k);
-        } else {
-            first_moments(t, codes, g, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi);
-        }
-        __m512 x[4];
-        for (int k = 0; k < 4; k++) x[k] = _mm512_div_ps(m[k], q.stored);
-        const __m512i below = boundaries_below(t, &q, x);
-        if (buffered) {
-            for (int k = 0; k < 4; k++) _mm512_store_ps(kept + i + 16 * k, x[k]);
-            _mm512_store_si512(below_buffer + i, below);
-        } else {
-            _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(nearest_codes(t, &q, x, below)));
-        }
-    }
-    for (int64_t i = 0; buffered && i < len; i += 64) {
-        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
-        __m512 x[4];
-        for (int k = 0; k < 4; k++) x[k] = _mm512_load_ps(kept + i + 16 * k);
-        const __m512i code = nearest_codes(t, &q, x, _mm512_load_si512(below_buffer + i));
-        _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(code));
-    }
-    const __m512 decay_v = _mm512_set1_ps(decay), step_v = _mm512_set1_ps(step_size);
-    const __m512 bias2_v = _mm512_set1_ps(bias2_t), eps_v = _mm512_set1_ps(eps);
-    const __m512 shared_v = _mm512_set1_ps(shared_scale);
-    for (int64_t i = 0; i < len; i += 64) {
-        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;
-        __m512 dequantised[4];
-        const __m512i code = transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i));
-        lookup_f32(t->codebook, code, dequantised);
-        for (int k = 0; k < 4; k++) {
-            const __mmask16 lanes = (__mmask16)(n >> 16 * k);
-            float *pk = param + i + 16 * k;
-            __m512 scale = shared_v;
-            if (per_element) { /* ELEMENT_SCALE */
-                const __m512 vv = _mm512_maskz_loadu_ps(lanes, v + i + 16 * k);
-                scale = _mm512_div_ps(
-                    step_v, _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(vv, bias2_v)), eps_v));
-            }
-            const __m512 update = _mm512_mul_ps(_mm512_mul_ps(dequantised[k], q.stored), scale);
-            const __m512 old = _mm512_maskz_loadu_ps(lanes, pk);
-            _mm512_mask_storeu_ps(pk, lanes, _mm512_sub_ps(_mm512_mul_ps(old, decay_v), update));
-        }
-    }
+/* One row; ST, LOAD/STORE: the storage type and its one-element conversions (for ROW_SETUP);
+ * BF16: whether ST is bf16, for load16/store16. */
+#define DEFINE_VBMI_ROW(NAME, ST, LOAD, STORE, BF16)                                            \
+VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                                \
+    ROW_SETUP(float, ST, LOAD)                                                                  \
+    touch_poisoned(g, len, sizeof(ST));                                                         \
+    touch_poisoned(param, len, sizeof(ST));                                                     \
+    touch_poisoned(codes, len, 1);                                                              \
+    touch_poisoned(v, per_element ? len : 1, sizeof(ST));                                       \
+    const BytePlanes *t = s->planes;                                                            \
+    const int32_t half = (int32_t)a->lut_half;                                                  \
+    const __m512 old_mag_v = _mm512_set1_ps(old_mag), beta1_v = _mm512_set1_ps(beta1);          \
+    const __m512 keep1_v = _mm512_set1_ps(keep1), sign_v = _mm512_set1_ps(sign);                \
+    const __m512 beta2_v = _mm512_set1_ps(beta2), keep2_v = _mm512_set1_ps(keep2);              \
+    _Alignas(64) float kept[TILE];                                                              \
+    __m512 peak_v = _mm512_setzero_ps(), sum_v = _mm512_setzero_ps(), m[4], gi[4];              \
+    for (int64_t i = 0; i < len; i += 64) {                                                     \
+        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;                    \
+        for (int k = 0; k < 4; k++) {                                                           \
+            _mm_prefetch((const char *)(g + i + 16 * k + PREFETCH_AHEAD), _MM_HINT_T0);         \
+            _mm_prefetch((const char *)(param + i + 16 * k), _MM_HINT_T0);                      \
+        }                                                                                       \
+        first_moments(t, codes, g, BF16, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi);     \
+        for (int k = 0; k < 4; k++) {                                                           \
+            const __mmask16 lanes = (__mmask16)(n >> 16 * k);                                   \
+            const __m512 square = _mm512_mul_ps(gi[k], gi[k]);                                  \
+            if (buffered) _mm512_store_ps(kept + i + 16 * k, m[k]);                             \
+            /* max(mag, peak) keeps peak when mag is NaN, as the portable rows do */            \
+            peak_v = _mm512_mask_max_ps(peak_v, lanes, _mm512_abs_ps(m[k]), peak_v);            \
+            if (per_element) {                                                                  \
+                ST *vk = v + i + 16 * k;                                                        \
+                const __m512 vv = load16(vk, lanes, BF16);                                      \
+                store16(vk, lanes, _mm512_add_ps(_mm512_mul_ps(vv, beta2_v), _mm512_mul_ps(square, keep2_v)), BF16); \
+            } else {                                                                            \
+                sum_v = _mm512_add_ps(sum_v, square); /* lanes past n add +0 */                 \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    _Alignas(64) float lanes[SUM_LANES];                                                        \
+    _mm512_store_ps(lanes, sum_v);                                                              \
+    FOLD_LANES(lanes)                                                                           \
+    const float square_sum = lanes[0], peak = _mm512_reduce_max_ps(peak_v);                     \
+    NEW_MAGNITUDE(float, LOAD, STORE, sqrtf)                                                    \
+                                                                                                \
+    const Quantiser q = {                                                                       \
+        .stored = _mm512_set1_ps(stored),                                                       \
+        .half = _mm512_set1_ps((float)half),                                                    \
+        .low_cell = _mm512_set1_ps((float)-half),                                               \
+        .high_cell = _mm512_set1_ps((float)(half - 1)),                                         \
+        .half_i = _mm512_set1_epi32(half),                                                      \
+        .fine_mask = _mm512_set1_epi16((short)((1 << t->shift) - 1)),                           \
+        .live = _mm512_set1_epi8(live ? -1 : 0),                                                \
+        .shift = _mm_cvtsi32_si128(t->shift),                                                   \
+        .identity = identity,                                                                   \
+    };                                                                                          \
+    /* Three loops, each with a dependency chain per chunk short enough for the core to overlap \
+     * consecutive chunks (one loop doing all of it ran about 9% slower): the quotients and the \
+     * boundary counts below them, the codes, the update. Rows longer than TILE have no buffer: \
+     * their codes follow in the first loop. */                                                 \
+    _Alignas(64) uint8_t below_buffer[TILE];                                                    \
+    for (int64_t i = 0; i < len; i += 64) {                                                     \
+        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;                    \
+        if (buffered) {                                                                         \
+            for (int k = 0; k < 4; k++) m[k] = _mm512_load_ps(kept + i + 16 * k);               \
+        } else {                                                                                \
+            first_moments(t, codes, g, BF16, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi); \
+        }                                                                                       \
+        __m512 x[4];                                                                            \
+        for (int k = 0; k < 4; k++) x[k] = _mm512_div_ps(m[k], q.stored);                       \
+        const __m512i below = boundaries_below(t, &q, x);                                       \
+        if (buffered) {                                                                         \
+            for (int k = 0; k < 4; k++) _mm512_store_ps(kept + i + 16 * k, x[k]);               \
+            _mm512_store_si512(below_buffer + i, below);                                        \
+        } else {                                                                                \
+            _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(nearest_codes(t, &q, x, below))); \
+        }                                                                                       \
+    }                                                                                           \
+    for (int64_t i = 0; buffered && i < len; i += 64) {                                         \
+        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;                    \
+        __m512 x[4];                                                                            \
+        for (int k = 0; k < 4; k++) x[k] = _mm512_load_ps(kept + i + 16 * k);                   \
+        const __m512i code = nearest_codes(t, &q, x, _mm512_load_si512(below_buffer + i));      \
+        _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(code));                          \
+    }                                                                                           \
+    const __m512 decay_v = _mm512_set1_ps(decay), step_v = _mm512_set1_ps(step_size);           \
+    const __m512 bias2_v = _mm512_set1_ps(bias2_t), eps_v = _mm512_set1_ps(eps);                \
+    const __m512 shared_v = _mm512_set1_ps(shared_scale);                                       \
+    for (int64_t i = 0; i < len; i += 64) {                                                     \
+        const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;                    \
+        __m512 dequantised[4];                                                                  \
+        const __m512i code = transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i));           \
+        lookup_f32(t->codebook, code, dequantised);                                             \
+        for (int k = 0; k < 4; k++) {                                                           \
+            const __mmask16 lanes = (__mmask16)(n >> 16 * k);                                   \
+            ST *pk = param + i + 16 * k;                                                        \
+            __m512 scale = shared_v;                                                            \
+            if (per_element) { /* ELEMENT_SCALE */                                              \
+                const __m512 vv = load16(v + i + 16 * k, lanes, BF16);                          \
+                scale = _mm512_div_ps(                                                          \
+                    step_v, _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(vv, bias2_v)), eps_v));  \
+            }                                                                                   \
+            const __m512 update = _mm512_mul_ps(_mm512_mul_ps(dequantised[k], q.stored), scale); \
+            const __m512 old = load16(pk, lanes, BF16);                                         \
+            store16(pk, lanes, _mm512_sub_ps(_mm512_mul_ps(old, decay_v), update), BF16);       \
+        }                                                                                       \
+    }                                                                                           \
 }
+
+DEFINE_VBMI_ROW(row_f32_vbmi, float, LOAD_F32, STORE_F32, 0)
+DEFINE_VBMI_ROW(row_bf16_vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
 
 
 /* ---- the AVX2 rows (fp32 and bf16 state) ----
@@ -761,7 +790,7 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
  * element, for ROW_SETUP). The chunk bodies run on the row in place, then on copies of its last
  * len % 8 elements padded to 8 (lanes past the row are computed and dropped). */
 #define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8)                                   \
-    ISA_AVX2 static void NAME(const Step *s, int64_t r) {                                       \
+    ISA_AVX2 static void NAME(const Step *s, int64_t r, int64_t owner) {                        \
         ROW_SETUP(float, ST, LOAD)                                                              \
         touch_poisoned(g, len, sizeof(ST));                                                     \
         touch_poisoned(param, len, sizeof(ST));                                                 \
@@ -944,7 +973,7 @@ int gefen_cpu_path(int force) {
 
 /* ---- one call: every row of a bucket ---- */
 
-typedef void (*RowFn)(const Step *, int64_t);
+typedef void (*RowFn)(const Step *, int64_t, int64_t);
 
 /* The rows a step ran, for reports (kernels/native.py names them): the path's own, or the
  * vectoriser's where its tables do not fit (a fine-grained codebook, fp16 or fp64 state). */
@@ -953,10 +982,24 @@ static int last_rows = ROWS_NONE;
 
 int gefen_last_rows(void) { return __atomic_load_n(&last_rows, __ATOMIC_RELAXED); }
 
+/* Rows a thread takes at a time; it finds the first one's parameter by binary search, and
+ * walks to the next parameters' from there. */
+#define ROW_CHUNK 16
+
 static void run_rows(const Step *s, RowFn row, int rows) {
     __atomic_store_n(&last_rows, rows, __ATOMIC_RELAXED);
-    _Pragma("omp parallel for schedule(dynamic, 16) num_threads(s->a->num_threads)")
-    for (int64_t r = 0; r < s->a->num_rows; r++) row(s, r);
+    const StepArgs *a = s->a;
+    const int64_t chunks = (a->num_rows + ROW_CHUNK - 1) / ROW_CHUNK;
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(a->num_threads)")
+    for (int64_t chunk = 0; chunk < chunks; chunk++) {
+        const int64_t first = chunk * ROW_CHUNK;
+        const int64_t end = first + ROW_CHUNK < a->num_rows ? first + ROW_CHUNK : a->num_rows;
+        int64_t p = param_of_row(a, first);
+        for (int64_t r = first; r < end; r++) {
+            while (p + 1 < a->num_params && a->segments[(p + 1) * SEG_FIELDS + SEG_ROW0] <= r) p++;
+            row(s, r, p);
+        }
+    }
 }
 
 /* Returns 0, or -1 for an unknown dtype or a failed allocation. */
@@ -970,11 +1013,11 @@ int gefen_step(const StepArgs *a, int dtype) {
     (void)path;
     if (dtype < DT_F32 || dtype > DT_F64) status = -1;
 #if X86_PATHS
-    else if (path == PATH_VBMI && dtype == DT_F32 && 2 * a->lut_half <= MAX_VBMI_CELLS) {
+    else if (path == PATH_VBMI && dtype <= DT_BF16 && 2 * a->lut_half <= MAX_VBMI_CELLS) {
         BytePlanes planes;
         if (build_planes(&planes, a) == 0) {
             s.planes = &planes;
-            run_rows(&s, row_f32_vbmi, ROWS_VBMI);
+            run_rows(&s, dtype == DT_F32 ? row_f32_vbmi : row_bf16_vbmi, ROWS_VBMI);
         } else {
             status = -1;
         }
