@@ -721,19 +721,30 @@ static const CellTable *cell_table(const StepArgs *a) {
         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(ptr))), 16))
 #define STORE8_BF16(ptr, x) _mm_storeu_si128((__m128i *)(ptr), bf16_of(x))
 
-/* f32_to_bf16 of 8 lanes. */
-ISA_AVX2 static inline __m128i bf16_of(__m256 x) {
+/* f32_to_bf16 of 8 lanes, as 32-bit lanes. */
+ISA_AVX2 static inline __m256i bf16_lanes(__m256 x) {
     const __m256i u = _mm256_castps_si256(x);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i rounded = _mm256_srli_epi32(
         _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                           _mm256_set1_epi32(0x7f800000));
-    const __m256i half = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
-    /* in-lane packs leave lanes 0-3 in quadword 0, 4-7 in quadword 2 */
-    const __m256i packed = _mm256_packus_epi32(half, half);
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+    return _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)),
+        _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
 }
+
+/* f32_to_bf16 of 8 lanes, packed. */
+ISA_AVX2 static inline __m128i bf16_of(__m256 x) {
+    /* in-lane packs leave lanes 0-3 in quadword 0, 4-7 in quadword 2 */
+    const __m256i lanes = bf16_lanes(x);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(lanes, lanes), 0x08));
+}
+
+/* Two chunks' 16 lanes stored at p, in one pack: STORE8 of each. */
+#define STORE16_F32(ptr, first, second)                                                         \
+    (_mm256_storeu_ps(ptr, first), _mm256_storeu_ps((ptr) + 8, second))
+#define STORE16_BF16(ptr, first, second)                                                        \
+    _mm256_storeu_si256((__m256i *)(ptr), _mm256_permute4x64_epi64(                            \
+        _mm256_packus_epi32(bf16_lanes(first), bf16_lanes(second)), 0xd8))
 
 /* FIRST_MOMENT of 8 elements from their 8 code bytes; keep1 carries the sign of maximize
  * ((sign g) keep1 and g (sign keep1) are the same bits: negation is exact). */
@@ -789,7 +800,7 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
 /* One row; ST and LOAD8/STORE8: the storage type and its 8-lane conversions (LOAD/STORE: one
  * element, for ROW_SETUP). The chunk bodies run on the row in place, then on copies of its last
  * len % 8 elements padded to 8 (lanes past the row are computed and dropped). */
-#define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8)                                   \
+#define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8, STORE16)                          \
     ISA_AVX2 static void NAME(const Step *s, int64_t r, int64_t owner) {                        \
         ROW_SETUP(float, ST, LOAD)                                                              \
         touch_poisoned(g, len, sizeof(ST));                                                     \
@@ -852,10 +863,10 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
             for (; i < len; i += 8)                                                             \
                 store_codes8(i < whole ? codes + i : c_tail,                                    \
                              codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored_v))); \
-            if (per_element) AVX2_UPDATES(LOAD8, STORE8, 1, AVX2_STORED_CODES)                  \
-            else AVX2_UPDATES(LOAD8, STORE8, 0, AVX2_STORED_CODES)                              \
+            if (per_element) AVX2_UPDATES(LOAD8, STORE8, STORE16, 1, AVX2_STORED_CODES)         \
+            else AVX2_UPDATES(LOAD8, STORE8, STORE16, 0, AVX2_STORED_CODES)                     \
         } else {                                                                                \
-            AVX2_UPDATES(LOAD8, STORE8, per_element, AVX2_RECOMPUTED_CODES(LOAD8))               \
+            AVX2_UPDATES(LOAD8, STORE8, STORE16, per_element, AVX2_RECOMPUTED_CODES(LOAD8))      \
         }                                                                                       \
         memcpy(param + whole, p_tail, rest * sizeof(ST));                                       \
         memcpy(codes + whole, c_tail, rest);                                                    \
@@ -916,23 +927,34 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
 
 /* The update of the chunk at i, from its codes CODE, of the row's parameters and (PER) second
  * moments, or of the padded tail's. */
-#define AVX2_UPDATE(LOAD8, STORE8, PER, P, V, CODE)                                             \
-    {                                                                                           \
+#define AVX2_UPDATED(LOAD8, PER, P, V, CODE)                                                    \
+    ({                                                                                          \
         const __m256 entry = _mm256_i32gather_ps(codebook, CODE, 4);                           \
         const __m256 scale = PER ? _mm256_div_ps(step_v, _mm256_add_ps( /* ELEMENT_SCALE */     \
                                        _mm256_sqrt_ps(_mm256_div_ps(LOAD8(V), bias2_v)), eps_v)) \
                                  : shared_v;                                                    \
         const __m256 update = _mm256_mul_ps(_mm256_mul_ps(entry, stored_v), scale);            \
-        STORE8(P, _mm256_sub_ps(_mm256_mul_ps(LOAD8(P), decay_v), update));                    \
-    }
-#define AVX2_UPDATES(LOAD8, STORE8, PER, CODE)                                                  \
+        _mm256_sub_ps(_mm256_mul_ps(LOAD8(P), decay_v), update);                                \
+    })
+#define AVX2_UPDATES(LOAD8, STORE8, STORE16, PER, CODE)                                         \
     {                                                                                           \
-        for (i = 0; i < whole; i += 8) AVX2_UPDATE(LOAD8, STORE8, PER, param + i, v + i, CODE)  \
-        if (rest) AVX2_UPDATE(LOAD8, STORE8, PER, p_tail, v_tail, CODE)                          \
+        for (i = 0; i + 16 <= whole; i += 16) {                                                 \
+            const __m256 first = AVX2_UPDATED(LOAD8, PER, param + i, v + i, CODE);              \
+            i += 8;                                                                             \
+            const __m256 second = AVX2_UPDATED(LOAD8, PER, param + i, v + i, CODE);             \
+            i -= 8;                                                                             \
+            STORE16(param + i, first, second);                                                  \
+        }                                                                                       \
+        if (i < whole) {                                                                        \
+            STORE8(param + i, AVX2_UPDATED(LOAD8, PER, param + i, v + i, CODE));                \
+            i += 8;                                                                             \
+        }                                                                                       \
+        if (rest) STORE8(p_tail, AVX2_UPDATED(LOAD8, PER, p_tail, v_tail, CODE));                \
     }
 
-DEFINE_AVX2_ROW(row_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32)
-DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STORE8_BF16)
+DEFINE_AVX2_ROW(row_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32, STORE16_F32)
+DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STORE8_BF16,
+                STORE16_BF16)
 #endif
 
 /* ---- the paths, picked by the CPU's features ---- */
