@@ -310,8 +310,8 @@ DEFINE_ROWS(_vec_avx512, ISA_AVX512)
 #define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,bmi2")))
 
 /* ASan instruments plain loads and stores, not intrinsics: in sanitized builds (setup.py,
- * GEFEN_SANITIZE=1) a VBMI row first reads the first poisoned byte, if any, of each range it
- * touches, so that ASan reports what the vector accesses would have read or written. */
+ * GEFEN_SANITIZE=1) a VBMI or AVX2 row first reads the first poisoned byte, if any, of each
+ * range it touches, so that ASan reports what the vector accesses would have read or written. */
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 static void touch_poisoned(const void *ptr, int64_t count, size_t size) {
@@ -321,6 +321,13 @@ static void touch_poisoned(const void *ptr, int64_t count, size_t size) {
 #else
 #define touch_poisoned(ptr, count, size) ((void)0)
 #endif
+
+/* touch_poisoned for every range a row of ST storage reads or writes. */
+#define TOUCH_ROW(ST)                                                                           \
+    touch_poisoned(g, len, sizeof(ST));                                                         \
+    touch_poisoned(param, len, sizeof(ST));                                                     \
+    touch_poisoned(codes, len, 1);                                                              \
+    touch_poisoned(v, per_element ? len : 1, sizeof(ST));
 
 struct BytePlanes {
     _Alignas(64) uint8_t codebook[4][256]; /* byte b of entry i at [b][i] */
@@ -504,10 +511,7 @@ VBMI static inline __m512i nearest_codes(const BytePlanes *t, const Quantiser *q
 #define DEFINE_VBMI_ROW(NAME, ST, LOAD, STORE, BF16)                                            \
 VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                                \
     ROW_SETUP(float, ST, LOAD)                                                                  \
-    touch_poisoned(g, len, sizeof(ST));                                                         \
-    touch_poisoned(param, len, sizeof(ST));                                                     \
-    touch_poisoned(codes, len, 1);                                                              \
-    touch_poisoned(v, per_element ? len : 1, sizeof(ST));                                       \
+    TOUCH_ROW(ST)                                                                               \
     const BytePlanes *t = s->planes;                                                            \
     const int32_t half = (int32_t)a->lut_half;                                                  \
     const __m512 old_mag_v = _mm512_set1_ps(old_mag), beta1_v = _mm512_set1_ps(beta1);          \
@@ -803,10 +807,7 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
 #define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8, STORE16)                          \
     ISA_AVX2 static void NAME(const Step *s, int64_t r, int64_t owner) {                        \
         ROW_SETUP(float, ST, LOAD)                                                              \
-        touch_poisoned(g, len, sizeof(ST));                                                     \
-        touch_poisoned(param, len, sizeof(ST));                                                 \
-        touch_poisoned(codes, len, 1);                                                          \
-        touch_poisoned(v, per_element ? len : 1, sizeof(ST));                                   \
+        TOUCH_ROW(ST)                                                                           \
         (void)identity; /* the cell table holds the codes of repeated entries */                \
         const float *restrict codebook = (const float *)a->codebook;                           \
         const __m256 old_mag_v = _mm256_set1_ps(old_mag), beta1_v = _mm256_set1_ps(beta1);      \
