@@ -3,37 +3,45 @@ what the step costs beyond its kernels, which on a GPU must stay small beside th
 
     python benchmarks/bench_host.py [--tensors 2000] [--repeats 7]
 
-Rows: the CPU path (checks, pointer tables, C-kernel call; the C kernel itself stubbed) and the
-CUDA launcher's host work (pointer and flag tables, alignment, bias corrections, launch
-arguments; run on a CPU bucket with the launches stubbed, so no GPU is needed). Medians of
-``--repeats`` runs of 10 steps each, interleaved.
+Rows: the CPU path (cpu_step.step_prepared: gradients read and checked and pointer tables
+filled in one C call; the C kernel itself stubbed) and the CUDA launcher's host work (pointer
+and flag tables, alignment, bias corrections, launch arguments; run on a CPU bucket through the
+general path with the launches stubbed, so no GPU is needed). Medians of ``--repeats`` runs of
+10 steps each, interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 from gefen_compile import Gefen, ops
-from gefen_compile.kernels import triton_step
+from gefen_compile.kernels import cpu_step, native, triton_step
 
-PATHS = {
-    "CPU path (C kernel stubbed)": lambda *args: None,
-    "CUDA launcher (launches stubbed)": triton_step.step,
-}
+prepared = cpu_step.step_prepared
 
 
-def cpu_name() -> str:
+def _stubbed_c_step(bucket, make_args) -> bool:
+    """cpu_step.step_prepared with the C kernel itself stubbed: its host work only."""
+    run, cpu_step._run = cpu_step._run, lambda *args: None
     try:
-        with open("/proc/cpuinfo") as f:
-            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            return next(names)
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+        return prepared(bucket, make_args)
+    finally:
+        cpu_step._run = run
+
+
+def _general_path(bucket, make_args) -> bool:
+    return False  # the general path: it calls the kernel registered for the device
+
+
+# name: (what takes step_prepared's place, the kernel the general path calls)
+PATHS = {
+    "CPU path (C kernel stubbed)": (_stubbed_c_step, ops._STEP_KERNELS["cpu"]),
+    "CUDA launcher (launches stubbed)": (_general_path, triton_step.step),
+}
 
 
 def main() -> None:
@@ -52,15 +60,15 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in PATHS}
     try:
         for _ in range(args.repeats):
-            for name, path in PATHS.items():
-                ops._STEP_KERNELS["cpu"] = path
+            for name, (step_prepared, general) in PATHS.items():
+                cpu_step.step_prepared, ops._STEP_KERNELS["cpu"] = step_prepared, general
                 start = time.perf_counter()
                 for _ in range(10):
                     opt.step()
                 times[name].append((time.perf_counter() - start) / 10 / args.tensors)
     finally:
-        ops._STEP_KERNELS["cpu"] = kernel
-    print(f"{cpu_name()}, torch {torch.__version__}, "
+        cpu_step.step_prepared, ops._STEP_KERNELS["cpu"] = prepared, kernel
+    print(f"{native.processor_name()}, torch {torch.__version__}, "
           f"{args.tensors} tensors of 256 elements, {torch.get_num_threads()} threads")
     for name, values in times.items():
         print(f"{name}: {statistics.median(values) * 1e6:.2f} us per tensor per step")

@@ -817,10 +817,12 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         _Alignas(32) float kept[TILE];                                                          \
         ST g_tail[8] = {0}, p_tail[8] = {0}, v_tail[8] = {0};                                   \
         uint8_t c_tail[8] = {0};                                                                \
-        memcpy(g_tail, g + whole, rest * sizeof(ST));                                           \
-        memcpy(p_tail, param + whole, rest * sizeof(ST));                                       \
-        memcpy(c_tail, codes + whole, rest);                                                    \
-        if (per_element) memcpy(v_tail, v + whole, rest * sizeof(ST));                          \
+        if (rest) { /* rows of whole chunks (the common case) skip the copies */                \
+            memcpy(g_tail, g + whole, rest * sizeof(ST));                                       \
+            memcpy(p_tail, param + whole, rest * sizeof(ST));                                   \
+            memcpy(c_tail, codes + whole, rest);                                                \
+            if (per_element) memcpy(v_tail, v + whole, rest * sizeof(ST));                      \
+        }                                                                                       \
         const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));             \
         const __m256 tail_mask = _mm256_and_ps(abs_mask, _mm256_castsi256_ps(_mm256_cmpgt_epi32( \
             _mm256_set1_epi32((int)rest), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));         \
@@ -869,9 +871,11 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         } else {                                                                                \
             AVX2_UPDATES(LOAD8, STORE8, STORE16, per_element, AVX2_RECOMPUTED_CODES)             \
         }                                                                                       \
-        memcpy(param + whole, p_tail, rest * sizeof(ST));                                       \
-        memcpy(codes + whole, c_tail, rest);                                                    \
-        if (per_element) memcpy(v + whole, v_tail, rest * sizeof(ST));                          \
+        if (rest) {                                                                             \
+            memcpy(param + whole, p_tail, rest * sizeof(ST));                                   \
+            memcpy(codes + whole, c_tail, rest);                                                \
+            if (per_element) memcpy(v + whole, v_tail, rest * sizeof(ST));                      \
+        }                                                                                       \
     }
 
 /* The first pass over the chunk at I of (G, C, V): the row's gradients, codes and second

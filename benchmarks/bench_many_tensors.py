@@ -1,0 +1,65 @@
+"""Per-tensor cost of a whole step: the same number of parameters in many small tensors against
+a few large ones, Gefen and fused AdamW side by side.
+
+    python benchmarks/bench_many_tensors.py [--elements 8388608] [--small 8000] [--large 8]
+                                            [--steps 11] [--threads T]
+
+Each optimizer has its own parameters (rows of 64, gradients with per-row scales); after two
+first steps, steps are interleaved and their medians printed, with each optimizer's ratio of
+many small tensors to few large ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from gefen_compile import Gefen
+from gefen_compile.kernels import native
+
+OPTIMIZERS = {"Gefen": Gefen, "AdamW (fused)": lambda p: torch.optim.AdamW(p, fused=True)}
+
+
+def tensors(count: int, elements: int) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(elements // count // 64, 64)) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn_like(p) * torch.randn(p.shape[0], 1).exp()
+    return params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--elements", type=int, default=1 << 23)
+    parser.add_argument("--small", type=int, default=8000)
+    parser.add_argument("--large", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=11)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    runs = {(name, count): build(tensors(count, args.elements))
+            for name, build in OPTIMIZERS.items() for count in (args.large, args.small)}
+    for optimizer in runs.values():
+        optimizer.step()
+        optimizer.step()
+    times: dict[tuple, list[float]] = {key: [] for key in runs}
+    for _ in range(args.steps):
+        for key, optimizer in runs.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[key].append(time.perf_counter() - start)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    print(f"{args.elements / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads, "
+          f"median of {args.steps} interleaved steps; {native.describe()}")
+    for name in OPTIMIZERS:
+        large, small = median[name, args.large], median[name, args.small]
+        print(f"{name}: {args.large} tensors {large * 1e3:.2f} ms, {args.small} tensors "
+              f"{small * 1e3:.2f} ms ({small / large:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
