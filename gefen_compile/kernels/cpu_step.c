@@ -782,6 +782,22 @@ ISA_AVX2 static inline __m256i codes8(const Coder *c, __m256 x) {
     return _mm256_and_si256(code, c->keep);
 }
 
+/* FOLD_LANES of the 16 lanes even (0-7) and odd (8-15), in vector registers: the same
+ * additions in the same order. */
+ISA_AVX2 static inline float fold_lanes(__m256 even, __m256 odd) {
+    const __m256 w8 = _mm256_add_ps(even, odd);
+    const __m128 w4 = _mm_add_ps(_mm256_castps256_ps128(w8), _mm256_extractf128_ps(w8, 1));
+    const __m128 w2 = _mm_add_ps(w4, _mm_movehl_ps(w4, w4));
+    return _mm_cvtss_f32(_mm_add_ss(w2, _mm_movehdup_ps(w2)));
+}
+
+/* The largest of 8 lanes (none NaN: max is then exact in any order). */
+ISA_AVX2 static inline float largest(__m256 x) {
+    const __m128 w4 = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 w2 = _mm_max_ps(w4, _mm_movehl_ps(w4, w4));
+    return _mm_cvtss_f32(_mm_max_ss(w2, _mm_movehdup_ps(w2)));
+}
+
 /* The low bytes of 8 32-bit lanes, stored as 8 bytes. */
 ISA_AVX2 static inline void store_codes8(uint8_t *codes, __m256i code) {
     const __m256i bytes = _mm256_shuffle_epi8(
@@ -835,14 +851,7 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         else if (per_element) AVX2_FIRST_PASS(LOAD8, STORE8, 1, 0)                              \
         else if (buffered) AVX2_FIRST_PASS(LOAD8, STORE8, 0, 1)                                 \
         else AVX2_FIRST_PASS(LOAD8, STORE8, 0, 0)                                               \
-        _Alignas(32) float lanes[SUM_LANES], peaks[8];                                          \
-        _mm256_store_ps(lanes, even);                                                           \
-        _mm256_store_ps(lanes + 8, odd);                                                        \
-        FOLD_LANES(lanes)                                                                       \
-        const float square_sum = lanes[0];                                                      \
-        _mm256_store_ps(peaks, peak_v);                                                         \
-        float peak = 0;                                                                         \
-        for (int l = 0; l < 8; l++) peak = peaks[l] > peak ? peaks[l] : peak;                   \
+        const float square_sum = fold_lanes(even, odd), peak = largest(peak_v);                \
         NEW_MAGNITUDE(float, LOAD, STORE, sqrtf)                                                \
         const CellTable *t = s->cells;                                                          \
         const Coder coder = {                                                                   \
