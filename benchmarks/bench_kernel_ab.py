@@ -22,7 +22,7 @@ import torch
 
 from gefen_compile import Gefen
 from gefen_compile.kernels import native
-from gefen_compile.kernels.cpu_step import _DTYPE_CODES
+from gefen_compile.kernels.cpu_step import DTYPE_CODES
 
 
 def step_args(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
@@ -71,7 +71,7 @@ def main() -> None:
         for _ in range(args.steps):
             for name, library in libraries.items():
                 start = time.thread_time()
-                library.gefen_step(ctypes.byref(step), _DTYPE_CODES[dtype])
+                library.gefen_step(ctypes.byref(step), DTYPE_CODES[dtype])
                 times[name].append(time.thread_time() - start)
         base, this = (statistics.median(times[name]) for name in libraries)
         print(f"{text}: baseline {base * 1e3:.3f} ms, this checkout {this * 1e3:.3f} ms, "

@@ -1,4 +1,5 @@
-"""``memory_report``: what a Gefen optimizer's state costs, per tensor, against AdamW."""
+"""``memory_report``: what a Gefen (or GefenMuon) optimizer's state costs, per tensor, against
+the optimizer it stands in for: AdamW (Muon)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ class TensorMemory:
     numel: int
     period: int | None  # None until the parameter's first gradient
     gefen_bytes: int
-    adamw_bytes: int
+    baseline_bytes: int  # what the baseline optimizer (MemoryReport.baseline) would hold
+
+    @property
+    def adamw_bytes(self) -> int:
+        """``baseline_bytes``: AdamW's, in a report on Gefen."""
+        return self.baseline_bytes
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,9 @@ class MemoryReport:
     # Which C step (instruction-set path and rows) CPU parameters take, to attribute timings;
     # None when no parameter is on the CPU.
     cpu_step: str | None = None
+    # The optimizer Gefen stands in for: AdamW (exp_avg, exp_avg_sq, step), or for GefenMuon,
+    # Muon (momentum_buffer).
+    baseline: str = "AdamW"
 
     @property
     def numel(self) -> int:
@@ -42,19 +51,29 @@ class MemoryReport:
         return sum(t.gefen_bytes for t in self.tensors)
 
     @property
+    def baseline_bytes(self) -> int:
+        return sum(t.baseline_bytes for t in self.tensors)
+
+    @property
     def adamw_bytes(self) -> int:
-        return sum(t.adamw_bytes for t in self.tensors)
+        """``baseline_bytes``: AdamW's, in a report on Gefen."""
+        return self.baseline_bytes
 
     @property
     def gefen_bytes_per_param(self) -> float:
         return self.gefen_bytes / max(self.numel, 1)
 
     @property
+    def baseline_bytes_per_param(self) -> float:
+        return self.baseline_bytes / max(self.numel, 1)
+
+    @property
     def adamw_bytes_per_param(self) -> float:
-        return self.adamw_bytes / max(self.numel, 1)
+        """``baseline_bytes_per_param``: AdamW's, in a report on Gefen."""
+        return self.baseline_bytes_per_param
 
     def __str__(self) -> str:
-        header = ("tensor", "shape", "dtype", "period", "Gefen bytes", "AdamW bytes")
+        header = ("tensor", "shape", "dtype", "period", "Gefen bytes", f"{self.baseline} bytes")
         rows = [
             (
                 t.name,
@@ -62,14 +81,14 @@ class MemoryReport:
                 str(t.dtype).removeprefix("torch."),
                 "-" if t.period is None else str(t.period),
                 f"{t.gefen_bytes:,}",
-                f"{t.adamw_bytes:,}",
+                f"{t.baseline_bytes:,}",
             )
             for t in self.tensors
         ]
         rows.append(("total", f"{self.numel:,} params", "", "", f"{self.gefen_bytes:,}",
-                     f"{self.adamw_bytes:,}"))
+                     f"{self.baseline_bytes:,}"))
         rows.append(("bytes/param", "", "", "", f"{self.gefen_bytes_per_param:.3f}",
-                     f"{self.adamw_bytes_per_param:.3f}"))
+                     f"{self.baseline_bytes_per_param:.3f}"))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         left = {0, 1, 2}
         lines = []
@@ -89,8 +108,12 @@ class MemoryReport:
 
 def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
     """Per-tensor shape, period and optimizer-state bytes of a Gefen ``optimizer``, with what
-    ``torch.optim.AdamW`` would hold for the same parameters. For DTensor (FSDP2) parameters:
-    this rank's shards."""
+    ``torch.optim.AdamW`` would hold for the same parameters (for a GefenMuon: what
+    ``torch.optim.Muon``'s momentum buffers would). For DTensor (FSDP2) parameters: this
+    rank's shards."""
+    from .muon import GefenMuon
+
+    muon = isinstance(optimizer, GefenMuon)
     rows = []
     for gi, group in enumerate(optimizer.param_groups):
         names = group.get("param_names") or [f"group{gi}.param{i}" for i in range(len(group["params"]))]
@@ -105,8 +128,9 @@ def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
                     numel=p.numel(),
                     period=state.get("period"),
                     gefen_bytes=state_nbytes(state),
-                    adamw_bytes=adamw_state_nbytes(p),
+                    baseline_bytes=p.nbytes if muon else adamw_state_nbytes(p),
                 )
             )
     on_cpu = any(local(p).device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
-    return MemoryReport(tuple(rows), native.describe() if on_cpu else None)
+    return MemoryReport(tuple(rows), native.describe() if on_cpu else None,
+                        "Muon" if muon else "AdamW")

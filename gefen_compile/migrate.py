@@ -1,10 +1,12 @@
-"""AdamW state -> Gefen state (GEFEN_SPEC "State per parameter"), for an optimizer converted
-after it stepped or an AdamW checkpoint loaded into Gefen.
+"""AdamW state -> Gefen state (GEFEN_SPEC "State per parameter"), and Muon's momentum ->
+GefenMuon's, for an optimizer converted after it stepped or a checkpoint of the original loaded
+into its Gefen counterpart.
 
 Periods are inferred from ``sqrt(exp_avg_sq)``, a smoothed |g| (period inference reads
 log g^2); the codebook, unless the optimizer has one, is learned from the normalised
 ``exp_avg``, exactly as from first gradients; ``exp_avg`` is quantised into codes and block
-magnitudes as a step does, and ``exp_avg_sq`` averaged per block into ``vmean``.
+magnitudes as a step does, and ``exp_avg_sq`` averaged per block into ``vmean``. Muon's
+``momentum_buffer`` (a smoothed gradient) gives the periods, the codebook and the codes alike.
 """
 
 from __future__ import annotations
@@ -57,26 +59,61 @@ def migrate_adamw_state(optimizer) -> None:
     optimizer._buckets = None
 
 
+def migrate_muon_state(optimizer) -> None:
+    """Replace Muon's ``momentum_buffer`` entries of a GefenMuon optimizer by GefenMuon state
+    (codes, magnitude, period); an all-zero buffer (robust variant: a parameter that saw only
+    zero gradients) is dropped, to be set up at a later step."""
+    entries = [
+        (p, optimizer.state[p])
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if "momentum_buffer" in optimizer.state.get(p, {})
+    ]
+    for p, _ in entries:
+        del optimizer.state[p]
+    if optimizer.variant.zero_gradients_wait and entries:
+        seen = torch.stack([s["momentum_buffer"].detach().count_nonzero().cpu() for _, s in entries])
+        entries = [e for e, any_gradient in zip(entries, (seen > 0).tolist()) if any_gradient]
+    if not entries:
+        return
+    buffers = [s["momentum_buffer"] for _, s in entries]
+    periods = [infer_period(b, optimizer.variant) for b in buffers]
+    if optimizer.codebook is None:
+        optimizer._set_codebook(codebook_from([p for p, _ in entries], buffers, periods,
+                                              [False] * len(periods), optimizer.variant))
+    for (p, _), buffer, period in zip(entries, buffers, periods):
+        codes, magnitude = _quantised(optimizer, buffer, period)
+        optimizer.state[p] = {"period": period, "codes": codes, "magnitude": magnitude}
+    optimizer._buckets = None
+
+
 def _gefen_entry(optimizer, saved: dict[str, Any], period: int) -> dict[str, Any]:
     """One parameter's Gefen state from its AdamW state (see the module docstring)."""
     exp_avg, exp_avg_sq = saved["exp_avg"], saved["exp_avg_sq"]
-    dtype = exp_avg.dtype
-    if dtype not in STATE_DTYPES:
-        raise TypeError(
-            f"Gefen: exp_avg has dtype {dtype}; Gefen keeps state in {STATE_DTYPES}: cast "
-            "the parameter before converting"
-        )
-    math = compute_dtype(dtype)
-    n = exp_avg.numel()
-    m = as_blocks(exp_avg.reshape(-1).to(math), optimizer.variant.magnitude_block(n, period))
-    magnitude = torch.empty(m.shape[0], dtype=dtype, device=m.device)
-    codes = quantise_blocks(m, magnitude, optimizer._nearest).view(-1)[:n]
-    v = exp_avg_sq.reshape(-1).to(math)
+    codes, magnitude = _quantised(optimizer, exp_avg, period)
+    v = exp_avg_sq.reshape(-1).to(compute_dtype(exp_avg.dtype))
     vmean = v.view(-1, period).mean(dim=1) if period > 1 else v
     return {
         "period": period,
-        "codes": codes.to(torch.uint8),
+        "codes": codes,
         "magnitude": magnitude,
-        "vmean": vmean.to(dtype),
+        "vmean": vmean.to(exp_avg.dtype),
         "step": torch.as_tensor(saved["step"], dtype=torch.float32).to(exp_avg.device),
     }
+
+
+def _quantised(optimizer, moment: torch.Tensor, period: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (uint8, flat) and block magnitudes (``moment``'s dtype) of a first moment, as a
+    step stores them."""
+    dtype = moment.dtype
+    if dtype not in STATE_DTYPES:
+        raise TypeError(
+            f"{optimizer._name}: a saved moment has dtype {dtype}; {optimizer._name} keeps "
+            f"state in {STATE_DTYPES}: cast the parameter before converting"
+        )
+    n = moment.numel()
+    m = as_blocks(moment.reshape(-1).to(compute_dtype(dtype)),
+                  optimizer.variant.magnitude_block(n, period))
+    magnitude = torch.empty(m.shape[0], dtype=dtype, device=m.device)
+    codes = quantise_blocks(m, magnitude, optimizer._nearest).view(-1)[:n]
+    return codes.to(torch.uint8), magnitude

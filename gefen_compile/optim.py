@@ -14,7 +14,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import checkpoint, distributed, ops
 from .codebook import NearestCode
 from .device_tables import device_table
-from .first_step import codebook_from, read_first_gradients
+from .learned_state import LearnedState
 from .hyperparameters import check_hyperparameters, scalar_betas
 from .kernels import StepInputs, cpu_step
 from .kernels.torch_step import gefen_update
@@ -25,7 +25,7 @@ from .state_table import Changes, tracked
 from .variant import ROBUST, Variant, saved_variant, variant_named
 
 
-class Gefen(Optimizer):
+class Gefen(LearnedState, Optimizer):
     """AdamW with ~1 byte of optimizer state per parameter (Gefen, arXiv 2606.13894).
 
     Same constructor, defaults and param-group keys as ``torch.optim.AdamW``. The first
@@ -206,34 +206,11 @@ class Gefen(Optimizer):
     # compiled function steps; the steady-state step around it stays traceable.
     @torch.compiler.disable
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
-        """Periods (and, at the first step, the codebook) for parameters seen for the first
-        time, then their state, in the flat buckets. Robust variant: those whose gradient is
-        all zero (on every rank) get AdamW's weight decay only, and wait."""
-        grads = [g for _, _, g in fresh]
-        periods, finite, nonzero = read_first_gradients(grads, self.variant)
-        for (_, p, _), ok in zip(fresh, finite):
-            if not ok:
-                raise ValueError(
-                    f"Gefen: the first gradient of {self._locate(p)} has inf or nan values; "
-                    "Gefen reads periods and its codebook from first gradients, so skip this "
-                    "step (as torch.amp.GradScaler does) and call step() again with finite "
-                    "gradients"
-                )
-        if self.variant.zero_gradients_wait:
-            nonzero = distributed.nonzero_anywhere([p for _, p, _ in fresh], nonzero)
-            _decay_only([f for f, learn in zip(fresh, nonzero) if not learn])
-            fresh = [f for f, learn in zip(fresh, nonzero) if learn]
-            periods = [period for period, learn in zip(periods, nonzero) if learn]
-            grads = [g for _, _, g in fresh]
-            if not fresh:
-                return
-        if self.codebook is None:
-            negate = [group["maximize"] for group, _, _ in fresh]
-            params = [p for _, p, _ in fresh]
-            self._set_codebook(codebook_from(params, grads, periods, negate, self.variant))
-        for (_, p, _), period in zip(fresh, periods):
-            self.state[p] = {"period": period}
-        self._buckets = self._build_buckets({p: g.dtype for _, p, g in fresh})
+        """State for parameters seen for the first time (LearnedState._learn), in the flat
+        buckets."""
+        fresh = self._learn(fresh)
+        if fresh:
+            self._buckets = self._build_buckets({p: g.dtype for _, p, g in fresh})
 
     def _build_buckets(self, new_dtypes: dict[Tensor, torch.dtype]) -> list[Bucket]:
         """Flat state for every parameter with state, one bucket per (device, state dtype);
@@ -273,23 +250,6 @@ class Gefen(Optimizer):
         problem = entry_problem(entry, distributed.local(p), variant or self.variant)
         if problem:
             raise ValueError(f"{source} {self._locate(p)} {problem}; {fix}")
-
-    def _params(self) -> list[Tensor]:
-        """Every parameter, in state_dict index order."""
-        return [p for group in self.param_groups for p in group["params"]]
-
-    def _locate(self, p: Tensor) -> str:
-        """'parameter i of param group j' (its name, when known), for error messages."""
-        for gi, group in enumerate(self.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    name = f" ({group['param_names'][pi]})" if "param_names" in group else ""
-                    return f"parameter {pi} of param group {gi}{name}"
-        raise KeyError("parameter not in this optimizer")
-
-    def _set_codebook(self, codebook: Tensor | None) -> None:
-        self.codebook = codebook
-        self._nearest = None if codebook is None else NearestCode(codebook)
 
     def state_dict(self) -> dict[str, Any]:
         """AdamW's ``state_dict`` plus ``"codebook"`` (float32, or None before the first step)
@@ -412,14 +372,6 @@ def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
             f"{tuple(p.shape)}; the gradient must have the parameter's shape"
         )
     return distributed.local_grad(p, g, where)
-
-
-def _decay_only(waiting: list[tuple[dict, Tensor, Tensor]]) -> None:
-    """AdamW's step for a zero gradient, for parameters whose state waits for a non-zero one:
-    decoupled weight decay only (p *= 1 - lr * weight_decay)."""
-    for group, p, _ in waiting:
-        if group["weight_decay"]:
-            distributed.local(p).mul_(1 - group["lr"] * group["weight_decay"])
 
 
 def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, Any]:

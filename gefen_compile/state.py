@@ -45,9 +45,10 @@ def compute_dtype(state_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if state_dtype == torch.float64 else torch.float32
 
 
-def state_sizes(numel: int, period: int, variant: Variant) -> tuple[int, int]:
-    """(magnitude length, vmean length) of a parameter."""
-    vmean = numel // period if period > 1 else numel
+def state_sizes(numel: int, period: int, variant: Variant,
+                second_moments: bool = True) -> tuple[int, int]:
+    """(magnitude length, vmean length) of a parameter; GefenMuon keeps no second moments."""
+    vmean = (numel // period if period > 1 else numel) if second_moments else 0
     return -(-numel // variant.magnitude_block(numel, period)), vmean
 
 
@@ -105,26 +106,26 @@ def build_bucket(
     dtype: torch.dtype,
     variant: Variant,
     owners: list[torch.Tensor] | None = None,
+    second_moments: bool = True,
 ) -> Bucket:
     """Allocate one bucket for ``params`` (their ``states`` hold at least ``period``), copy any
     existing state tensors in, and point every ``states[i]`` entry at its slice. ``owners``:
-    the optimizer's parameters when ``params`` are their local shards."""
+    the optimizer's parameters when ``params`` are their local shards. Without
+    ``second_moments`` (GefenMuon's momentum) the entries get codes and magnitudes only, and
+    ``vmean`` and ``steps`` are empty."""
     device = params[0].device
     sizes = [(p.numel(), s["period"]) for p, s in zip(params, states)]
-    lengths = [(n, *state_sizes(n, period, variant)) for n, period in sizes]
+    lengths = [(n, *state_sizes(n, period, variant, second_moments)) for n, period in sizes]
     codes = torch.zeros(sum(_aligned(n) for n, _, _ in lengths), dtype=torch.uint8, device=device)
     magnitude = torch.zeros(sum(m for _, m, _ in lengths), dtype=dtype, device=device)
     vmean = torch.zeros(sum(_aligned(v) for _, _, v in lengths), dtype=dtype, device=device)
-    steps = torch.zeros(len(params), dtype=torch.float32, device=device)
+    steps = torch.zeros(len(params) if second_moments else 0, dtype=torch.float32, device=device)
     segments = torch.zeros(len(params), SEG_FIELDS, dtype=torch.int64)
     c0 = m0 = v0 = 0
     for i, (state, (n, m, v), (_, period)) in enumerate(zip(states, lengths, sizes)):
-        views = {
-            "codes": codes[c0 : c0 + n],
-            "magnitude": magnitude[m0 : m0 + m],
-            "vmean": vmean[v0 : v0 + v],
-            "step": steps[i],
-        }
+        views = {"codes": codes[c0 : c0 + n], "magnitude": magnitude[m0 : m0 + m]}
+        if second_moments:
+            views.update(vmean=vmean[v0 : v0 + v], step=steps[i])
         for key, view in views.items():
             if key in state:
                 view.copy_(state[key].reshape(view.shape))

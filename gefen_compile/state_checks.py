@@ -19,6 +19,7 @@ from .state import state_sizes
 from .variant import Variant
 
 ENTRY_KEYS = ("codes", "magnitude", "vmean", "step", "period")
+MOMENTUM_KEYS = ("codes", "magnitude", "period")  # GefenMuon's
 
 
 def codebook_problem(codebook: Any) -> str | None:
@@ -35,22 +36,26 @@ def codebook_problem(codebook: Any) -> str | None:
     return None
 
 
-def entry_problem(entry: dict, param: Tensor, variant: Variant) -> str | None:
+def entry_problem(entry: dict, param: Tensor, variant: Variant,
+                  second_moments: bool = True) -> str | None:
     """Why ``entry`` is not the state of ``param`` (its local tensor, for a DTensor): every key,
     uint8 codes with one per element, magnitude and vmean of the lengths its period gives (as
     ``variant`` lays them out), in
     the parameter's dtype (the state dtype is the gradient's, which must be the parameter's),
-    and a one-element step."""
-    missing = [k for k in ENTRY_KEYS if k not in entry]
+    and a one-element step. Without ``second_moments``: GefenMuon's entry, codes, magnitude
+    and period."""
+    keys = ENTRY_KEYS if second_moments else MOMENTUM_KEYS
+    missing = [k for k in keys if k not in entry]
     if missing:
-        return f"has no {', '.join(map(repr, missing))} (a Gefen entry has {ENTRY_KEYS})"
+        return f"has no {', '.join(map(repr, missing))} (an entry has {keys})"
     n, period = param.numel(), entry["period"]
     if type(period) is not int or period < 1 or (period > 1 and n % period):
         return (f"has period {period!r}, which is not a positive int dividing the parameter's "
                 f"{n} elements")
     magnitude, vmean = state_sizes(n, period, variant)
-    expected = {"codes": ((n,), torch.uint8), "magnitude": ((magnitude,), param.dtype),
-                "vmean": ((vmean,), param.dtype)}
+    expected = {"codes": ((n,), torch.uint8), "magnitude": ((magnitude,), param.dtype)}
+    if second_moments:
+        expected["vmean"] = ((vmean,), param.dtype)
     for key, (shape, dtype) in expected.items():
         value = entry[key]
         if not isinstance(value, Tensor):
@@ -61,6 +66,8 @@ def entry_problem(entry: dict, param: Tensor, variant: Variant) -> str | None:
             return (f"has {key} of shape {tuple(value.shape)} and dtype {value.dtype}; the "
                     f"parameter ({n} elements, {param.dtype}, period {period}) needs "
                     f"{shape[0]} elements of {dtype}")
+    if not second_moments:
+        return None
     step = entry["step"]
     if not (isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex()):
         return f"has step {step!r}; it must be a one-element real tensor"

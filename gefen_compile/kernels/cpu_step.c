@@ -219,7 +219,7 @@ typedef struct {
 /* The second pass: nearest code of m / magnitude (see codebook.NearestCode), then the update.
  * M: the first moment of element i; SCALE: step size / its denominator; CODE: the code of
  * `below` boundaries (the identity unless the codebook repeats entries). */
-#define QUANTISE_AND_UPDATE(T, LOAD, STORE, M, SCALE, CODE)                                     \
+#define QUANTISE(T, M, CODE, EMIT)                                                              \
     _Pragma("omp simd")                                                                         \
     for (int64_t i = 0; i < len; i++) {                                                         \
         const T x = (M) / stored;                                                               \
@@ -232,9 +232,11 @@ typedef struct {
         below += x > bounds[below];                                                             \
         const int32_t code = (CODE) & -live;                                                    \
         codes[i] = (uint8_t)code;                                                               \
-        const T update = (codebook[code] * stored) * (SCALE);                                   \
-        STORE(param, i, LOAD(param, i) * decay - update);                                       \
+        EMIT;                                                                                   \
     }
+#define QUANTISE_AND_UPDATE(T, LOAD, STORE, M, SCALE, CODE)                                     \
+    QUANTISE(T, M, CODE, const T update = (codebook[code] * stored) * (SCALE);                  \
+             STORE(param, i, LOAD(param, i) * decay - update))
 
 /* One loop per case, so that each is branch-free and vectorises. */
 #define ELEMENT_SCALE(LOAD, SQRT) (step_size / (SQRT(LOAD(v, i) / bias2_t) + eps))
@@ -286,6 +288,93 @@ DEFINE_ROWS(_portable, )
 #if X86_PATHS
 DEFINE_ROWS(_vec_avx2, ISA_AVX2)
 DEFINE_ROWS(_vec_avx512, ISA_AVX512)
+#endif
+
+/* ---- GefenMuon's momentum rows (gefen_compile/muon.py) ----
+ *
+ * One parameter at a time: Muon orthogonalises each matrix whole, so the caller steps one
+ * matrix, then orthogonalises it. A row is one magnitude block. Gefen's first moment with
+ * beta1 = momentum and no sign, then its quantisation; instead of a parameter update, the row
+ * writes the update Muon orthogonalises, in bfloat16 (rounded through fp32, as torch rounds). */
+typedef struct {
+    int64_t numel, block;           /* elements; magnitude block (the last row may be shorter) */
+    const void *grad;
+    uint8_t *codes;
+    void *magnitude;                /* one per row */
+    uint16_t *update;               /* bfloat16, numel */
+    double momentum;
+    int64_t nesterov;
+    const void *codebook;           /* as in StepArgs */
+    const int32_t *lut;
+    const void *bounds;
+    const int32_t *first_index;
+    int64_t num_distinct;
+    int64_t lut_half;
+    int64_t num_threads;
+} MomentumArgs;
+
+#define EMIT_MOMENTUM(T, LOAD, NESTEROV)                                                        \
+    const T quantised = codebook[code] * stored;                                                \
+    const T update = NESTEROV ? quantised * beta1 + LOAD(g, i) * keep1 : quantised;            \
+    out[i] = f32_to_bf16((float)update)
+
+#define QUANTISE_MOMENTUM(T, LOAD, M, NESTEROV)                                                 \
+    if (identity) {                                                                             \
+        QUANTISE(T, M, below, EMIT_MOMENTUM(T, LOAD, NESTEROV));                                \
+    } else {                                                                                    \
+        QUANTISE(T, M, first[below], EMIT_MOMENTUM(T, LOAD, NESTEROV));                         \
+    }
+
+#define DEFINE_MOMENTUM_ROW(NAME, ISA, T, ST, LOAD, STORE)                                      \
+    ISA static void NAME(const MomentumArgs *a, int64_t r) {                                    \
+        const int64_t start = r * a->block;                                                     \
+        const int64_t len = a->numel - start < a->block ? a->numel - start : a->block;          \
+        const ST *restrict g = (const ST *)a->grad + start;                                     \
+        uint8_t *restrict codes = a->codes + start;                                             \
+        uint16_t *restrict out = a->update + start;                                             \
+        const T beta1 = (T)a->momentum, keep1 = (T)(1.0 - a->momentum), sign = (T)1;            \
+        const T old_mag = LOAD(a->magnitude, r);                                                \
+        const T *restrict codebook = (const T *)a->codebook;                                    \
+        const T *restrict bounds = (const T *)a->bounds;                                        \
+        const int32_t *restrict lut = a->lut, *restrict first = a->first_index;                \
+        const int32_t half = (int32_t)a->lut_half;                                              \
+        const int identity = a->num_distinct == 256;                                            \
+        T peak = 0;                                                                             \
+        T kept[TILE];                                                                           \
+        int32_t index[TILE];                                                                    \
+        const int buffered = len <= TILE;                                                       \
+        if (buffered) {                                                                         \
+            for (int64_t i = 0; i < len; i++) index[i] = codes[i];                              \
+            FIRST_PASS_LOOP(T, LOAD, index[i], kept[i] = m, (void)gi)                           \
+        } else {                                                                                \
+            FIRST_PASS_LOOP(T, LOAD, codes[i], (void)0, (void)gi)                               \
+        }                                                                                       \
+        STORE(a->magnitude, r, peak);                                                           \
+        const T stored = LOAD(a->magnitude, r);                                                 \
+        const int32_t live = stored > 0;                                                        \
+        if (buffered && a->nesterov) {                                                          \
+            QUANTISE_MOMENTUM(T, LOAD, kept[i], 1)                                              \
+        } else if (buffered) {                                                                  \
+            QUANTISE_MOMENTUM(T, LOAD, kept[i], 0)                                              \
+        } else if (a->nesterov) {                                                               \
+            QUANTISE_MOMENTUM(T, LOAD, FIRST_MOMENT(LOAD, i, codes[i]), 1)                      \
+        } else {                                                                                \
+            QUANTISE_MOMENTUM(T, LOAD, FIRST_MOMENT(LOAD, i, codes[i]), 0)                      \
+        }                                                                                       \
+    }
+
+#define DEFINE_MOMENTUM_ROWS(SUFFIX, ISA)                                                       \
+    DEFINE_MOMENTUM_ROW(momentum_f32##SUFFIX, ISA, float, float, LOAD_F32, STORE_F32)           \
+    DEFINE_MOMENTUM_ROW(momentum_bf16##SUFFIX, ISA, float, uint16_t, LOAD_BF16, STORE_BF16)     \
+    DEFINE_MOMENTUM_ROW(momentum_f16##SUFFIX, ISA, float, _Float16, LOAD_F16, STORE_F16)        \
+    DEFINE_MOMENTUM_ROW(momentum_f64##SUFFIX, ISA, double, double, LOAD_F64, STORE_F64)         \
+    static void (*const momentum_rows##SUFFIX[4])(const MomentumArgs *, int64_t) = {           \
+        momentum_f32##SUFFIX, momentum_bf16##SUFFIX, momentum_f16##SUFFIX, momentum_f64##SUFFIX};
+
+DEFINE_MOMENTUM_ROWS(_portable, )
+#if X86_PATHS
+DEFINE_MOMENTUM_ROWS(_avx2, ISA_AVX2)
+DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
 #endif
 
 /* ---- the AVX-512 VBMI rows (fp32 and bf16 state) ----
@@ -1072,6 +1161,22 @@ int gefen_step(const StepArgs *a, int dtype) {
     else run_rows(&s, rows_portable[dtype], ROWS_PORTABLE);
     free(bias);
     return status;
+}
+
+/* GefenMuon's momentum step of one parameter, rows in parallel on the path gefen_cpu_path
+ * picks (the vectoriser's rows of its instruction set). Returns 0, or -1 for an unknown dtype. */
+int gefen_momentum(const MomentumArgs *a, int dtype) {
+    if (dtype < DT_F32 || dtype > DT_F64 || a->block < 1) return -1;
+    void (*row)(const MomentumArgs *, int64_t) = momentum_rows_portable[dtype];
+#if X86_PATHS
+    const int path = gefen_cpu_path(-1);
+    if (path >= PATH_AVX512) row = momentum_rows_avx512[dtype];
+    else if (path == PATH_AVX2) row = momentum_rows_avx2[dtype];
+#endif
+    const int64_t rows = (a->numel + a->block - 1) / a->block;
+    _Pragma("omp parallel for schedule(static) num_threads(a->num_threads)")
+    for (int64_t r = 0; r < rows; r++) row(a, r);
+    return 0;
 }
 
 /* ---- first step: histogram of normalised rows ---- */

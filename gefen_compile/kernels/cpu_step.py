@@ -17,7 +17,7 @@ from . import StepInputs
 from ..state import Bucket
 from .native import StepArgs, _cpu, library as _lib, log_rows
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -60,7 +60,7 @@ def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: tor
     args = StepArgs(a.num_rows, a.segments.data_ptr(), len(params),
                     *(t.data_ptr() for t in tensors), a.first_index.numel(), a.lut_half,
                     torch.get_num_threads())
-    if _lib.gefen_step(ctypes.byref(args), _DTYPE_CODES[a.vmean.dtype]) != 0:
+    if _lib.gefen_step(ctypes.byref(args), DTYPE_CODES[a.vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
     log_rows()
 
@@ -69,7 +69,7 @@ def _gradient_tables(grads: Sequence[torch.Tensor], *more: Sequence[int]) -> tup
     """Data pointers, dtype codes and sizes of ``grads``, then each of ``more``, as int64."""
     return (
         _pointers(grads),
-        torch.tensor([_DTYPE_CODES[g.dtype] for g in grads], dtype=torch.int64),
+        torch.tensor([DTYPE_CODES[g.dtype] for g in grads], dtype=torch.int64),
         torch.tensor([g.numel() for g in grads], dtype=torch.int64),
         *(torch.tensor(list(m), dtype=torch.int64) for m in more),
     )

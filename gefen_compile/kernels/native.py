@@ -51,6 +51,28 @@ class StepArgs(ctypes.Structure):
     ]
 
 
+class MomentumArgs(ctypes.Structure):
+    """Mirror of ``MomentumArgs`` in cpu_step.c (GefenMuon's momentum step)."""
+
+    _fields_ = [
+        ("numel", _I64),
+        ("block", _I64),
+        ("grad", _P),
+        ("codes", _P),
+        ("magnitude", _P),
+        ("update", _P),
+        ("momentum", ctypes.c_double),
+        ("nesterov", _I64),
+        ("codebook", _P),
+        ("lut", _P),
+        ("bounds", _P),
+        ("first_index", _P),
+        ("num_distinct", _I64),
+        ("lut_half", _I64),
+        ("num_threads", _I64),
+    ]
+
+
 class MissingCompilerWarning(RuntimeWarning):
     """The C kernels are not built: CPU steps run the slower plain-torch path."""
 
@@ -61,6 +83,8 @@ def _load() -> ctypes.CDLL | None:
     library = ctypes.CDLL(_cpu.__file__)
     library.gefen_step.argtypes = [ctypes.POINTER(StepArgs), ctypes.c_int]
     library.gefen_step.restype = ctypes.c_int
+    library.gefen_momentum.argtypes = [ctypes.POINTER(MomentumArgs), ctypes.c_int]
+    library.gefen_momentum.restype = ctypes.c_int
     library.gefen_cpu_path.argtypes = [ctypes.c_int]
     library.gefen_cpu_path.restype = ctypes.c_int
     library.gefen_cpu_paths.argtypes = []

@@ -142,3 +142,29 @@ def quantise_blocks(
     stored = magnitude.to(m.dtype).unsqueeze(1)
     # An all-zero block normalises to -inf, whose nearest code is 0, as the spec asks.
     return nearest(torch.where(stored > 0, m / stored, -torch.inf))
+
+
+def momentum_update(
+    grad: torch.Tensor,
+    codes: torch.Tensor,
+    magnitude: torch.Tensor,
+    *,
+    block: int,
+    codebook: torch.Tensor,
+    nearest: Callable[[torch.Tensor], torch.Tensor],
+    momentum: float,
+    nesterov: bool,
+) -> torch.Tensor:
+    """GefenMuon's momentum step of one parameter (muon.py): ``codes`` and ``magnitude`` are
+    updated in place, and the update Muon orthogonalises is returned, in bfloat16 (the dtype
+    its Newton-Schulz iteration starts from), in ``grad``'s shape."""
+    dtype = compute_dtype(magnitude.dtype)
+    g = grad.reshape(-1).to(dtype)
+    n = g.numel()
+    m = as_blocks(codebook[codes.long()], block) * magnitude.to(dtype).unsqueeze(1)
+    m = m * momentum + as_blocks(g, block) * (1 - momentum)
+    new_codes = quantise_blocks(m, magnitude, nearest)
+    codes.copy_(new_codes.view(-1)[:n])
+    m_q = (codebook[new_codes] * magnitude.to(dtype).unsqueeze(1)).view(-1)[:n]
+    update = m_q * momentum + g * (1 - momentum) if nesterov else m_q
+    return update.to(torch.bfloat16).view(grad.shape)

@@ -1,0 +1,363 @@
+"""``GefenMuon``: ``torch.optim.Muon`` with its momentum in ~1 byte per parameter.
+
+Muon's update, with the momentum buffer stored as Gefen stores its first moment: uint8 codes
+into the learned 256-entry codebook times one magnitude per block of the inferred period (the
+variant's block for period 1). Per 2-D parameter with gradient g, in fp32 (fp64 for fp64
+parameters), ``mu`` the momentum:
+
+```
+m   <- codebook[codes] * magnitude                      # dequantise (per block)
+m   <- mu * m + (1 - mu) * g                            # Muon: buf.lerp_(g, 1 - mu)
+magnitude <- max_over_block(|m|)                        # stored in the gradient's dtype
+codes     <- nearest(codebook, m / magnitude)           # as Gefen (GEFEN_SPEC "One step")
+m_q <- codebook[codes] * magnitude
+u   <- mu * m_q + (1 - mu) * g   if nesterov else m_q   # Muon: g.lerp(buf, mu)
+u   <- bfloat16(u)                                      # where Muon's Newton-Schulz starts
+O   <- newton_schulz(u)                                 # orthogonalise.py, as torch.optim.Muon
+p   <- p * (1 - lr * weight_decay)
+p   <- p - lr * lr_ratio(adjust_lr_fn, p.shape) * O
+```
+
+Codebook and periods are learned at the first step from the first gradients, as Gefen learns
+them (learned_state.py), with the same two variants.
+
+Under FSDP2 (DTensor parameters) each rank keeps the codes and magnitudes of its shard, computes
+its shard of ``u``, and all-gathers ``u`` (bfloat16, half the bytes of an fp32 gather) to
+orthogonalise the whole matrix, as the Newton-Schulz iteration needs; every rank then updates
+its own shard. ``torch.optim.Muon`` runs the same iteration on DTensors, whose matrix products
+gather the operands implicitly: the same full-matrix work on every rank.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from . import distributed
+from .codebook import NearestCode
+from .kernels.momentum import momentum_step
+from .learned_state import LearnedState
+from .migrate import migrate_muon_state
+from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
+from .state import STATE_DTYPES, Bucket, build_bucket
+from .state_checks import check_materialised, codebook_problem, entry_problem
+from .variant import ROBUST, Variant, saved_variant, variant_named
+
+# Muon's own limit (torch.optim.Muon raises it at the first step; checked here when built).
+MAX_NS_STEPS = 100
+
+
+class GefenMuon(LearnedState, Optimizer):
+    """Muon with ~1 byte of momentum state per parameter (the authors' GefenMuon).
+
+    Same constructor, defaults, param-group keys and update as ``torch.optim.Muon``; the
+    momentum buffer is replaced by codes into a learned codebook and block magnitudes (module
+    docstring). Like Muon it takes 2-D parameters only: optimise matrices with GefenMuon and
+    the rest (embeddings, biases, norms) with ``gefen_compile.Gefen`` or AdamW.
+
+    ``variant``: ``"robust"`` (the default) or ``"published"``, as for ``Gefen``.
+    """
+
+    _name = "GefenMuon"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = EPS,
+        ns_steps: int = NS_STEPS,
+        adjust_lr_fn: str | None = None,
+        *,
+        variant: str = ROBUST.name,
+    ) -> None:
+        self.variant: Variant = variant_named(variant, "GefenMuon")
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": ns_coefficients,
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+        }
+        check_muon_hyperparameters(defaults, "GefenMuon")
+        self.codebook: Tensor | None = None
+        self._nearest: NearestCode | None = None
+        self._buckets: list[Bucket] | None = None  # built when a parameter gets state
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as ``torch.optim.Muon.add_param_group``; its values and parameters
+        are checked."""
+        index = len(self.param_groups)
+        check_muon_hyperparameters({**self.defaults, **param_group}, f"param group {index}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) else p  # named parameters come as (name, tensor)
+            if isinstance(p, Tensor):
+                check_matrix(p, f"parameter {i} of param group {index}")
+        super().add_param_group({**param_group, "params": params})
+        self._buckets = None
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimizer step; ``closure`` (re-evaluating the loss) is run first, with grad."""
+        return self._update(closure)
+
+    @torch.no_grad()
+    def _update(self, closure: Callable[[], float] | None) -> float | None:
+        # Apart from ``step`` (wrapped with the step hooks), so a converted Muon runs it from
+        # its hook.
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        stepping = [
+            (group, p, self._checked_grad(p, gi, pi))
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
+        fresh = [(group, p, g) for group, p, g in stepping if not self.state.get(p)]
+        if fresh and not distributed.is_state_materialising_step(
+                self.param_groups, [g for _, _, g in fresh]):
+            self._initialise(fresh)
+        if self._buckets is None and self.codebook is not None:
+            self._buckets = self._build_buckets()
+        for group, p, g in stepping:
+            state = self.state.get(p)
+            if state and "codes" in state:
+                self._step_parameter(group, p, g, state)
+        return loss
+
+    @torch.compiler.disable  # host work: one round trip, the codebook's DP
+    def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
+        if self._learn(fresh):
+            self._buckets = None  # rebuilt with the new parameters' state
+
+    def _build_buckets(self) -> list[Bucket]:
+        """Flat codes and magnitudes of every parameter with state, one bucket per (device,
+        dtype), each entry's tensors views into them."""
+        members: dict[tuple, list] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    if "codes" in state:
+                        self._check_entry(state, p, "GefenMuon: optimizer.state of",
+                                          "assign codes and magnitude of the shape and dtype "
+                                          "GefenMuon keeps, or load a state_dict")
+                    members.setdefault((distributed.local(p).device, p.dtype), []).append(
+                        (p, gi, state))
+        return [
+            build_bucket([distributed.local(p) for p, _, _ in m], [gi for _, gi, _ in m],
+                         [s for _, _, s in m], dtype, self.variant,
+                         owners=[p for p, _, _ in m], second_moments=False)
+            for (_, dtype), m in members.items()
+        ]
+
+    def _step_parameter(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
+        """Muon's update of one parameter from its quantised momentum (module docstring)."""
+        local = distributed.local(p)
+        if grad.dtype != local.dtype or grad.numel() != state["codes"].numel():
+            raise ValueError(
+                f"GefenMuon: {self._locate(p)} has dtype {local.dtype} and {local.numel()} "
+                f"elements, its gradient {grad.dtype} and {grad.numel()}, but its state was "
+                f"built for {state['magnitude'].dtype} and {state['codes'].numel()}; build the "
+                "optimizer again after changing the model, or keep parameter and gradient "
+                "dtypes as they were"
+            )
+        update = momentum_step(
+            grad, state["codes"], state["magnitude"],
+            block=self.variant.magnitude_block(state["codes"].numel(), state["period"]),
+            nearest=self._nearest, momentum=group["momentum"], nesterov=group["nesterov"],
+        )
+        if distributed.is_sharded(p):
+            update = _whole(update.view(local.shape), p)
+        ortho = newton_schulz(update.view(p.shape), group["ns_coefficients"], group["ns_steps"],
+                              group["eps"])
+        if distributed.is_sharded(p):
+            ortho = _shard_of(ortho, p)
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        ratio = lr_ratio(group["adjust_lr_fn"], p.shape)
+        if isinstance(lr, Tensor):  # tensor arithmetic: no host sync
+            local.mul_(1 - lr * weight_decay)
+            local.sub_(ortho.to(local.dtype) * (lr * ratio).to(local.dtype))
+        else:
+            local.mul_(1 - lr * weight_decay)
+            local.add_(ortho, alpha=-(lr * ratio))
+
+    def _checked_grad(self, p: Tensor, gi: int, pi: int) -> Tensor:
+        """``p``'s gradient (its local shard for a DTensor), refused with Muon's error where
+        Muon refuses it, and where GefenMuon cannot keep state for it."""
+        g = p.grad
+        where = f"parameter {pi} of param group {gi}"
+        check_materialised(p, where)
+        if g.is_sparse:
+            raise RuntimeError(f"Muon does not support sparse gradients (GefenMuon, {where})")
+        if g.dtype not in STATE_DTYPES:
+            raise TypeError(
+                f"GefenMuon: the gradient of {where} has dtype {g.dtype}; GefenMuon keeps state "
+                "in float32, bfloat16, float16 or float64: cast the parameter to one of these"
+            )
+        if g.shape != p.shape:
+            raise ValueError(
+                f"GefenMuon: the gradient of {where} has shape {tuple(g.shape)}, the parameter "
+                f"{tuple(p.shape)}; the gradient must have the parameter's shape"
+            )
+        g = distributed.local_grad(p, g, where)
+        return g if g.is_contiguous() else g.contiguous()
+
+    def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str,
+                     variant: Variant | None = None) -> None:
+        problem = entry_problem(entry, distributed.local(p), variant or self.variant,
+                                second_moments=False)
+        if problem:
+            raise ValueError(f"{source} {self._locate(p)} {problem}; {fix}")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Muon's ``state_dict`` layout plus ``"codebook"`` (float32, or None before the
+        first step) and ``"variant"``. Per-parameter entries hold ``codes`` (uint8, in the
+        parameter's shape), ``magnitude`` (one per block, the parameter's dtype) and
+        ``period``, instead of Muon's ``momentum_buffer``. For DTensor (FSDP2) parameters,
+        the layout of ``gefen_compile/distributed.py``."""
+        state_dict = super().state_dict()
+        for key, entry in state_dict["state"].items():
+            if entry and not distributed.is_sharded(entry["codes"]):
+                params = self._params()
+                state_dict["state"][key] = {**entry,
+                                            "codes": entry["codes"].view(params[key].shape)}
+        state_dict["codebook"] = self.codebook
+        state_dict["variant"] = self.variant.name
+        return distributed.sharded_state_dict(self._params(), state_dict)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``GefenMuon.state_dict()`` (every entry checked before anything changes,
+        dtypes kept), or a ``torch.optim.Muon`` one, whose momentum buffers are quantised
+        (``gefen_compile.convert`` does the same to a live Muon)."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
+        state_dict = distributed.local_state_dict(self._params(), state_dict)
+        if "codebook" not in state_dict:
+            if not all("momentum_buffer" in e for e in state_dict["state"].values() if e):
+                raise ValueError(
+                    "GefenMuon.load_state_dict: this state_dict has no 'codebook' and is not "
+                    "Muon's (a momentum_buffer per parameter), so it was not saved by "
+                    "GefenMuon.state_dict(); load it into the optimizer that saved it"
+                )
+            Optimizer.load_state_dict(self, state_dict)
+            self._set_codebook(None)
+            migrate_muon_state(self)
+            return
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(
+                "GefenMuon.load_state_dict: the saved param groups do not match this "
+                "optimizer's (number of groups, or parameters per group); build the optimizer "
+                "over the same parameters, in the same groups, before loading"
+            )
+        codebook = state_dict["codebook"]
+        problem = None if codebook is None else codebook_problem(codebook)
+        if problem:
+            raise ValueError(f"GefenMuon.load_state_dict: the saved codebook {problem}; load the "
+                             "state_dict that GefenMuon.state_dict() returned, unchanged")
+        variant = saved_variant(state_dict)
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        groups = []
+        for saved, live in zip(saved_groups, self.param_groups):
+            for key, param in zip(saved["params"], live["params"]):
+                entry = state_dict["state"].get(key)
+                if entry:
+                    self._check_entry(entry, param, "GefenMuon.load_state_dict: the saved state of",
+                                      "load a state_dict saved by GefenMuon over these "
+                                      "parameters, in the same order, shapes and dtypes", variant)
+                    device = distributed.local(param).device
+                    state[param] = {k: v.to(device, copy=True).reshape(-1) if k == "codes"
+                                    else v.to(device, copy=True) if isinstance(v, Tensor) else v
+                                    for k, v in entry.items()}
+            group = deepcopy({k: v for k, v in saved.items() if k != "params"})
+            group["params"] = live["params"]
+            if "param_names" in live:
+                group.setdefault("param_names", live["param_names"])
+            groups.append(group)
+        self.__setstate__({"state": state, "param_groups": groups, "variant": variant})
+        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "codebook": self.codebook, "variant": self.variant}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        codebook = state.pop("codebook", getattr(self, "codebook", None))
+        self.variant = state.pop("variant", getattr(self, "variant", ROBUST))
+        super().__setstate__(state)
+        self._set_codebook(codebook)
+        self._buckets = None  # rebuilt from the per-parameter state
+
+
+def check_muon_hyperparameters(values: dict[str, Any], where: str) -> None:
+    """Raise ``torch.optim.Muon``'s error for invalid ``values`` (a param group, or the
+    constructor's defaults), naming ``where``; also what Muon checks only at its first step
+    (ns_steps, ns_coefficients)."""
+    lr = values["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element ({where}: got shape {tuple(lr.shape)})")
+    if not 0.0 <= lr:
+        raise ValueError(f"Learning rate should be >= 0 but is: {lr} ({where})")
+    for key in ("momentum", "weight_decay"):
+        if not 0.0 <= values[key]:
+            raise ValueError(f"{key.replace('_', ' ')} should be >= 0 but is: {values[key]} "
+                             f"({where})")
+    if values["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"Adjust learning rate function {values['adjust_lr_fn']} is not "
+                         f"supported ({where}: use one of {ADJUST_LR_FNS})")
+    if not (isinstance(values["ns_steps"], int) and 0 <= values["ns_steps"] < MAX_NS_STEPS):
+        raise ValueError(f"Number of steps must be less than {MAX_NS_STEPS} for computational "
+                         f"efficiency ({where}: ns_steps={values['ns_steps']!r}, a non-negative "
+                         "int; Muon's default is 5)")
+    if len(tuple(values["ns_coefficients"])) != 3:
+        raise ValueError(f"Coefficients must be a tuple of exactly 3 values ({where}: "
+                         f"ns_coefficients={values['ns_coefficients']!r})")
+
+
+def check_matrix(p: Tensor, where: str) -> None:
+    """Refuse what Muon refuses (a parameter that is not 2-D), and non-real parameters."""
+    if p.is_complex() or not p.is_floating_point():
+        raise TypeError(f"GefenMuon: {where} has dtype {p.dtype}; GefenMuon updates real "
+                        "floating-point parameters only: leave this tensor out of the optimizer")
+    if p.ndim != 2:
+        raise ValueError(
+            f"Muon only supports 2D parameters whereas we found a parameter with size: "
+            f"{p.size()} (GefenMuon, {where}): give GefenMuon the hidden layers' matrices and "
+            "the rest (embeddings, output head, biases, norms, convolutions) to "
+            "gefen_compile.Gefen or torch.optim.AdamW, as usual for Muon"
+        )
+
+
+def _whole(update: Tensor, p: Tensor) -> Tensor:
+    """The whole matrix of ``update`` (this rank's shard of DTensor ``p``'s update)."""
+    return type(p).from_local(update, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride()).full_tensor()
+
+
+def _shard_of(whole: Tensor, p: Tensor) -> Tensor:
+    """This rank's piece of ``whole`` (a matrix of ``p``'s shape), as DTensor ``p`` holds it."""
+    from torch.distributed.tensor import Replicate
+
+    mesh = p.device_mesh
+    replicated = type(p).from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, p.placements).to_local()
