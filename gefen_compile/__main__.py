@@ -1,7 +1,8 @@
 """``python -m gefen_compile [--quiet] [--variant published] script.py ARGS...`` (or
 ``gefen-run script.py ARGS...``):
-run an unmodified training script with :func:`~gefen_compile.patch_adamw` applied, so every
-``torch.optim.AdamW`` it builds or steps is Gefen. ``-m module ARGS...`` runs a module instead,
+run an unmodified training script with :func:`~gefen_compile.patch_adamw` and
+:func:`~gefen_compile.patch_muon` applied, so every ``torch.optim.AdamW`` it builds or steps is
+Gefen, and every ``torch.optim.Muon`` GefenMuon. ``-m module ARGS...`` runs a module instead,
 as ``python -m`` does; ``-m torch.distributed.run ...`` (torchrun) runs every worker under the
 runner. The script sees its own arguments in ``sys.argv``; its exit code is the runner's. Each
 conversion prints one line on stderr unless ``--quiet`` or the script configured logging, and
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="gefen-run", usage=_USAGE,
-        description="Run a PyTorch script with torch.optim.AdamW replaced by Gefen "
-                    "(gefen_compile.patch_adamw()).",
+        description="Run a PyTorch script with torch.optim.AdamW replaced by Gefen and "
+                    "torch.optim.Muon by GefenMuon (gefen_compile.patch_adamw(), patch_muon()).",
     )
     parser.add_argument("--quiet", action="store_true",
                         help="print nothing about the optimizers converted")

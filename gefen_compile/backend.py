@@ -5,7 +5,8 @@ Graphs compile through inductor, as with ``backend="inductor"``: ``mode``, ``opt
 
 - the parameters of every compiled graph are remembered, and a global optimizer step pre-hook
   converts a ``torch.optim.AdamW`` (or an ``Adam`` without coupled weight decay) over them to
-  Gefen when it is about to step, before AdamW allocates its state (dynamo would allocate it
+  Gefen, and a ``torch.optim.Muon`` to GefenMuon, when it is about to step, before it allocates
+  its state (dynamo would allocate it
   while tracing the step, so the hook runs eagerly: DESIGN "Facts about torch.compile");
 - a graph that captured an AdamW step (``torch.compile(opt.step, backend="gefen")`` over an
   optimizer the hook did not convert first) goes through the passes in ``passes/``, which
@@ -26,7 +27,7 @@ import logging
 import weakref
 
 import torch
-from torch.optim import Adam, AdamW, Optimizer
+from torch.optim import Adam, AdamW, Muon, Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .convert import convert, is_convertible
@@ -155,9 +156,9 @@ def _install_conversion_hook() -> None:
 
 
 def _convert_before_step(optimizer: Optimizer, args, kwargs) -> None:
-    # Exactly AdamW or Adam: a subclass may change the update, and is left alone. This test
-    # traces (guarded on the type), so other optimizers' compiled steps keep a single graph.
-    if type(optimizer) in (AdamW, Adam):
+    # Exactly AdamW, Adam or Muon: a subclass may change the update, and is left alone. This
+    # test traces (guarded on the type), so other optimizers' compiled steps keep a single graph.
+    if type(optimizer) in (AdamW, Adam, Muon):
         _convert_if_compiled(optimizer)
 
 
@@ -173,4 +174,5 @@ def _convert_if_compiled(optimizer: Optimizer) -> None:
         convert(optimizer)
     else:
         log.info("not converting %s over compiled parameters: an option Gefen does not "
-                 "support (amsgrad, or Adam's coupled weight decay)", type(optimizer).__name__)
+                 "support (amsgrad, Adam's coupled weight decay, or a Muon parameter that is not "
+                 "2-D)", type(optimizer).__name__)

@@ -1,9 +1,11 @@
-"""``torch.optim.AdamW`` (or ``Adam``) -> Gefen, in place.
+"""``torch.optim.AdamW`` (or ``Adam``) -> Gefen, and ``torch.optim.Muon`` -> GefenMuon, in
+place.
 
 The optimizer object keeps its identity: its class becomes a subclass of both its own class and
 :class:`~gefen_compile.Gefen` (so ``isinstance(opt, torch.optim.AdamW)`` stays true), its
 ``_init_group`` allocates nothing (AdamW's own math then runs on empty lists) and a step pre-hook
-performs the Gefen update. That is what keeps working for every way a step reaches the object:
+performs the Gefen update (Muon the same way: its ``_init_group`` gives empty lists and the hook
+runs GefenMuon's update). That is what keeps working for every way a step reaches the object:
 ``opt.step()``, an LR scheduler's wrapper, and a ``torch.compile(opt.step)`` bound before the
 conversion all call AdamW's ``step``, which runs the hooks (DESIGN "Facts about torch.compile").
 
@@ -12,7 +14,8 @@ above AdamW, whose ``step`` is the Gefen update (and no hook: its wrapped ``step
 would both run hooks, updating twice). The update then happens exactly where AdamW's would, after
 whatever the subclass does first.
 
-State AdamW already holds is migrated into Gefen's (migrate.py) and its fp32 buffers released.
+State AdamW (Muon) already holds is migrated into Gefen's (GefenMuon's) (migrate.py) and its
+fp32 buffers released.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
-from torch.optim import Adam, AdamW, Optimizer
+from torch.optim import Adam, AdamW, Muon, Optimizer
 
 from .hyperparameters import check_hyperparameters
-from .migrate import migrate_adamw_state
+from .learned_state import LearnedState
+from .migrate import migrate_adamw_state, migrate_muon_state
+from .muon import GefenMuon, check_matrix, check_muon_hyperparameters
 from .optim import Gefen
 from .state import adamw_state_nbytes
 from .variant import ROBUST, variant_named
@@ -44,14 +49,16 @@ class Conversion:
     parameters: int
     state_before: int  # bytes of optimizer state before the conversion
     state_after: int
-    adamw_state: int  # bytes AdamW would allocate for these parameters
+    adamw_state: int  # bytes the original optimizer would allocate for these parameters
+    target: str = "Gefen"  # or "GefenMuon"
+    original: str = "AdamW"  # or "Muon"
 
     def __str__(self) -> str:
         pending = "" if self.state_after else (
-            f" (AdamW would allocate {_bytes(self.adamw_state)}; Gefen about 1 byte per "
-            "parameter, at its first step)")
-        return (f"converted {self.optimizer} to Gefen ({self.tensors} tensors, {self.parameters} "
-                f"parameters): optimizer state {_bytes(self.state_before)} -> "
+            f" ({self.original} would allocate {_bytes(self.adamw_state)}; {self.target} about "
+            "1 byte per parameter, at its first step)")
+        return (f"converted {self.optimizer} to {self.target} ({self.tensors} tensors, "
+                f"{self.parameters} parameters): optimizer state {_bytes(self.state_before)} -> "
                 f"{_bytes(self.state_after)}{pending}")
 
 
@@ -59,12 +66,13 @@ class Conversion:
 LISTENERS: list[Callable[[Conversion], None]] = []
 
 
-class _ConvertedAdam:
-    """What a converted Adam/AdamW adds to its own class (first in the MRO, then the AdamW
-    class, then Gefen): no AdamW state, and the Gefen update as the last step pre-hook."""
+class _Converted:
+    """What a converted Adam/AdamW (Muon) adds to its own class (first in the MRO, then the
+    AdamW class, then Gefen; or Muon's, then GefenMuon): no state of the original, and the Gefen
+    update as the last step pre-hook."""
 
     def _init_group(self, group, params_with_grad, *args, **kwargs) -> bool:
-        return False  # no complex parameters: AdamW's update runs on empty lists
+        return False  # no complex parameters: the original update runs on empty lists
 
     def register_step_pre_hook(self, hook):
         handle = super().register_step_pre_hook(hook)
@@ -79,18 +87,23 @@ class _ConvertedAdam:
             _install_update_hook(self)
 
 
-class GefenAdamW(_ConvertedAdam, AdamW, Gefen):
+class GefenAdamW(_Converted, AdamW, Gefen):
     """A ``torch.optim.AdamW`` converted to Gefen by :func:`convert`."""
 
 
-class GefenAdam(_ConvertedAdam, Adam, Gefen):
+class GefenAdam(_Converted, Adam, Gefen):
     """A ``torch.optim.Adam`` (decoupled weight decay, or none) converted to Gefen."""
 
 
+class ConvertedMuon(_Converted, Muon, GefenMuon):
+    """A ``torch.optim.Muon`` converted to GefenMuon by :func:`convert`."""
+
+
 class GefenStep:
-    """Sits right above AdamW (or Adam) in the MRO of a subclass that overrides ``step``: where
-    that ``step`` calls ``super().step()``, Gefen's update runs instead of AdamW's, once. An
-    optimizer reaching it unconverted (the patch's probe, patch.py) is converted first."""
+    """Sits right above AdamW (or Adam, or Muon) in the MRO of a subclass that overrides
+    ``step``: where that ``step`` calls ``super().step()``, Gefen's (GefenMuon's) update runs
+    instead of the original's, once. An optimizer reaching it unconverted (the patch's probe,
+    patch.py) is converted first."""
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         return convert(self)._update(closure)
@@ -104,19 +117,33 @@ class _GefenStepAdam(GefenStep, Adam):
     pass
 
 
+class _GefenStepMuon(GefenStep, Muon):
+    pass
+
+
+# The optimizers convert() takes, most derived first: each with its converted class and its
+# GefenStep class.
+_ORIGINALS = ((AdamW, GefenAdamW, _GefenStepAdamW), (Adam, GefenAdam, _GefenStepAdam),
+              (Muon, ConvertedMuon, _GefenStepMuon))
+
+
+def original_base(cls: type) -> type:
+    """The optimizer ``cls`` derives from among those convert() takes (AdamW, Adam, Muon)."""
+    return next(base for base, _, _ in _ORIGINALS if issubclass(cls, base))
+
+
 def gefen_step_above(cls: type) -> type:
-    """The :class:`GefenStep` class that goes right above ``cls``'s AdamW (or Adam) base."""
-    return _GefenStepAdamW if issubclass(cls, AdamW) else _GefenStepAdam
+    """The :class:`GefenStep` class that goes right above ``cls``'s AdamW (Adam, Muon) base."""
+    return next(above for base, _, above in _ORIGINALS if issubclass(cls, base))
 
 
 def overrides_step(cls: type) -> bool:
-    """Whether ``cls`` (an AdamW or Adam subclass) defines a ``step`` of its own (torch wraps
-    every class's step with its hooks, so compare what the wrappers wrap)."""
-    base = AdamW if issubclass(cls, AdamW) else Adam
-    return inspect.unwrap(cls.step) is not inspect.unwrap(base.step)
+    """Whether ``cls`` (an AdamW, Adam or Muon subclass) defines a ``step`` of its own (torch
+    wraps every class's step with its hooks, so compare what the wrappers wrap)."""
+    return inspect.unwrap(cls.step) is not inspect.unwrap(original_base(cls).step)
 
 
-_CONVERTED: dict[type, type] = {AdamW: GefenAdamW, Adam: GefenAdam}
+_CONVERTED: dict[type, type] = {base: converted for base, converted, _ in _ORIGINALS}
 
 
 # The variant of conversions that name none (the patch's, the runner's and the backend's):
@@ -131,11 +158,12 @@ def set_default_variant(name: str, where: str) -> None:
 
 def convert(optimizer: Optimizer, *, variant: str | None = None) -> Optimizer:
     """Turn ``optimizer`` (a ``torch.optim.AdamW``, or an ``Adam`` with decoupled weight decay or
-    ``weight_decay=0``) into Gefen in place, and return it. ``variant``: as for ``Gefen``
-    (None: the robust default, or the one ``patch_adamw(variant=...)`` chose).
+    ``weight_decay=0``) into Gefen in place, or a ``torch.optim.Muon`` into GefenMuon, and
+    return it. ``variant``: as for ``Gefen`` (None: the robust default, or the one
+    ``patch_adamw(variant=...)`` chose).
 
     Before its first step nothing is allocated; after it, AdamW's state is migrated into Gefen's
-    and its fp32 buffers are released. Param groups, hooks, LR schedulers and references to the
+    (Muon's momentum buffers quantised into GefenMuon's) and its fp32 buffers are released. Param groups, hooks, LR schedulers and references to the
     optimizer keep working. Converting a converted optimizer does nothing.
 
     A subclass that overrides ``step`` gets Gefen's update where its ``step`` calls
@@ -143,25 +171,26 @@ def convert(optimizer: Optimizer, *, variant: str | None = None) -> Optimizer:
     (the patch leaves such subclasses alone: see patch.py).
     """
     if "_gefen_hook" in vars(optimizer) or (
-        isinstance(optimizer, Gefen) and not isinstance(optimizer, _ConvertedAdam)
+        isinstance(optimizer, LearnedState) and not isinstance(optimizer, _Converted)
     ):
         return optimizer
     check_convertible(optimizer)
     chosen = _default_variant[0] if variant is None else variant_named(variant, "convert")
+    muon = isinstance(optimizer, Muon)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     before = _state_bytes(optimizer)
-    full_adamw = sum(adamw_state_nbytes(p) for g in optimizer.param_groups for p in g["params"])
-    if not isinstance(optimizer, _ConvertedAdam):
+    full = sum(p.nbytes if muon else adamw_state_nbytes(p) for p in params)
+    if not isinstance(optimizer, _Converted):
         optimizer.__class__ = _converted_class(own_class(optimizer))
     optimizer._patch_step_function()  # a class never instantiated has an unhooked step
     optimizer.variant = chosen
     optimizer._set_codebook(None)
     optimizer._buckets, optimizer._index = None, {}
     _install_update_hook(optimizer)
-    migrate_adamw_state(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    (migrate_muon_state if muon else migrate_adamw_state)(optimizer)
     conversion = Conversion(_converted_from(optimizer), len(params),
                             sum(p.numel() for p in params), before, _state_bytes(optimizer),
-                            full_adamw)
+                            full, *(("GefenMuon", "Muon") if muon else ()))
     log.info("%s", conversion)
     for listener in LISTENERS:
         listener(conversion)
@@ -169,8 +198,8 @@ def convert(optimizer: Optimizer, *, variant: str | None = None) -> Optimizer:
 
 
 def is_convertible(optimizer: Optimizer) -> bool:
-    """Whether :func:`convert` would accept ``optimizer`` (exactly AdamW, or Adam without
-    coupled weight decay, with no option Gefen refuses)."""
+    """Whether :func:`convert` would accept ``optimizer`` (exactly AdamW, Adam without
+    coupled weight decay, or Muon, with no option Gefen refuses)."""
     try:
         check_convertible(optimizer)
     except (TypeError, ValueError, NotImplementedError):
@@ -180,10 +209,18 @@ def is_convertible(optimizer: Optimizer) -> bool:
 
 def check_convertible(optimizer: Optimizer) -> None:
     """Raise the error :func:`convert` would raise for ``optimizer``, if any."""
+    if isinstance(optimizer, Muon):
+        for i, group in enumerate(optimizer.param_groups):
+            where = f"convert: param group {i} of {_converted_from(optimizer)}"
+            check_muon_hyperparameters(group, where)
+            for j, p in enumerate(group["params"]):
+                check_matrix(p, f"parameter {j} of param group {i}")
+        return
     if not isinstance(optimizer, Adam):
         raise TypeError(
-            f"convert: {type(optimizer).__name__} is not torch.optim.AdamW or torch.optim.Adam; "
-            "Gefen replaces AdamW's update only: build gefen_compile.Gefen directly instead"
+            f"convert: {type(optimizer).__name__} is not torch.optim.AdamW, torch.optim.Adam or "
+            "torch.optim.Muon; Gefen replaces AdamW's update (GefenMuon Muon's) only: build "
+            "gefen_compile.Gefen directly instead"
         )
     for i, group in enumerate(optimizer.param_groups):
         where = f"convert: param group {i} of {_converted_from(optimizer)}"
@@ -200,9 +237,10 @@ def check_convertible(optimizer: Optimizer) -> None:
 
 def _converted_class(cls: type) -> type:
     if cls not in _CONVERTED:  # a user's subclass: convert it the same way, named after it
-        base = GefenAdamW if issubclass(cls, AdamW) else GefenAdam
+        base = _CONVERTED[original_base(cls)]
         above = (gefen_step_above(cls),) if overrides_step(cls) else ()
-        _CONVERTED[cls] = type(f"Gefen{cls.__name__}", (_ConvertedAdam, cls, *above, Gefen),
+        gefen = GefenMuon if issubclass(cls, Muon) else Gefen
+        _CONVERTED[cls] = type(f"Gefen{cls.__name__}", (_Converted, cls, *above, gefen),
                                {"__doc__": base.__doc__, "__module__": cls.__module__})
     return _CONVERTED[cls]
 
@@ -210,7 +248,7 @@ def _converted_class(cls: type) -> type:
 def own_class(optimizer: Optimizer) -> type:
     """The optimizer's class before any conversion (or probe): torch.optim.AdamW, say."""
     return next(c for c in type(optimizer).__mro__
-                if not issubclass(c, (_ConvertedAdam, Gefen, GefenStep)))
+                if not issubclass(c, (_Converted, LearnedState, GefenStep)))
 
 
 def _converted_from(optimizer: Optimizer) -> str:

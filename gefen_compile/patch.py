@@ -1,5 +1,7 @@
 """``patch_adamw``: from then on ``torch.optim.AdamW(...)`` builds Gefen, with no other change to
 the user's code (or a library's: Hugging Face's Trainer builds ``torch.optim.AdamW`` itself).
+``patch_muon`` does the same for ``torch.optim.Muon`` and GefenMuon; everything below holds for
+it with Muon in place of AdamW.
 
 The patched name is a class, :class:`PatchedAdamW`, with AdamW's signature: ``torch.optim.AdamW``
 still constructs, subclasses and passes ``isinstance`` checks as before (every real AdamW, made
@@ -36,62 +38,101 @@ import logging
 from collections.abc import Iterator
 
 import torch
-from torch.optim import AdamW
+from torch.optim import AdamW, Muon
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
 
-from .convert import (GefenAdamW, GefenStep, check_convertible, convert, gefen_step_above,
-                      own_class, overrides_step, set_default_variant)
-from .optim import Gefen
+from .convert import (ConvertedMuon, GefenAdamW, GefenStep, check_convertible, convert,
+                      gefen_step_above, own_class, overrides_step, set_default_variant)
+from .learned_state import LearnedState
 
 log = logging.getLogger("gefen_compile")
 
-_ORIGINAL = AdamW
-_MODULES = (torch.optim, importlib.import_module("torch.optim.adamw"))
-_hooks: list = []  # the global step hooks, while patched
+_hooks: list = []  # the global step hooks, while anything is patched
 _probes: dict[type, type] = {}
 
 
-class _AdamWName(type):
-    """The patched class answers isinstance/issubclass as ``torch.optim.AdamW`` does, and a
-    class statement deriving from it derives from the real AdamW instead."""
+class _OriginalName(type):
+    """A patched class answers isinstance/issubclass as the original (``torch.optim.AdamW``,
+    say) does, and a class statement deriving from it derives from the original instead."""
 
     def __new__(mcls, name, bases, namespace, **kwargs):
-        if any(isinstance(base, _AdamWName) for base in bases):
-            bases = tuple(_ORIGINAL if isinstance(b, _AdamWName) else b for b in bases)
+        if any(isinstance(base, _OriginalName) for base in bases):
+            bases = tuple(b._original if isinstance(b, _OriginalName) else b for b in bases)
             return type(name, bases, namespace, **kwargs)
         return super().__new__(mcls, name, bases, namespace, **kwargs)
 
     def __instancecheck__(cls, obj: object) -> bool:
-        return isinstance(obj, _ORIGINAL)
+        return isinstance(obj, cls._original)
 
     def __subclasscheck__(cls, sub: type) -> bool:
-        return issubclass(sub, _ORIGINAL)
+        return issubclass(sub, cls._original)
 
 
-class PatchedAdamW(GefenAdamW, metaclass=_AdamWName):
-    """What ``torch.optim.AdamW`` is while patched: AdamW's constructor, then Gefen."""
-
-    # inspect.signature(torch.optim.AdamW) stays AdamW's (nanoGPT looks for "fused" in it).
-    __signature__ = inspect.signature(_ORIGINAL)
+def _patched_class(original: type, converted: type, target: str, patch: str) -> type:
+    """What ``torch.optim.<original>`` is while patched: the original's constructor, then the
+    conversion to ``converted``."""
 
     def __init__(self, *args, **kwargs) -> None:
         cls = type(self)
-        # Built as a plain AdamW (its argument checks; Gefen's __init__ would come next in the
-        # MRO), then converted. A subclass calling torch.optim.AdamW.__init__ explicitly keeps
-        # its class.
-        self.__class__ = _ORIGINAL
-        _ORIGINAL.__init__(self, *args, **kwargs)
-        self.__class__ = GefenAdamW if cls is PatchedAdamW else cls
+        # Built as a plain original (its argument checks; Gefen's __init__ would come next in
+        # the MRO), then converted. A subclass calling torch.optim.AdamW.__init__ explicitly
+        # keeps its class.
+        self.__class__ = original
+        original.__init__(self, *args, **kwargs)
+        self.__class__ = converted if cls is patched else cls
         try:
             convert(self)
         except (TypeError, ValueError, NotImplementedError) as error:
             raise type(error)(
-                f"{error} (torch.optim.AdamW builds Gefen while gefen_compile.patch_adamw() is "
-                "in effect: call gefen_compile.unpatch_adamw() to build a real AdamW)"
+                f"{error} (torch.optim.{original.__name__} builds {target} while "
+                f"gefen_compile.{patch}() is in effect: call gefen_compile.un{patch}() to build "
+                f"a real {original.__name__})"
             ) from None
+
+    patched = _OriginalName(f"Patched{original.__name__}", (converted,), {
+        "__doc__": f"What ``torch.optim.{original.__name__}`` is while patched: its "
+                   f"constructor, then {target}.",
+        "__module__": __name__,
+        "__init__": __init__,
+        "_original": original,
+        # inspect.signature stays the original's (nanoGPT looks for "fused" in AdamW's).
+        "__signature__": inspect.signature(original),
+    })
+    return patched
+
+
+PatchedAdamW = _patched_class(AdamW, GefenAdamW, "Gefen", "patch_adamw")
+PatchedMuon = _patched_class(Muon, ConvertedMuon, "GefenMuon", "patch_muon")
+# Where each original is looked up: the package and its own module.
+_MODULES = {AdamW: (torch.optim, importlib.import_module("torch.optim.adamw")),
+            Muon: (torch.optim, importlib.import_module("torch.optim._muon"))}
+_PATCHED = {AdamW: PatchedAdamW, Muon: PatchedMuon}
+_watched: tuple[type, ...] = ()  # the originals patched now, converted at their first step
+
+
+def _patch(original: type, variant: str, where: str) -> None:
+    global _watched
+    set_default_variant(variant, where)
+    for module in _MODULES[original]:
+        setattr(module, original.__name__, _PATCHED[original])
+    _watched = tuple({*_watched, original})
+    if not _hooks:
+        _hooks.append(register_optimizer_step_pre_hook(_before_step))
+        _hooks.append(register_optimizer_step_post_hook(_after_step))
+
+
+def _unpatch(original: type, where: str) -> None:
+    global _watched
+    for module in _MODULES[original]:
+        setattr(module, original.__name__, original)
+    _watched = tuple(w for w in _watched if w is not original)
+    if not _watched:
+        set_default_variant("robust", where)
+        while _hooks:
+            _hooks.pop().remove()
 
 
 def patch_adamw(*, variant: str = "robust") -> None:
@@ -99,22 +140,26 @@ def patch_adamw(*, variant: str = "robust") -> None:
     every other AdamW at its first step (module docstring), until :func:`unpatch_adamw`.
     ``variant``: as for ``Gefen``; every conversion from then on uses it (the compiler
     backend's too). Patching twice is harmless."""
-    set_default_variant(variant, "patch_adamw")
-    for module in _MODULES:
-        module.AdamW = PatchedAdamW
-    if not _hooks:
-        _hooks.append(register_optimizer_step_pre_hook(_before_step))
-        _hooks.append(register_optimizer_step_post_hook(_after_step))
+    _patch(AdamW, variant, "patch_adamw")
 
 
 def unpatch_adamw() -> None:
     """Restore ``torch.optim.AdamW`` and stop converting AdamWs at their first step. Optimizers
     already converted stay Gefen."""
-    set_default_variant("robust", "unpatch_adamw")
-    for module in _MODULES:
-        module.AdamW = _ORIGINAL
-    while _hooks:
-        _hooks.pop().remove()
+    _unpatch(AdamW, "unpatch_adamw")
+
+
+def patch_muon(*, variant: str = "robust") -> None:
+    """Make ``torch.optim.Muon`` build GefenMuon, and convert every other Muon at its first
+    step, until :func:`unpatch_muon`: :func:`patch_adamw` for Muon (the runner applies both).
+    ``variant``: as for ``GefenMuon``, and for every conversion from then on."""
+    _patch(Muon, variant, "patch_muon")
+
+
+def unpatch_muon() -> None:
+    """Restore ``torch.optim.Muon`` and stop converting Muons at their first step. Optimizers
+    already converted stay GefenMuon."""
+    _unpatch(Muon, "unpatch_muon")
 
 
 def is_patched() -> bool:
@@ -138,13 +183,13 @@ def patched_adamw() -> Iterator[None]:
 def _before_step(optimizer, args, kwargs) -> None:
     # These tests trace (guarded on the type and an attribute), so a compiled step of any
     # other optimizer, or of one already decided, keeps a single graph.
-    if (isinstance(optimizer, _ORIGINAL) and not isinstance(optimizer, (Gefen, GefenStep))
+    if (isinstance(optimizer, _watched) and not isinstance(optimizer, (LearnedState, GefenStep))
             and not getattr(optimizer, "_gefen_left_alone", False)):
         _convert_at_first_step(optimizer)
 
 
 @torch._dynamo.disable  # eagerly, also inside a compiled step, before AdamW allocates
-def _convert_at_first_step(optimizer: AdamW) -> None:
+def _convert_at_first_step(optimizer) -> None:
     try:
         check_convertible(optimizer)
     except (TypeError, ValueError, NotImplementedError) as error:
@@ -158,7 +203,7 @@ def _convert_at_first_step(optimizer: AdamW) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
-    if isinstance(optimizer, GefenStep) and not isinstance(optimizer, Gefen):
+    if isinstance(optimizer, GefenStep) and not isinstance(optimizer, LearnedState):
         _end_probe(optimizer)
 
 

@@ -1,6 +1,6 @@
 """What makes a process run patched under the runner, and the processes it starts too.
 
-The runner (``python -m gefen_compile``) patches AdamW, reports conversions on stderr, and sets
+The runner (``python -m gefen_compile``) patches AdamW and Muon, reports conversions on stderr, and sets
 ``GEFEN_COMPILE_RUNNER`` in the environment. Started processes:
 
 - forked ones inherit the patched interpreter as it is;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .patch import patch_adamw
+from .patch import patch_adamw, patch_muon
 from .report import report_conversions
 
 ENV = "GEFEN_COMPILE_RUNNER"  # "report" or "quiet"
@@ -27,9 +27,10 @@ TORCHRUN = "torch.distributed.run"
 
 
 def run_patched(quiet: bool, variant: str = "robust") -> None:
-    """Set this process up as the runner does: the patch (converting to ``variant``), the
+    """Set this process up as the runner does: the patches (converting to ``variant``), the
     report (unless ``quiet``), and both passed on to the processes it starts."""
     patch_adamw(variant=variant)
+    patch_muon(variant=variant)
     if not quiet:
         report_conversions()
     os.environ[ENV] = "quiet" if quiet else "report"

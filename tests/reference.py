@@ -337,3 +337,45 @@ def codebook_cost(counts: np.ndarray, codebook: np.ndarray) -> float:
     x, w = points(counts)
     d = np.abs(x[:, None] - codebook.astype(np.float64)[None, :]).min(axis=1)
     return float((w * d * d).sum())
+
+
+class RefGefenMuon(RefGefen):
+    """GefenMuon (gefen_compile/muon.py's docstring) for 2-D parameters in one group: Gefen's
+    first-step learning and quantised first moment as the momentum, then Muon's update. The
+    orthogonalisation is ``orthogonalise(u, ns_coefficients, ns_steps, eps)`` (torch.optim.Muon's
+    own function, passed in by the tests)."""
+
+    def __init__(self, params, orthogonalise, lr=1e-3, weight_decay=0.1, momentum=0.95,
+                 nesterov=True, adjust_lr_fn=None, variant="robust",
+                 ns=((3.4445, -4.7750, 2.0315), 5, 1e-7)):
+        super().__init__(params, lr, (momentum, 0.0), 0.0, weight_decay, variant=variant)
+        self.orthogonalise, self.ns = orthogonalise, ns
+        self.nesterov, self.adjust_lr_fn = nesterov, adjust_lr_fn
+
+    def _update(self, i, grad):
+        s, p = self.state[i], self.params[i]
+        lr, mu, _, _, wd, _ = self.hyper[i]
+        dt, B = s["dtype"], s["block"]
+        ct = np.float64 if dt == torch.float64 else np.float32
+        g = grad.reshape(-1).double().numpy().astype(ct)
+        cb = self.codebook
+        u = np.empty(g.size, dtype=ct)
+        for blk in range(math.ceil(g.size / B)):
+            sl = slice(blk * B, (blk + 1) * B)
+            m = cb[s["codes"][sl]].astype(ct) * ct(s["magnitude"][blk])
+            m = m * ct(mu) + g[sl] * ct(1 - mu)
+            mag = _round(np.abs(m).max(), dt)
+            s["magnitude"][blk] = mag
+            s["codes"][sl] = 0 if mag == 0 else ref_nearest(m / ct(mag), cb)
+            m_q = cb[s["codes"][sl]].astype(ct) * ct(mag)
+            u[sl] = m_q * ct(mu) + g[sl] * ct(1 - mu) if self.nesterov else m_q
+        update = torch.from_numpy(u).to(torch.bfloat16).view(p.shape)
+        rows, cols = p.shape
+        ratio = (0.2 * math.sqrt(max(rows, cols)) if self.adjust_lr_fn == "match_rms_adamw"
+                 else math.sqrt(max(1, rows / cols)))
+        ortho = self.orthogonalise(update, *self.ns).double()
+        # As torch.optim.Muon stores them: the decay, then the update, each rounded into the
+        # parameter's dtype.
+        decayed = _round(p.double().numpy() * (1 - lr * wd), p.dtype)
+        x = decayed - lr * ratio * ortho.numpy()
+        self.params[i] = torch.from_numpy(x).to(p.dtype)

@@ -241,7 +241,7 @@ def test_a_failing_pass_logs_a_warning_and_compiles_the_graph_as_traced(monkeypa
 
 
 def test_first_step_work_runs_eagerly_in_a_compiled_step(monkeypatch):
-    import gefen_compile.optim as optim
+    import gefen_compile.learned_state as optim
 
     compiling = []
     learn = optim.codebook_from

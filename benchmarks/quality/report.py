@@ -2,7 +2,8 @@
 
 The gaps worth seeing are 1-3% of the loss, which a plain loss plot hides behind the first
 steps' fall; so each plot clips its loss axis to the last 70% of training and shows, beside it,
-each Gefen variant's loss divided by AdamW's (smoothed, per seed, then averaged over seeds).
+each Gefen variant's loss divided by AdamW's (smoothed, per seed, then averaged over seeds), or
+for a workload with another reference (Muon's), each contestant's divided by the reference's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 
 from .optimizers import OPTIMIZERS
 from .workloads import Run, Workload
+
+# How the tables and plots name a workload's reference optimizer.
+REFERENCE_NAMES = {"adamw": "AdamW", "muon": "Muon"}
 
 CSV_COLUMNS = ("workload", "optimizer", "seed", "config", "step", "train_loss", "val_loss")
 # Losses are plotted (and their axis limits taken) over the last this-fraction of training.
@@ -41,7 +45,7 @@ def write_curves(runs: list[Run], path: Path) -> None:
 
 
 def _key(run: Run) -> tuple[int, str]:
-    """What pairs a run with AdamW's: the same seed (and family member)."""
+    """What pairs a run with the reference's: the same seed (and family member)."""
     return run.seed, run.config
 
 
@@ -51,10 +55,11 @@ def _scored(run: Run) -> bool:
     return not run.error and not run.diverged and _positive(run.final_loss)
 
 
-def paired_ratio(runs: list[Run], optimizer: str) -> tuple[float, int]:
-    """Geometric mean over pairs of ``final_loss(optimizer) / final_loss(adamw)``, over the
+def paired_ratio(runs: list[Run], optimizer: str,
+                 reference: str = "adamw") -> tuple[float, int]:
+    """Geometric mean over pairs of ``final_loss(optimizer) / final_loss(reference)``, over the
     pairs where both are :func:`_scored`, and the number of such pairs."""
-    base = {_key(r): r for r in runs if r.optimizer == "adamw" and _scored(r)}
+    base = {_key(r): r for r in runs if r.optimizer == reference and _scored(r)}
     logs = [
         math.log(r.final_loss / base[_key(r)].final_loss)
         for r in runs
@@ -74,22 +79,29 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {spread:.4f}"
 
 
+def _versus(workloads: list[Workload]) -> str:
+    """The ratio column's reference: its name where every workload has the same one."""
+    references = {w.reference for w in workloads}
+    return REFERENCE_NAMES[references.pop()] if len(references) == 1 else "reference"
+
+
 def summary_table(workloads: list[Workload], runs: list[Run]) -> str:
     """Per workload and optimizer: final loss mean ± sample std over seeds (over the family's
-    members for the MLPs), the paired ratio to AdamW, diverged and crashed runs, state bytes
-    per parameter and the mean wall time per run."""
+    members for the MLPs), the paired ratio to the workload's reference (AdamW, or Muon),
+    diverged and crashed runs, state bytes per parameter and the mean wall time per run."""
     lines = [
-        "| workload | optimizer | runs | final loss, mean ± std | vs AdamW | diverged | crashed "
+        f"| workload | optimizer | runs | final loss, mean ± std | vs {_versus(workloads)} "
+        "| diverged | crashed "
         "| state B/param | s/run | CPU s/run |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for workload in workloads:
         mine = [r for r in runs if r.workload == workload.name]
-        for optimizer in OPTIMIZERS:
+        for optimizer in workload.optimizers:
             these = [r for r in mine if r.optimizer == optimizer]
             if not these:
                 continue
-            ratio, pairs = paired_ratio(mine, optimizer)
+            ratio, pairs = paired_ratio(mine, optimizer, workload.reference)
             ratio_text = "n/a" if math.isnan(ratio) else f"{100 * ratio:.2f}%"
             if pairs < len(these) and pairs:
                 ratio_text += f" ({pairs} pairs)"
@@ -195,8 +207,9 @@ def _tail_limits(curves: list[np.ndarray], start: int,
 def plot_workload(workload: Workload, runs: list[Run], path: Path) -> None:
     """Left: each optimizer's loss curves (``workload.plotted``: the train loss, smoothed
     where mini-batch noise would hide a gap, as a line; validation as markers), mean over
-    seeds, last 70% of steps in view. Right: each Gefen variant's loss over AdamW's, per seed
-    then geometric mean. Crashed and diverged runs are left out (the legend counts them)."""
+    seeds, last 70% of steps in view. Right: each Gefen variant's loss over AdamW's (each
+    contestant's over the workload's reference), per seed then geometric mean. Crashed and
+    diverged runs are left out (the legend counts them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,7 +226,8 @@ def plot_workload(workload: Workload, runs: list[Run], path: Path) -> None:
     window = max(1, steps // 25) if workload.smooth and "train" in workload.plotted else 1
     start = int(steps * (1 - PLOT_TAIL))
     x = np.arange(steps + 1)
-    base = {_key(r): r for r in kept if r.optimizer == "adamw"}
+    base = {_key(r): r for r in kept if r.optimizer == workload.reference}
+    reference = REFERENCE_NAMES[workload.reference]
     geometric = workload.log_scale
     smoothed = " (smoothed)" if window > 1 else ""
 
@@ -226,8 +240,8 @@ def plot_workload(workload: Workload, runs: list[Run], path: Path) -> None:
         return out
 
     def draw(ax, name: str, y: np.ndarray, i: int, label: str) -> None:
-        # The two variants often coincide: the robust one drawn wider, the published one on
-        # top of it, keeps both visible.
+        # The two variants (Muon and GefenMuon) often coincide: the first drawn wider, the
+        # second on top of it, keeps both visible.
         width = (1.2, 2.4, 1.0)[i]
         if name == "val":  # sparse: markers joined by a dashed line
             ok = np.isfinite(y)
@@ -238,7 +252,7 @@ def plot_workload(workload: Workload, runs: list[Run], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     shown, ratios = [], []
-    for i, optimizer in enumerate(OPTIMIZERS):
+    for i, optimizer in enumerate(workload.optimizers):
         these = [r for r in kept if r.optimizer == optimizer]
         failed = sum(r.optimizer == optimizer and (bool(r.error) or r.diverged) for r in mine)
         if not these:
@@ -250,7 +264,7 @@ def plot_workload(workload: Workload, runs: list[Run], path: Path) -> None:
             draw(left, name, mean, i, f"{tag}: {name}")
             shown.append(mean)
         paired = [(c, curves(base[_key(r)])) for r, c in zip(these, per_run) if _key(r) in base]
-        if optimizer == "adamw" or not paired:
+        if optimizer == workload.reference or not paired:
             continue
         for name in per_run[0]:
             ratio = 100 * _nanmean([c[name] / b[name] for c, b in paired], True)
@@ -269,7 +283,8 @@ def plot_workload(workload: Workload, runs: list[Run], path: Path) -> None:
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
 
-    right.axhline(100, color="C0", linewidth=1, label="AdamW")
+    right.axhline(100, color=f"C{workload.optimizers.index(workload.reference)}", linewidth=1,
+                  label=reference)
     for band in (1, 2):
         right.axhline(100 + band, color="grey", linewidth=0.6, linestyle=":")
     ratio_limits = _tail_limits(ratios, start)
@@ -277,9 +292,10 @@ def plot_workload(workload: Workload, runs: list[Run], path: Path) -> None:
         right.set_ylim(min(ratio_limits[0], 99), max(ratio_limits[1], 103))
     right.set_xlim(start, steps)
     right.set_xlabel("step")
-    right.set_ylabel("% of AdamW's loss, same seed (geometric mean)")
-    right.set_title("Gefen / AdamW" + (f", train smoothed over {window} steps" if window > 1
-                                       else "") + "; dotted: +1%, +2%")
+    right.set_ylabel(f"% of {reference}'s loss, same seed (geometric mean)")
+    others = "Gefen" if workload.reference == "adamw" else "each"
+    right.set_title(f"{others} / {reference}" + (f", train smoothed over {window} steps"
+                                                  if window > 1 else "") + "; dotted: +1%, +2%")
     right.grid(alpha=0.3)
     right.legend(fontsize=7)
     seeds = sorted({r.seed for r in mine})
@@ -304,13 +320,17 @@ def write_summary(path: Path, header: str, workloads: list[Workload], runs: list
         f"{_params(runs, w.name)} parameters): {descriptions[w.name]}"
         for w in workloads
     )
+    versus = _versus(workloads)
+    whose = f"{versus}'s" if versus != "reference" else "the reference's (AdamW's; " + ", ".join(
+        f"{REFERENCE_NAMES[w.reference]}'s for {w.name}" for w in workloads
+        if w.reference != "adamw") + ")"
     text = f"""{header}
 
 ## Results
 
 Final loss: mean ± sample standard deviation over seeds (over the whole family for `mlp`).
-"vs AdamW": geometric mean over seeds (family members) of the paired ratio final loss /
-AdamW's final loss, the same seed's weights and batches; 100% is parity, above is worse; "(n
+"vs {versus}": geometric mean over seeds (family members) of the paired ratio final loss /
+{whose} final loss, the same seed's weights and batches; 100% is parity, above is worse; "(n
 pairs)" where fewer pairs than runs entered it. Both leave out crashed and diverged runs (and
 the ratio, their pairs), which the next two columns count. Diverged: final loss non-finite or
 above 10x the initial. State: optimizer-state

@@ -1,10 +1,10 @@
-"""The five workloads: what is trained, for how long, and how each run is scored.
+"""The six workloads: what is trained, for how long, and how each run is scored.
 
 Each workload turns (optimizer name, seed, quick) into :class:`Run` records. Everything random
 (weights, batches, data) is drawn from the seed before or beside the optimizer, never from it,
 so the three optimizers of a seed start from the same weights and see the same batches; only
 the optimizer's arithmetic differs. Hyperparameters are AdamW's usual ones for each kind of
-model and are the same for the three optimizers.
+model and are the same for the three optimizers (Muon's take them through "match_rms_adamw").
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ class Workload:
     # (a classifier that fits its train set), "train" alone where it is the score (the MLPs).
     plotted: tuple[str, ...] = ("train", "val")
     smooth: bool = True  # smooth the train curve: mini-batch losses are noisy, full-batch not
+    optimizers: tuple[str, ...] = optimizers.GEFEN_CONTEST  # its contestants, in plot order
+    reference: str = "adamw"  # the contestant every other one's loss is divided by
+    contest: str = "AdamW vs Gefen (robust, published)"  # for the summary's title
 
 
 @contextlib.contextmanager
@@ -202,10 +205,9 @@ def train_bpe_lm(workload: str, model_class: type[nn.Module], name: str, seed: i
         torch.manual_seed(seed)
         model = model_class(_lm_shape(setting, tokens.vocab_size))
         run.params = train_gpt.count_parameters(model)
-        optimizer = optimizers.build(name, model.parameters(), lr=config.lr,
-                                     betas=train_gpt.BETAS, weight_decay=train_gpt.WEIGHT_DECAY)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                      train_gpt.lr_schedule(config.steps))
+        optimizer = optimizers.build_for_model(name, model, lr=config.lr, betas=train_gpt.BETAS,
+                                               weight_decay=train_gpt.WEIGHT_DECAY)
+        scheduler = optimizers.schedule(optimizer, train_gpt.lr_schedule(config.steps))
         generator = torch.Generator().manual_seed(seed)
         run.initial_loss = train_gpt.evaluate(model, val_batches[:train_gpt.EVAL_BATCHES], "cpu")
         run.curve.append((0, None, run.initial_loss))
@@ -238,6 +240,20 @@ def describe_bpe_lm(kind: str) -> Callable[[bool], str]:
         )
 
     return describe
+
+
+def describe_muon_lm(quick: bool) -> str:
+    return (
+        describe_bpe_lm("gpt2-bpe's model: GPT-2 style")(quick)
+        + f" muon: `torch.optim.Muon` on the blocks' matrices (attention and MLP weights), "
+        f"`torch.optim.AdamW` on the rest (embeddings, tied head, norms, biases); gefen-muon: "
+        f"`gefen_compile.GefenMuon` and `gefen_compile.Gefen` in their places; adamw: AdamW on "
+        f"everything. Muon: AdamW's lr and weight decay with adjust_lr_fn="
+        f"\"{optimizers.MUON_ADJUST_LR}\" (Moonshot's recipe), momentum "
+        f"{optimizers.MUON_MOMENTUM}, Nesterov; one LambdaLR schedule drives both optimizers "
+        f"of a pair. State B/param of muon and gefen-muon: the matrices' momentum only "
+        f"(Muon's fp32 buffer 4; GefenMuon's `memory_report`), not the rest's AdamW/Gefen state."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +402,11 @@ WORKLOADS = {
                  functools.partial(train_bpe_lm, "llama-bpe", models.Llama),
                  describe_bpe_lm("Llama style (RMSNorm, SwiGLU, rotary positions, no biases, "
                                  "untied head)")),
+        Workload("gpt2-bpe-muon", "GPT-2-style on BPE tokens: Muon vs GefenMuon",
+                 "loss (nats/token)",
+                 functools.partial(train_bpe_lm, "gpt2-bpe-muon", models.GPT2), describe_muon_lm,
+                 optimizers=optimizers.MUON_CONTEST, reference="muon",
+                 contest="Muon vs GefenMuon vs AdamW"),
         Workload("digits-cnn", "CNN + BatchNorm on sklearn digits", "val loss (nats)",
                  train_digits, describe_digits, plotted=("val",)),
         Workload("mlp", "27 small MLPs, random regression", "MSE (full batch)",

@@ -1,8 +1,9 @@
-"""Ahead-of-time compilation of the CUDA step for real GPU targets, on any machine (no GPU).
+"""Ahead-of-time compilation of the CUDA kernels for real GPU targets, on any machine (no GPU).
 
 Triton's interpreter, which runs the kernels on CPU tensors in CI, accepts code that no GPU
-compiler does; this compiles what the real launcher (kernels/triton_step.py) would launch for
-given buckets, through Triton's own JIT (same argument specialisation, constexprs and options),
+compiler does; this compiles what the real launchers (kernels/triton_step.py, Gefen's step, and
+kernels/triton_momentum.py, GefenMuon's momentum) would launch for given buckets and
+parameters, through Triton's own JIT (same argument specialisation, constexprs and options),
 for a target such as sm_90, and reads registers, spills and the SASS from the cubin with the
 tools Triton's wheels carry. Used by tests/test_triton_aot.py and
 benchmarks/bench_gpu_static.py:
@@ -39,12 +40,20 @@ MIXED_BUCKET = (
     ((1000,), 1),  # robust variant: three rows of 256, then a short last row of 232
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# GefenMuon's matrices, as (shape, magnitude block): blocks of 64 (many rows to a tile), 256 with
+# a short last row (a robust period-1 matrix of 1000 elements: 232 left), a row of 768 (masked
+# to 1024 columns), 3072 (column chunks), and 40 (not a multiple of 16: no 128-bit accesses).
+MOMENTUM_PARAMETERS = (((32, 64), 64), ((10, 100), 256), ((4, 768), 768), ((2, 3072), 3072),
+                       ((12, 40), 40))
+KERNELS = ("step", "momentum")
 
 
 @dataclass
 class CompiledSpecialisation:
-    """One compiled specialisation of the step kernel and what its cubin shows."""
+    """One compiled specialisation of a kernel (``kernel``: one of KERNELS) and what its cubin
+    shows."""
 
+    kernel: str
     arch: int
     dtype: str
     constexprs: dict
@@ -77,24 +86,27 @@ class _TargetDriver:
 
 @contextmanager
 def _compiling_for(arch: int, compiled: list):
-    """Within: the step launcher compiles for ``arch`` and records kernels, launching nothing."""
+    """Within: the launchers compile for ``arch`` and record kernels, launching nothing."""
     from triton.runtime.driver import driver
 
-    from . import triton_step
+    from . import triton_momentum, triton_step
 
     if not hasattr(triton_step._gefen_step_kernel, "warmup"):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
-    launch, previous = triton_step._launch, driver._active  # None where no GPU driver loads
+    launchers = (triton_step, triton_momentum)
+    launches, previous = [m._launch for m in launchers], driver._active  # None: no GPU driver
     driver.set_active(_TargetDriver(arch))
 
     def compile_only(kernel, grid, args, meta):
         compiled.append((kernel.warmup(*args, grid=grid, **meta), meta))
 
-    triton_step._launch = compile_only
+    for module in launchers:
+        module._launch = compile_only
     try:
         yield
     finally:
-        triton_step._launch = launch
+        for module, launch in zip(launchers, launches):
+            module._launch = launch
         driver._active = previous
 
 
@@ -136,6 +148,27 @@ def compile_step(arch: int, dtype: torch.dtype, unaligned: bool = False) -> list
     return compiled
 
 
+def compile_momentum(arch: int, dtype: torch.dtype, unaligned: bool = False) -> list:
+    """Every specialisation GefenMuon's momentum launcher produces for MOMENTUM_PARAMETERS,
+    Nesterov or not, compiled for ``arch`` (as :func:`compile_step`); ``unaligned``: each
+    gradient a view one element into its storage."""
+    from ..codebook import NearestCode
+    from . import triton_momentum
+
+    tables = NearestCode(torch.linspace(-1, 1, 256)).tables("cpu", torch.float32)
+    compiled: list = []
+    with _compiling_for(arch, compiled):
+        for shape, block in MOMENTUM_PARAMETERS:
+            n = shape[0] * shape[1]
+            grad = torch.zeros(n + unaligned, dtype=dtype)[int(unaligned):].view(shape)
+            codes = torch.zeros(n, dtype=torch.uint8)
+            magnitude = torch.zeros(-(-n // block), dtype=dtype)
+            for nesterov in (True, False):
+                triton_momentum.momentum_step(grad, codes, magnitude, block=block,
+                                              tables=tables, momentum=0.95, nesterov=nesterov)
+    return compiled
+
+
 def inspect_cubin(cubin: bytes) -> dict:
     """Registers, local (spill) bytes, shared bytes and SASS statistics of a cubin."""
     tools = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
@@ -169,26 +202,29 @@ def inspect_cubin(cubin: bytes) -> dict:
     }
 
 
-def specialisations(archs=(80, 90), dtypes=tuple(DTYPES)) -> list[CompiledSpecialisation]:
-    """Compile and inspect every specialisation for every target and dtype."""
+def specialisations(archs=(80, 90), dtypes=tuple(DTYPES),
+                    kernels=KERNELS) -> list[CompiledSpecialisation]:
+    """Compile and inspect every specialisation of ``kernels`` for every target and dtype."""
+    compilers = {"step": compile_step, "momentum": compile_momentum}
     results = []
     for arch in archs:
         for name in dtypes:
-            for unaligned in (False, True):
-                for kernel, meta in compile_step(arch, DTYPES[name], unaligned):
-                    constexprs = {k: str(v) if not isinstance(v, (bool, int)) else v
-                                  for k, v in meta.items() if k.isupper() or k == "num_warps"}
-                    results.append(CompiledSpecialisation(
-                        arch=arch, dtype=name, constexprs=constexprs,
-                        **inspect_cubin(kernel.asm["cubin"]),
-                    ))
+            for kernel_name in kernels:
+                for unaligned in (False, True):
+                    for kernel, meta in compilers[kernel_name](arch, DTYPES[name], unaligned):
+                        constexprs = {k: str(v) if not isinstance(v, (bool, int)) else v
+                                      for k, v in meta.items() if k.isupper() or k == "num_warps"}
+                        results.append(CompiledSpecialisation(
+                            kernel=kernel_name, arch=arch, dtype=name, constexprs=constexprs,
+                            **inspect_cubin(kernel.asm["cubin"]),
+                        ))
     return _unique(results)
 
 
 def _unique(results: list[CompiledSpecialisation]) -> list[CompiledSpecialisation]:
     seen, unique = set(), []
     for r in results:
-        key = (r.arch, r.dtype, json.dumps(r.constexprs, sort_keys=True))
+        key = (r.kernel, r.arch, r.dtype, json.dumps(r.constexprs, sort_keys=True))
         if key not in seen:
             seen.add(key)
             unique.append(r)
@@ -199,15 +235,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    results = specialisations(args.arch, args.dtype)
+    results = specialisations(args.arch, args.dtype, args.kernel)
     import triton
 
     for r in results:
-        print(f"triton {triton.__version__} sm_{r.arch} {r.dtype} {r.constexprs} "
+        print(f"triton {triton.__version__} {r.kernel} sm_{r.arch} {r.dtype} {r.constexprs} "
               f"regs={r.registers} spills={r.spills} loads={r.global_loads} "
               f"stores={r.global_stores}")
     if args.json:

@@ -1,17 +1,20 @@
 """GefenMuon's momentum step of one parameter (muon.py): the C kernel on CPU, the Triton kernel
-on CUDA, plain torch elsewhere (or without the C library). All give the same codes, magnitudes
-and update bits."""
+on CUDA (kernels/triton_momentum.py), plain torch elsewhere (or without the C library or
+Triton, and for fp64 on CUDA). All give the same codes, magnitudes and update bits (but for
+NaN moments: the kernels leave them out of their block's magnitude, torch's amax spreads them)."""
 
 from __future__ import annotations
 
-import torch
-
 import ctypes
+
+import torch
 
 from ..codebook import NearestCode
 from ..state import compute_dtype
 from . import native, torch_step
 from .cpu_step import DTYPE_CODES
+
+_triton_momentum = None  # the Triton module, imported at the first CUDA step; False: no Triton
 
 
 def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tensor, *,
@@ -22,6 +25,7 @@ def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tens
     ``grad``'s shape)."""
     tables = nearest.tables(grad.device, compute_dtype(magnitude.dtype))
     if grad.device.type == "cpu" and native.library is not None:
+        _check(grad, codes, magnitude, block)
         update = torch.empty(grad.shape, dtype=torch.bfloat16)
         args = native.MomentumArgs(
             grad.numel(), block, grad.data_ptr(), codes.data_ptr(), magnitude.data_ptr(),
@@ -32,6 +36,48 @@ def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tens
             raise ValueError(f"gefen_momentum: block {block} or dtype {magnitude.dtype} refused")
         torch.autograd.graph.increment_version([codes, magnitude])
         return update
+    if grad.device.type == "cuda":
+        kernel = _triton()
+        if kernel is not None and kernel.supports(grad, block):
+            _check(grad, codes, magnitude, block)
+            update = kernel.momentum_step(grad, codes, magnitude, block=block, tables=tables,
+                                          momentum=momentum, nesterov=nesterov)
+            torch.autograd.graph.increment_version([codes, magnitude])
+            return update
     return torch_step.momentum_update(grad, codes, magnitude, block=block,
                                       codebook=tables.codebook, nearest=nearest,
                                       momentum=momentum, nesterov=nesterov)
+
+
+def _triton():
+    """kernels/triton_momentum.py, or None where Triton does not import."""
+    global _triton_momentum
+    if _triton_momentum is None:
+        try:
+            from . import triton_momentum
+        except ImportError:
+            triton_momentum = False
+        _triton_momentum = triton_momentum
+    return _triton_momentum or None
+
+
+def _check(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tensor, block: int) -> None:
+    """What the native kernels take on trust: dtypes, element counts, one device, contiguity."""
+    n = grad.numel()
+    problem = (
+        "block must be at least 1" if block < 1
+        else f"gradient {grad.dtype}, magnitude {magnitude.dtype}: they must match"
+        if grad.dtype != magnitude.dtype
+        else f"codes {codes.dtype}: they must be uint8" if codes.dtype != torch.uint8
+        else f"{codes.numel()} codes for {n} elements" if codes.numel() != n
+        else f"{magnitude.numel()} magnitudes for {-(-n // block)} blocks of {block}"
+        if magnitude.numel() != -(-n // block)
+        else "gradient, codes and magnitude on different devices"
+        if not grad.device == codes.device == magnitude.device
+        else "gradient, codes and magnitude must be contiguous"
+        if not (grad.is_contiguous() and codes.is_contiguous() and magnitude.is_contiguous())
+        else None
+    )
+    if problem:
+        raise ValueError(f"GefenMuon momentum step: {problem}; pass the parameter's own state "
+                         "(as GefenMuon keeps it) and a contiguous gradient of its dtype")
