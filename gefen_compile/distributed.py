@@ -18,9 +18,10 @@ with plain parameters refuses to give a state_dict):
 
 - ``codes``: uint8 DTensor with the parameter's mesh, placements and shape, so DCP stores each
   rank's piece once, like AdamW's ``exp_avg``;
-- ``step``: float32 scalar tensor, equal on every rank (DCP saves it once);
+- ``step``: float32 scalar tensor, equal on every rank (DCP saves it once); GefenMuon's entries
+  have none;
 - ``per_rank``: ``{"rank<r>": bytes}`` (r: global rank), this rank's ``torch.save`` of its
-  period, magnitude, vmean and shard coordinates. Their sizes follow the period of this rank's
+  period, magnitude, vmean (not GefenMuon's) and shard coordinates. Their sizes follow the period of this rank's
   shard, learned from its gradient, so no shape is known before loading; DCP restores a
   ``bytes`` value whole, without a preallocated tensor, and the rank in the key keeps DCP from
   deduplicating the ranks' records as if they were replicated. An empty record means "no state
@@ -149,9 +150,11 @@ def is_state_materialising_step(groups: Sequence[dict], grads: Sequence[Tensor])
     )
 
 
-def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
+def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any],
+                       with_step: bool = True) -> dict[str, Any]:
     """``state_dict`` (an ``Optimizer.state_dict()`` plus ``"codebook"``, over ``params`` in
-    index order) in the layout of this module's docstring; unchanged without DTensors."""
+    index order) in the layout of this module's docstring; unchanged without DTensors.
+    ``with_step``: whether entries have a step counter (GefenMuon's have none)."""
     if not any(is_sharded(p) for p in params):
         return state_dict
     _require_all_sharded(params)
@@ -161,7 +164,7 @@ def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> 
         codebook = torch.full((CODEBOOK_SIZE,), math.nan, dtype=torch.float32)
     state = dict(state_dict["state"])
     for i, p in enumerate(params):
-        state[i] = _checkpoint_entry(p, state.get(i), rank, codebook)
+        state[i] = _checkpoint_entry(p, state.get(i), rank, codebook, with_step)
     return {**state_dict, "state": state, "codebook": codebook}
 
 
@@ -219,23 +222,24 @@ def _restored_entries(state: dict) -> dict[int | str, dict]:
     return merged
 
 
-def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int, codebook: Tensor) -> dict[str, Any]:
+def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int, codebook: Tensor,
+                      with_step: bool) -> dict[str, Any]:
     shard = local(p)
     if entry is None:
         codes = torch.zeros(shard.shape, dtype=torch.uint8, device=shard.device)
         step, record = torch.zeros((), dtype=torch.float32), b""
     else:
-        codes, step = entry["codes"].view(shard.shape), entry["step"]
+        codes, step = entry["codes"].view(shard.shape), entry.get("step")
         buffer = io.BytesIO()
-        torch.save({"period": entry["period"], "magnitude": entry["magnitude"].cpu(),
-                    "vmean": entry["vmean"].cpu(), "shard": _shard_id(p)}, buffer)
+        torch.save({"period": entry["period"], "shard": _shard_id(p),
+                    **{k: entry[k].cpu() for k in _RECORDED if k in entry}}, buffer)
         record = buffer.getvalue()
     codes = type(p).from_local(codes, p.device_mesh, p.placements, run_check=False,
                                shape=p.shape, stride=p.stride())
     # The codebook in every entry too: torch's get_optimizer_state_dict keeps only the entries
     # and the param groups. DCP saves one copy of each (1 KiB per parameter).
-    return {"codes": codes, "step": step, "per_rank": {f"rank{rank}": record},
-            "codebook": codebook}
+    saved = {"codes": codes, "per_rank": {f"rank{rank}": record}, "codebook": codebook}
+    return {**saved, "step": step} if with_step else saved
 
 
 def _local_entry(p: Tensor, entry: dict, record: bytes, key: Any) -> dict[str, Any]:
@@ -246,9 +250,13 @@ def _local_entry(p: Tensor, entry: dict, record: bytes, key: Any) -> dict[str, A
             f"shape, coordinate, local shape, placements) and is now {_shard_id(p)}; Gefen's "
             "periods and blocks belong to each rank's shard: resume on the same mesh and sharding"
         )
-    codes = entry["codes"]
-    return {"codes": local(codes).reshape(-1), "magnitude": saved["magnitude"],
-            "vmean": saved["vmean"], "step": entry["step"], "period": saved["period"]}
+    restored = {"codes": local(entry["codes"]).reshape(-1), "period": saved["period"],
+                **{k: saved[k] for k in _RECORDED if k in saved}}
+    return {**restored, "step": entry["step"]} if "step" in entry else restored
+
+
+# State tensors whose size follows this rank's period: saved in its record.
+_RECORDED = ("magnitude", "vmean")
 
 
 def _shard_id(p: Tensor) -> tuple:

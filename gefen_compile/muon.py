@@ -233,14 +233,14 @@ class GefenMuon(LearnedState, Optimizer):
         ``period``, instead of Muon's ``momentum_buffer``. For DTensor (FSDP2) parameters,
         the layout of ``gefen_compile/distributed.py``."""
         state_dict = super().state_dict()
+        params = self._params()
         for key, entry in state_dict["state"].items():
-            if entry and not distributed.is_sharded(entry["codes"]):
-                params = self._params()
+            if entry and not distributed.is_sharded(params[key]):
                 state_dict["state"][key] = {**entry,
                                             "codes": entry["codes"].view(params[key].shape)}
         state_dict["codebook"] = self.codebook
         state_dict["variant"] = self.variant.name
-        return distributed.sharded_state_dict(self._params(), state_dict)
+        return distributed.sharded_state_dict(self._params(), state_dict, with_step=False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``GefenMuon.state_dict()`` (every entry checked before anything changes,

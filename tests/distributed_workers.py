@@ -1,5 +1,6 @@
 """What each rank runs for tests/test_distributed.py: DDP and FSDP2 (fully_shard) training with
-Gefen on gloo, a distributed checkpoint and its resumption. Each rank saves what the tests
+Gefen (and GefenMuon for the matrices beside Gefen for the rest) on gloo, a distributed
+checkpoint and its resumption. Each rank saves what the tests
 compare (parameters, periods, codebooks, losses, first local gradients) to ``rank<r>.pt``.
 
 The model and data are shared with the single-process reference the tests run themselves.
@@ -24,7 +25,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from gefen_compile import Gefen, memory_report
+from torch.distributed.tensor.debug import CommDebugMode
+
+from gefen_compile import Gefen, GefenMuon, memory_report
 from gefen_compile.distributed import global_histogram
 
 WORLD_SIZE = 2
@@ -37,6 +40,7 @@ CHECKPOINT_AT = 5  # FSDP2: steps taken before the distributed checkpoint
 CHECKPOINT_VIAS = ("optimizer.state_dict", "get_optimizer_state_dict")
 _HELPER_OPTIONS = StateDictOptions()
 LR = 1e-2
+MUON_LR = 2e-2
 # DDP is compared with a single process at Gefen's default lr and at LR.
 DDP_LRS = (1e-3, LR)
 BATCH = 64
@@ -82,6 +86,39 @@ def reference(steps: int, lr: float = LR) -> tuple[nn.Module, Gefen, list[float]
     return model, opt, losses
 
 
+def muon_optimizers(model: nn.Module) -> list:
+    """The usual Muon split: GefenMuon for the weight matrices, Gefen for the biases."""
+    named = list(model.named_parameters())
+    return [GefenMuon([p for n, p in named if n.endswith("weight")], lr=MUON_LR),
+            Gefen([p for n, p in named if n.endswith("bias")], lr=LR)]
+
+
+def muon_reference(steps: int, as_ddp: bool = False) -> tuple[nn.Module, list, list[float]]:
+    """Single-process GefenMuon + Gefen on the global batches; ``as_ddp``: from the mean of the
+    ranks' local gradients, as DDP reduces them (a halving and a sum of two: exact), instead of
+    the global batch's gradient."""
+    model = make_model()
+    opts = muon_optimizers(model)
+    losses = []
+    for step in range(steps):
+        loss = loss_of(model, *batch(step))
+        if as_ddp:
+            local = []
+            for rank in range(WORLD_SIZE):
+                loss_of(model, *local_batch(step, rank)).backward()
+                local.append([p.grad / WORLD_SIZE for p in model.parameters()])
+                model.zero_grad()
+            for p, *pieces in zip(model.parameters(), *local):
+                p.grad = sum(pieces[1:], pieces[0])
+        else:
+            loss.backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        losses.append(loss.item())
+    return model, opts, losses
+
+
 def faults_file(out_dir: str | Path, rank: int) -> Path:
     """Where a rank's fatal-signal traceback goes, for the fixture to report."""
     return Path(out_dir) / f"rank{rank}.faults"
@@ -97,7 +134,9 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
                             world_size=WORLD_SIZE)
     try:
         results = {"ddp": {lr: _ddp(rank, lr) for lr in DDP_LRS}, "hsdp": _hsdp(rank),
-                   "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint")}
+                   "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint"),
+                   "muon_ddp": _muon_ddp(rank),
+                   "muon_fsdp": _muon_fsdp(rank, Path(out_dir) / "muon_checkpoint")}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         # FSDP's last collectives and the models' hooks must be gone on both ranks before either
         # closes its gloo connections: a peer closing early aborts the other rank.
@@ -156,15 +195,17 @@ def _sharded_model(mesh_shape: tuple[int, ...] = (WORLD_SIZE,)) -> nn.Module:
 
 
 def _train(model, opt, rank: int, steps: range, first_grads: dict | None = None) -> list[float]:
-    """Steps of FSDP2 training; returns the global batch's loss at each (the ranks' mean)."""
+    """Steps of FSDP2 training (``opt``: an optimizer, or a list of them); returns the global
+    batch's loss at each (the ranks' mean)."""
     losses = []
     for step in steps:
         loss = loss_of(model, *local_batch(step, rank))
         loss.backward()
         if first_grads is not None and step == 0:
             first_grads.update({n: p.grad.to_local().clone() for n, p in model.named_parameters()})
-        opt.step()
-        opt.zero_grad()
+        for each in opt if isinstance(opt, list) else [opt]:
+            each.step()
+            each.zero_grad()
         loss = loss.detach().clone()
         dist.all_reduce(loss)
         losses.append(loss.item() / WORLD_SIZE)
@@ -231,8 +272,57 @@ def _resume(rank: int, checkpoint: Path, via: str) -> dict:
     }
 
 
-def _local_state(model: nn.Module, opt: Gefen) -> dict[str, dict]:
+def _local_state(model: nn.Module, opt) -> dict[str, dict]:
+    """The state of ``opt``'s parameters, by name."""
+    mine = {id(p) for group in opt.param_groups for p in group["params"]}
     return {
         n: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
-        for n, p in model.named_parameters()
+        for n, p in model.named_parameters() if id(p) in mine
+    }
+
+
+def _muon_ddp(rank: int) -> dict:
+    model = DistributedDataParallel(make_model())
+    opts = muon_optimizers(model.module)
+    for step in range(DDP_STEPS):
+        loss_of(model, *local_batch(step, rank)).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    return {"params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+            "codebook": opts[0].codebook.clone()}
+
+
+def _muon_fsdp(rank: int, checkpoint: Path) -> dict:
+    """GefenMuon + Gefen under FSDP2: training, the collectives of one GefenMuon step, a
+    distributed checkpoint of both optimizers and its resumption in fresh ones."""
+    model = _sharded_model()
+    opts = muon_optimizers(model)
+    losses = _train(model, opts, rank, range(CHECKPOINT_AT - 1))
+    loss_of(model, *local_batch(CHECKPOINT_AT - 1, rank)).backward()
+    with CommDebugMode() as comms:
+        opts[0].step()
+    opts[1].step()
+    for opt in opts:
+        opt.zero_grad()
+    collectives = {str(op).rsplit(".", 1)[-1]: n for op, n in comms.get_comm_counts().items()}
+    dcp.save({"model": model.state_dict(), "muon": opts[0].state_dict(),
+              "rest": opts[1].state_dict()}, checkpoint_id=checkpoint)
+    layout = {k: type(v).__name__ for k, v in opts[0].state_dict()["state"][0].items()}
+    tail = _train(model, opts, rank, range(CHECKPOINT_AT, FSDP_STEPS))
+    resumed_model = _sharded_model()
+    resumed = muon_optimizers(resumed_model)
+    template = {"model": resumed_model.state_dict(), "muon": resumed[0].state_dict(),
+                "rest": resumed[1].state_dict()}
+    dcp.load(template, checkpoint_id=checkpoint)
+    resumed_model.load_state_dict(template["model"])
+    resumed[0].load_state_dict(template["muon"])
+    resumed[1].load_state_dict(template["rest"])
+    return {
+        "losses": losses, "tail": tail, "collectives": collectives, "layout": layout,
+        "params": _local_params(model), "state": _local_state(model, opts[0]),
+        "codebook": opts[0].codebook.clone(),
+        "resumed_tail": _train(resumed_model, resumed, rank, range(CHECKPOINT_AT, FSDP_STEPS)),
+        "resumed_params": _local_params(resumed_model),
+        "resumed_state": _local_state(resumed_model, resumed[0]),
     }

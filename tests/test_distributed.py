@@ -250,3 +250,47 @@ def test_sharded_state_loads_only_onto_the_same_sharding(one_rank_group):
     unsharded_opt.step()
     with pytest.raises(ValueError, match="no per-rank record"):
         same.load_state_dict(unsharded_opt.state_dict())
+
+
+# ---- GefenMuon for the matrices, Gefen for the rest ----
+
+def test_muon_ddp_ranks_agree_and_match_a_single_process(ranks):
+    first, second = (r["muon_ddp"] for r in ranks)
+    for name, value in first["params"].items():
+        assert torch.equal(second["params"][name], value), name
+    assert torch.equal(first["codebook"], second["codebook"])
+    # GefenMuon's codes amplify rounding differences of the gradients (a code flips to its
+    # neighbour; the global batch's gradient differs in the last bits): compared with DDP's
+    # own reduction, bit for bit.
+    model, _, _ = workers.muon_reference(workers.DDP_STEPS, as_ddp=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(first["params"][name], value), name
+
+
+def test_muon_fsdp_gathers_each_update_once_and_tracks_a_single_process(ranks):
+    fsdp = [r["muon_fsdp"] for r in ranks]
+    # One all-gather of each matrix's bfloat16 update (three weights), nothing else: torch's
+    # Muon, whose Newton-Schulz products run on DTensors, needs about a dozen per matrix.
+    assert fsdp[0]["collectives"] == {"all_gather_into_tensor": 3}
+    assert fsdp[0]["layout"] == {"codes": "DTensor", "per_rank": "dict", "codebook": "Tensor"}
+    assert torch.equal(fsdp[0]["codebook"], fsdp[1]["codebook"])
+    losses = fsdp[0]["losses"] + fsdp[0]["tail"]
+    _, _, reference = workers.muon_reference(workers.FSDP_STEPS)
+    reference = reference[:workers.CHECKPOINT_AT - 1] + reference[workers.CHECKPOINT_AT:]
+    assert losses[-1] < 0.75 * losses[0]
+    for step, (loss, expected) in enumerate(zip(losses, reference)):
+        assert abs(loss - expected) <= 0.01 * expected, step
+
+
+def test_muon_fsdp_checkpoint_resumes_bit_identically(ranks):
+    for r in ranks:
+        fsdp = r["muon_fsdp"]
+        assert fsdp["resumed_tail"] == fsdp["tail"]
+        for name, value in fsdp["params"].items():
+            assert torch.equal(fsdp["resumed_params"][name], value), name
+        for name, state in fsdp["state"].items():
+            resumed = fsdp["resumed_state"][name]
+            assert resumed.keys() == state.keys() == {"codes", "magnitude", "period"}, name
+            assert resumed["period"] == state["period"]
+            assert torch.equal(resumed["codes"], state["codes"])
+            assert torch.equal(resumed["magnitude"], state["magnitude"])
