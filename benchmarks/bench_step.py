@@ -1,5 +1,7 @@
 """Optimizer step time, state bytes/param and peak extra memory: AdamW (for-loop, foreach, fused)
-against Gefen, side by side in one process, on GPT-2-small and Llama-1B parameter shapes.
+against Gefen, side by side in one process, on GPT-2-small and Llama-1B parameter shapes; then
+torch.optim.Muon against GefenMuon on the hidden matrices (Muon's usual share: attention and MLP
+weights, not embeddings).
 
     python benchmarks/bench_step.py [--model {gpt2,llama1b,all}] [--dtype {float32,bfloat16}]
                                     [--steps N] [--layers L] [--vocab V] [--threads T]
@@ -11,12 +13,14 @@ parameters; after their first steps, their steps are interleaved, so that the ma
 changes reach all of them alike. The last line names the processor and which kernels ran
 (Gefen's C path, torch's CPU capability), to attribute the figures.
 
-Columns: median step time (first steps excluded) and its ratio to fused AdamW; the first step
+Columns: median step time (first steps excluded) and its ratio to fused AdamW (to Muon, in the
+Muon table); the first step
 (Gefen: periods, codebook and state; AdamW: state allocation) and its ratio to one fused AdamW
 step; optimizer-state bytes per parameter; the peak memory the optimizer adds over its first
 three steps (process RSS high-water mark on CPU, the allocator's peak on CUDA), in bytes per
 parameter; and the fraction of the copy bandwidth reached: the bytes its step must move / step
-time / bandwidth of a large copy measured in the same process.
+time / bandwidth of a large copy measured in the same process (not for Muon's step, bound by
+its Newton-Schulz matrix products).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from gefen_compile import Gefen
+from gefen_compile import Gefen, GefenMuon
 from gefen_compile.kernels import native
 from models import MODELS, format_table, structured_grad
 
@@ -42,6 +46,12 @@ OPTIMIZERS: dict[str, Callable] = {
     "AdamW (fused)": lambda p: torch.optim.AdamW(p, fused=True),
     "Gefen": lambda p: Gefen(p),
 }
+MUON_OPTIMIZERS: dict[str, Callable] = {
+    "Muon": lambda p: torch.optim.Muon(p),
+    "GefenMuon": lambda p: GefenMuon(p),
+}
+# Tensors Muon is not given, as usual: embeddings (and the head tied to them).
+NOT_FOR_MUON = ("wte", "wpe", "embed")
 
 
 class PeakMemory:
@@ -114,22 +124,24 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def step_bytes(name: str, dtype: torch.dtype) -> float:
+def step_bytes(name: str, dtype: torch.dtype) -> float | None:
     """Bytes per parameter one step must move at the least: AdamW reads p, g, m, v and writes
     p, m, v; Gefen reads p, g and a code and writes p and the code (its per-block values are
-    a few bytes per block)."""
+    a few bytes per block). None for Muon's steps, bound by their matrix products."""
     size = torch.finfo(dtype).bits // 8
+    if "Muon" in name:
+        return None
     return 7 * size if name.startswith("AdamW") else 4 * size + 2
 
 
-def prepare(name: str, originals: list[torch.Tensor], grads: list[torch.Tensor]) -> dict:
+def prepare(make: Callable, originals: list[torch.Tensor], grads: list[torch.Tensor]) -> dict:
     """A fresh copy of the parameters (sharing the read-only gradients) and its optimizer,
     after its first steps: their time, the state's bytes and the peak memory they added."""
     device = originals[0].device
     params = [torch.nn.Parameter(o.clone()) for o in originals]
     for p, g in zip(params, grads):
         p.grad = g
-    optimizer = OPTIMIZERS[name](params)
+    optimizer = make(params)
     with PeakMemory(device) as peak:
         first = timed(optimizer.step, device)
         for _ in range(2):
@@ -141,7 +153,9 @@ def prepare(name: str, originals: list[torch.Tensor], grads: list[torch.Tensor])
 
 
 @torch.no_grad()
-def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: int) -> str:
+def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: int,
+          optimizers: dict[str, Callable] = OPTIMIZERS, reference: str = "AdamW (fused)") -> str:
+    """The table of ``optimizers`` on parameters of ``kinds``, ratios to ``reference``."""
     originals, grads = [], []
     for kind in kinds:
         for _ in range(kind.count):
@@ -149,18 +163,20 @@ def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: in
             grads.append(structured_grad(kind.shape, dtype).to(device))
     numel = sum(p.numel() for p in originals)
     torch.optim.AdamW([torch.nn.Parameter(originals[0])])  # imports torch._dynamo: not a step
-    results = {name: prepare(name, originals, grads) for name in OPTIMIZERS}
+    results = {name: prepare(make, originals, grads) for name, make in optimizers.items()}
     # Steps interleaved, so that a change in the machine's load reaches every optimizer alike.
     for _ in range(steps):
         for r in results.values():
             r["times"].append(timed(r["optimizer"].step, device))
-    fused = statistics.median(results["AdamW (fused)"]["times"])
+    fused = statistics.median(results[reference]["times"])
     bandwidth = copy_bandwidth(device)
-    header = ("optimizer", "step ms", "vs fused", "first step ms", "vs fused step",
+    versus = "fused" if reference == "AdamW (fused)" else reference
+    header = ("optimizer", "step ms", f"vs {versus}", "first step ms", f"vs {versus} step",
               "state B/param", "peak extra B/param", "of copy bandwidth")
     rows = []
     for name, r in results.items():
         median = statistics.median(r["times"])
+        moved = step_bytes(name, dtype)
         rows.append((
             name,
             f"{median * 1e3:.2f}",
@@ -169,7 +185,7 @@ def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: in
             f"{r['first'] / fused:.1f}x",
             f"{r['state'] / numel:.3f}",
             f"{r['peak'] / numel:.2f}",
-            f"{step_bytes(name, dtype) * numel / median / bandwidth:.0%}",
+            "-" if moved is None else f"{moved * numel / median / bandwidth:.0%}",
         ))
     return "\n".join([
         f"{title}: {numel / 1e6:.1f}M {str(dtype).removeprefix('torch.')} parameters in "
@@ -215,7 +231,12 @@ def main() -> None:
         size.update({k: v for k, v in (("layers", args.layers), ("vocab", args.vocab)) if v})
         if size:
             title += " shapes, " + ", ".join(f"{k} {v}" for k, v in size.items())
-        print(("\n" if i else "") + bench(title, build(**size), dtype, device, args.steps))
+        kinds = build(**size)
+        print(("\n" if i else "") + bench(title, kinds, dtype, device, args.steps))
+        matrices = [k for k in kinds
+                    if len(k.shape) == 2 and not any(w in k.name for w in NOT_FOR_MUON)]
+        print("\n" + bench(f"{title}, hidden matrices (Muon's share)", matrices, dtype, device,
+                           args.steps, MUON_OPTIMIZERS, "Muon"))
     print(f"\n{machine(device)}")
 
 
