@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from gefen_compile import Gefen, memory_report
-from gefen_compile.kernels import cpu_step, native, torch_step, triton_step
+from gefen_compile.codebook import NearestCode
+from gefen_compile.kernels import cpu_step, momentum, native, torch_step, triton_step
 from gefen_compile.state import compute_dtype
 
 # Odd shapes: primes, period 1 (ragged under the robust variant: (300,), (1000,)), periods
@@ -375,3 +376,47 @@ def test_the_kernels_compile_without_the_x86_paths():
          "-DGEFEN_PORTABLE_ONLY", f"-I{include}", str(source)],
         capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr
+
+
+def _momentum_step(path, dtype, nesterov, block, numel, finite):
+    """GefenMuon's momentum rows on ``path`` (None: the plain-torch path) on one parameter:
+    its codes, magnitudes and bfloat16 update."""
+    gen = torch.Generator().manual_seed(block)
+    codebook = torch.sort(torch.cat([torch.tensor([-1.0, 0.0, 1.0]),
+                                     torch.rand(253, generator=gen) * 2 - 1]))[0]
+    g = torch.randn(numel, generator=gen).to(dtype)
+    g[::97] = 0.0
+    if not finite:
+        g[5], g[block + 7], g[-1] = math.nan, math.inf, -math.inf
+    codes = torch.randint(0, 256, (numel,), dtype=torch.uint8, generator=gen)
+    magnitude = torch.rand(-(-numel // block), generator=gen).to(dtype)
+    magnitude[1] = 0.0
+    nearest = NearestCode(codebook)
+    kwargs = dict(block=block, momentum=0.95, nesterov=nesterov)
+    if path is None:
+        tables = nearest.tables(g.device, compute_dtype(dtype))
+        update = torch_step.momentum_update(g, codes, magnitude, codebook=tables.codebook,
+                                            nearest=nearest, **kwargs)
+    else:
+        previous = native.use_cpu_path(path)
+        try:
+            update = momentum.momentum_step(g, codes, magnitude, nearest=nearest, **kwargs)
+        finally:
+            native.use_cpu_path(previous)
+    return codes, magnitude, update
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("block,numel", [(64, 64 * 50), (256, 1000), (10000, 20000)])
+def test_momentum_rows_equal_the_torch_path(dtype, nesterov, block, numel):
+    """GefenMuon's C rows (buffered rows, rows longer than TILE, a ragged last row, an empty
+    block) give the plain-torch path's bits on every CPU path; with non-finite gradients,
+    every path gives the portable rows' bytes."""
+    expected = _momentum_step(None, dtype, nesterov, block, numel, finite=True)
+    portable = _momentum_step("portable", dtype, nesterov, block, numel, finite=False)
+    for path in native.cpu_paths():
+        assert [_bytes(t) for t in _momentum_step(path, dtype, nesterov, block, numel, True)] \
+            == [_bytes(t) for t in expected], path
+        assert [_bytes(t) for t in _momentum_step(path, dtype, nesterov, block, numel, False)] \
+            == [_bytes(t) for t in portable], path
