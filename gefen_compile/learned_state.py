@@ -5,18 +5,40 @@ and the robust variant's rules in variant.py)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
+from copy import deepcopy
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from . import distributed
 from .codebook import NearestCode
 from .first_step import codebook_from, read_first_gradients
+from .state_checks import codebook_problem
+from .variant import ROBUST, Variant, saved_variant
 
 
 class LearnedState:
-    """Mixin of a ``torch.optim.Optimizer`` with ``variant``, ``codebook`` and ``_nearest``."""
+    """Mixin of a ``torch.optim.Optimizer`` with ``variant``, ``codebook`` and ``_nearest``:
+    what the two optimizers do alike, from the first step to their checkpoints. Each provides
+    ``_update`` (the step), ``_local_saved`` (a saved state_dict in the single-process layout),
+    ``_load_original`` (the state_dict of the optimizer it replaces) and ``_check_entry``."""
 
     _name = "Gefen"  # in error messages
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimizer step; ``closure`` (re-evaluating the loss) is run first, with grad."""
+        return self._update(closure)
+
+    @staticmethod
+    def _loss_of(closure: Callable[[], float] | None) -> float | None:
+        """The closure's loss, evaluated with grad (None without a closure)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     def _set_codebook(self, codebook: Tensor | None) -> None:
         self.codebook = codebook
@@ -65,6 +87,85 @@ class LearnedState:
         for (_, p, _), period in zip(fresh, periods):
             self.state[p] = {"period": period}
         return fresh
+
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load this optimizer's ``state_dict()``, keeping every state tensor's dtype (uint8
+        codes stay uint8; ``torch.optim.Optimizer`` would cast them to the parameter's dtype),
+        after checking the codebook and every entry; or a state_dict of the optimizer it
+        replaces (no codebook), whose moments are migrated."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
+        state_dict = self._local_saved(state_dict)
+        if "codebook" not in state_dict:
+            self._load_original(state_dict)
+            return
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(
+                f"{self._name}.load_state_dict: the saved param groups do not match this "
+                "optimizer's (number of groups, or parameters per group); build the optimizer "
+                "over the same parameters, in the same groups, before loading"
+            )
+        codebook = state_dict["codebook"]  # None: saved before any gradient had elements
+        variant = saved_variant(state_dict)
+        problem = None if codebook is None else codebook_problem(codebook)
+        if problem:
+            raise ValueError(f"{self._name}.load_state_dict: the saved codebook {problem}; load "
+                             f"the state_dict that {self._name}.state_dict() returned, unchanged")
+        # Every entry is checked (against the saved variant's layout) before anything is replaced.
+        state, groups = self._checked_saved_state(state_dict, saved_groups, variant)
+        self.__setstate__({"state": state, "param_groups": groups, "variant": variant})
+        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked_saved_state(self, state_dict: dict[str, Any], saved_groups: list[dict],
+                             variant: Variant) -> tuple:
+        """The state (keyed by parameter, on their devices) and param groups of a loaded
+        ``state_dict``, every entry checked against its parameter."""
+        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
+        groups = []
+        for saved, live in zip(saved_groups, self.param_groups):
+            for key, param in zip(saved["params"], live["params"]):
+                if state_dict["state"].get(key):  # an empty entry: no state, as AdamW saves it
+                    self._check_entry(state_dict["state"][key], param,
+                                      f"{self._name}.load_state_dict: the saved state of",
+                                      f"load a state_dict saved by {self._name} over these "
+                                      "parameters, in the same order, shapes and dtypes (cast "
+                                      "the model as it was when saved before loading)", variant)
+                    state[param] = _moved(state_dict["state"][key], param,
+                                          saved.get("capturable", False))
+            group = deepcopy({k: v for k, v in saved.items() if k != "params"})
+            group["params"] = live["params"]
+            if "param_names" in live:
+                group.setdefault("param_names", live["param_names"])
+            groups.append(group)
+        return state, groups
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "codebook": self.codebook, "variant": self.variant}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        codebook = state.pop("codebook", getattr(self, "codebook", None))
+        self.variant = state.pop("variant", getattr(self, "variant", ROBUST))
+        super().__setstate__(state)
+        self._set_codebook(codebook)
+        self._buckets, self._index = None, {}  # rebuilt from the per-parameter state
+
+
+def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, Any]:
+    """A copy of a saved per-parameter state on ``param``'s device (its local shard's),
+    dtypes unchanged (a step counter stays on CPU unless capturable, as AdamW keeps it)."""
+    device = distributed.local(param).device
+    moved = {}
+    for key, value in entry.items():
+        if isinstance(value, Tensor):
+            value = value.to("cpu" if key == "step" and not capturable else device, copy=True)
+        moved[key] = value
+    return moved
 
 
 def decay_only(waiting: list[tuple[dict, Tensor, Tensor]]) -> None:

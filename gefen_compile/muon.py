@@ -30,9 +30,7 @@ gather the operands implicitly: the same full-matrix work on every rank.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
-from copy import deepcopy
 from typing import Any
 
 import torch
@@ -45,9 +43,9 @@ from .kernels.momentum import momentum_step
 from .learned_state import LearnedState
 from .migrate import migrate_muon_state
 from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
-from .state import STATE_DTYPES, Bucket, build_bucket
-from .state_checks import check_materialised, codebook_problem, entry_problem
-from .variant import ROBUST, Variant, saved_variant, variant_named
+from .state import Bucket, build_bucket
+from .state_checks import check_gradient_layout, check_materialised, entry_problem
+from .variant import ROBUST, Variant, variant_named
 
 # Muon's own limit (torch.optim.Muon raises it at the first step; checked here when built).
 MAX_NS_STEPS = 100
@@ -111,18 +109,11 @@ class GefenMuon(LearnedState, Optimizer):
         super().add_param_group({**param_group, "params": params})
         self._buckets = None
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step; ``closure`` (re-evaluating the loss) is run first, with grad."""
-        return self._update(closure)
-
     @torch.no_grad()
     def _update(self, closure: Callable[[], float] | None) -> float | None:
         # Apart from ``step`` (wrapped with the step hooks), so a converted Muon runs it from
         # its hook.
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss_of(closure)
         stepping = [
             (group, p, self._checked_grad(p, gi, pi))
             for gi, group in enumerate(self.param_groups)
@@ -206,16 +197,7 @@ class GefenMuon(LearnedState, Optimizer):
         check_materialised(p, where)
         if g.is_sparse:
             raise RuntimeError(f"Muon does not support sparse gradients (GefenMuon, {where})")
-        if g.dtype not in STATE_DTYPES:
-            raise TypeError(
-                f"GefenMuon: the gradient of {where} has dtype {g.dtype}; GefenMuon keeps state "
-                "in float32, bfloat16, float16 or float64: cast the parameter to one of these"
-            )
-        if g.shape != p.shape:
-            raise ValueError(
-                f"GefenMuon: the gradient of {where} has shape {tuple(g.shape)}, the parameter "
-                f"{tuple(p.shape)}; the gradient must have the parameter's shape"
-            )
+        check_gradient_layout(p, g, where, "GefenMuon")
         g = distributed.local_grad(p, g, where)
         return g if g.is_contiguous() else g.contiguous()
 
@@ -242,71 +224,22 @@ class GefenMuon(LearnedState, Optimizer):
         state_dict["variant"] = self.variant.name
         return distributed.sharded_state_dict(self._params(), state_dict, with_step=False)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``GefenMuon.state_dict()`` (every entry checked before anything changes,
-        dtypes kept), or a ``torch.optim.Muon`` one, whose momentum buffers are quantised
-        (``gefen_compile.convert`` does the same to a live Muon)."""
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            state_dict = pre_hook(self, state_dict) or state_dict
-        state_dict = distributed.local_state_dict(self._params(), state_dict)
-        if "codebook" not in state_dict:
-            if not all("momentum_buffer" in e for e in state_dict["state"].values() if e):
-                raise ValueError(
-                    "GefenMuon.load_state_dict: this state_dict has no 'codebook' and is not "
-                    "Muon's (a momentum_buffer per parameter), so it was not saved by "
-                    "GefenMuon.state_dict(); load it into the optimizer that saved it"
-                )
-            Optimizer.load_state_dict(self, state_dict)
-            self._set_codebook(None)
-            migrate_muon_state(self)
-            return
-        saved_groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+    def _local_saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A saved state_dict in the single-process layout, this rank's state."""
+        return distributed.local_state_dict(self._params(), state_dict)
+
+    def _load_original(self, state_dict: dict[str, Any]) -> None:
+        """A ``torch.optim.Muon`` checkpoint: loaded as Muon loads it, then its momentum
+        buffers quantised (``gefen_compile.convert`` does the same to a live Muon)."""
+        if not all("momentum_buffer" in e for e in state_dict["state"].values() if e):
             raise ValueError(
-                "GefenMuon.load_state_dict: the saved param groups do not match this "
-                "optimizer's (number of groups, or parameters per group); build the optimizer "
-                "over the same parameters, in the same groups, before loading"
+                "GefenMuon.load_state_dict: this state_dict has no 'codebook' and is not "
+                "Muon's (a momentum_buffer per parameter), so it was not saved by "
+                "GefenMuon.state_dict(); load it into the optimizer that saved it"
             )
-        codebook = state_dict["codebook"]
-        problem = None if codebook is None else codebook_problem(codebook)
-        if problem:
-            raise ValueError(f"GefenMuon.load_state_dict: the saved codebook {problem}; load the "
-                             "state_dict that GefenMuon.state_dict() returned, unchanged")
-        variant = saved_variant(state_dict)
-        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
-        groups = []
-        for saved, live in zip(saved_groups, self.param_groups):
-            for key, param in zip(saved["params"], live["params"]):
-                entry = state_dict["state"].get(key)
-                if entry:
-                    self._check_entry(entry, param, "GefenMuon.load_state_dict: the saved state of",
-                                      "load a state_dict saved by GefenMuon over these "
-                                      "parameters, in the same order, shapes and dtypes", variant)
-                    device = distributed.local(param).device
-                    state[param] = {k: v.to(device, copy=True).reshape(-1) if k == "codes"
-                                    else v.to(device, copy=True) if isinstance(v, Tensor) else v
-                                    for k, v in entry.items()}
-            group = deepcopy({k: v for k, v in saved.items() if k != "params"})
-            group["params"] = live["params"]
-            if "param_names" in live:
-                group.setdefault("param_names", live["param_names"])
-            groups.append(group)
-        self.__setstate__({"state": state, "param_groups": groups, "variant": variant})
-        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "codebook": self.codebook, "variant": self.variant}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        codebook = state.pop("codebook", getattr(self, "codebook", None))
-        self.variant = state.pop("variant", getattr(self, "variant", ROBUST))
-        super().__setstate__(state)
-        self._set_codebook(codebook)
-        self._buckets = None  # rebuilt from the per-parameter state
+        Optimizer.load_state_dict(self, state_dict)
+        self._set_codebook(None)
+        migrate_muon_state(self)
 
 
 def check_muon_hyperparameters(values: dict[str, Any], where: str) -> None:

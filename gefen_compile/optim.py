@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from collections import defaultdict
-from copy import deepcopy
 from typing import Any
 
 import torch
@@ -19,10 +17,10 @@ from .hyperparameters import check_hyperparameters, scalar_betas
 from .kernels import StepInputs, cpu_step
 from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
-from .state import STATE_DTYPES, Bucket, build_bucket, compute_dtype
-from .state_checks import check_materialised, codebook_problem, entry_problem
+from .state import Bucket, build_bucket, compute_dtype
+from .state_checks import check_gradient_layout, check_materialised, entry_problem
 from .state_table import Changes, tracked
-from .variant import ROBUST, Variant, saved_variant, variant_named
+from .variant import ROBUST, Variant, variant_named
 
 
 class Gefen(LearnedState, Optimizer):
@@ -98,18 +96,11 @@ class Gefen(LearnedState, Optimizer):
         super().add_param_group({**param_group, "params": params})
         self._buckets = None  # the group table changed
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step; ``closure`` (re-evaluating the loss) is run first, with grad."""
-        return self._update(closure)
-
     @torch.no_grad()
     def _update(self, closure: Callable[[], float] | None) -> float | None:
         # The step itself, apart from ``step`` (which torch.optim wraps with the step hooks), so
         # that a converted AdamW runs it from a hook.
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss_of(closure)
         # Parameters without state (all of them before the first step; in steady state usually
         # none): only these are scanned, so a step costs no Python work per stateful tensor here.
         # ``changed``: state assigned into optimizer.state (state_table.py) since the last build.
@@ -268,84 +259,25 @@ class Gefen(LearnedState, Optimizer):
         state_dict = distributed.sharded_state_dict(self._params(), state_dict)
         return checkpoint.for_saving(self._params(), state_dict)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``Gefen.state_dict()``, keeping every state tensor's dtype (uint8 codes stay
-        uint8; ``torch.optim.Optimizer`` would cast them to the parameter's dtype)."""
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            state_dict = pre_hook(self, state_dict) or state_dict
+    def _local_saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A saved state_dict in the single-process layout, this rank's state."""
         state_dict = checkpoint.from_saved(state_dict)
-        state_dict = distributed.local_state_dict(self._params(), state_dict)
-        if "codebook" not in state_dict:
-            if not all(map(has_adamw_state, state_dict["state"].values())):
-                raise ValueError(
-                    "Gefen.load_state_dict: this state_dict has no 'codebook' and is not "
-                    "AdamW's (exp_avg, exp_avg_sq, step per parameter), so it was not saved by "
-                    "Gefen.state_dict() (torch.distributed.checkpoint.state_dict's helpers drop "
-                    "the codebook for plain parameters: checkpoint optimizer.state_dict() "
-                    "itself); load it into the optimizer that saved it"
-                )
-            self._load_adamw_state_dict(state_dict)
-            return
-        saved_groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError(
-                "Gefen.load_state_dict: the saved param groups do not match this optimizer's "
-                "(number of groups, or parameters per group); build the optimizer over the same "
-                "parameters, in the same groups, before loading"
-            )
-        codebook = state_dict["codebook"]  # None: saved before any gradient had elements
-        variant = saved_variant(state_dict)
-        problem = None if codebook is None else codebook_problem(codebook)
-        if problem:
-            raise ValueError(f"Gefen.load_state_dict: the saved codebook {problem}; load the "
-                             "state_dict that Gefen.state_dict() returned, unchanged")
-        # Every entry is checked (against the saved variant's layout) before anything is replaced.
-        state, groups = self._checked_saved_state(state_dict, saved_groups, variant)
-        self.__setstate__({"state": state, "param_groups": groups, "variant": variant})
-        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        return distributed.local_state_dict(self._params(), state_dict)
 
-    def _checked_saved_state(self, state_dict: dict[str, Any], saved_groups: list[dict],
-                             variant: Variant) -> tuple:
-        """The state (keyed by parameter, on their devices) and param groups of a loaded
-        ``state_dict``, every entry checked against its parameter."""
-        state: defaultdict[Any, dict[str, Any]] = defaultdict(dict)
-        groups = []
-        for saved, live in zip(saved_groups, self.param_groups):
-            for key, param in zip(saved["params"], live["params"]):
-                if state_dict["state"].get(key):  # an empty entry: no state, as AdamW saves it
-                    self._check_entry(state_dict["state"][key], param,
-                                      "Gefen.load_state_dict: the saved state of",
-                                      "load a state_dict saved by Gefen over these parameters, "
-                                      "in the same order, shapes and dtypes (cast the model "
-                                      "as it was when saved before loading)", variant)
-                    state[param] = _moved(state_dict["state"][key], param, saved.get("capturable", False))
-            group = deepcopy({k: v for k, v in saved.items() if k != "params"})
-            group["params"] = live["params"]
-            if "param_names" in live:
-                group.setdefault("param_names", live["param_names"])
-            groups.append(group)
-        return state, groups
-
-    def _load_adamw_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_original(self, state_dict: dict[str, Any]) -> None:
         """An AdamW checkpoint: loaded as AdamW loads it, then migrated to Gefen state."""
+        if not all(map(has_adamw_state, state_dict["state"].values())):
+            raise ValueError(
+                "Gefen.load_state_dict: this state_dict has no 'codebook' and is not "
+                "AdamW's (exp_avg, exp_avg_sq, step per parameter), so it was not saved by "
+                "Gefen.state_dict() (torch.distributed.checkpoint.state_dict's helpers drop "
+                "the codebook for plain parameters: checkpoint optimizer.state_dict() "
+                "itself); load it into the optimizer that saved it"
+            )
         Optimizer.load_state_dict(self, state_dict)
         self._set_codebook(None)  # learned from the checkpoint's first moments
         migrate_adamw_state(self)
         self._buckets, self._index = None, {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "codebook": self.codebook, "variant": self.variant}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        codebook = state.pop("codebook", getattr(self, "codebook", None))
-        self.variant = state.pop("variant", getattr(self, "variant", ROBUST))
-        super().__setstate__(state)
-        self._set_codebook(codebook)
-        self._buckets, self._index = None, {}  # rebuilt from the per-parameter state
 
 
 def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
@@ -361,29 +293,8 @@ def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
         raise RuntimeError(
             f"Gefen does not support complex gradients ({where}); optimize torch.view_as_real(p)"
         )
-    if g.dtype not in STATE_DTYPES:
-        raise TypeError(
-            f"Gefen: the gradient of {where} has dtype {g.dtype}; Gefen keeps state in "
-            "float32, bfloat16, float16 or float64: cast the parameter to one of these"
-        )
-    if g.shape != p.shape:
-        raise ValueError(
-            f"Gefen: the gradient of {where} has shape {tuple(g.shape)}, the parameter "
-            f"{tuple(p.shape)}; the gradient must have the parameter's shape"
-        )
+    check_gradient_layout(p, g, where)
     return distributed.local_grad(p, g, where)
-
-
-def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, Any]:
-    """A copy of a saved per-parameter state on ``param``'s device, dtypes unchanged (the step
-    counter stays on CPU unless capturable, as AdamW keeps it)."""
-    moved = {}
-    for key, value in entry.items():
-        if isinstance(value, Tensor):
-            device = "cpu" if key == "step" and not capturable else param.device
-            value = value.to(device, copy=True)
-        moved[key] = value
-    return moved
 
 
 def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .codebook import CODEBOOK_SIZE
-from .state import state_sizes
+from .state import STATE_DTYPES, state_sizes
 from .variant import Variant
 
 ENTRY_KEYS = ("codes", "magnitude", "vmean", "step", "period")
@@ -82,4 +82,19 @@ def check_materialised(param: Tensor, where: str) -> None:
             "nothing to update; materialise the model first, then build the optimizer over "
             "its parameters: model.to_empty(device=...), initialise the weights (or load a "
             "checkpoint), then Gefen(model.parameters(), ...) (to_empty makes new parameters)"
+        )
+
+
+def check_gradient_layout(param: Tensor, grad: Tensor, where: str, name: str = "Gefen") -> None:
+    """Refuse a gradient whose dtype cannot be a state dtype, or whose shape is not the
+    parameter's (``name``: the optimizer, for the message)."""
+    if grad.dtype not in STATE_DTYPES:
+        raise TypeError(
+            f"{name}: the gradient of {where} has dtype {grad.dtype}; {name} keeps state in "
+            "float32, bfloat16, float16 or float64: cast the parameter to one of these"
+        )
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"{name}: the gradient of {where} has shape {tuple(grad.shape)}, the parameter "
+            f"{tuple(param.shape)}; the gradient must have the parameter's shape"
         )

@@ -1164,15 +1164,18 @@ int gefen_step(const StepArgs *a, int dtype) {
 }
 
 /* GefenMuon's momentum step of one parameter, rows in parallel on the path gefen_cpu_path
- * picks (the vectoriser's rows of its instruction set). Returns 0, or -1 for an unknown dtype. */
+ * picks (the vectoriser's rows of its instruction set, reported as the rows last run). Returns
+ * 0, or -1 for an unknown dtype or block. */
 int gefen_momentum(const MomentumArgs *a, int dtype) {
     if (dtype < DT_F32 || dtype > DT_F64 || a->block < 1) return -1;
     void (*row)(const MomentumArgs *, int64_t) = momentum_rows_portable[dtype];
+    int rows_run = ROWS_PORTABLE;
 #if X86_PATHS
     const int path = gefen_cpu_path(-1);
-    if (path >= PATH_AVX512) row = momentum_rows_avx512[dtype];
-    else if (path == PATH_AVX2) row = momentum_rows_avx2[dtype];
+    if (path >= PATH_AVX512) row = momentum_rows_avx512[dtype], rows_run = ROWS_VEC_AVX512;
+    else if (path == PATH_AVX2) row = momentum_rows_avx2[dtype], rows_run = ROWS_VEC_AVX2;
 #endif
+    __atomic_store_n(&last_rows, rows_run, __ATOMIC_RELAXED);
     const int64_t rows = (a->numel + a->block - 1) / a->block;
     _Pragma("omp parallel for schedule(static) num_threads(a->num_threads)")
     for (int64_t r = 0; r < rows; r++) row(a, r);

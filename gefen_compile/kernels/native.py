@@ -25,6 +25,11 @@ _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
 
 
+# The nearest-code tables (codebook.LookupTables) and the thread count, last in both structures.
+_TABLE_FIELDS = [("codebook", _P), ("lut", _P), ("bounds", _P), ("first_index", _P),
+                 ("num_distinct", _I64), ("lut_half", _I64), ("num_threads", _I64)]
+
+
 class StepArgs(ctypes.Structure):
     """Mirror of ``StepArgs`` in cpu_step.c."""
 
@@ -41,13 +46,7 @@ class StepArgs(ctypes.Structure):
         ("magnitude", _P),
         ("vmean", _P),
         ("steps", _P),
-        ("codebook", _P),
-        ("lut", _P),
-        ("bounds", _P),
-        ("first_index", _P),
-        ("num_distinct", _I64),
-        ("lut_half", _I64),
-        ("num_threads", _I64),
+        *_TABLE_FIELDS,
     ]
 
 
@@ -63,13 +62,7 @@ class MomentumArgs(ctypes.Structure):
         ("update", _P),
         ("momentum", ctypes.c_double),
         ("nesterov", _I64),
-        ("codebook", _P),
-        ("lut", _P),
-        ("bounds", _P),
-        ("first_index", _P),
-        ("num_distinct", _I64),
-        ("lut_half", _I64),
-        ("num_threads", _I64),
+        *_TABLE_FIELDS,
     ]
 
 

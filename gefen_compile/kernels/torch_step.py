@@ -105,12 +105,8 @@ def update_parameter(
 
     count += 1
 
-    n = g.numel()
-    m = as_blocks(codebook[codes.long()], block) * magnitude.to(dtype).unsqueeze(1)
-    m = m * beta1 + as_blocks(g, block) * (1 - beta1)
-    new_codes = quantise_blocks(m, magnitude, nearest)
-    codes.copy_(new_codes.view(-1)[:n])
-    m_q = (codebook[new_codes] * magnitude.to(dtype).unsqueeze(1)).view(-1)[:n]
+    m_q = quantised_moment(g, codes, magnitude, block=block, codebook=codebook, nearest=nearest,
+                           beta=beta1)
 
     step64 = count.double()
     bias1 = 1 - beta1**step64
@@ -125,6 +121,20 @@ def update_parameter(
     p = param.reshape(-1).to(dtype) * decay
     p = p.view(m_q.shape) - m_q * scale
     param.copy_(p.view_as(param))
+
+
+def quantised_moment(g: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tensor, *,
+                     block: int, codebook: torch.Tensor,
+                     nearest: Callable[[torch.Tensor], torch.Tensor], beta: float) -> torch.Tensor:
+    """The moving average ``beta * m + (1 - beta) * g`` of the quantised moment m (``codes``
+    and ``magnitude``, updated in place to hold the new one) and flat ``g`` (the compute
+    dtype); returns the new moment as stored, dequantised (flat, ``g``'s dtype)."""
+    dtype, n = g.dtype, g.numel()
+    m = as_blocks(codebook[codes.long()], block) * magnitude.to(dtype).unsqueeze(1)
+    m = m * beta + as_blocks(g, block) * (1 - beta)
+    new_codes = quantise_blocks(m, magnitude, nearest)
+    codes.copy_(new_codes.view(-1)[:n])
+    return (codebook[new_codes] * magnitude.to(dtype).unsqueeze(1)).view(-1)[:n]
 
 
 def as_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -158,13 +168,8 @@ def momentum_update(
     """GefenMuon's momentum step of one parameter (muon.py): ``codes`` and ``magnitude`` are
     updated in place, and the update Muon orthogonalises is returned, in bfloat16 (the dtype
     its Newton-Schulz iteration starts from), in ``grad``'s shape."""
-    dtype = compute_dtype(magnitude.dtype)
-    g = grad.reshape(-1).to(dtype)
-    n = g.numel()
-    m = as_blocks(codebook[codes.long()], block) * magnitude.to(dtype).unsqueeze(1)
-    m = m * momentum + as_blocks(g, block) * (1 - momentum)
-    new_codes = quantise_blocks(m, magnitude, nearest)
-    codes.copy_(new_codes.view(-1)[:n])
-    m_q = (codebook[new_codes] * magnitude.to(dtype).unsqueeze(1)).view(-1)[:n]
+    g = grad.reshape(-1).to(compute_dtype(magnitude.dtype))
+    m_q = quantised_moment(g, codes, magnitude, block=block, codebook=codebook, nearest=nearest,
+                           beta=momentum)
     update = m_q * momentum + g * (1 - momentum) if nesterov else m_q
     return update.to(torch.bfloat16).view(grad.shape)
