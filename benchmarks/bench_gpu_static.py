@@ -1,13 +1,16 @@
-"""What the CUDA step kernel compiles to, for real targets, read from its SASS (no GPU needed).
+"""What the CUDA kernels compile to, for real targets, read from their SASS (no GPU needed).
 
     python benchmarks/bench_gpu_static.py [--arch 80 90] [--dtype fp32 bf16 fp16]
+                                          [--kernel step momentum]
 
-For every specialisation the launcher produces for a realistic mixed bucket
-(gefen_compile/kernels/aot.py): registers per thread, spill instructions, SASS instructions per
-element of a tile (a static count: the kernel body once, over the elements one tile covers),
-the widths of its global loads and stores, and the occupancy its registers allow on an
-H100-class SM (65536 registers, at most 64 warps). Run with TRITON_INTERPRET unset; put another
-Triton first on PYTHONPATH to compare versions.
+For every specialisation the launchers produce for a realistic mixed bucket (Gefen's step) and
+a set of GefenMuon matrices (its momentum step; gefen_compile/kernels/aot.py), one table per
+kernel: registers per thread, spill instructions, SASS instructions per element of a tile (a
+static count: the kernel body once, over the elements one tile covers; the momentum kernel's
+body holds its tile loop twice, the second for a short last row), the widths of its global
+loads and stores, and the occupancy its registers allow on an H100-class SM (65536 registers,
+at most 64 warps). Run with TRITON_INTERPRET unset; put another Triton first on PYTHONPATH to
+compare versions.
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from gefen_compile.kernels.aot import DTYPES, specialisations
-from gefen_compile.kernels.work_plan import TILE
+from gefen_compile.kernels.aot import DTYPES, KERNELS, specialisations
 
 REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64
 
@@ -32,20 +34,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    print("| target | dtype | cols x rows | per element v | column chunks | aligned | warps "
-          "| registers | spills | SASS instr / element | global loads (bits: n) "
-          "| global stores | occupancy |")
-    print("|" + "---|" * 13)
-    for k in specialisations(args.arch, args.dtype):
-        c = k.constexprs
-        warps = c.get("num_warps", 4)
-        print(f"| sm_{k.arch} | {k.dtype} | {c['COLS']} x {c['ROWS']} | {c['PER_ELEMENT']} "
-              f"| {c['MULTI']} | {c['ALIGNED']} | {warps} | {k.registers} | {k.spills} "
-              f"| {k.sass_instructions * 32 * warps / TILE:.1f} | {k.global_loads} "
-              f"| {k.global_stores} | {occupancy(k.registers, warps):.0%} |")
+    results = specialisations(args.arch, args.dtype, args.kernel)
+    # The column that tells a kernel's specialisations apart beside the tile and alignment.
+    own = {"step": ("per element v", "PER_ELEMENT"), "momentum": ("nesterov", "NESTEROV")}
+    for kernel in args.kernel:
+        title, key = own[kernel]
+        print(f"\n{kernel}\n")
+        print(f"| target | dtype | cols x rows | {title} | column chunks | aligned | warps "
+              "| registers | spills | SASS instr / element | global loads (bits: n) "
+              "| global stores | occupancy |")
+        print("|" + "---|" * 13)
+        for k in (r for r in results if r.kernel == kernel):
+            c = k.constexprs
+            warps = c.get("num_warps", 4)
+            print(f"| sm_{k.arch} | {k.dtype} | {c['COLS']} x {c['ROWS']} | {c[key]} "
+                  f"| {c['MULTI']} | {c['ALIGNED']} | {warps} | {k.registers} | {k.spills} "
+                  f"| {k.sass_instructions * 32 * warps / (c['ROWS'] * c['COLS']):.1f} "
+                  f"| {k.global_loads} "
+                  f"| {k.global_stores} | {occupancy(k.registers, warps):.0%} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The CUDA step compiled ahead of time for real GPUs (sm_80, sm_90), without a GPU: every
-specialisation the launcher produces for a realistic mixed bucket, in fp32, bf16 and fp16, with
-no spills and 128-bit memory accesses where the data is aligned. The interpreter (the other
-kernel tests) accepts code that no GPU compiler does; this catches it.
+"""The CUDA kernels compiled ahead of time for real GPUs (sm_80, sm_90), without a GPU: every
+specialisation the launchers produce for a realistic mixed bucket (Gefen's step) and a set of
+GefenMuon matrices (its momentum step, Nesterov or not), in fp32, bf16 and fp16, with no spills
+and 128-bit memory accesses where the data is aligned. The interpreter (the other kernel tests)
+accepts code that no GPU compiler does; this catches it.
 
 Runs the Triton installed here; `python -m gefen_compile.kernels.aot` checks another version
 (README, "Development")."""
@@ -30,16 +31,20 @@ def compiled(tmp_path_factory):
 
 
 def test_every_specialisation_compiles_for_sm80_and_sm90(compiled, record_property):
-    seen = {(k["arch"], k["dtype"]) for k in compiled}
-    assert seen == {(a, d) for a in (80, 90) for d in ("fp32", "bf16", "fp16")}
-    classes = {(k["constexprs"]["COLS"], k["constexprs"]["PER_ELEMENT"], k["constexprs"]["MULTI"],
-                k["constexprs"]["ALIGNED"]) for k in compiled}
+    for kernel in ("step", "momentum"):
+        seen = {(k["arch"], k["dtype"]) for k in compiled if k["kernel"] == kernel}
+        assert seen == {(a, d) for a in (80, 90) for d in ("fp32", "bf16", "fp16")}, kernel
+    step = [k["constexprs"] for k in compiled if k["kernel"] == "step"]
     # Short rows, per-element second moments, column chunks, aligned and not: all covered.
-    assert {c[1] for c in classes} == {False, True}
-    assert {c[2] for c in classes} == {False, True}
-    assert {c[3] for c in classes} == {False, True}
+    for key in ("PER_ELEMENT", "MULTI", "ALIGNED"):
+        assert {c[key] for c in step} == {False, True}, key
+    momentum = [k["constexprs"] for k in compiled if k["kernel"] == "momentum"]
+    # Many rows to a tile, one row, column chunks; Nesterov or not; aligned and not.
+    assert {c["COLS"] for c in momentum} == {64, 256, 1024}
+    for key in ("MULTI", "NESTEROV", "ALIGNED"):
+        assert {c[key] for c in momentum} == {False, True}, key
     for k in compiled:
-        record_property(f"sm_{k['arch']} {k['dtype']} {k['constexprs']}",
+        record_property(f"{k['kernel']} sm_{k['arch']} {k['dtype']} {k['constexprs']}",
                         f"registers={k['registers']} spills={k['spills']}")
 
 

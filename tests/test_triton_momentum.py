@@ -18,9 +18,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (block, numel): blocks of 64 (many rows to a tile, several tiles to a program), 256 with a
 # short last row (232 elements; 1 element), 1024 (one row a tile), 3072 (column chunks) whole
-# and ragged, 40 (not a multiple of 16, masked to 64 columns).
+# and ragged (a last row of two chunks, the second short), 40 (not a multiple of 16, masked to
+# 64 columns), 1 (a prime numel under the published variant).
 CASES = [(64, 64 * 32 * 9), (256, 1000), (256, 256 * 9 + 1), (1024, 1024 * 5), (3072, 3072 * 3),
-         (3072, 3072 * 2 + 1000), (40, 40 * 13)]
+         (3072, 3072 * 2 + 2000), (40, 40 * 13), (1, 37)]
 
 
 def _nearest(seed=0):
@@ -167,3 +168,25 @@ def test_dispatch_and_contract():
     with pytest.raises(ValueError, match="magnitude torch.bfloat16: they must match"):
         momentum.momentum_step(g, codes, torch.zeros(4, dtype=torch.bfloat16), block=256,
                                nearest=_nearest(), momentum=0.9, nesterov=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA dispatch needs a GPU")
+def test_cuda_steps_take_the_kernel(monkeypatch):
+    """momentum.momentum_step (GefenMuon's entry) runs CUDA fp32/bf16/fp16 steps in this kernel
+    and fp64 in torch, with the torch path's bits."""
+    calls = []
+    kernel = triton_momentum.momentum_step
+    monkeypatch.setattr(triton_momentum, "momentum_step",
+                        lambda *a, **k: calls.append(a[0].dtype) or kernel(*a, **k))
+    nearest = _nearest()
+    for dtype in (torch.bfloat16, torch.float64):
+        g, codes, magnitude = (t.to(DEVICE) for t in _state(dtype, 256, 1000, seed=2))
+        codes2, magnitude2 = codes.clone(), magnitude.clone()
+        update = momentum.momentum_step(g, codes, magnitude, block=256, nearest=nearest,
+                                        momentum=0.95, nesterov=True)
+        tables = nearest.tables(DEVICE, torch.float64 if dtype == torch.float64 else torch.float32)
+        expected = torch_step.momentum_update(g, codes2, magnitude2, block=256,
+                                              codebook=tables.codebook, nearest=nearest,
+                                              momentum=0.95, nesterov=True)
+        assert _bytes(codes) == _bytes(codes2) and _bytes(update) == _bytes(expected)
+    assert calls == [torch.bfloat16]

@@ -35,6 +35,7 @@ def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tens
         if native.library.gefen_momentum(ctypes.byref(args), DTYPE_CODES[magnitude.dtype]):
             raise ValueError(f"gefen_momentum: block {block} or dtype {magnitude.dtype} refused")
         torch.autograd.graph.increment_version([codes, magnitude])
+        native.log_rows()
         return update
     if grad.device.type == "cuda":
         kernel = _triton()

@@ -26,12 +26,13 @@ import triton
 import triton.language as tl
 
 from .triton_step import _TRITON_DTYPES, _div, _moment, _nearest, _table, _to_state
-from .work_plan import ALIGN, ITEM_ELEMENTS, WorkClass, row_class
+from .work_plan import ALIGN, ITEM_ELEMENTS, MAX_COLS, TILE, row_class
 
 _ALIGN = tl.constexpr(ALIGN)
 # Programs per SM a parameter is spread over when it is too small for ITEM_ELEMENTS each.
 _PROGRAMS_PER_SM = 4
-# Offsets inside a tile are 32-bit: ROWS rows (2 for column chunks) of a block must fit.
+# Offsets inside a tile are 32-bit: a tile's rows of a block (one row, for column chunks) must
+# fit, with room to spare; longer blocks take the torch path.
 MAX_BLOCK = 2**30
 
 
@@ -71,7 +72,11 @@ def _momentum_rows(grad_ptr, code_ptr, mag_ptr, out_ptr, row0, num_rows, length,
         g_ptr = grad_ptr + start
         c_ptr = code_ptr + start
         o_ptr = out_ptr + start
-        row_ok = t + lanes < num_rows
+        if ROWS == 1:  # the loop's bound already; a predicate kept across the division's
+            # slow-path calls is one Triton 3.6's ptxas spills
+            row_ok = tl.full([ROWS], True, tl.int1)
+        else:
+            row_ok = t + lanes < num_rows
         mag = mag_ptr + first + lanes
         old_mag = tl.load(mag, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         if MULTI:  # long rows: the peak over column chunks, then a second pass
@@ -122,11 +127,11 @@ def _momentum_kernel(grad_ptr, code_ptr, mag_ptr, out_ptr, block, full_rows, row
         _momentum_rows(grad_ptr, code_ptr, mag_ptr, out_ptr, row0, num_rows, block, beta, keep,
                        codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half, DTYPE, ROWS, COLS,
                        MULTI, NESTEROV)
-    else:  # the program past the full rows: the short last row
+    else:  # the program past the full rows: the short last row, in a tile of one row
         skip = full_rows.to(tl.int64) * block
         _momentum_rows(grad_ptr + skip, code_ptr + skip, mag_ptr + full_rows, out_ptr + skip,
                        0, 1, tail, beta, keep,
-                       codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half, DTYPE, ROWS, COLS,
+                       codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half, DTYPE, 1, COLS,
                        MULTI, NESTEROV)
 
 
@@ -148,7 +153,7 @@ def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tens
     cols, multi = row_class(block)  # a short last row fits the same tile
     aligned = (block % ALIGN == 0
                and (grad.data_ptr() | codes.data_ptr() | update.data_ptr()) % ALIGN == 0)
-    rows = WorkClass(cols, False, multi, aligned).rows
+    rows = _tile_rows(cols, aligned)
     rows_per_program = rows * _tiles_per_program(full_rows, rows, block, grad.device)
     grid = (-(-full_rows // rows_per_program) + (tail > 0),)
     with torch.cuda.device(grad.device) if grad.device.type == "cuda" else nullcontext():
@@ -160,9 +165,16 @@ def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tens
              tables.first_index, tables.half),
             dict(DTYPE=_TRITON_DTYPES[grad.dtype], ROWS=rows, COLS=cols, MULTI=multi,
                  NESTEROV=bool(nesterov), ALIGNED=aligned,
-                 num_warps=4 if aligned or cols >= 1024 else 8, enable_fp_fusion=False),
+                 num_warps=4 if aligned or cols >= MAX_COLS else 8, enable_fp_fusion=False),
         )
     return update
+
+
+def _tile_rows(cols: int, aligned: bool) -> int:
+    """Rows of a tile: TILE elements (half without alignment, where every element takes its
+    own address and predicate), or one row of MAX_COLS columns (whole or a chunk of a longer
+    one: two rows at once take Triton 3.6's ptxas to 168 registers)."""
+    return max(1, (TILE if aligned else TILE // 2) // cols) if cols < MAX_COLS else 1
 
 
 def _tiles_per_program(full_rows: int, rows: int, block: int, device: torch.device) -> int:
