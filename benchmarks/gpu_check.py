@@ -10,9 +10,11 @@
 3. capturable=True: the step captured in a CUDA graph and replayed with lr changes equals eager
    steps;
 4. a training step under torch.compile(mode="reduce-overhead") with a tensor lr that changes;
-5. the step table (benchmarks/bench_step.py): median step time of Gefen and fused AdamW on
+5. GefenMuon: the Triton momentum kernel gives the CPU path's codes (exactly) and parameters
+   (to the Newton-Schulz products' rounding), fp32 and bf16; steps 2-20 without host sync;
+6. the step table (benchmarks/bench_step.py): median step time of Gefen and fused AdamW on
    GPT-2 small and Llama 1B shapes, fp32 and bf16, with the fraction of measured copy
-   bandwidth each reaches.
+   bandwidth each reaches; then Muon and GefenMuon on their hidden matrices.
 
 Each check prints PASS or FAIL with its figures; the exit code counts the failures.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gefen_compile import Gefen  # noqa: E402
+from gefen_compile import Gefen, GefenMuon  # noqa: E402
 
 SHAPES = [(64, 128), (128,), (37,), (8, 2048), (12, 40), (4, 768)]
 FAILURES: list[str] = []
@@ -189,6 +191,39 @@ def reduce_overhead():
     return f"12 steps, lr changing every step, loss {loss:.4f} as eager"
 
 
+MATRICES = [(64, 128), (256, 64), (96, 1024), (3, 109)]  # the last: period 1, a ragged block
+
+
+@check("GefenMuon equals the CPU path, no host sync on steps 2-20")
+def muon_equals_cpu():
+    worst = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        runs = []
+        for device in ("cpu", "cuda"):
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype))
+                      for s in MATRICES]
+            opt = GefenMuon(params, lr=2e-2)
+            for step in range(20):
+                for p, g in zip(params, grads_for(params, step)):
+                    p.grad = g
+                if device == "cuda" and step:
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            runs.append((params, opt))
+        (cpu, cpu_opt), (gpu, gpu_opt) = runs
+        for a, b in zip(cpu, gpu):
+            assert torch.equal(cpu_opt.state[a]["codes"], gpu_opt.state[b]["codes"].cpu())
+            assert torch.equal(cpu_opt.state[a]["magnitude"], gpu_opt.state[b]["magnitude"].cpu())
+        worst[str(dtype)] = max(((a.detach() - b.detach().cpu()).abs().max()
+                                 / a.detach().abs().max()).item() for a, b in zip(cpu, gpu))
+        assert worst[str(dtype)] < 2e-2, worst
+    return f"codes and magnitudes identical; largest relative parameter difference {worst}"
+
+
 def step_table():
     import bench_step
     from models import MODELS
@@ -196,6 +231,11 @@ def step_table():
     for key, (title, kinds) in MODELS.items():
         for dtype in (torch.float32, torch.bfloat16):
             print(bench_step.bench(f"{title}, {dtype}", kinds(), dtype, torch.device("cuda"), 11),
+                  flush=True)
+            matrices = [k for k in kinds() if len(k.shape) == 2
+                        and not any(w in k.name for w in bench_step.NOT_FOR_MUON)]
+            print(bench_step.bench(f"{title}, {dtype}, hidden matrices", matrices, dtype,
+                                   torch.device("cuda"), 11, bench_step.MUON_OPTIMIZERS, "Muon"),
                   flush=True)
 
 
@@ -212,6 +252,7 @@ def main() -> int:
     no_sync()
     cuda_graph()
     reduce_overhead()
+    muon_equals_cpu()
     if not args.quick:
         step_table()
     print(f"{len(FAILURES)} failed: {FAILURES}" if FAILURES else "all checks passed")
