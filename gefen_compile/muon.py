@@ -37,13 +37,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import distributed
+from . import distributed, ops
 from .codebook import NearestCode
-from .kernels.momentum import momentum_step
 from .learned_state import LearnedState
 from .migrate import migrate_muon_state
 from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
-from .state import Bucket, build_bucket
+from .state import Bucket, build_bucket, compute_dtype
 from .state_checks import check_gradient_layout, check_materialised, entry_problem
 from .variant import ROBUST, Variant, variant_named
 
@@ -169,10 +168,12 @@ class GefenMuon(LearnedState, Optimizer):
                 "optimizer again after changing the model, or keep parameter and gradient "
                 "dtypes as they were"
             )
-        update = momentum_step(
+        tables = self._nearest.tables(grad.device, compute_dtype(grad.dtype))
+        update = ops.momentum_(
             grad, state["codes"], state["magnitude"],
-            block=self.variant.magnitude_block(state["codes"].numel(), state["period"]),
-            nearest=self._nearest, momentum=group["momentum"], nesterov=group["nesterov"],
+            self.variant.magnitude_block(state["codes"].numel(), state["period"]),
+            tables.codebook, tables.lut, tables.bounds, tables.first_index, tables.half,
+            group["momentum"], group["nesterov"],
         )
         if distributed.is_sharded(p):
             update = _whole(update.view(local.shape), p)

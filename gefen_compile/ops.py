@@ -4,6 +4,8 @@ with no graph break (fake implementations give shapes only).
 - ``gefen::step_``: one step of every row of a bucket (all its parameters, all groups), in place.
 - ``gefen::histogram``: the first-step histogram of normalised gradient rows.
 - ``gefen::period_scores``: the candidate-period scores of several gradients.
+- ``gefen::momentum_``: GefenMuon's momentum step of one matrix, in place, returning the
+  bfloat16 update its Newton-Schulz iteration starts from.
 
 CPU runs the C kernels (kernels/cpu_step.c), or where they are not built (no C compiler at
 install time) the plain-torch step (kernels/torch_step.py) and the ops' own torch bodies, after
@@ -18,8 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .codebook import NUM_BINS, gradient_histogram
-from .kernels import StepInputs, cpu_step, native, torch_step
+from .codebook import NUM_BINS, LookupTables, gradient_histogram
+from .kernels import StepInputs, cpu_step, momentum, native, torch_step
 from .partition import period_scores as tensor_period_scores
 
 
@@ -145,6 +147,24 @@ period_scores.register_kernel("cpu")(_cpu_kernel(cpu_step.period_scores, _period
 @period_scores.register_fake
 def _period_scores_fake(grads, candidates, offsets) -> Tensor:
     return grads[0].new_empty(len(candidates), dtype=torch.float64)
+
+
+@torch.library.custom_op("gefen::momentum_", mutates_args=("codes", "magnitude"))
+def momentum_(grad: Tensor, codes: Tensor, magnitude: Tensor, block: int, codebook: Tensor,
+              lut: Tensor, bounds: Tensor, first_index: Tensor, lut_half: int,
+              beta: float, nesterov: bool) -> Tensor:
+    """GefenMuon's momentum step (kernels/momentum.py) of one matrix's flat ``codes`` and
+    ``magnitude`` from ``grad``, with momentum ``beta``; codebook .. lut_half are the fields of
+    a ``codebook.LookupTables``. Returns the update (bfloat16, ``grad``'s shape)."""
+    tables = LookupTables(codebook, lut, bounds, first_index, lut_half)
+    return momentum.momentum_step(grad, codes, magnitude, block=block, tables=tables,
+                                  momentum=beta, nesterov=nesterov)
+
+
+@momentum_.register_fake
+def _momentum_fake(grad, codes, magnitude, block, codebook, lut, bounds, first_index, lut_half,
+                   beta, nesterov) -> Tensor:
+    return torch.empty_like(grad, dtype=torch.bfloat16)
 
 
 def flat_candidates(lists: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:

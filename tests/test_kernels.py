@@ -400,7 +400,8 @@ def _momentum_step(path, dtype, nesterov, block, numel, finite):
     else:
         previous = native.use_cpu_path(path)
         try:
-            update = momentum.momentum_step(g, codes, magnitude, nearest=nearest, **kwargs)
+            update = momentum.momentum_step(g, codes, magnitude, **kwargs,
+                                            tables=nearest.tables(g.device, compute_dtype(dtype)))
         finally:
             native.use_cpu_path(previous)
     return codes, magnitude, update

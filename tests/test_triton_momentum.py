@@ -52,6 +52,11 @@ def _bytes(t):
     return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _tables(nearest, g):
+    """The codebook's tables on ``g``'s device, in its compute dtype."""
+    return nearest.tables(g.device, torch.float64 if g.dtype == torch.float64 else torch.float32)
+
+
 def _kernel(g, codes, magnitude, block, nearest, nesterov, momentum_=0.95):
     tables = nearest.tables(g.device, torch.float32)
     return triton_momentum.momentum_step(g, codes, magnitude, block=block, tables=tables,
@@ -100,7 +105,7 @@ def test_non_finite_values_as_the_c_kernel(dtype):
         if step == "triton":
             u = _kernel(g.to(device), c, m, block, nearest, True)
         elif step == "c":
-            u = momentum.momentum_step(g, c, m, block=block, nearest=nearest, momentum=0.95,
+            u = momentum.momentum_step(g, c, m, block=block, tables=_tables(nearest, g), momentum=0.95,
                                        nesterov=True)
         else:
             u = torch_step.momentum_update(
@@ -163,11 +168,11 @@ def test_dispatch_and_contract():
         pytest.skip("the C library is not built")
     codes = torch.zeros(1000, dtype=torch.uint8)
     with pytest.raises(ValueError, match="3 magnitudes for 4 blocks of 256"):
-        momentum.momentum_step(g, codes, torch.zeros(3), block=256, nearest=_nearest(),
+        momentum.momentum_step(g, codes, torch.zeros(3), block=256, tables=_tables(_nearest(), g),
                                momentum=0.9, nesterov=True)
     with pytest.raises(ValueError, match="magnitude torch.bfloat16: they must match"):
         momentum.momentum_step(g, codes, torch.zeros(4, dtype=torch.bfloat16), block=256,
-                               nearest=_nearest(), momentum=0.9, nesterov=True)
+                               tables=_tables(_nearest(), g), momentum=0.9, nesterov=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA dispatch needs a GPU")
@@ -182,7 +187,7 @@ def test_cuda_steps_take_the_kernel(monkeypatch):
     for dtype in (torch.bfloat16, torch.float64):
         g, codes, magnitude = (t.to(DEVICE) for t in _state(dtype, 256, 1000, seed=2))
         codes2, magnitude2 = codes.clone(), magnitude.clone()
-        update = momentum.momentum_step(g, codes, magnitude, block=256, nearest=nearest,
+        update = momentum.momentum_step(g, codes, magnitude, block=256, tables=_tables(nearest, g),
                                         momentum=0.95, nesterov=True)
         tables = nearest.tables(DEVICE, torch.float64 if dtype == torch.float64 else torch.float32)
         expected = torch_step.momentum_update(g, codes2, magnitude2, block=256,

@@ -9,8 +9,7 @@ import ctypes
 
 import torch
 
-from ..codebook import NearestCode
-from ..state import compute_dtype
+from ..codebook import LookupTables
 from . import native, torch_step
 from .cpu_step import DTYPE_CODES
 
@@ -18,12 +17,12 @@ _triton_momentum = None  # the Triton module, imported at the first CUDA step; F
 
 
 def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tensor, *,
-                  block: int, nearest: NearestCode, momentum: float,
+                  block: int, tables: LookupTables, momentum: float,
                   nesterov: bool) -> torch.Tensor:
     """Update ``codes`` and ``magnitude`` (one parameter's flat state) from ``grad``
     (contiguous, the state's dtype) in place; return the update to orthogonalise (bfloat16,
-    ``grad``'s shape)."""
-    tables = nearest.tables(grad.device, compute_dtype(magnitude.dtype))
+    ``grad``'s shape). ``tables``: the codebook's, on ``grad``'s device, in the compute dtype
+    (``NearestCode.tables``). Called through ``ops.momentum_``, which torch.compile traces."""
     if grad.device.type == "cpu" and native.library is not None:
         _check(grad, codes, magnitude, block)
         update = torch.empty(grad.shape, dtype=torch.bfloat16)
@@ -45,8 +44,10 @@ def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tens
                                           momentum=momentum, nesterov=nesterov)
             torch.autograd.graph.increment_version([codes, magnitude])
             return update
+    if grad.device.type == "cpu":
+        native.warn_missing()
     return torch_step.momentum_update(grad, codes, magnitude, block=block,
-                                      codebook=tables.codebook, nearest=nearest,
+                                      codebook=tables.codebook, nearest=tables.codes,
                                       momentum=momentum, nesterov=nesterov)
 
 
