@@ -35,7 +35,7 @@ from .migrate import migrate_adamw_state, migrate_muon_state
 from .muon import GefenMuon, check_matrix, check_muon_hyperparameters
 from .optim import Gefen
 from .state import adamw_state_nbytes
-from .variant import ROBUST, variant_named
+from .variant import ROBUST, Variant, variant_named
 
 log = logging.getLogger("gefen_compile")
 
@@ -146,14 +146,16 @@ def overrides_step(cls: type) -> bool:
 _CONVERTED: dict[type, type] = {base: converted for base, converted, _ in _ORIGINALS}
 
 
-# The variant of conversions that name none (the patch's, the runner's and the backend's):
-# the robust default, or what patch_adamw(variant=...) chose.
-_default_variant = [ROBUST]
+# The variant of conversions that name none (the patch's, the runner's and the backend's), for
+# Adam/AdamW and for Muon: the robust default, or what patch_adamw(variant=...) (patch_muon)
+# chose.
+_default_variant: dict[type, Variant] = {Adam: ROBUST, Muon: ROBUST}
 
 
-def set_default_variant(name: str, where: str) -> None:
-    """The variant conversions use from now on when they name none."""
-    _default_variant[0] = variant_named(name, where)
+def set_default_variant(name: str, where: str, original: type = Adam) -> None:
+    """The variant conversions of ``original`` (Adam, covering AdamW, or Muon) use from now on
+    when they name none."""
+    _default_variant[original] = variant_named(name, where)
 
 
 def convert(optimizer: Optimizer, *, variant: str | None = None) -> Optimizer:
@@ -175,8 +177,9 @@ def convert(optimizer: Optimizer, *, variant: str | None = None) -> Optimizer:
     ):
         return optimizer
     check_convertible(optimizer)
-    chosen = _default_variant[0] if variant is None else variant_named(variant, "convert")
     muon = isinstance(optimizer, Muon)
+    chosen = (_default_variant[Muon if muon else Adam] if variant is None
+              else variant_named(variant, "convert"))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     before = _state_bytes(optimizer)
     full = sum(p.nbytes if muon else adamw_state_nbytes(p) for p in params)

@@ -98,6 +98,7 @@ class LearnedState:
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         state_dict = self._local_saved(state_dict)
+        self._check_saved_groups(state_dict["param_groups"])
         if "codebook" not in state_dict:
             self._load_original(state_dict)
             return
@@ -120,6 +121,10 @@ class LearnedState:
         self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _check_saved_groups(self, saved_groups: list[dict]) -> None:
+        """Raise a ValueError for saved param groups this optimizer cannot step with (by
+        default nothing is checked: Gefen loads AdamW's groups as they were saved)."""
 
     def _checked_saved_state(self, state_dict: dict[str, Any], saved_groups: list[dict],
                              variant: Variant) -> tuple:

@@ -73,7 +73,8 @@ class MemoryReport:
         return self.baseline_bytes_per_param
 
     def __str__(self) -> str:
-        header = ("tensor", "shape", "dtype", "period", "Gefen bytes", f"{self.baseline} bytes")
+        target = "GefenMuon" if self.baseline == "Muon" else "Gefen"
+        header = ("tensor", "shape", "dtype", "period", f"{target} bytes", f"{self.baseline} bytes")
         rows = [
             (
                 t.name,

@@ -43,7 +43,8 @@ from .learned_state import LearnedState
 from .migrate import migrate_muon_state
 from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
 from .state import Bucket, build_bucket, compute_dtype
-from .state_checks import check_gradient_layout, check_materialised, entry_problem
+from .state_checks import (MOMENTUM_KEYS, check_gradient_layout, check_materialised,
+                           entry_problem)
 from .variant import ROBUST, Variant, variant_named
 
 # Muon's own limit (torch.optim.Muon raises it at the first step; checked here when built).
@@ -127,7 +128,10 @@ class GefenMuon(LearnedState, Optimizer):
             self._buckets = self._build_buckets()
         for group, p, g in stepping:
             state = self.state.get(p)
-            if state and "codes" in state:
+            if state:
+                if "codes" not in state or "magnitude" not in state:  # the user's doing
+                    self._check_entry(state, p, "GefenMuon: optimizer.state of",
+                                      "load a state_dict, or delete the whole entry")
                 self._step_parameter(group, p, g, state)
         return loss
 
@@ -160,13 +164,14 @@ class GefenMuon(LearnedState, Optimizer):
     def _step_parameter(self, group: dict, p: Tensor, grad: Tensor, state: dict) -> None:
         """Muon's update of one parameter from its quantised momentum (module docstring)."""
         local = distributed.local(p)
-        if grad.dtype != local.dtype or grad.numel() != state["codes"].numel():
+        built = (state["magnitude"].dtype, state["codes"].numel())
+        if (grad.dtype, grad.numel()) != built:
             raise ValueError(
-                f"GefenMuon: {self._locate(p)} has dtype {local.dtype} and {local.numel()} "
-                f"elements, its gradient {grad.dtype} and {grad.numel()}, but its state was "
-                f"built for {state['magnitude'].dtype} and {state['codes'].numel()}; build the "
-                "optimizer again after changing the model, or keep parameter and gradient "
-                "dtypes as they were"
+                f"GefenMuon: {self._locate(p)} has a gradient of dtype {grad.dtype} with "
+                f"{grad.numel()} elements, but its state was built for {built[0]} and "
+                f"{built[1]} (the parameter or its gradient changed after its first step: "
+                "model.to(dtype), p.data = ...); build the optimizer again after changing the "
+                "model, or keep the gradients' dtype and size as they were"
             )
         tables = self._nearest.tables(grad.device, compute_dtype(grad.dtype))
         update = ops.momentum_(
@@ -199,13 +204,23 @@ class GefenMuon(LearnedState, Optimizer):
         if g.is_sparse:
             raise RuntimeError(f"Muon does not support sparse gradients (GefenMuon, {where})")
         check_gradient_layout(p, g, where, "GefenMuon")
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"GefenMuon: the gradient of {where} has dtype {g.dtype}, the parameter "
+                f"{p.dtype}; GefenMuon keeps its momentum in the parameter's dtype: give the "
+                "gradient the parameter's dtype (p.grad = p.grad.to(p.dtype)), or cast the "
+                "parameter"
+            )
         g = distributed.local_grad(p, g, where)
         return g if g.is_contiguous() else g.contiguous()
 
     def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str,
                      variant: Variant | None = None) -> None:
-        problem = entry_problem(entry, distributed.local(p), variant or self.variant,
-                                second_moments=False)
+        extra = sorted(set(entry) - set(MOMENTUM_KEYS))
+        problem = (f"has {', '.join(map(repr, extra))}, which GefenMuon does not keep (a Gefen "
+                   "entry?)" if extra else None)
+        problem = problem or entry_problem(entry, distributed.local(p), variant or self.variant,
+                                           second_moments=False)
         if problem:
             raise ValueError(f"{source} {self._locate(p)} {problem}; {fix}")
 
@@ -228,6 +243,19 @@ class GefenMuon(LearnedState, Optimizer):
     def _local_saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A saved state_dict in the single-process layout, this rank's state."""
         return distributed.local_state_dict(self._params(), state_dict)
+
+    def _check_saved_groups(self, saved_groups: list[dict]) -> None:
+        """Muon's (GefenMuon's) keys and valid values in every saved group: what the
+        constructor checks, and a state_dict of another optimizer refused."""
+        for i, group in enumerate(saved_groups):
+            where = f"GefenMuon.load_state_dict: saved param group {i}"
+            missing = [k for k in self.defaults if k not in group]
+            if missing:
+                raise ValueError(
+                    f"{where} has no {', '.join(map(repr, missing))}, so it was not saved by "
+                    "GefenMuon or torch.optim.Muon; load it into the optimizer that saved it"
+                )
+            check_muon_hyperparameters(group, where)
 
     def _load_original(self, state_dict: dict[str, Any]) -> None:
         """A ``torch.optim.Muon`` checkpoint: loaded as Muon loads it, then its momentum

@@ -38,7 +38,7 @@ import logging
 from collections.abc import Iterator
 
 import torch
-from torch.optim import AdamW, Muon
+from torch.optim import Adam, AdamW, Muon
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -115,7 +115,7 @@ _watched: tuple[type, ...] = ()  # the originals patched now, converted at their
 
 def _patch(original: type, variant: str, where: str) -> None:
     global _watched
-    set_default_variant(variant, where)
+    set_default_variant(variant, where, Muon if original is Muon else Adam)
     for module in _MODULES[original]:
         setattr(module, original.__name__, _PATCHED[original])
     _watched = tuple({*_watched, original})
@@ -129,8 +129,8 @@ def _unpatch(original: type, where: str) -> None:
     for module in _MODULES[original]:
         setattr(module, original.__name__, original)
     _watched = tuple(w for w in _watched if w is not original)
+    set_default_variant("robust", where, Muon if original is Muon else Adam)
     if not _watched:
-        set_default_variant("robust", where)
         while _hooks:
             _hooks.pop().remove()
 
@@ -226,4 +226,6 @@ def _probe(cls: type) -> type:
 def _leave_alone(optimizer, why: str, level: int) -> None:
     optimizer._gefen_left_alone = True
     cls = own_class(optimizer)
-    log.log(level, "left %s.%s as it is, not Gefen: %s", cls.__module__, cls.__qualname__, why)
+    target = "GefenMuon" if issubclass(cls, Muon) else "Gefen"
+    log.log(level, "left %s.%s as it is, not %s: %s", cls.__module__, cls.__qualname__, target,
+            why)

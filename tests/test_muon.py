@@ -456,3 +456,61 @@ def test_inductor_step_updates_the_state_exactly():
         assert torch.equal(opt.state[p]["codes"], eager_opt.state[q]["codes"])
         assert torch.equal(opt.state[p]["magnitude"], eager_opt.state[q]["magnitude"])
         torch.testing.assert_close(p, q, rtol=0, atol=0.006)
+
+
+def test_load_refuses_other_optimizers_state_dicts_and_bad_groups():
+    a, b = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(16, 8))
+    gefen = gefen_compile.Gefen([a])
+    a.grad = torch.randn(16, 8)
+    gefen.step()
+    sgd = torch.optim.SGD([a], lr=0.1, momentum=0.9)
+    sgd.step()
+    muon = torch.optim.Muon([a])
+    muon.step()
+    bad_muon = muon.state_dict()
+    bad_muon["param_groups"][0]["ns_steps"] = 1000
+    opt = GefenMuon([b])
+    for saved, message in ((gefen.state_dict(), "has no 'momentum'"),
+                           (sgd.state_dict(), "has no 'ns_coefficients'"),
+                           (bad_muon, "less than 100.*saved param group 0")):
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(saved)
+    assert not opt.state
+
+
+def test_changed_dtypes_and_edited_state_are_refused_by_name():
+    layer = torch.nn.Linear(8, 16, bias=False)
+    opt = GefenMuon(layer.parameters())
+    layer(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    layer.half()
+    layer.zero_grad()
+    layer(torch.randn(4, 8).half()).sum().backward()
+    with pytest.raises(ValueError, match="parameter 0 of param group 0 has a gradient of dtype "
+                                         "torch.float16.*built for torch.float32"):
+        opt.step()
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    w.grad_dtype = None
+    w.grad = torch.randn(16, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype torch.bfloat16, the parameter torch.float32"):
+        GefenMuon([w]).step()
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    opt = GefenMuon([w])
+    w.grad = torch.randn(16, 8)
+    opt.step()
+    del opt.state[w]["codes"]
+    with pytest.raises(ValueError, match="state of parameter 0 of param group 0 has no 'codes'"):
+        opt.step()
+
+
+def test_patches_keep_their_own_variants():
+    gefen_compile.patch_adamw(variant="published")
+    gefen_compile.patch_muon()
+    try:
+        assert torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))]).variant.name == "published"
+        assert torch.optim.Muon([torch.nn.Parameter(torch.randn(3, 3))]).variant.name == "robust"
+        gefen_compile.unpatch_muon()
+        assert torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))]).variant.name == "published"
+    finally:
+        gefen_compile.unpatch_muon()
+        gefen_compile.unpatch_adamw()
