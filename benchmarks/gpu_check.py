@@ -50,9 +50,16 @@ def check(name):
     return wrap
 
 
-def model(device, dtype, seed=0):
+def model(device, dtype, seed=0, shapes=SHAPES):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype)) for s in shapes]
+
+
+def on_cpu_and_gpu(train):
+    """(dtype, CPU run, GPU run) for fp32 and bf16; ``train(device, dtype)`` returns the
+    parameters and the optimizer that stepped them."""
+    for dtype in (torch.float32, torch.bfloat16):
+        yield dtype, train("cpu", dtype), train("cuda", dtype)
 
 
 def grads_for(params, step):
@@ -71,19 +78,18 @@ def groups(params, lr):
 
 @check("kernel equals the CPU path")
 def kernel_equals_cpu():
+    def train(device, dtype):
+        params = model(device, dtype)
+        lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
+        opt = Gefen(groups(params, lr), weight_decay=0.1)
+        for step in range(6):
+            for i, (p, g) in enumerate(zip(params, grads_for(params, step))):
+                p.grad = None if (i + step) % 5 == 0 and step else g
+            opt.step()
+        return params, opt
+
     worst = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        runs = []
-        for device in ("cpu", "cuda"):
-            params = model(device, dtype)
-            lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
-            opt = Gefen(groups(params, lr), weight_decay=0.1)
-            for step in range(6):
-                for i, (p, g) in enumerate(zip(params, grads_for(params, step))):
-                    p.grad = None if (i + step) % 5 == 0 and step else g
-                opt.step()
-            runs.append((params, opt))
-        (cpu, cpu_opt), (gpu, gpu_opt) = runs
+    for dtype, (cpu, cpu_opt), (gpu, gpu_opt) in on_cpu_and_gpu(train):
         for a, b in zip(cpu, gpu):
             assert torch.equal(cpu_opt.state[a]["codes"], gpu_opt.state[b]["codes"].cpu())
             torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
@@ -196,25 +202,22 @@ MATRICES = [(64, 128), (256, 64), (96, 1024), (3, 109)]  # the last: period 1, a
 
 @check("GefenMuon equals the CPU path, no host sync on steps 2-20")
 def muon_equals_cpu():
+    def train(device, dtype):
+        params = model(device, dtype, shapes=MATRICES)
+        opt = GefenMuon(params, lr=2e-2)
+        for step in range(20):
+            for p, g in zip(params, grads_for(params, step)):
+                p.grad = g
+            if device == "cuda" and step:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return params, opt
+
     worst = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        runs = []
-        for device in ("cpu", "cuda"):
-            gen = torch.Generator().manual_seed(0)
-            params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device, dtype))
-                      for s in MATRICES]
-            opt = GefenMuon(params, lr=2e-2)
-            for step in range(20):
-                for p, g in zip(params, grads_for(params, step)):
-                    p.grad = g
-                if device == "cuda" and step:
-                    torch.cuda.set_sync_debug_mode("error")
-                try:
-                    opt.step()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            runs.append((params, opt))
-        (cpu, cpu_opt), (gpu, gpu_opt) = runs
+    for dtype, (cpu, cpu_opt), (gpu, gpu_opt) in on_cpu_and_gpu(train):
         for a, b in zip(cpu, gpu):
             assert torch.equal(cpu_opt.state[a]["codes"], gpu_opt.state[b]["codes"].cpu())
             assert torch.equal(cpu_opt.state[a]["magnitude"], gpu_opt.state[b]["magnitude"].cpu())
