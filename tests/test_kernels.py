@@ -119,6 +119,46 @@ class CountingKernel:
         return self.kernel[grid]
 
 
+def test_every_row_of_many_parameters_is_stepped_once():
+    """The C step hands rows to its threads in chunks of whole rows across parameters (about
+    16K elements each): with hundreds of parameters of mixed periods, empty ones, ones sitting
+    a step out and ones larger than a chunk, each on every path and at 1 and 3 threads, every
+    row is stepped exactly once (the plain-torch core gives the same codes and parameters)."""
+    if native.library is None:
+        pytest.skip("the C kernels are not built")
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(3 + i % 5, 64) if i % 7 else (40 + i,) for i in range(300)]
+    shapes[10:10] = [(0,), (96, 700), (0, 64), (50000,)]
+    threads, previous = torch.get_num_threads(), native.cpu_path()
+    try:
+        for path in native.cpu_paths():
+            native.use_cpu_path(path)
+            for count in (1, 3):
+                torch.set_num_threads(count)
+                values = [torch.randn(s, generator=gen) for s in shapes]
+                twins = []
+                for _ in range(2):
+                    params = [torch.nn.Parameter(v.clone()) for v in values]
+                    twins.append((params, Gefen(params, weight_decay=0.1)))
+                for step in range(3):
+                    grads = [structured(s, gen, torch.float32) if s[0] else torch.zeros(s)
+                             for s in shapes]
+                    for i, g in enumerate(grads):
+                        sits_out = step and (i % 11 == step or not g.numel())
+                        for params, _ in twins:
+                            params[i].grad = None if sits_out else g.clone()
+                    (core_params, core), (params, opt) = twins
+                    core_step(core) if step else core.step()
+                    opt.step()
+                for a, b in zip(core_params, params):
+                    if a.numel():
+                        assert torch.equal(core.state[a]["codes"], opt.state[b]["codes"])
+                    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+    finally:
+        torch.set_num_threads(threads)
+        native.use_cpu_path(previous)
+
+
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.bfloat16)])
 def test_launches_do_not_grow_with_the_number_of_parameters(monkeypatch, dtypes):
     """One launch per row-length class present, per dtype: 8 parameters or 64 of the same
