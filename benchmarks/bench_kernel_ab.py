@@ -21,7 +21,7 @@ import time
 import torch
 
 from gefen_compile import Gefen
-from gefen_compile.kernels import native
+from gefen_compile.kernels import cpu_step, native
 from gefen_compile.kernels.cpu_step import DTYPE_CODES
 
 
@@ -34,8 +34,7 @@ def step_args(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
     optimizer.step()
     bucket = optimizer._buckets[0]
     tables = bucket.host_tables()
-    native._cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
-                            *(t.data_ptr() for t in tables))
+    cpu_step.fill_tables(bucket)
     a = optimizer._kernel_args(bucket, [])
     tensors = (*tables, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean, a.steps,
                a.codebook, a.lut, a.bounds, a.first_index)

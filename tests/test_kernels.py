@@ -2,6 +2,7 @@
 interpreter without a GPU) against the core implementation (kernels/torch_step.py, itself checked
 against the slow reference)."""
 
+import ctypes
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import torch
 
 from gefen_compile import Gefen, memory_report
 from gefen_compile.codebook import NearestCode
-from gefen_compile.kernels import cpu_step, momentum, native, torch_step, triton_step
+from gefen_compile.kernels import cpu_step, momentum, native, tensor_shim, torch_step, triton_step
 from gefen_compile.state import compute_dtype
 
 # Odd shapes: primes, period 1 (ragged under the robust variant: (300,), (1000,)), periods
@@ -364,6 +365,85 @@ def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monke
     params[2].grad = params[2].grad.double()
     with pytest.raises(ValueError, match="parameter 2 of param group 0 has dtype torch.float32"):
         opt.step()
+
+
+class OwnParameter(torch.nn.Parameter):
+    """A Parameter subclass: read through method calls, never the shim."""
+
+
+def _tables_both_ways(bucket):
+    """fill_tables's status and tables through torch's C shim and through method calls."""
+    results = []
+    for shim in (True, False):
+        if not shim:
+            native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0)
+        try:
+            for t in bucket.host_tables():
+                t.zero_()
+            status = cpu_step.fill_tables(bucket)
+            results.append((status, *(t.tolist() for t in bucket.host_tables())))
+        finally:
+            tensor_shim.bind(native._cpu.bind_shim)
+    return results
+
+
+def test_the_steady_step_reads_tensors_through_torchs_c_shim_as_python_would():
+    """Torch's C shim (kernels/tensor_shim.py) is bound on this torch, and for every kind of
+    parameter and gradient the step meets (plain, Parameter, a subclass, views, other dtypes
+    and memory orders, sparse, empty, absent) the C call fills the same tables and hands the
+    same tensors on as through Python's method calls."""
+    if native.library is None:
+        pytest.skip("no C library")
+    assert tensor_shim.codes[torch.float32] != tensor_shim.codes[torch.bfloat16]
+    params = [torch.nn.Parameter(torch.randn(6, 10)), torch.randn(4, 5).requires_grad_(),
+              OwnParameter(torch.randn(3, 7)), torch.nn.Parameter(torch.randn(8, 8).t())]
+    opt = Gefen(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    bucket = opt._buckets[0]
+    for p in params:
+        if hasattr(p, "grad_dtype"):  # torch >= 2.10 refuses other dtypes unless told
+            p.grad_dtype = None
+    grads = {
+        "plain": lambda p: torch.randn(p.shape),
+        "transposed": lambda p: torch.randn(tuple(reversed(p.shape))).t(),
+        "offset": lambda p: torch.randn(p.numel() + 1)[1:].view(p.shape),
+        "bfloat16": lambda p: torch.randn(p.shape, dtype=torch.bfloat16),
+        "sparse": lambda p: torch.randn(p.shape).to_sparse(),
+        "subclass": lambda p: OwnParameter(torch.randn(p.shape)),
+        "none": lambda p: None,
+    }
+    seen = set()
+    for name, make in grads.items():
+        for i, p in enumerate(params):
+            for q in params:
+                q.grad = torch.randn(q.shape) if q is not p else make(q)
+            shimmed, called = _tables_both_ways(bucket)
+            assert shimmed[0] == called[0], (name, i)  # ready, or which tensor is handed on
+            if shimmed[0] == -1:
+                assert shimmed == called, (name, i)
+            seen.add(shimmed[0])
+    assert {-1, 0, 1, 2, 3} <= seen  # ready, and each parameter handed on by some gradient
+    for p in params:
+        p.grad = None
+    assert _tables_both_ways(bucket)[0][0] == -2
+
+
+def test_a_shim_that_answers_unlike_python_is_not_used(monkeypatch):
+    """tensor_shim.bind checks every function on probes before handing the shim to the C
+    step; a function that answers otherwise than Python (here: dimensions for sizes) leaves
+    the step on method calls."""
+    if native.library is None:
+        pytest.skip("no C library")
+    bound = []
+    monkeypatch.setattr(tensor_shim, "FUNCTIONS", {
+        "aoti_torch_get_dim" if name == "aoti_torch_get_numel" else name: kind
+        for name, kind in tensor_shim.FUNCTIONS.items()})
+    assert not tensor_shim.bind(lambda *args: bound.append(args))
+    assert bound == []
+    monkeypatch.undo()
+    assert tensor_shim.bind(lambda *args: bound.append(args)) and len(bound) == 1
 
 
 @pytest.mark.parametrize("path", ["avx2", "avx512"])

@@ -1424,6 +1424,49 @@ static PyObject *bind(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* torch's stable C shim (torch/csrc/inductor/aoti_torch/c/shim.h, the ABI AOTInductor's
+ * compiled models call): a tensor's facts for a few ns each, where the method calls above cost
+ * ~80 ns. Set by bind_shim() (kernels/tensor_shim.py, which found where a torch.Tensor object
+ * holds its at::Tensor, the shim's handle, and checked every function against Python's
+ * answers); offset 0 where that failed, or to turn it off. */
+static struct {
+    Py_ssize_t offset;        /* of the at::Tensor in a torch.Tensor (or Parameter) object */
+    PyObject *types;          /* the exact types read this way: others may override methods */
+    int32_t strided;          /* the strided layout's code */
+    int32_t (*layout)(void *, int32_t *), (*dtype)(void *, int32_t *);
+    int32_t (*contiguous)(void *, _Bool *), (*numel)(void *, int64_t *);
+    int32_t (*data_ptr)(void *, void **);
+} shim;
+
+static PyObject *bind_shim(PyObject *self, PyObject *args) {
+    Py_ssize_t offset;
+    PyObject *types;
+    int strided;
+    unsigned long long fn[5];
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nO!iKKKKK", &offset, &PyTuple_Type, &types, &strided, &fn[0],
+                          &fn[1], &fn[2], &fn[3], &fn[4]))
+        return NULL;
+    Py_INCREF(types);
+    Py_XSETREF(shim.types, types);
+    shim.strided = strided;
+    shim.layout = (int32_t(*)(void *, int32_t *))(uintptr_t)fn[0];
+    shim.dtype = (int32_t(*)(void *, int32_t *))(uintptr_t)fn[1];
+    shim.contiguous = (int32_t(*)(void *, _Bool *))(uintptr_t)fn[2];
+    shim.numel = (int32_t(*)(void *, int64_t *))(uintptr_t)fn[3];
+    shim.data_ptr = (int32_t(*)(void *, void **))(uintptr_t)fn[4];
+    shim.offset = offset;
+    Py_RETURN_NONE;
+}
+
+/* Whether tensor t is read through the shim. */
+static inline int shimmed(PyObject *t) {
+    if (!shim.offset) return 0;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(shim.types); k++)
+        if ((PyObject *)Py_TYPE(t) == PyTuple_GET_ITEM(shim.types, k)) return 1;
+    return 0;
+}
+
 /* t's attribute behind getset descriptor k, a new reference (NULL with the error set). */
 static inline PyObject *get(PyObject *t, int k) {
     return Py_TYPE(descriptors[k])->tp_descr_get(descriptors[k], t, NULL);
@@ -1441,45 +1484,59 @@ static int64_t call_int(PyObject *t, int k) {
     return value;
 }
 
-/* Whether tensor t is as the bucket's state was built: `numel` elements, contiguous (a sparse
- * tensor raises there: no), and, where `dtype` is given, of that dtype. Then its data pointer
- * into *ptr. 1 yes, 0 no, -1 error (set). */
-static int usable(PyObject *t, PyObject *dtype, int64_t numel, int64_t *ptr) {
-    if (dtype) {
-        PyObject *d = get(t, DTYPE);
-        if (!d) return -1;
-        Py_DECREF(d);
-        if (d != dtype) return 0;
+/* Whether tensor t is as the bucket's state was built: strided, of dtype `dtype` (the shim's
+ * code for it: `code`), contiguous and of `numel` elements; then its data pointer into *ptr.
+ * Without the shim, a tensor that still has data pointer *ptr (`stayed`: a parameter, whose
+ * memory, if it stayed, kept its dtype and, as its gradient says, its size) is only asked its
+ * memory order. 1 yes, 0 no (the Python side then converts it or raises the error that names
+ * it), -1 error (set). */
+static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int64_t *ptr, int stayed) {
+    if (shimmed(t)) {
+        void *h = (char *)t + shim.offset, *data;
+        int32_t layout, d;
+        _Bool contiguous;
+        int64_t n;
+        if (shim.layout(h, &layout) || layout != shim.strided || shim.dtype(h, &d) || d != code ||
+            shim.contiguous(h, &contiguous) || !contiguous || shim.numel(h, &n) || n != numel ||
+            shim.data_ptr(h, &data))
+            return 0;
+        *ptr = (int64_t)(intptr_t)data;
+        return 1;
     }
     PyObject *contiguous = call(t, CONTIGUOUS);
     if (!contiguous) {
-        PyErr_Clear(); /* the general path raises the error that names the tensor */
+        PyErr_Clear(); /* sparse, say: the general path raises the error that names the tensor */
         return 0;
     }
     Py_DECREF(contiguous);
     if (contiguous != Py_True) return 0;
-    const int64_t n = call_int(t, NUMEL);
-    if (n != numel) return PyErr_Occurred() ? -1 : 0;
+    const int64_t known = *ptr;
     *ptr = call_int(t, DATA_PTR);
-    return PyErr_Occurred() ? -1 : 1;
+    if (PyErr_Occurred()) return -1;
+    if (stayed && *ptr == known) return 1;
+    PyObject *d = get(t, DTYPE);
+    if (!d) return -1;
+    Py_DECREF(d);
+    if (d != dtype) return 0;
+    const int64_t n = call_int(t, NUMEL);
+    return n == numel ? 1 : PyErr_Occurred() ? -1 : 0;
 }
 
-/* step_tables(params, numels, dtype, param_ptrs, grad_ptrs, has_grad): for every parameter (a
- * plain tensor: its .grad is read here), its gradient's and its own data pointers into the
- * int64 tables at param_ptrs and grad_ptrs (addresses), and whether it has a gradient into the
- * uint8 table at has_grad: the attribute reads and method calls Python would make per tensor,
- * without the interpreter. A parameter whose data pointer stays keeps its dtype (a new dtype is
- * new memory) and its size (a smaller view gives gradients of that size), so only its memory
- * order is asked again. Returns -1 when the
+/* step_tables(params, numels, dtype, code, param_ptrs, grad_ptrs, has_grad): for every
+ * parameter (a plain tensor: its .grad is read here), its gradient's and its own data pointers
+ * into the int64 tables at param_ptrs and grad_ptrs (addresses), and whether it has a gradient
+ * into the uint8 table at has_grad: the attribute reads and method calls Python would make per
+ * tensor, without the interpreter. `code`: dtype's code in the shim. Returns -1 when the
  * tables are ready, -2 when no parameter has a gradient, else the index of the first parameter
  * the Python side must look at (its gradient or itself not as the state was built: it
  * converts, or raises the error that names it). */
 static PyObject *step_tables(PyObject *self, PyObject *args) {
     PyObject *params, *numels, *dtype;
+    int code;
     unsigned long long param_address, grad_address, has_address;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!OKKK", &PyList_Type, &params, &PyList_Type, &numels, &dtype,
-                          &param_address, &grad_address, &has_address))
+    if (!PyArg_ParseTuple(args, "O!O!OiKKK", &PyList_Type, &params, &PyList_Type, &numels, &dtype,
+                          &code, &param_address, &grad_address, &has_address))
         return NULL;
     if (!descriptors[GRAD]) {
         PyErr_SetString(PyExc_RuntimeError, "step_tables: bind() torch.Tensor's descriptors first");
@@ -1503,17 +1560,9 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
             Py_DECREF(g);
             continue;
         }
-        const int64_t numel = PyLong_AsLongLong(PyList_GET_ITEM(numels, i)), known = param_ptrs[i];
-        int ok = numel < 0 && PyErr_Occurred() ? -1 : usable(g, dtype, numel, grad_ptrs + i);
-        if (ok == 1) {
-            /* a parameter whose memory stayed keeps its dtype and (its gradient says) size */
-            PyObject *contiguous = call(p, CONTIGUOUS);
-            ok = !contiguous ? -1 : contiguous == Py_True;
-            Py_XDECREF(contiguous);
-            if (ok == 1) param_ptrs[i] = call_int(p, DATA_PTR);
-            if (PyErr_Occurred()) ok = -1;
-        }
-        if (ok == 1 && param_ptrs[i] != known) ok = usable(p, dtype, numel, param_ptrs + i);
+        const int64_t numel = PyLong_AsLongLong(PyList_GET_ITEM(numels, i));
+        int ok = numel < 0 && PyErr_Occurred() ? -1 : usable(g, dtype, code, numel, grad_ptrs + i, 0);
+        if (ok == 1) ok = usable(p, dtype, code, numel, param_ptrs + i, 1);
         Py_DECREF(g);
         if (ok < 0) return NULL;
         if (ok == 0) {
@@ -1527,6 +1576,7 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "torch.Tensor's grad, dtype, numel, is_contiguous, data_ptr."},
+    {"bind_shim", bind_shim, METH_VARARGS, "torch's C shim: object offset, types, functions."},
     {"step_tables", step_tables, METH_VARARGS, "The step's pointer tables (see cpu_step.c)."},
     {NULL, NULL, 0, NULL},
 };

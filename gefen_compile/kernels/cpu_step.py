@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..codebook import NUM_BINS
-from . import StepInputs
+from . import StepInputs, tensor_shim
 from ..state import Bucket
 from .native import StepArgs, _cpu, library as _lib, log_rows
 
@@ -41,15 +41,23 @@ def step_prepared(bucket: Bucket, make_args: Callable[[], StepInputs]) -> bool:
     if (_lib is None or bucket.sharded or bucket.codes.device.type != "cpu"
             or torch.compiler.is_compiling()):
         return False
-    tables = bucket.host_tables()
-    status = _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
-                              *(t.data_ptr() for t in tables))
+    status = fill_tables(bucket)
     if status >= 0:
         return False
     if status == -1:  # else no parameter has a gradient
-        _run(make_args(), *tables)
+        _run(make_args(), *bucket.host_tables())
         torch.autograd.graph.increment_version(bucket.written())
     return True
+
+
+def fill_tables(bucket: Bucket) -> int:
+    """Fill the bucket's host tables (``Bucket.host_tables``) from its parameters and their
+    gradients in one C call (``step_tables`` in cpu_step.c): -1 when they are ready, -2 when no
+    parameter has a gradient, else the index of the first parameter the general path must
+    look at."""
+    return _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
+                            tensor_shim.codes.get(bucket.dtype, -1),
+                            *(t.data_ptr() for t in bucket.host_tables()))
 
 
 def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor) -> None:

@@ -97,8 +97,11 @@ library = _load()
 if _cpu is not None:  # the descriptors kernels/cpu_step.c reads tensors through
     import torch
 
+    from . import tensor_shim
+
     _cpu.bind(*(torch._C.TensorBase.__dict__[name]
                 for name in ("grad", "dtype", "numel", "is_contiguous", "data_ptr")))
+    tensor_shim.bind(_cpu.bind_shim)
 _warned = False
 
 # The C step's instruction-set paths, in the order of cpu_step.c's PATH_* (each faster than the

@@ -1,0 +1,106 @@
+"""The CPU step's per-tensor reads through torch's stable C shim, where it can be trusted.
+
+Each step reads, for every parameter and its gradient, dtype, layout, memory order, size and
+data pointer. As method calls these cost ~80 ns each, ~0.5 us per parameter; the functions of
+torch's C shim (``torch/csrc/inductor/aoti_torch/c/shim.h``, the stable ABI that AOTInductor's
+compiled models call, exported by libtorch) answer in a few ns, from a handle to the tensor's
+``at::Tensor``. A ``torch.Tensor`` object holds that ``at::Tensor`` at a fixed offset, which
+the C extension does not know (it is built without torch's headers, and the offset differs
+between torch versions), so :func:`bind` finds it here: the one pointer-sized word of the
+object that holds the tensor's ``TensorImpl`` address (``Tensor._cdata``) in every probe. Each
+shim function is then asked about probes of every kind the step meets and must give Python's
+answers; if anything is missing or differs, the step keeps the method calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import torch
+
+_log = logging.getLogger("gefen_compile")
+_WORD = ctypes.sizeof(ctypes.c_void_p)
+# The shim functions step_tables calls, in bind_shim's order, and their result types.
+FUNCTIONS = {
+    "aoti_torch_get_layout": ctypes.c_int32,
+    "aoti_torch_get_dtype": ctypes.c_int32,
+    "aoti_torch_is_contiguous": ctypes.c_bool,
+    "aoti_torch_get_numel": ctypes.c_int64,
+    "aoti_torch_get_data_ptr": ctypes.c_void_p,
+}
+# The types whose objects are read through the shim: the plain ones (subclasses may override
+# what the shim bypasses).
+TYPES = (torch.Tensor, torch.nn.Parameter)
+DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+          torch.float64: "float64"}
+# dtype -> its code in the shim, for step_tables; empty while the shim is not bound.
+codes: dict[torch.dtype, int] = {}
+
+
+def _library() -> ctypes.CDLL | None:
+    """libtorch's CPU library, already loaded by torch (None where it has another name)."""
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("*torch_cpu.*")):
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError:
+            continue
+    return None
+
+
+def _probes() -> list[torch.Tensor]:
+    """Tensors of every kind the step reads: plain and Parameter, views (offset, transposed),
+    each state dtype, an empty one."""
+    return [torch.arange(6.0), torch.nn.Parameter(torch.ones(3, 5)), torch.zeros(4, 6).t(),
+            torch.zeros(9, dtype=torch.bfloat16)[2:], torch.zeros(2, 3, dtype=torch.float16),
+            torch.zeros(5, dtype=torch.float64), torch.zeros(0)]
+
+
+def _offset(probes: list[torch.Tensor]) -> int | None:
+    """The offset of the word holding each probe's TensorImpl address, if one offset does in
+    every probe (the object header, refcount and type, excluded)."""
+    size = torch._C.TensorBase.__basicsize__
+    found = set(range(2 * _WORD, size - _WORD + 1, _WORD))
+    for t in probes:
+        words = (ctypes.c_size_t * (size // _WORD)).from_address(id(t))
+        found &= {k * _WORD for k, word in enumerate(words) if word == t._cdata}
+    return found.pop() if len(found) == 1 else None
+
+
+def _answers(library: ctypes.CDLL, t: torch.Tensor, offset: int) -> tuple:
+    """What the shim says of t: layout, dtype, contiguous, numel, data pointer."""
+    results = []
+    for name, kind in FUNCTIONS.items():
+        value = kind()
+        if getattr(library, name)(ctypes.c_void_p(id(t) + offset), ctypes.byref(value)) != 0:
+            raise RuntimeError(f"{name} failed")
+        results.append(value.value or 0)
+    return tuple(results)
+
+
+def bind(bind_shim) -> bool:
+    """Hand the shim to the C extension's ``bind_shim`` where every check passes; True then."""
+    library = _library()
+    try:
+        if library is None:
+            raise RuntimeError("no libtorch_cpu library found")
+        dtype_codes = {d: getattr(library, f"aoti_torch_dtype_{name}")() for d, name in DTYPES.items()}
+        strided = library.aoti_torch_layout_strided()
+        for name, kind in FUNCTIONS.items():
+            getattr(library, name).restype = ctypes.c_int32
+        probes = _probes()
+        offset = _offset(probes)
+        if offset is None:
+            raise RuntimeError("no one offset holds every probe's TensorImpl")
+        for t in probes:
+            expected = (strided, dtype_codes[t.dtype], t.is_contiguous(), t.numel(), t.data_ptr())
+            if _answers(library, t, offset) != expected:
+                raise RuntimeError(f"the shim's answers for a {t.dtype} tensor differ from Python's")
+    except (AttributeError, RuntimeError) as error:  # a torch without the shim, or changed
+        _log.debug("gefen_compile: the CPU step reads tensors through method calls: %s", error)
+        return False
+    bind_shim(offset, TYPES, strided, *(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+                                        for name in FUNCTIONS))
+    codes.update(dtype_codes)
+    return True
