@@ -2,7 +2,6 @@
 interpreter without a GPU) against the core implementation (kernels/torch_step.py, itself checked
 against the slow reference)."""
 
-import ctypes
 import logging
 import math
 import os
