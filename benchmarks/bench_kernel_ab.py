@@ -3,11 +3,12 @@ the way to tell a kernel change of a few percent from the noise of a shared mach
 
     git stash && python setup.py build_ext --build-lib /tmp/baseline && git stash pop
     python benchmarks/bench_kernel_ab.py /tmp/baseline/gefen_compile/kernels/_cpu*.so \\
-        [--path avx2] [--shapes 4096x768 16384x64] [--dtype bfloat16] [--steps 41]
+        [--path avx2] [--shapes 4096x768 16384x64] [--dtype bfloat16] [--steps 41] [--threads 2]
 
 Both libraries step one parameter (rows with per-row gradient scales, so the period is the row
-length) from the same state, alternately, on one thread; each call's thread CPU time is taken,
-so that time the process spends descheduled does not count. Prints the median of each and
+length) from the same state, alternately, on one thread (each call's thread CPU time is taken, so that time the process spends
+descheduled does not count) or on several (wall time: the threads' sharing of the memory system is
+what such a run measures). Prints the median of each and
 their ratio (under 1: this checkout is faster).
 """
 
@@ -25,7 +26,7 @@ from gefen_compile.kernels import cpu_step, native
 from gefen_compile.kernels.cpu_step import DTYPE_CODES
 
 
-def step_args(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
+def step_args(shape: tuple[int, int], dtype: torch.dtype, threads: int = 1) -> tuple:
     """StepArgs of one parameter after its first step, and the tensors they point into."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(shape).to(dtype))
@@ -39,7 +40,7 @@ def step_args(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
     tensors = (*tables, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean, a.steps,
                a.codebook, a.lut, a.bounds, a.first_index)
     args = native.StepArgs(a.num_rows, a.segments.data_ptr(), 1, *(t.data_ptr() for t in tensors),
-                           a.first_index.numel(), a.lut_half, 1)
+                           a.first_index.numel(), a.lut_half, threads)
     return args, (optimizer, p, tensors)
 
 
@@ -51,8 +52,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                         default="float32")
     parser.add_argument("--steps", type=int, default=41)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     baseline = ctypes.CDLL(args.baseline)
     libraries = {"baseline": baseline, "this checkout": native.library}
     for library in libraries.values():
@@ -61,17 +64,17 @@ def main() -> None:
         if library.gefen_cpu_path(native.CPU_PATHS.index(args.path)) < 0:
             raise SystemExit(f"this CPU does not run the {args.path} path")
     dtype = getattr(torch, args.dtype)
-    print(f"{native.processor_name()}, {args.path} path, {args.dtype}, 1 thread, "
+    print(f"{native.processor_name()}, {args.path} path, {args.dtype}, {args.threads} thread(s), "
           f"medians of {args.steps} interleaved calls")
     for text in args.shapes:
         shape = tuple(int(n) for n in text.split("x"))
-        step, _alive = step_args(shape, dtype)
+        step, _alive = step_args(shape, dtype, args.threads)
         times: dict[str, list[float]] = {name: [] for name in libraries}
         for _ in range(args.steps):
             for name, library in libraries.items():
-                start = time.thread_time()
+                start = clock()
                 library.gefen_step(ctypes.byref(step), DTYPE_CODES[dtype])
-                times[name].append(time.thread_time() - start)
+                times[name].append(clock() - start)
         base, this = (statistics.median(times[name]) for name in libraries)
         print(f"{text}: baseline {base * 1e3:.3f} ms, this checkout {this * 1e3:.3f} ms, "
               f"ratio {this / base:.3f}")
