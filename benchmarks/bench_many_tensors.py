@@ -6,7 +6,8 @@ a few large ones, Gefen and fused AdamW side by side.
 
 Each optimizer has its own parameters (rows of 64, gradients with per-row scales); after two
 first steps, steps are interleaved and their medians printed, with each optimizer's ratio of
-many small tensors to few large ones.
+many small tensors to few large ones. Then Gefen's C kernel alone (its tables filled once), the
+same way: what of the difference is the kernel's, and what is the host work per tensor.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import torch
 
 from gefen_compile import Gefen
-from gefen_compile.kernels import native
+from gefen_compile.kernels import cpu_step, native
 
 OPTIMIZERS = {"Gefen": Gefen, "AdamW (fused)": lambda p: torch.optim.AdamW(p, fused=True)}
 
@@ -59,6 +60,28 @@ def main() -> None:
         large, small = median[name, args.large], median[name, args.small]
         print(f"{name}: {args.large} tensors {large * 1e3:.2f} ms, {args.small} tensors "
               f"{small * 1e3:.2f} ms ({small / large:.2f}x)")
+    if native.library is not None:
+        large, small = kernel_times([runs["Gefen", args.large], runs["Gefen", args.small]],
+                                    args.steps)
+        print(f"Gefen's C kernel alone: {args.large} tensors {large * 1e3:.2f} ms, {args.small} "
+              f"tensors {small * 1e3:.2f} ms ({small / large:.2f}x)")
+
+
+def kernel_times(optimizers: list[Gefen], steps: int) -> list[float]:
+    """Median times of the C step of each optimizer's bucket (its tables filled once),
+    interleaved."""
+    calls = []
+    for optimizer in optimizers:
+        (bucket,) = optimizer._buckets
+        cpu_step.fill_tables(bucket)
+        calls.append((optimizer._kernel_args(bucket, []), bucket.host_tables()))
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(steps):
+        for (args, tables), kept in zip(calls, times):
+            start = time.perf_counter()
+            cpu_step._run(args, *tables)
+            kept.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 if __name__ == "__main__":
