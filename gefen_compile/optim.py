@@ -140,10 +140,21 @@ class Gefen(LearnedState, Optimizer):
         dtype, strided = bucket.dtype, torch.strided
         if [1 for p, g, n in zip(bucket.params, grads, bucket.numels)
                 if g is not None and (g.dtype != dtype or p.dtype != dtype or g.layout != strided
-                                      or g.numel() != n or p.numel() != n)]:
+                                      or g.numel() != n or p.numel() != n
+                                      or n and not (g.data_ptr() and p.data_ptr()))]:
             for p, owner, g, n in zip(bucket.params, bucket.owners, grads, bucket.numels):
                 if g is not None:
                     _checked_grad(owner, *self._index[owner])  # sparse, complex, shape
+                    for tensor, what in ((p, "parameter"), (g, "gradient")):
+                        if n and not tensor.data_ptr():
+                            raise ValueError(
+                                f"Gefen: the {what} of {self._locate(owner)} has no memory of "
+                                "its own (data_ptr() is 0: a tensor subclass without storage, "
+                                "an efficient zero tensor, or storage resized to 0), so the "
+                                f"kernels cannot {'update' if what == 'parameter' else 'read'} "
+                                f"it; give it a plain tensor ({'p.data' if what == 'parameter' else 'p.grad'} "
+                                "= torch.zeros_like(...) or a materialised copy)"
+                            )
                     if (g.dtype, p.dtype, g.numel(), p.numel()) != (dtype, dtype, n, n):
                         raise ValueError(
                             f"Gefen: {self._locate(owner)} has dtype {p.dtype} and {p.numel()} "

@@ -59,3 +59,56 @@ def test_stateful_parameters_are_not_rescanned_and_late_ones_still_join():
     late.grad = torch.randn(5, 7)
     opt.step()
     assert "codes" in opt.state[late] and not opt._stateless
+
+
+class OwnParameter(torch.nn.Parameter):
+    """A Parameter subclass: the step reads it through method calls."""
+
+
+@pytest.mark.parametrize("kind", [torch.nn.Parameter, OwnParameter])
+def test_a_parameter_narrowed_in_place_is_refused_before_any_write(kind):
+    """``p.data = storage[:k]`` keeps the data pointer but not the size: the step refuses it
+    by name (the memory past the new end is not written), whichever way it reads tensors."""
+    p = kind(torch.randn(64, 64))
+    opt = Gefen([p])
+    p.grad = torch.randn(64, 64)
+    opt.step()
+    storage = p.data
+    p.grad = torch.randn(64, 64)
+    p.data = storage[:16]
+    tail = storage[16:].clone()
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 has shape \(64, 64\), "
+                                         r"the parameter \(16, 64\)"):
+        opt.step()
+    assert torch.equal(storage[16:], tail)
+
+
+def test_a_gradient_without_memory_is_refused_by_name():
+    """A gradient whose data pointer is 0 (an efficient zero tensor; storage-less subclasses)
+    is an error naming the parameter, not a read of address 0."""
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = Gefen([p])
+    p.grad = torch.randn(8, 8)
+    opt.step()
+    p.grad = torch._efficientzerotensor(8, 8)
+    assert p.grad.data_ptr() == 0
+    with pytest.raises(ValueError, match="gradient of parameter 0 of param group 0 has no memory"):
+        opt.step()
+
+
+def test_the_steady_step_holds_the_gradients_its_kernel_reads():
+    """The C step reads gradients without the GIL: it holds each one it read, so that another
+    thread replacing a .grad meanwhile frees nothing the kernel reads."""
+    from gefen_compile.kernels import cpu_step, native
+
+    if native.library is None:
+        pytest.skip("no C library")
+    params = [torch.nn.Parameter(torch.randn(4, 8)) for _ in range(3)]
+    opt = Gefen(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[1].grad = None
+    grads = [p.grad for p in params]
+    status, held = cpu_step.fill_tables(opt._buckets[0])
+    assert status == -1 and all(h is g for h, g in zip(held, grads))

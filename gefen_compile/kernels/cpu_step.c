@@ -106,6 +106,8 @@ typedef struct {
     const double *bias1, *bias2; /* per parameter */
     const BytePlanes *planes;    /* the VBMI rows' tables */
     const struct CellTable *cells; /* the AVX2 rows' table */
+    const int64_t (*chunks)[2];  /* the threads' chunks of rows (row_chunks) */
+    int64_t num_chunks;
 } Step;
 
 /* Rows up to this long keep their first moments from the first pass; longer ones recompute.
@@ -1138,32 +1140,34 @@ static int64_t chunk_size(const StepArgs *a) {
     return even > CHUNK_ELEMENTS ? CHUNK_ELEMENTS : even < MIN_CHUNK ? MIN_CHUNK : even;
 }
 
-/* Returns 0, or -1 if out of memory. */
-static int run_rows(const Step *s, RowFn row, int rows) {
+static void run_rows(const Step *s, RowFn row, int rows) {
     __atomic_store_n(&last_rows, rows, __ATOMIC_RELAXED);
     const StepArgs *a = s->a;
-    const int64_t size = chunk_size(a), count = row_chunks(a, size, NULL);
-    int64_t (*chunks)[2] = malloc((size_t)(count + 1) * sizeof *chunks);
-    if (!chunks) return -1;
-    row_chunks(a, size, chunks);
+    const int64_t (*chunks)[2] = s->chunks;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(a->num_threads)")
-    for (int64_t c = 0; c < count; c++) {
+    for (int64_t c = 0; c < s->num_chunks; c++) {
         int64_t p = chunks[c][1];
         for (int64_t r = chunks[c][0]; r < chunks[c + 1][0]; r++) {
             while (p + 1 < a->num_params && a->segments[(p + 1) * SEG_FIELDS + SEG_ROW0] <= r) p++;
             row(s, r, p);
         }
     }
-    free(chunks);
-    return 0;
 }
 
 /* Returns 0, or -1 for an unknown dtype or a failed allocation. */
 int gefen_step(const StepArgs *a, int dtype) {
+    /* everything allocated before the step counts move: a failure leaves the state as it was */
     double *bias = malloc(2 * (size_t)(a->num_params > 0 ? a->num_params : 1) * sizeof(double));
-    if (!bias) return -1;
+    const int64_t size = chunk_size(a), count = row_chunks(a, size, NULL);
+    int64_t (*chunks)[2] = malloc((size_t)(count + 1) * sizeof *chunks);
+    if (!bias || !chunks) {
+        free(bias);
+        free(chunks);
+        return -1;
+    }
+    row_chunks(a, size, chunks);
     count_steps(a, bias, bias + a->num_params);
-    Step s = {a, bias, bias + a->num_params, NULL, NULL};
+    Step s = {a, bias, bias + a->num_params, NULL, NULL, (const int64_t(*)[2])chunks, count};
     int status = 0;
     const int path = gefen_cpu_path(-1);
     (void)path;
@@ -1173,7 +1177,7 @@ int gefen_step(const StepArgs *a, int dtype) {
         BytePlanes planes;
         if (build_planes(&planes, a) == 0) {
             s.planes = &planes;
-            status = run_rows(&s, dtype == DT_F32 ? row_f32_vbmi : row_bf16_vbmi, ROWS_VBMI);
+            run_rows(&s, dtype == DT_F32 ? row_f32_vbmi : row_bf16_vbmi, ROWS_VBMI);
         } else {
             status = -1;
         }
@@ -1182,15 +1186,16 @@ int gefen_step(const StepArgs *a, int dtype) {
                (s.cells = cell_table(a))) {
         /* the written AVX2 rows: faster than the vectoriser's at AVX2, and at AVX-512 for fp32
          * (not for bf16: its conversions use the vectoriser's 16 lanes better) */
-        status = run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2, ROWS_AVX2);
+        run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2, ROWS_AVX2);
     } else if (path >= PATH_AVX512) {
-        status = run_rows(&s, rows_vec_avx512[dtype], ROWS_VEC_AVX512);
+        run_rows(&s, rows_vec_avx512[dtype], ROWS_VEC_AVX512);
     } else if (path == PATH_AVX2) {
-        status = run_rows(&s, rows_vec_avx2[dtype], ROWS_VEC_AVX2);
+        run_rows(&s, rows_vec_avx2[dtype], ROWS_VEC_AVX2);
     }
 #endif
-    else status = run_rows(&s, rows_portable[dtype], ROWS_PORTABLE);
+    else run_rows(&s, rows_portable[dtype], ROWS_PORTABLE);
     free(bias);
+    free(chunks);
     return status;
 }
 
@@ -1498,12 +1503,11 @@ static int64_t call_int(PyObject *t, int k) {
 }
 
 /* Whether tensor t is as the bucket's state was built: strided, of dtype `dtype` (the shim's
- * code for it: `code`), contiguous and of `numel` elements; then its data pointer into *ptr.
- * Without the shim, a tensor that still has data pointer *ptr (`stayed`: a parameter, whose
- * memory, if it stayed, kept its dtype and, as its gradient says, its size) is only asked its
- * memory order. 1 yes, 0 no (the Python side then converts it or raises the error that names
- * it), -1 error (set). */
-static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int64_t *ptr, int stayed) {
+ * code for it: `code`), contiguous, of `numel` elements and with memory of its own (a
+ * storage-less subclass or an efficient zero tensor has data pointer 0); then its data
+ * pointer into *ptr. 1 yes, 0 no (the Python side then converts it or raises the error that
+ * names it), -1 error (set). */
+static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int64_t *ptr) {
     if (shimmed(t)) {
         void *h = (char *)t + shim.offset, *data;
         int32_t layout, d;
@@ -1511,11 +1515,15 @@ static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int
         int64_t n;
         if (shim.layout(h, &layout) || layout != shim.strided || shim.dtype(h, &d) || d != code ||
             shim.contiguous(h, &contiguous) || !contiguous || shim.numel(h, &n) || n != numel ||
-            shim.data_ptr(h, &data))
+            shim.data_ptr(h, &data) || (!data && numel))
             return 0;
         *ptr = (int64_t)(intptr_t)data;
         return 1;
     }
+    PyObject *d = get(t, DTYPE);
+    if (!d) return -1;
+    Py_DECREF(d);
+    if (d != dtype) return 0;
     PyObject *contiguous = call(t, CONTIGUOUS);
     if (!contiguous) {
         PyErr_Clear(); /* sparse, say: the general path raises the error that names the tensor */
@@ -1523,41 +1531,37 @@ static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int
     }
     Py_DECREF(contiguous);
     if (contiguous != Py_True) return 0;
-    const int64_t known = *ptr;
-    *ptr = call_int(t, DATA_PTR);
-    if (PyErr_Occurred()) return -1;
-    if (stayed && *ptr == known) return 1;
-    PyObject *d = get(t, DTYPE);
-    if (!d) return -1;
-    Py_DECREF(d);
-    if (d != dtype) return 0;
     const int64_t n = call_int(t, NUMEL);
-    return n == numel ? 1 : PyErr_Occurred() ? -1 : 0;
+    if (n != numel) return PyErr_Occurred() ? -1 : 0;
+    *ptr = call_int(t, DATA_PTR);
+    return PyErr_Occurred() ? -1 : *ptr != 0 || !numel;
 }
 
-/* step_tables(params, numels, dtype, code, param_ptrs, grad_ptrs, has_grad): for every
+/* step_tables(params, numels, dtype, code, grads, param_ptrs, grad_ptrs, has_grad): for every
  * parameter (a plain tensor: its .grad is read here), its gradient's and its own data pointers
  * into the int64 tables at param_ptrs and grad_ptrs (addresses), and whether it has a gradient
  * into the uint8 table at has_grad: the attribute reads and method calls Python would make per
- * tensor, without the interpreter. `code`: dtype's code in the shim. Returns -1 when the
+ * tensor, without the interpreter. `code`: dtype's code in the shim. The gradients go into the
+ * list `grads` (as long as params), which the caller holds while the kernel reads them: another
+ * thread replacing a .grad meanwhile must not free its memory. Returns -1 when the
  * tables are ready, -2 when no parameter has a gradient, else the index of the first parameter
  * the Python side must look at (its gradient or itself not as the state was built: it
  * converts, or raises the error that names it). */
 static PyObject *step_tables(PyObject *self, PyObject *args) {
-    PyObject *params, *numels, *dtype;
+    PyObject *params, *numels, *dtype, *grads;
     int code;
     unsigned long long param_address, grad_address, has_address;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!OiKKK", &PyList_Type, &params, &PyList_Type, &numels, &dtype,
-                          &code, &param_address, &grad_address, &has_address))
+    if (!PyArg_ParseTuple(args, "O!O!OiO!KKK", &PyList_Type, &params, &PyList_Type, &numels, &dtype,
+                          &code, &PyList_Type, &grads, &param_address, &grad_address, &has_address))
         return NULL;
     if (!descriptors[GRAD]) {
         PyErr_SetString(PyExc_RuntimeError, "step_tables: bind() torch.Tensor's descriptors first");
         return NULL;
     }
     const Py_ssize_t count = PyList_GET_SIZE(params);
-    if (PyList_GET_SIZE(numels) != count) {
-        PyErr_SetString(PyExc_ValueError, "step_tables: one numel per parameter");
+    if (PyList_GET_SIZE(numels) != count || PyList_GET_SIZE(grads) != count) {
+        PyErr_SetString(PyExc_ValueError, "step_tables: one numel and one gradient slot per parameter");
         return NULL;
     }
     int64_t *param_ptrs = (int64_t *)(uintptr_t)param_address;
@@ -1570,18 +1574,15 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
         if (!g) return NULL;
         has_grad[i] = g != Py_None;
         if (g == Py_None) {
-            Py_DECREF(g);
+            PyList_SetItem(grads, i, g); /* takes the reference */
             continue;
         }
         const int64_t numel = PyLong_AsLongLong(PyList_GET_ITEM(numels, i));
-        int ok = numel < 0 && PyErr_Occurred() ? -1 : usable(g, dtype, code, numel, grad_ptrs + i, 0);
-        if (ok == 1) ok = usable(p, dtype, code, numel, param_ptrs + i, 1);
-        Py_DECREF(g);
+        int ok = numel < 0 && PyErr_Occurred() ? -1 : usable(g, dtype, code, numel, grad_ptrs + i);
+        if (ok == 1) ok = usable(p, dtype, code, numel, param_ptrs + i);
+        PyList_SetItem(grads, i, g); /* takes the reference */
         if (ok < 0) return NULL;
-        if (ok == 0) {
-            param_ptrs[i] = 0; /* asked in full next time */
-            return PyLong_FromSsize_t(i);
-        }
+        if (ok == 0) return PyLong_FromSsize_t(i);
         any = 1;
     }
     return PyLong_FromLong(any ? -1 : -2);

@@ -41,23 +41,27 @@ def step_prepared(bucket: Bucket, make_args: Callable[[], StepInputs]) -> bool:
     if (_lib is None or bucket.sharded or bucket.codes.device.type != "cpu"
             or torch.compiler.is_compiling()):
         return False
-    status = fill_tables(bucket)
+    status, grads = fill_tables(bucket)  # held until the kernel is done with them
     if status >= 0:
         return False
     if status == -1:  # else no parameter has a gradient
         _run(make_args(), *bucket.host_tables())
         torch.autograd.graph.increment_version(bucket.written())
+    del grads
     return True
 
 
-def fill_tables(bucket: Bucket) -> int:
+def fill_tables(bucket: Bucket) -> tuple[int, list[torch.Tensor | None]]:
     """Fill the bucket's host tables (``Bucket.host_tables``) from its parameters and their
-    gradients in one C call (``step_tables`` in cpu_step.c): -1 when they are ready, -2 when no
-    parameter has a gradient, else the index of the first parameter the general path must
-    look at."""
-    return _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
-                            tensor_shim.codes.get(bucket.dtype, -1),
-                            *(t.data_ptr() for t in bucket.host_tables()))
+    gradients in one C call (``step_tables`` in cpu_step.c). Returns its status (-1 when they
+    are ready, -2 when no parameter has a gradient, else the index of the first parameter the
+    general path must look at) and the gradients it read, which the caller holds while a
+    kernel reads their memory."""
+    grads: list[torch.Tensor | None] = [None] * len(bucket.params)
+    status = _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
+                              tensor_shim.codes.get(bucket.dtype, -1), grads,
+                              *(t.data_ptr() for t in bucket.host_tables()))
+    return status, grads
 
 
 def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor) -> None:

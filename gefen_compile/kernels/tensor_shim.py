@@ -51,10 +51,14 @@ def _library() -> ctypes.CDLL | None:
 
 def _probes() -> list[torch.Tensor]:
     """Tensors of every kind the step reads: plain and Parameter, views (offset, transposed),
-    each state dtype, an empty one."""
-    return [torch.arange(6.0), torch.nn.Parameter(torch.ones(3, 5)), torch.zeros(4, 6).t(),
-            torch.zeros(9, dtype=torch.bfloat16)[2:], torch.zeros(2, 3, dtype=torch.float16),
-            torch.zeros(5, dtype=torch.float64), torch.zeros(0)]
+    each state dtype, an empty one; on the CPU whatever the default device (the data pointers
+    must be real ones)."""
+    cpu = torch.device("cpu")
+    return [torch.arange(6.0, device=cpu), torch.nn.Parameter(torch.ones(3, 5, device=cpu)),
+            torch.zeros(4, 6, device=cpu).t(),
+            torch.zeros(9, dtype=torch.bfloat16, device=cpu)[2:],
+            torch.zeros(2, 3, dtype=torch.float16, device=cpu),
+            torch.zeros(5, dtype=torch.float64, device=cpu), torch.zeros(0, device=cpu)]
 
 
 def _offset(probes: list[torch.Tensor]) -> int | None:
