@@ -342,7 +342,9 @@ def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monke
     """In steady state a CPU step reads gradients and fills its pointer tables in one C call
     (cpu_step.step_prepared), never the per-tensor Python checks; a tensor that call cannot
     vouch for (a gradient of another dtype, a non-contiguous gradient) goes to the general
-    path, which raises the error naming it or converts it."""
+    path, which raises the error naming it or converts it. The C kernel reads gradients
+    without the GIL: the call holds each gradient it read, so that another thread replacing a
+    .grad meanwhile frees nothing the kernel reads."""
     if native.library is None:
         pytest.skip("no C library")
     params = [torch.nn.Parameter(torch.randn(6, 10)) for _ in range(3)]
@@ -350,6 +352,8 @@ def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monke
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
+    status, held = cpu_step.fill_tables(opt._buckets[0])
+    assert status == -1 and all(h is p.grad for h, p in zip(held, params))
     general = []
     original = Gefen._checked_grads
     monkeypatch.setattr(Gefen, "_checked_grads", lambda self, *a: general.append(1) or original(self, *a))

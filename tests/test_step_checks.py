@@ -95,20 +95,3 @@ def test_a_gradient_without_memory_is_refused_by_name():
     with pytest.raises(ValueError, match="gradient of parameter 0 of param group 0 has no memory"):
         opt.step()
 
-
-def test_the_steady_step_holds_the_gradients_its_kernel_reads():
-    """The C step reads gradients without the GIL: it holds each one it read, so that another
-    thread replacing a .grad meanwhile frees nothing the kernel reads."""
-    from gefen_compile.kernels import cpu_step, native
-
-    if native.library is None:
-        pytest.skip("no C library")
-    params = [torch.nn.Parameter(torch.randn(4, 8)) for _ in range(3)]
-    opt = Gefen(params)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    params[1].grad = None
-    grads = [p.grad for p in params]
-    status, held = cpu_step.fill_tables(opt._buckets[0])
-    assert status == -1 and all(h is g for h, g in zip(held, grads))
