@@ -17,6 +17,7 @@ import torch
 from gefen_compile import Gefen, memory_report
 from gefen_compile.codebook import NearestCode
 from gefen_compile.kernels import cpu_step, momentum, native, tensor_shim, torch_step, triton_step
+from gefen_compile.partition import candidate_periods, period_scores
 from gefen_compile.state import compute_dtype
 
 # Odd shapes: primes, period 1 (ragged under the robust variant: (300,), (1000,)), periods
@@ -293,6 +294,32 @@ def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
             assert _bytes(a) == _bytes(b)
             for key in ("codes", "magnitude", "vmean"):
                 assert _bytes(opt.state[a][key]) == _bytes(twin_opt.state[b][key])
+
+
+@pytest.mark.parametrize("path", native.CPU_PATHS)
+def test_c_period_scores_equal_torchs_on_every_path(path):
+    """The C period scores (four running sums side by side per 4096-element chunk, two sums of
+    differences per period, a shorter log series) against partition.period_scores in float64
+    torch: sizes that end inside a chunk, in each of its quarters and on its edge, periods
+    longer than a chunk, blocks straddling chunks, bf16; constant gradients score exactly 0."""
+    if path not in native.cpu_paths():
+        pytest.skip(f"this CPU does not run the {path} path")
+    gen = torch.Generator().manual_seed(5)
+    grads = [structured(s, gen, torch.float32) for s in
+             [(3, 4097), (4096,), (9, 1024), (24, 1031), (2, 6000), (13, 13), (8195,), (64, 96)]]
+    grads += [grads[0].to(torch.bfloat16), torch.zeros(3, 4100), torch.full((720,), -3.5)]
+    candidates = [candidate_periods(g.numel()) for g in grads]
+    flat, offsets = [c for cs in candidates for c in cs], [0]
+    for cs in candidates:
+        offsets.append(offsets[-1] + len(cs))
+    previous = native.use_cpu_path(path)
+    try:
+        got = cpu_step.period_scores(grads, flat, offsets)
+    finally:
+        native.use_cpu_path(previous)
+    expected = torch.cat([period_scores(g, cs) for g, cs in zip(grads, candidates)])
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert set(got[offsets[-3]:].tolist()) == {0.0}  # the constant ones: exactly
 
 
 def _bytes(t):
