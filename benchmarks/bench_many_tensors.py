@@ -6,7 +6,11 @@ a few large ones, Gefen and fused AdamW side by side.
 
 Each optimizer has its own parameters (rows of 64, gradients with per-row scales); after two
 first steps, steps are interleaved and their medians printed, with each optimizer's ratio of
-many small tensors to few large ones. Then Gefen's C kernel alone (its tables filled once), the
+many small tensors to few large ones. By default the gradients stay from step to step, and the
+other optimizers' steps run between two of one optimizer's: its tensors' metadata is out of the
+caches, a harsh case. With --backward, a backward (untimed) gives each optimizer's parameters
+fresh gradients before each of its steps, as in training: new gradient tensors, and metadata
+that the forward and backward have just read. Then Gefen's C kernel alone (its tables filled once), the
 same way: what of the difference is the kernel's, and what is the host work per tensor.
 """
 
@@ -38,6 +42,8 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=8)
     parser.add_argument("--steps", type=int, default=11)
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--backward", action="store_true",
+                        help="fresh gradients from a backward before each step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,15 +53,20 @@ def main() -> None:
     for optimizer in runs.values():
         optimizer.step()
         optimizer.step()
+    weights = {key: [p.grad for group in o.param_groups for p in group["params"]]
+               for key, o in runs.items()}
     times: dict[tuple, list[float]] = {key: [] for key in runs}
     for _ in range(args.steps):
         for key, optimizer in runs.items():
+            if args.backward:
+                backward(optimizer, weights[key])
             start = time.perf_counter()
             optimizer.step()
             times[key].append(time.perf_counter() - start)
     median = {key: statistics.median(values) for key, values in times.items()}
+    between = "a backward before each" if args.backward else "gradients kept"
     print(f"{args.elements / 1e6:.1f}M fp32 parameters, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} interleaved steps; {native.describe()}")
+          f"median of {args.steps} interleaved steps ({between}); {native.describe()}")
     for name in OPTIMIZERS:
         large, small = median[name, args.large], median[name, args.small]
         print(f"{name}: {args.large} tensors {large * 1e3:.2f} ms, {args.small} tensors "
@@ -65,6 +76,15 @@ def main() -> None:
                                     args.steps)
         print(f"Gefen's C kernel alone: {args.large} tensors {large * 1e3:.2f} ms, {args.small} "
               f"tensors {small * 1e3:.2f} ms ({small / large:.2f}x)")
+
+
+def backward(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor]) -> None:
+    """New gradients (``weights``, as fresh tensors) for the optimizer's parameters from a
+    forward and backward of sum((p * w).sum()), after zero_grad as a training loop does."""
+    optimizer.zero_grad()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.enable_grad():
+        torch.autograd.backward([(p * w).sum() for p, w in zip(params, weights)])
 
 
 def kernel_times(optimizers: list[Gefen], steps: int) -> list[float]:
