@@ -225,6 +225,15 @@ def _layers(costs: _ClusterCosts, count: int) -> tuple[np.ndarray, np.ndarray]:
     return best, split
 
 
+def _side_layers(costs: _ClusterCosts, count: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """_layers of one side's points, its best costs padded with inf to ``count`` layers of
+    ``n`` points (more clusters than points, or ends past its points: no solution)."""
+    best, split = _layers(costs, min(count, costs.n))
+    padded = np.full((count + 1, n + 1), np.inf)
+    padded[: best.shape[0], : best.shape[1]] = best
+    return padded, split
+
+
 def _backtrack(split: np.ndarray, clusters: int, end: int) -> list[int]:
     """Edges 0 = e_0 < ... < e_clusters = ``end`` of the optimal first ``clusters`` layers."""
     edges = [end]
@@ -253,12 +262,22 @@ def _edges_with_zero(costs: _ClusterCosts, nonempty: int) -> tuple[np.ndarray, i
     from a running minimum: O(K B) beside the two DPs.
     """
     n = costs.n
-    mirrored = _ClusterCosts(-costs.y[::-1].copy(), costs.weights[::-1].copy())
+    # Each DP takes only its side's points (half the work): in an optimal solution, the
+    # clusters left of the zero cluster hold only points below 0 and those right of it only
+    # points above (or a single point, where a side has none, for its pinned end). A non-zero
+    # cluster that holds a point of the other sign is improved by moving points between it and
+    # the zero cluster; where the zero cluster is empty and no cluster spans 0, moving it to
+    # the sign change costs nothing and changes no centre.
+    below = int(np.searchsorted(costs.y, 0))  # the points are odd integers: none is 0
+    left = _ClusterCosts(costs.y[: max(below, 1)], costs.weights[: max(below, 1)])
+    right_points = max(n - below, 1)
+    mirrored = _ClusterCosts(-costs.y[::-1][:right_points].copy(),
+                             costs.weights[::-1][:right_points].copy())
     # The two DPs are independent: side by side where there are threads (the C one and
     # numpy's loops run without the GIL).
     with ThreadPoolExecutor(min(2, torch.get_num_threads())) as pool:
-        right = pool.submit(_layers, mirrored, nonempty - 1)
-        left_best, left_split = _layers(costs, nonempty - 1)
+        right = pool.submit(_side_layers, mirrored, nonempty - 1, n)
+        left_best, left_split = _side_layers(left, nonempty - 1, n)
         right_best, right_split = right.result()
     squares = costs.w_yy.astype(np.float64)  # S
     lefts = np.arange(1, nonempty)  # clusters left of the zero cluster

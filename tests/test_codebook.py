@@ -120,6 +120,30 @@ def test_codebook_is_optimal_on_realistic_histograms(elements, period, seed, var
     np.testing.assert_allclose(codebook.numpy(), centres.astype(np.float32))
 
 
+def one_sided_counts(negative: int, positive: int, seed: int) -> np.ndarray:
+    """Counts in ``negative`` random bins below 0 and ``positive`` above it."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(NUM_BINS, dtype=np.int64)
+    half = NUM_BINS // 2
+    bins = [*rng.choice(half, negative, replace=False),
+            *(half + rng.choice(half, positive, replace=False))]
+    counts[bins] = rng.integers(1, 1000, len(bins))
+    return counts
+
+
+@pytest.mark.parametrize(("negative", "positive"), [(0, 300), (300, 0), (1, 280), (280, 1),
+                                                    (2, 2), (0, 4), (150, 150)])
+def test_robust_dp_is_optimal_whatever_the_signs_of_the_points(negative, positive):
+    """The robust DP solves each side of 0 on that side's points alone: still optimal where a
+    side has no point or one (its pinned cluster must hold one), and with few points."""
+    counts = one_sided_counts(negative, positive, negative + positive)
+    k = min(CODEBOOK_SIZE, negative + positive + 1)
+    centres, cost = optimal_clustering(counts, k, zero=True)
+    _, slow_cost = slow_dp_zero(counts, k)
+    assert cost == pytest.approx(slow_cost, rel=1e-9, abs=1e-15)
+    assert centres[0] == -1.0 and centres[-1] == 1.0 and 0.0 in centres
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_codebook_shape_dtype_and_pinned_ends(variant):
     codebook = learn_codebook(torch.from_numpy(realistic_counts(4000, 50, 3)), VARIANTS[variant])
