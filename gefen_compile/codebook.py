@@ -264,10 +264,11 @@ def _edges_with_zero(costs: _ClusterCosts, nonempty: int) -> tuple[np.ndarray, i
     n = costs.n
     # Each DP takes only its side's points (half the work): in an optimal solution, the
     # clusters left of the zero cluster hold only points below 0 and those right of it only
-    # points above (or a single point, where a side has none, for its pinned end). A non-zero
-    # cluster that holds a point of the other sign is improved by moving points between it and
-    # the zero cluster; where the zero cluster is empty and no cluster spans 0, moving it to
-    # the sign change costs nothing and changes no centre.
+    # points above (or a single point, where a side has none, for its pinned end). Otherwise
+    # the cost drops strictly: a pinned end holding more than its one point gives its last one
+    # to the next cluster; a free cluster holding a point of the other sign trades points with
+    # the zero cluster (an empty one moved next to it first). Where the zero cluster is empty
+    # and no cluster spans 0, moving it to the sign change costs nothing and moves no centre.
     below = int(np.searchsorted(costs.y, 0))  # the points are odd integers: none is 0
     left = _ClusterCosts(costs.y[: max(below, 1)], costs.weights[: max(below, 1)])
     right_points = max(n - below, 1)

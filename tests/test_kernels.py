@@ -298,10 +298,10 @@ def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
 
 @pytest.mark.parametrize("path", native.CPU_PATHS)
 def test_c_period_scores_equal_torchs_on_every_path(path):
-    """The C period scores (four running sums side by side per 4096-element chunk, two sums of
-    differences per period, a shorter log series) against partition.period_scores in float64
-    torch: sizes that end inside a chunk, in each of its quarters and on its edge, periods
-    longer than a chunk, blocks straddling chunks, bf16; constant gradients score exactly 0."""
+    """The C period scores (a running sum per 4096-element chunk, its own log series) against
+    partition.period_scores in float64 torch: sizes that end inside a chunk and on its edge,
+    periods longer than a chunk, blocks straddling chunks, bf16; constant gradients score
+    exactly 0."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
     gen = torch.Generator().manual_seed(5)

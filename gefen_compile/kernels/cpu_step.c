@@ -1342,26 +1342,6 @@ static inline double log_positive(double x) {
         }                                                                                       \
     }
 
-/* prefix[1..len] = prefix[0] + the running sums of xs[0..len), in four quarters side by side
- * (four chains of additions instead of one, whose latency bounded the scores), each then
- * shifted by the sums before it. xs has room for len rounded up to 4, prefix for one more. */
-static inline __attribute__((always_inline)) void prefix_sums(double *restrict prefix,
-                                                              double *restrict xs, int64_t len) {
-    const int64_t q = (len + 3) / 4;
-    for (int64_t i = len; i < 4 * q; i++) xs[i] = 0.0;
-    double r0 = prefix[0], r1 = 0.0, r2 = 0.0, r3 = 0.0;
-    for (int64_t i = 0; i < q; i++) {
-        prefix[i + 1] = r0 += xs[i];
-        prefix[q + i + 1] = r1 += xs[q + i];
-        prefix[2 * q + i + 1] = r2 += xs[2 * q + i];
-        prefix[3 * q + i + 1] = r3 += xs[3 * q + i];
-    }
-    for (int64_t k = 1; k < 4; k++) {
-        const double before = prefix[k * q];
-        for (int64_t i = k * q + 1; i <= (k + 1) * q; i++) prefix[i] += before;
-    }
-}
-
 /* Scores of the candidate periods of one tensor: mean |difference| of adjacent block means of
  * x = log(g^2 + 1e-12), all from one running prefix sum of x - x[0] (exact over constant runs). */
 #define DEFINE_PERIOD_SCORES(NAME, ISA)                                                         \
@@ -1374,7 +1354,7 @@ static inline __attribute__((always_inline)) int period_scores_one(const void *d
                              const int64_t *cands, double *scores) {
     double *edge = calloc((size_t)num_cands * 3, sizeof(double)); /* prefix, last sum, total */
     int64_t *seen = calloc((size_t)num_cands, sizeof(int64_t));   /* block edges passed */
-    double prefix[SCORE_CHUNK + 4], xs[SCORE_CHUNK + 3];
+    double prefix[SCORE_CHUNK + 1], xs[SCORE_CHUNK];
     if (!edge || !seen) {
         free(edge);
         free(seen);
@@ -1390,30 +1370,20 @@ static inline __attribute__((always_inline)) int period_scores_one(const void *d
         case DT_F16: SCORE_LOGS(_Float16, LOAD_F16) break;
         default: SCORE_LOGS(double, LOAD_F64)
         }
-        prefix_sums(prefix, xs, hi - lo);
+        for (int64_t i = lo; i < hi; i++) prefix[i - lo + 1] = prefix[i - lo] + xs[i - lo];
         for (int64_t c = 0; c < num_cands; c++) {
             const int64_t p = cands[c];
             double *e = edge + 3 * c, last_prefix = e[0], last_diff = e[1], total = e[2];
-            double other = 0.0; /* a second sum, so that two additions are in flight */
-            int64_t count = seen[c], end = (lo / p + 1) * p;
-            if (count == 0 && end <= hi) { /* the first block: no difference yet */
-                last_diff = last_prefix = prefix[end - lo];
-                count++, end += p;
-            }
-            for (; end + p <= hi; end += 2 * p, count += 2) {
-                const double s0 = prefix[end - lo], s1 = prefix[end + p - lo];
-                const double d0 = s0 - last_prefix, d1 = s1 - s0; /* p times the blocks' means */
-                total += fabs(d0 - last_diff);
-                other += fabs(d1 - d0);
-                last_diff = d1, last_prefix = s1;
-            }
-            if (end <= hi) {
-                const double s0 = prefix[end - lo], d0 = s0 - last_prefix;
-                total += fabs(d0 - last_diff);
-                last_diff = d0, last_prefix = s0;
+            int64_t count = seen[c];
+            for (int64_t end = (lo / p + 1) * p; end <= hi; end += p) {
+                const double s = prefix[end - lo];
+                const double diff = s - last_prefix; /* p times this block's mean */
+                if (count >= 1) total += fabs(diff - last_diff);
+                last_diff = diff;
+                last_prefix = s;
                 count++;
             }
-            e[0] = last_prefix, e[1] = last_diff, e[2] = total + other, seen[c] = count;
+            e[0] = last_prefix, e[1] = last_diff, e[2] = total, seen[c] = count;
         }
         prefix[0] = prefix[hi - lo];
     }
