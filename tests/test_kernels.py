@@ -236,20 +236,35 @@ def test_strided_parameters_and_gradients_follow_the_logical_order():
         torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
 
 
-def _train_on_path(path, values, grads, dtype):
-    """Parameters and optimizer after a Gefen run over ``grads`` with CPU steps on ``path``."""
+def _train_on_path(path, values, grads, dtype, variant="robust"):
+    """Parameters and optimizer after a Gefen run over ``grads`` (None: no gradient) with CPU
+    steps on ``path``."""
     previous = native.use_cpu_path(path)
     try:
         params = [torch.nn.Parameter(v.clone()) for v in values]
         groups = [{"params": params[i::3], **hyper} for i, hyper in enumerate(GROUPS)]
-        opt = Gefen(groups)
+        opt = Gefen(groups, variant=variant)
         for step in grads:
             for p, g in zip(params, step):
-                p.grad = g.clone()
+                p.grad = None if g is None else g.clone()
             opt.step()
         return params, opt, native.last_rows()
     finally:
         native.use_cpu_path(previous)
+
+
+def _row_scaled_run(shapes, dtype):
+    """Initial values and four steps' gradients for parameters of ``shapes``, rows of very
+    different sizes (so that a shape's rows are its period); non-finite gradients in the
+    third step (NaN codes are 0 on every path)."""
+    gen = torch.Generator().manual_seed(3)
+    values = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [[(structured(s, gen, torch.float32) * torch.randn(
+        s[0], *[1] * (len(s) - 1), generator=gen).exp()).to(dtype) for s in shapes]
+        for _ in range(4)]
+    for value, (index, g) in zip((math.nan, math.inf, -math.inf), enumerate(grads[2])):
+        g.view(-1)[index] = value
+    return values, grads
 
 
 # The rows each path runs per dtype: its own where it has them, else its vectoriser's.
@@ -274,15 +289,7 @@ def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
         pytest.skip(f"this CPU does not run the {path} path")
     long_rows = (8, 8219)
     for shapes in (SHAPES + [long_rows], [(3, 4), (5,)]):
-        gen = torch.Generator().manual_seed(3)
-        values = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-        # Rows of very different sizes, so that the long shape takes its rows as period.
-        grads = [[(structured(s, gen, torch.float32) * torch.randn(
-            s[0], *[1] * (len(s) - 1), generator=gen).exp()).to(dtype) for s in shapes]
-            for _ in range(4)]
-        # Non-finite gradients after the first step: NaN codes are 0 on every path.
-        for value, (index, g) in zip((math.nan, math.inf, -math.inf), enumerate(grads[2])):
-            g.view(-1)[index] = value
+        values, grads = _row_scaled_run(shapes, dtype)
         params, opt, rows = _train_on_path(path, values, grads, dtype)
         twins, twin_opt, _ = _train_on_path("portable", values, grads, dtype)
         assert rows == PATH_ROWS.get(path, {}).get(dtype, VECTORISED[path])
@@ -294,6 +301,43 @@ def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
             assert _bytes(a) == _bytes(b)
             for key in ("codes", "magnitude", "vmean"):
                 assert _bytes(opt.state[a][key]) == _bytes(twin_opt.state[b][key])
+
+
+@pytest.mark.parametrize("variant", ["robust", "published"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("path", native.CPU_PATHS)
+def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, path, dtype, variant):
+    """Whole rows up to cpu_step.SHORT_ROW elements are stepped in batches of rows (cpu_step.c,
+    "short rows"): on every path, dtype and variant the same bytes as with every row stepped
+    alone. Periods 9 to 32 beside longer ones; published period-1 blocks of 1 and 30 elements
+    (second moments per element); batches cut by BATCH, by parameters and by the chunks of two
+    threads; maximize; a parameter without a gradient for a step; rows whose magnitude is
+    stored as 0 (codes 0); NaN and infinite gradients."""
+    if path not in native.cpu_paths():
+        pytest.skip(f"this CPU does not run the {path} path")
+    shapes = [(300, 9), (70, 16), (45, 24), (40, 32), (24, 40), (37,), (30,), (90, 12), (1000,)]
+    values, grads = _row_scaled_run(shapes, dtype)
+    tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
+    for step in grads:  # magnitudes 0, codes 0: a row of zeros, and (bf16, fp16) one below
+        for g in step[:5]:  # the smallest magnitude the state stores
+            g[5], g[6] = 0, tiny
+    grads[1][3] = None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    runs, batched = [], cpu_step.SHORT_ROW
+    for short_row in (batched, 0):
+        monkeypatch.setattr(cpu_step, "SHORT_ROW", short_row)
+        runs.append(_train_on_path(path, values, grads, dtype, variant)[:2])
+    (params, opt), (twins, twin_opt) = runs
+    periods = [opt.state[p]["period"] for p in params]
+    assert periods[:2] == [9, 16] and 32 <= batched < periods[4]
+    if variant == "robust":  # the published periods of the next two span rows
+        assert periods[2:4] == [24, 32]
+    else:  # blocks of 1 and 30 elements, second moments per element
+        assert [opt.state[p]["vmean"].numel() for p in params[5:7]] == [37, 30]
+    for a, b in zip(params, twins):
+        assert _bytes(a) == _bytes(b)
+        for key in ("codes", "magnitude", "vmean"):
+            assert _bytes(opt.state[a][key]) == _bytes(twin_opt.state[b][key])
 
 
 @pytest.mark.parametrize("path", native.CPU_PATHS)

@@ -44,6 +44,7 @@ typedef struct {
     int64_t num_distinct;           /* distinct entries (256: the codebook repeats none) */
     int64_t lut_half;               /* cells per unit: a power of two */
     int64_t num_threads;
+    int64_t short_row;              /* whole rows up to this long are stepped in batches */
 } StepArgs;
 
 /* ---- storage formats ---- */
@@ -122,23 +123,28 @@ typedef struct {
     for (int w = SUM_LANES / 2; w > 0; w /= 2)                                                  \
         for (int l = 0; l < w; l++) (lanes)[l] += (lanes)[l + w];
 
-/* The row's constants and pointers (T: compute type, ST: storage type); returns from the row
- * function if its parameter has no gradient this step. */
-#define ROW_SETUP(T, ST, LOAD)                                                                  \
+/* Parameter p's constants (T: compute type). */
+#define PARAM_SETUP(T)                                                                          \
     const StepArgs *a = s->a;                                                                   \
-    const int64_t p = owner; /* the parameter owning row r */                                     \
-    if (!a->has_grad[p]) return;                                                                \
     const int64_t *seg = a->segments + p * SEG_FIELDS;                                          \
-    const int64_t block = seg[SEG_BLOCK], row = r - seg[SEG_ROW0], start = row * block;         \
-    /* the last row of a parameter holds what remains: fewer elements where blocks are ragged */ \
-    const int64_t len = seg[SEG_NUMEL] - start < block ? seg[SEG_NUMEL] - start : block;        \
+    const int64_t block = seg[SEG_BLOCK];                                                       \
     const int per_element = seg[SEG_V_PER_ELEMENT] != 0, identity = a->num_distinct == 256;     \
     const double *h = a->hyper + a->param_group[p] * H_FIELDS;                                  \
     const T beta1 = (T)h[H_BETA1], keep1 = (T)(1.0 - h[H_BETA1]);                              \
     const T beta2 = (T)h[H_BETA2], keep2 = (T)(1.0 - h[H_BETA2]);                              \
     const T eps = (T)h[H_EPS], sign = h[H_MAXIMIZE] != 0.0 ? (T)-1 : (T)1;                     \
     const T decay = (T)(1.0 - h[H_LR] * h[H_WD]);                                               \
-    const T step_size = (T)(h[H_LR] / s->bias1[p]), bias2_t = (T)s->bias2[p];                  \
+    const T step_size = (T)(h[H_LR] / s->bias1[p]), bias2_t = (T)s->bias2[p];
+
+/* The row's constants and pointers (T: compute type, ST: storage type); returns from the row
+ * function if its parameter has no gradient this step. */
+#define ROW_SETUP(T, ST, LOAD)                                                                  \
+    const int64_t p = owner; /* the parameter owning row r */                                     \
+    if (!s->a->has_grad[p]) return;                                                             \
+    PARAM_SETUP(T)                                                                              \
+    const int64_t row = r - seg[SEG_ROW0], start = row * block;                                 \
+    /* the last row of a parameter holds what remains: fewer elements where blocks are ragged */ \
+    const int64_t len = seg[SEG_NUMEL] - start < block ? seg[SEG_NUMEL] - start : block;        \
     const ST *restrict g = (const ST *)a->grads[p] + start;                                     \
     ST *restrict param = (ST *)a->params[p] + start;                                            \
     ST *restrict v = (ST *)a->vmean + seg[SEG_V] + (per_element ? start : row);                 \
@@ -150,12 +156,12 @@ typedef struct {
  * first pass), and the new magnitude; then the stored magnitude (rounded as its dtype rounds)
  * and the step's scale of a block row. A zero block gets code 0, whose dequantised value
  * -1 * 0 changes nothing. */
-#define NEW_MAGNITUDE(T, LOAD, STORE, SQRT)                                                     \
-    if (!per_element) STORE(v, 0, LOAD(v, 0) * beta2 + (square_sum / (T)len) * keep2);          \
-    STORE(a->magnitude, r, peak);                                                               \
-    const T stored = LOAD(a->magnitude, r);                                                     \
+#define NEW_MAGNITUDE(T, LOAD, STORE, SQRT, V, R, LEN)                                          \
+    if (!per_element) STORE(V, 0, LOAD(V, 0) * beta2 + (square_sum / (T)(LEN)) * keep2);        \
+    STORE(a->magnitude, R, peak);                                                               \
+    const T stored = LOAD(a->magnitude, R);                                                     \
     const int32_t live = stored > 0;                                                            \
-    const T shared_scale = step_size / (SQRT(LOAD(v, 0) / bias2_t) + eps);
+    const T shared_scale = step_size / (SQRT(LOAD(V, 0) / bias2_t) + eps);
 
 /* ---- the portable rows: plain loops for the vectoriser ---- */
 
@@ -175,14 +181,15 @@ typedef struct {
 #define X86_PATHS 0
 #endif
 
-#define FIRST_MOMENT(LOAD, i, CODE) (codebook[CODE] * old_mag * beta1 + (sign * LOAD(g, i)) * keep1)
+/* OLD: the old magnitude of element i's block */
+#define FIRST_MOMENT(LOAD, i, CODE, OLD) (codebook[CODE] * (OLD) * beta1 + (sign * LOAD(g, i)) * keep1)
 
 /* The first pass: the new first moment m of every element, its largest magnitude, and the
  * per-element second moment. KEEP stores m for the second pass. */
 #define FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, SECOND_MOMENT)                                     \
     _Pragma("omp simd reduction(max:peak)")                                                     \
     for (int64_t i = 0; i < len; i++) {                                                         \
-        const T m = FIRST_MOMENT(LOAD, i, CODE), gi = sign * LOAD(g, i);                        \
+        const T m = FIRST_MOMENT(LOAD, i, CODE, old_mag), gi = sign * LOAD(g, i);               \
         KEEP;                                                                                   \
         const T mag = m < 0 ? -m : m;                                                           \
         peak = mag > peak ? mag : peak;                                                         \
@@ -195,24 +202,37 @@ typedef struct {
         FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2)) \
     } else {                                                                                    \
         FIRST_PASS_LOOP(T, LOAD, CODE, KEEP, (void)gi)                                          \
-        T lanes[SUM_LANES] = {0};                                                               \
-        int64_t i0 = 0;                                                                         \
-        for (; i0 + SUM_LANES <= len; i0 += SUM_LANES) {                                        \
-            _Pragma("omp simd")                                                                 \
-            for (int l = 0; l < SUM_LANES; l++) lanes[l] += LOAD(g, i0 + l) * LOAD(g, i0 + l);  \
-        }                                                                                       \
-        for (int l = 0; i0 + l < len; l++) lanes[l] += LOAD(g, i0 + l) * LOAD(g, i0 + l);      \
-        FOLD_LANES(lanes)                                                                       \
-        square_sum = lanes[0];                                                                  \
+        SQUARE_SUM(T, LOAD, g, len, square_sum)                                                 \
     }
 
-/* The second pass: nearest code of m / magnitude (see codebook.NearestCode), then the update.
- * M: the first moment of element i; SCALE: step size / its denominator; CODE: the code of
- * `below` boundaries (the identity unless the codebook repeats entries). */
-#define QUANTISE(T, M, CODE, EMIT)                                                              \
+/* The sum of g^2 over the LEN elements from G (see SUM_LANES), into OUT. */
+#define SQUARE_SUM(T, LOAD, G, LEN, OUT)                                                        \
+    {                                                                                           \
+        T lanes[SUM_LANES] = {0};                                                               \
+        int64_t i0 = 0;                                                                         \
+        for (; i0 + SUM_LANES <= (LEN); i0 += SUM_LANES) {                                      \
+            _Pragma("omp simd")                                                                 \
+            for (int l = 0; l < SUM_LANES; l++) lanes[l] += LOAD(G, i0 + l) * LOAD(G, i0 + l);  \
+        }                                                                                       \
+        if (i0 < (LEN)) { /* the same sums in whole vectors: +0 past the end changes none */    \
+            _Pragma("omp simd")                                                                 \
+            for (int l = 0; l < SUM_LANES; l++) {                                               \
+                const T x = i0 + l < (LEN) ? LOAD(G, i0 + l) : (T)0;                            \
+                lanes[l] += x * x;                                                              \
+            }                                                                                   \
+        }                                                                                       \
+        FOLD_LANES(lanes)                                                                       \
+        OUT = lanes[0];                                                                         \
+    }
+
+/* The second pass over elements FROM to N - 1: nearest code of m / magnitude (see codebook.NearestCode),
+ * then the update. M: the first moment of element i; STORED: its block's magnitude as stored;
+ * MASK: -1 where that is > 0, else 0 (code 0); SCALE: step size / its denominator; CODE: the
+ * code of `below` boundaries (the identity unless the codebook repeats entries). */
+#define QUANTISE(T, FROM, N, M, STORED, MASK, CODE, EMIT)                                       \
     _Pragma("omp simd")                                                                         \
-    for (int64_t i = 0; i < len; i++) {                                                         \
-        const T x = (M) / stored;                                                               \
+    for (int64_t i = FROM; i < (N); i++) {                                                      \
+        const T x = (M) / (STORED);                                                             \
         T cell = x * (T)half; /* exact: half is a power of two */                               \
         cell = cell >= (T)-half ? cell : (T)-half; /* NaN too */                                \
         cell = cell <= (T)(half - 1) ? cell : (T)(half - 1);                                    \
@@ -220,34 +240,39 @@ typedef struct {
         const int32_t whole = (int32_t)cell;                                                    \
         int32_t below = lut[whole - ((T)whole > cell) + half];                                  \
         below += x > bounds[below];                                                             \
-        const int32_t code = (CODE) & -live;                                                    \
+        const int32_t code = (CODE) & (MASK);                                                   \
         codes[i] = (uint8_t)code;                                                               \
         EMIT;                                                                                   \
     }
-#define QUANTISE_AND_UPDATE(T, LOAD, STORE, M, SCALE, CODE)                                     \
-    QUANTISE(T, M, CODE, const T update = (codebook[code] * stored) * (SCALE);                  \
+#define QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, SCALE, CODE)              \
+    QUANTISE(T, FROM, N, M, STORED, MASK, CODE, const T update = (codebook[code] * (STORED)) * (SCALE); \
              STORE(param, i, LOAD(param, i) * decay - update))
 
 /* One loop per case, so that each is branch-free and vectorises. */
 #define ELEMENT_SCALE(LOAD, SQRT) (step_size / (SQRT(LOAD(v, i) / bias2_t) + eps))
-#define SECOND_PASS(T, LOAD, STORE, SQRT, M)                                                    \
+#define SECOND_PASS(T, LOAD, STORE, SQRT, FROM, N, M, STORED, MASK, SHARED)                     \
     if (per_element && identity) {                                                              \
-        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, ELEMENT_SCALE(LOAD, SQRT), below);               \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, ELEMENT_SCALE(LOAD, SQRT), below); \
     } else if (per_element) {                                                                   \
-        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, ELEMENT_SCALE(LOAD, SQRT), first[below]);        \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, ELEMENT_SCALE(LOAD, SQRT),   \
+                            first[below]);                                                      \
     } else if (identity) {                                                                      \
-        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, shared_scale, below);                            \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, SHARED, below);           \
     } else {                                                                                    \
-        QUANTISE_AND_UPDATE(T, LOAD, STORE, M, shared_scale, first[below]);                     \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, SHARED, first[below]);    \
     }
+
+/* The tables the vectoriser's loops read. */
+#define VECTORISER_TABLES(T)                                                                    \
+    const T *restrict codebook = (const T *)a->codebook;                                        \
+    const T *restrict bounds = (const T *)a->bounds;                                            \
+    const int32_t *restrict lut = a->lut, *restrict first = a->first_index;                    \
+    const int32_t half = (int32_t)a->lut_half;
 
 #define DEFINE_ROW(NAME, ISA, T, ST, LOAD, STORE, SQRT)                                         \
     ISA static void NAME(const Step *s, int64_t r, int64_t owner) {                             \
         ROW_SETUP(T, ST, LOAD)                                                                  \
-        const T *restrict codebook = (const T *)a->codebook;                                    \
-        const T *restrict bounds = (const T *)a->bounds;                                        \
-        const int32_t *restrict lut = a->lut, *restrict first = a->first_index;                \
-        const int32_t half = (int32_t)a->lut_half;                                              \
+        VECTORISER_TABLES(T)                                                                    \
         T peak = 0, square_sum = 0;                                                             \
         T kept[TILE];                                                                           \
         int32_t index[TILE]; /* codes widened: gathers want 32-bit indices */                   \
@@ -257,22 +282,151 @@ typedef struct {
         } else {                                                                                \
             FIRST_PASS(T, LOAD, STORE, codes[i], (void)0)                                       \
         }                                                                                       \
-        NEW_MAGNITUDE(T, LOAD, STORE, SQRT)                                                     \
+        NEW_MAGNITUDE(T, LOAD, STORE, SQRT, v, r, len)                                          \
         if (buffered) {                                                                         \
-            SECOND_PASS(T, LOAD, STORE, SQRT, kept[i])                                          \
+            SECOND_PASS(T, LOAD, STORE, SQRT, 0, len, kept[i], stored, -live, shared_scale)     \
         } else {                                                                                \
-            SECOND_PASS(T, LOAD, STORE, SQRT, FIRST_MOMENT(LOAD, i, codes[i]))                  \
+            SECOND_PASS(T, LOAD, STORE, SQRT, 0, len, FIRST_MOMENT(LOAD, i, codes[i], old_mag),    \
+                        stored, -live, shared_scale)                                            \
         }                                                                                       \
     }
 
-/* The four dtypes' rows at one instruction-set level, as rows##SUFFIX[dtype]. */
+/* ---- short rows, a batch at a time ----
+ *
+ * A row's step is one chain of dependent work: first moments, their peak, the new magnitude,
+ * then the codes and the update. On a short row that chain is most of the time: every path's
+ * row took about as long for 9 elements as for 64 (~125 ns on the VBMI path: 10x fused AdamW's
+ * time per element at period 9, a 3x3 convolution's). Consecutive whole rows of a parameter,
+ * up to BATCH elements, are stepped together instead, in phases: the first moments of all of
+ * them; each row's peak and sum of g^2, then its new magnitude, in loops across rows (the
+ * sum's lanes as columns), short chains the core overlaps; the codes and updates of all, each
+ * element reading its row's stored magnitude and scale from a per-element copy. The element
+ * phases are each path's own (DEFINE_BATCH here, DEFINE_VBMI_BATCH, DEFINE_AVX2_BATCH), the
+ * arithmetic the rows', operation for operation: the same bits. Which rows are short is the
+ * caller's choice (StepArgs.short_row, kernels/cpu_step.py). */
+#define BATCH 1024
+
+/* ASSIGN to the elements i0 + l of row j: whole vectors of SUM_LANES from the row's start.
+ * Called in row order, the next row overwrites what runs past a row (the buffers have
+ * SUM_LANES to spare). */
+#define SPREAD(j, ASSIGN)                                                                       \
+    for (int64_t i0 = (j) * block; i0 < ((j) + 1) * block; i0 += SUM_LANES) {                   \
+        _Pragma("omp simd")                                                                     \
+        for (int l = 0; l < SUM_LANES; l++) ASSIGN;                                             \
+    }
+
+/* A batch's constants, pointers and buffers; per element: spread holds the old magnitudes,
+ * then the stored ones (codes are 0 where that is not > 0); scale first holds the lanes of
+ * the sums of g^2 (BATCH_MAGNITUDES). */
+#define BATCH_SETUP(T, ST, LOAD)                                                                \
+    PARAM_SETUP(T)                                                                              \
+    const int64_t row0 = r0 - seg[SEG_ROW0], start = row0 * block, n = rows * block;            \
+    const ST *restrict g = (const ST *)a->grads[p] + start;                                     \
+    ST *restrict param = (ST *)a->params[p] + start;                                            \
+    ST *restrict v = (ST *)a->vmean + seg[SEG_V] + (per_element ? start : row0);                \
+    uint8_t *restrict codes = a->codes + seg[SEG_CODE] + start;                                 \
+    _Alignas(64) T kept[BATCH + SUM_LANES], spread[BATCH + SUM_LANES], scale[BATCH + SUM_LANES];            \
+    for (int64_t j = 0; j < rows; j++) {                                                        \
+        const T old = LOAD(a->magnitude, r0 + j);                                               \
+        SPREAD(j, spread[i0 + l] = old)                                                         \
+    }
+
+/* Each row's peak |m| and sum of g^2, across rows (the sum's lanes of SUM_LANES as columns:
+ * lane l of row j at lanes[l * rows + j], folded as FOLD_LANES folds), its new magnitude
+ * (NEW_MAGNITUDE, across rows), then its stored magnitude, mask and scale spread to its
+ * elements. */
+#define BATCH_MAGNITUDES(T, LOAD, STORE, SQRT)                                                  \
+    {                                                                                           \
+        T row_peak[BATCH], row_stored[BATCH], row_scale[BATCH], *restrict lanes = scale;        \
+        const int64_t used = per_element ? 0 : block < SUM_LANES ? block : SUM_LANES;          \
+        for (int64_t j = 0; j < rows; j++) row_peak[j] = 0;                                     \
+        for (int64_t l = 0; l < used * rows; l++) lanes[l] = 0;                                 \
+        for (int64_t i = 0; i < block; i++) {                                                   \
+            T *restrict lane = lanes + (i % SUM_LANES) * rows;                                  \
+            if (used) {                                                                         \
+                _Pragma("omp simd")                                                             \
+                for (int64_t j = 0; j < rows; j++) {                                            \
+                    const T m = kept[j * block + i], mag = m < 0 ? -m : m;                      \
+                    row_peak[j] = mag > row_peak[j] ? mag : row_peak[j];                        \
+                    lane[j] += LOAD(g, j * block + i) * LOAD(g, j * block + i);                 \
+                }                                                                               \
+            } else {                                                                            \
+                _Pragma("omp simd")                                                             \
+                for (int64_t j = 0; j < rows; j++) {                                            \
+                    const T m = kept[j * block + i], mag = m < 0 ? -m : m;                      \
+                    row_peak[j] = mag > row_peak[j] ? mag : row_peak[j];                        \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        /* the lanes past a row hold +0: adding them changes nothing */                         \
+        for (int w = SUM_LANES / 2; w > 0; w /= 2)                                              \
+            for (int l = 0; l < w && l + w < used; l++) {                                       \
+                _Pragma("omp simd")                                                             \
+                for (int64_t j = 0; j < rows; j++)                                              \
+                    lanes[l * rows + j] += lanes[(l + w) * rows + j];                           \
+            }                                                                                   \
+        /* one loop per case: a per-element row's second moments are not the row's */         \
+        if (per_element) BATCH_NEW_MAGNITUDES(T, LOAD, STORE, SQRT, v)                          \
+        else BATCH_NEW_MAGNITUDES(T, LOAD, STORE, SQRT, v + j)                                  \
+        for (int64_t j = 0; j < rows; j++)                                                      \
+            SPREAD(j, (spread[i0 + l] = row_stored[j], scale[i0 + l] = row_scale[j]))           \
+    }
+
+/* NEW_MAGNITUDE of every row j, its second moment at V (the shared scale is unused where
+ * the second moments are per element). */
+#define BATCH_NEW_MAGNITUDES(T, LOAD, STORE, SQRT, V)                                           \
+    _Pragma("omp simd")                                                                         \
+    for (int64_t j = 0; j < rows; j++) {                                                        \
+        const T peak = row_peak[j], square_sum = used ? lanes[j] : 0;                           \
+        NEW_MAGNITUDE(T, LOAD, STORE, SQRT, V, r0 + j, block)                                   \
+        (void)live;                                                                             \
+        row_stored[j] = stored, row_scale[j] = shared_scale;                                    \
+    }
+
+/* The first moments of elements FROM to n - 1 into kept, their second moments where
+ * per-element, as the rows compute them; the codes, widened, at index (gathers want 32-bit
+ * indices). */
+#define BATCH_FIRST_MOMENTS(T, LOAD, STORE, FROM, INDEX)                                        \
+    if (per_element) {                                                                          \
+        _Pragma("omp simd")                                                                     \
+        for (int64_t i = FROM; i < n; i++) {                                                    \
+            const T gi = sign * LOAD(g, i);                                                     \
+            kept[i] = FIRST_MOMENT(LOAD, i, INDEX, spread[i]);                                  \
+            STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2);                                \
+        }                                                                                       \
+    } else {                                                                                    \
+        _Pragma("omp simd")                                                                     \
+        for (int64_t i = FROM; i < n; i++) kept[i] = FIRST_MOMENT(LOAD, i, INDEX, spread[i]);   \
+    }
+
+/* Rows r0 to r0 + rows - 1, whole rows of parameter p (which has a gradient), at most BATCH
+ * elements in all, in the vectoriser's loops. */
+#define DEFINE_BATCH(NAME, ISA, T, ST, LOAD, STORE, SQRT)                                       \
+    ISA static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {                  \
+        BATCH_SETUP(T, ST, LOAD)                                                                \
+        VECTORISER_TABLES(T)                                                                    \
+        int32_t index[BATCH];                                                                   \
+        for (int64_t i = 0; i < n; i++) index[i] = codes[i];                                    \
+        BATCH_FIRST_MOMENTS(T, LOAD, STORE, 0, index[i])                                        \
+        BATCH_MAGNITUDES(T, LOAD, STORE, SQRT)                                                  \
+        SECOND_PASS(T, LOAD, STORE, SQRT, 0, n, kept[i], spread[i], -(spread[i] > 0), scale[i])          \
+    }
+
+/* The four dtypes' rows and batches at one instruction-set level, as rows##SUFFIX[dtype] and
+ * batches##SUFFIX[dtype]. */
 #define DEFINE_ROWS(SUFFIX, ISA)                                                                \
     DEFINE_ROW(row_f32##SUFFIX, ISA, float, float, LOAD_F32, STORE_F32, sqrtf)                  \
     DEFINE_ROW(row_bf16##SUFFIX, ISA, float, uint16_t, LOAD_BF16, STORE_BF16, sqrtf)            \
     DEFINE_ROW(row_f16##SUFFIX, ISA, float, _Float16, LOAD_F16, STORE_F16, sqrtf)               \
     DEFINE_ROW(row_f64##SUFFIX, ISA, double, double, LOAD_F64, STORE_F64, sqrt)                 \
     static void (*const rows##SUFFIX[4])(const Step *, int64_t, int64_t) = {                   \
-        row_f32##SUFFIX, row_bf16##SUFFIX, row_f16##SUFFIX, row_f64##SUFFIX};
+        row_f32##SUFFIX, row_bf16##SUFFIX, row_f16##SUFFIX, row_f64##SUFFIX};                   \
+    DEFINE_BATCH(batch_f32##SUFFIX, ISA, float, float, LOAD_F32, STORE_F32, sqrtf)              \
+    DEFINE_BATCH(batch_bf16##SUFFIX, ISA, float, uint16_t, LOAD_BF16, STORE_BF16, sqrtf)        \
+    DEFINE_BATCH(batch_f16##SUFFIX, ISA, float, _Float16, LOAD_F16, STORE_F16, sqrtf)           \
+    DEFINE_BATCH(batch_f64##SUFFIX, ISA, double, double, LOAD_F64, STORE_F64, sqrt)             \
+    static void (*const batches##SUFFIX[4])(const Step *, int64_t, int64_t, int64_t) = {       \
+        batch_f32##SUFFIX, batch_bf16##SUFFIX, batch_f16##SUFFIX, batch_f64##SUFFIX};
 
 DEFINE_ROWS(_portable, )
 #if X86_PATHS
@@ -310,9 +464,9 @@ typedef struct {
 
 #define QUANTISE_MOMENTUM(T, LOAD, M, NESTEROV)                                                 \
     if (identity) {                                                                             \
-        QUANTISE(T, M, below, EMIT_MOMENTUM(T, LOAD, NESTEROV));                                \
+        QUANTISE(T, 0, len, M, stored, -live, below, EMIT_MOMENTUM(T, LOAD, NESTEROV));         \
     } else {                                                                                    \
-        QUANTISE(T, M, first[below], EMIT_MOMENTUM(T, LOAD, NESTEROV));                         \
+        QUANTISE(T, 0, len, M, stored, -live, first[below], EMIT_MOMENTUM(T, LOAD, NESTEROV));  \
     }
 
 #define DEFINE_MOMENTUM_ROW(NAME, ISA, T, ST, LOAD, STORE)                                      \
@@ -324,10 +478,7 @@ typedef struct {
         uint16_t *restrict out = a->update + start;                                             \
         const T beta1 = (T)a->momentum, keep1 = (T)(1.0 - a->momentum), sign = (T)1;            \
         const T old_mag = LOAD(a->magnitude, r);                                                \
-        const T *restrict codebook = (const T *)a->codebook;                                    \
-        const T *restrict bounds = (const T *)a->bounds;                                        \
-        const int32_t *restrict lut = a->lut, *restrict first = a->first_index;                \
-        const int32_t half = (int32_t)a->lut_half;                                              \
+        VECTORISER_TABLES(T)                                                                    \
         const int identity = a->num_distinct == 256;                                            \
         T peak = 0;                                                                             \
         T kept[TILE];                                                                           \
@@ -347,9 +498,9 @@ typedef struct {
         } else if (buffered) {                                                                  \
             QUANTISE_MOMENTUM(T, LOAD, kept[i], 0)                                              \
         } else if (a->nesterov) {                                                               \
-            QUANTISE_MOMENTUM(T, LOAD, FIRST_MOMENT(LOAD, i, codes[i]), 1)                      \
+            QUANTISE_MOMENTUM(T, LOAD, FIRST_MOMENT(LOAD, i, codes[i], old_mag), 1)             \
         } else {                                                                                \
-            QUANTISE_MOMENTUM(T, LOAD, FIRST_MOMENT(LOAD, i, codes[i]), 0)                      \
+            QUANTISE_MOMENTUM(T, LOAD, FIRST_MOMENT(LOAD, i, codes[i], old_mag), 0)             \
         }                                                                                       \
     }
 
@@ -402,11 +553,11 @@ static void touch_poisoned(const void *ptr, int64_t count, size_t size) {
 #endif
 
 /* touch_poisoned for every range a row of ST storage reads or writes. */
-#define TOUCH_ROW(ST)                                                                           \
-    touch_poisoned(g, len, sizeof(ST));                                                         \
-    touch_poisoned(param, len, sizeof(ST));                                                     \
-    touch_poisoned(codes, len, 1);                                                              \
-    touch_poisoned(v, per_element ? len : 1, sizeof(ST));
+#define TOUCH_ROWS(ST, LEN, ROWS)                                                               \
+    touch_poisoned(g, LEN, sizeof(ST));                                                         \
+    touch_poisoned(param, LEN, sizeof(ST));                                                     \
+    touch_poisoned(codes, LEN, 1);                                                              \
+    touch_poisoned(v, per_element ? LEN : ROWS, sizeof(ST));
 
 struct BytePlanes {
     _Alignas(64) uint8_t codebook[4][256]; /* byte b of entry i at [b][i] */
@@ -511,10 +662,11 @@ VBMI static inline void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
     _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(rounded));
 }
 
-/* First moments (FIRST_MOMENT) of the n <= 64 elements from i, and their sign-corrected
- * gradients; lanes past n hold what zero codes and gradients give. */
+/* First moments (FIRST_MOMENT) of the n <= 64 elements from i, of old magnitudes old_mag[k]
+ * (elements i + 16k to i + 16k + 15), and their sign-corrected gradients; lanes past n hold
+ * what zero codes and gradients give. */
 VBMI static inline void first_moments(const BytePlanes *t, const uint8_t *codes, const void *g,
-                                      int bf16, int64_t i, __mmask64 n, __m512 old_mag,
+                                      int bf16, int64_t i, __mmask64 n, const __m512 old_mag[4],
                                       __m512 beta1, __m512 sign, __m512 keep1, __m512 m[4],
                                       __m512 gi[4]) {
     __m512 dequantised[4];
@@ -522,7 +674,7 @@ VBMI static inline void first_moments(const BytePlanes *t, const uint8_t *codes,
     for (int k = 0; k < 4; k++) {
         const int64_t at = (i + 16 * k) * (bf16 ? 2 : 4);
         gi[k] = _mm512_mul_ps(sign, load16((const char *)g + at, (__mmask16)(n >> 16 * k), bf16));
-        m[k] = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(dequantised[k], old_mag), beta1),
+        m[k] = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(dequantised[k], old_mag[k]), beta1),
                              _mm512_mul_ps(gi[k], keep1));
     }
 }
@@ -590,10 +742,11 @@ VBMI static inline __m512i nearest_codes(const BytePlanes *t, const Quantiser *q
 #define DEFINE_VBMI_ROW(NAME, ST, LOAD, STORE, BF16)                                            \
 VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                                \
     ROW_SETUP(float, ST, LOAD)                                                                  \
-    TOUCH_ROW(ST)                                                                               \
+    TOUCH_ROWS(ST, len, 1)                                                                      \
     const BytePlanes *t = s->planes;                                                            \
     const int32_t half = (int32_t)a->lut_half;                                                  \
     const __m512 old_mag_v = _mm512_set1_ps(old_mag), beta1_v = _mm512_set1_ps(beta1);          \
+    const __m512 old_mags[4] = {old_mag_v, old_mag_v, old_mag_v, old_mag_v};                    \
     const __m512 keep1_v = _mm512_set1_ps(keep1), sign_v = _mm512_set1_ps(sign);                \
     const __m512 beta2_v = _mm512_set1_ps(beta2), keep2_v = _mm512_set1_ps(keep2);              \
     _Alignas(64) float kept[TILE];                                                              \
@@ -604,7 +757,7 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
             _mm_prefetch((const char *)(g + i + 16 * k + PREFETCH_AHEAD), _MM_HINT_T0);         \
             _mm_prefetch((const char *)(param + i + 16 * k), _MM_HINT_T0);                      \
         }                                                                                       \
-        first_moments(t, codes, g, BF16, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi);     \
+        first_moments(t, codes, g, BF16, i, n, old_mags, beta1_v, sign_v, keep1_v, m, gi);      \
         for (int k = 0; k < 4; k++) {                                                           \
             const __mmask16 lanes = (__mmask16)(n >> 16 * k);                                   \
             const __m512 square = _mm512_mul_ps(gi[k], gi[k]);                                  \
@@ -624,7 +777,7 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
     _mm512_store_ps(lanes, sum_v);                                                              \
     FOLD_LANES(lanes)                                                                           \
     const float square_sum = lanes[0], peak = _mm512_reduce_max_ps(peak_v);                     \
-    NEW_MAGNITUDE(float, LOAD, STORE, sqrtf)                                                    \
+    NEW_MAGNITUDE(float, LOAD, STORE, sqrtf, v, r, len)                                         \
                                                                                                 \
     const Quantiser q = {                                                                       \
         .stored = _mm512_set1_ps(stored),                                                       \
@@ -647,7 +800,7 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
         if (buffered) {                                                                         \
             for (int k = 0; k < 4; k++) m[k] = _mm512_load_ps(kept + i + 16 * k);               \
         } else {                                                                                \
-            first_moments(t, codes, g, BF16, i, n, old_mag_v, beta1_v, sign_v, keep1_v, m, gi); \
+            first_moments(t, codes, g, BF16, i, n, old_mags, beta1_v, sign_v, keep1_v, m, gi);  \
         }                                                                                       \
         __m512 x[4];                                                                            \
         for (int k = 0; k < 4; k++) x[k] = _mm512_div_ps(m[k], q.stored);                       \
@@ -692,6 +845,79 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
 
 DEFINE_VBMI_ROW(row_f32_vbmi, float, LOAD_F32, STORE_F32, 0)
 DEFINE_VBMI_ROW(row_bf16_vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
+
+/* A batch of short rows (see DEFINE_BATCH) in the VBMI rows' lookups, 64 elements at a time;
+ * each element's own old magnitude, stored magnitude, mask and scale. */
+#define DEFINE_VBMI_BATCH(NAME, ST, LOAD, STORE, BF16)                                          \
+VBMI static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {                     \
+    BATCH_SETUP(float, ST, LOAD)                                                                \
+    TOUCH_ROWS(ST, n, rows)                                                                     \
+    const BytePlanes *t = s->planes;                                                            \
+    const __m512 beta1_v = _mm512_set1_ps(beta1), keep1_v = _mm512_set1_ps(keep1);              \
+    const __m512 sign_v = _mm512_set1_ps(sign), beta2_v = _mm512_set1_ps(beta2);                \
+    const __m512 keep2_v = _mm512_set1_ps(keep2);                                               \
+    for (int64_t i = 0; i < n; i += 64) {                                                       \
+        const __mmask64 in = n - i >= 64 ? ~0ull : (1ull << (n - i)) - 1;                       \
+        __m512 old[4], m[4], gi[4];                                                             \
+        for (int k = 0; k < 4; k++)                                                             \
+            old[k] = _mm512_maskz_loadu_ps((__mmask16)(in >> 16 * k), spread + i + 16 * k);     \
+        first_moments(t, codes, g, BF16, i, in, old, beta1_v, sign_v, keep1_v, m, gi);          \
+        for (int k = 0; k < 4; k++) {                                                           \
+            const __mmask16 lanes = (__mmask16)(in >> 16 * k);                                  \
+            _mm512_mask_storeu_ps(kept + i + 16 * k, lanes, m[k]);                              \
+            if (per_element) {                                                                  \
+                ST *vk = v + i + 16 * k;                                                        \
+                const __m512 square = _mm512_mul_ps(gi[k], gi[k]);                              \
+                store16(vk, lanes, _mm512_add_ps(_mm512_mul_ps(load16(vk, lanes, BF16), beta2_v), \
+                                                 _mm512_mul_ps(square, keep2_v)), BF16);        \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    BATCH_MAGNITUDES(float, LOAD, STORE, sqrtf)                                                 \
+    const int32_t half = (int32_t)a->lut_half;                                                  \
+    const Quantiser q = {                                                                       \
+        .half = _mm512_set1_ps((float)half),                                                    \
+        .low_cell = _mm512_set1_ps((float)-half),                                               \
+        .high_cell = _mm512_set1_ps((float)(half - 1)),                                         \
+        .half_i = _mm512_set1_epi32(half),                                                      \
+        .fine_mask = _mm512_set1_epi16((short)((1 << t->shift) - 1)),                           \
+        .live = _mm512_set1_epi8(-1), /* each element's mask follows */                         \
+        .shift = _mm_cvtsi32_si128(t->shift),                                                   \
+        .identity = identity,                                                                   \
+    };                                                                                          \
+    const __m512 decay_v = _mm512_set1_ps(decay), step_v = _mm512_set1_ps(step_size);           \
+    const __m512 bias2_v = _mm512_set1_ps(bias2_t), eps_v = _mm512_set1_ps(eps);                \
+    for (int64_t i = 0; i < n; i += 64) {                                                       \
+        const __mmask64 in = n - i >= 64 ? ~0ull : (1ull << (n - i)) - 1;                       \
+        __m512 x[4], stored[4], dequantised[4];                                                 \
+        uint64_t live = 0; /* the compares' bits in the lookups' order (see nearest_codes) */   \
+        for (int k = 0; k < 4; k++) {                                                           \
+            const __mmask16 lanes = (__mmask16)(in >> 16 * k);                                  \
+            stored[k] = _mm512_maskz_loadu_ps(lanes, spread + i + 16 * k);                      \
+            x[k] = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, kept + i + 16 * k), stored[k]);   \
+            live |= _pdep_u64(_mm512_cmp_ps_mask(stored[k], _mm512_setzero_ps(), _CMP_GT_OQ),   \
+                              0x000f000f000f000full << 4 * k);                                  \
+        }                                                                                       \
+        const __m512i code =                                                                    \
+            _mm512_maskz_mov_epi8(live, nearest_codes(t, &q, x, boundaries_below(t, &q, x)));   \
+        _mm512_mask_storeu_epi8(codes + i, in, transpose_groups(code));                         \
+        lookup_f32(t->codebook, code, dequantised);                                             \
+        for (int k = 0; k < 4; k++) {                                                           \
+            const __mmask16 lanes = (__mmask16)(in >> 16 * k);                                  \
+            ST *pk = param + i + 16 * k;                                                        \
+            const __m512 scale_k = per_element /* ELEMENT_SCALE */                              \
+                ? _mm512_div_ps(step_v, _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(             \
+                      load16(v + i + 16 * k, lanes, BF16), bias2_v)), eps_v))                   \
+                : _mm512_maskz_loadu_ps(lanes, scale + i + 16 * k);                             \
+            const __m512 update = _mm512_mul_ps(_mm512_mul_ps(dequantised[k], stored[k]), scale_k); \
+            store16(pk, lanes, _mm512_sub_ps(_mm512_mul_ps(load16(pk, lanes, BF16), decay_v), update), \
+                    BF16);                                                                      \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+DEFINE_VBMI_BATCH(batch_f32_vbmi, float, LOAD_F32, STORE_F32, 0)
+DEFINE_VBMI_BATCH(batch_bf16_vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
 
 
 /* ---- the AVX2 rows (fp32 and bf16 state) ----
@@ -902,7 +1128,7 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
 #define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8, STORE16)                          \
     ISA_AVX2 static void NAME(const Step *s, int64_t r, int64_t owner) {                        \
         ROW_SETUP(float, ST, LOAD)                                                              \
-        TOUCH_ROW(ST)                                                                           \
+        TOUCH_ROWS(ST, len, 1)                                                                  \
         (void)identity; /* the cell table holds the codes of repeated entries */                \
         const float *restrict codebook = (const float *)a->codebook;                           \
         const __m256 old_mag_v = _mm256_set1_ps(old_mag), beta1_v = _mm256_set1_ps(beta1);      \
@@ -931,7 +1157,7 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         else if (buffered) AVX2_FIRST_PASS(LOAD8, STORE8, 0, 1)                                 \
         else AVX2_FIRST_PASS(LOAD8, STORE8, 0, 0)                                               \
         const float square_sum = fold_lanes(even, odd), peak = largest(peak_v);                \
-        NEW_MAGNITUDE(float, LOAD, STORE, sqrtf)                                                \
+        NEW_MAGNITUDE(float, LOAD, STORE, sqrtf, v, r, len)                                     \
         const CellTable *t = s->cells;                                                          \
         const Coder coder = {                                                                   \
             .cells = t->cells,                                                                  \
@@ -1048,6 +1274,53 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
 DEFINE_AVX2_ROW(row_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32, STORE16_F32)
 DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STORE8_BF16,
                 STORE16_BF16)
+
+/* A batch of short rows (see DEFINE_BATCH) in the AVX2 rows' lookups, 8 elements at a time,
+ * each with its own old magnitude, stored magnitude, mask and scale; the last n % 8 in the
+ * vectoriser's loops (the same arithmetic). */
+#define DEFINE_AVX2_BATCH(NAME, ST, LOAD, STORE, LOAD8, STORE8)                                 \
+    ISA_AVX2 static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {             \
+        BATCH_SETUP(float, ST, LOAD)                                                            \
+        TOUCH_ROWS(ST, n, rows)                                                                 \
+        VECTORISER_TABLES(float)                                                                \
+        const int64_t whole = n & ~(int64_t)7;                                                  \
+        const __m256 beta1_v = _mm256_set1_ps(beta1), keep1_v = _mm256_set1_ps(sign * keep1);  \
+        const __m256 beta2_v = _mm256_set1_ps(beta2), keep2_v = _mm256_set1_ps(keep2);         \
+        for (int64_t i = 0; i < whole; i += 8) {                                                \
+            const __m256 gc = LOAD8(g + i);                                                     \
+            _mm256_store_ps(kept + i, first_moment8(codebook, codes + i, gc,                    \
+                                                    _mm256_load_ps(spread + i), beta1_v, keep1_v)); \
+            if (per_element)                                                                    \
+                STORE8(v + i, _mm256_add_ps(_mm256_mul_ps(LOAD8(v + i), beta2_v),               \
+                                            _mm256_mul_ps(_mm256_mul_ps(gc, gc), keep2_v)));    \
+        }                                                                                       \
+        BATCH_FIRST_MOMENTS(float, LOAD, STORE, whole, codes[i])                                \
+        BATCH_MAGNITUDES(float, LOAD, STORE, sqrtf)                                             \
+        const CellTable *t = s->cells;                                                          \
+        Coder coder = {.cells = t->cells, .offset_mask = _mm256_set1_epi32((1 << t->shift) - 1), \
+                       .shift = _mm_cvtsi32_si128(t->shift)};                                   \
+        const __m256 decay_v = _mm256_set1_ps(decay), step_v = _mm256_set1_ps(step_size);       \
+        const __m256 bias2_v = _mm256_set1_ps(bias2_t), eps_v = _mm256_set1_ps(eps);           \
+        for (int64_t i = 0; i < whole; i += 8) {                                                \
+            const __m256 stored = _mm256_load_ps(spread + i);                                   \
+            coder.keep = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(                    \
+                stored, _mm256_setzero_ps(), _CMP_GT_OQ)), _mm256_set1_epi32(0xff));            \
+            const __m256i code = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored)); \
+            store_codes8(codes + i, code);                                                      \
+            const __m256 scale_i = per_element /* ELEMENT_SCALE */                              \
+                ? _mm256_div_ps(step_v, _mm256_add_ps(                                          \
+                      _mm256_sqrt_ps(_mm256_div_ps(LOAD8(v + i), bias2_v)), eps_v))             \
+                : _mm256_load_ps(scale + i);                                                    \
+            const __m256 update = _mm256_mul_ps(                                                \
+                _mm256_mul_ps(_mm256_i32gather_ps(codebook, code, 4), stored), scale_i);        \
+            STORE8(param + i, _mm256_sub_ps(_mm256_mul_ps(LOAD8(param + i), decay_v), update)); \
+        }                                                                                       \
+        SECOND_PASS(float, LOAD, STORE, sqrtf, whole, n, kept[i], spread[i], -(spread[i] > 0), \
+                    scale[i]) \
+    }
+
+DEFINE_AVX2_BATCH(batch_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32)
+DEFINE_AVX2_BATCH(batch_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STORE8_BF16)
 #endif
 
 /* ---- the paths, picked by the CPU's features ---- */
@@ -1089,6 +1362,7 @@ int gefen_cpu_path(int force) {
 /* ---- one call: every row of a bucket ---- */
 
 typedef void (*RowFn)(const Step *, int64_t, int64_t);
+typedef void (*BatchFn)(const Step *, int64_t, int64_t, int64_t);
 
 /* The rows a step ran, for reports (kernels/native.py names them): the path's own, or the
  * vectoriser's where its tables do not fit (a fine-grained codebook, fp16 or fp64 state). */
@@ -1140,16 +1414,27 @@ static int64_t chunk_size(const StepArgs *a) {
     return even > CHUNK_ELEMENTS ? CHUNK_ELEMENTS : even < MIN_CHUNK ? MIN_CHUNK : even;
 }
 
-static void run_rows(const Step *s, RowFn row, int rows) {
+/* Every chunk's rows: whole rows up to a->short_row long in batches, the others one by one. */
+static void run_rows(const Step *s, RowFn row, BatchFn batch, int rows) {
     __atomic_store_n(&last_rows, rows, __ATOMIC_RELAXED);
     const StepArgs *a = s->a;
     const int64_t (*chunks)[2] = s->chunks;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(a->num_threads)")
     for (int64_t c = 0; c < s->num_chunks; c++) {
         int64_t p = chunks[c][1];
-        for (int64_t r = chunks[c][0]; r < chunks[c + 1][0]; r++) {
+        for (int64_t r = chunks[c][0]; r < chunks[c + 1][0];) {
             while (p + 1 < a->num_params && a->segments[(p + 1) * SEG_FIELDS + SEG_ROW0] <= r) p++;
-            row(s, r, p);
+            const int64_t *seg = a->segments + p * SEG_FIELDS, block = seg[SEG_BLOCK];
+            /* the rows of p before its last ragged one, if any, that this chunk holds */
+            int64_t end = seg[SEG_ROW0] + seg[SEG_NUMEL] / block;
+            end = end < chunks[c + 1][0] ? end : chunks[c + 1][0];
+            end = end < r + BATCH / block ? end : r + BATCH / block;
+            if (block <= a->short_row && block <= BATCH && a->has_grad[p] && r < end) {
+                batch(s, r, end - r, p);
+                r = end;
+            } else {
+                row(s, r++, p);
+            }
         }
     }
 }
@@ -1177,7 +1462,8 @@ int gefen_step(const StepArgs *a, int dtype) {
         BytePlanes planes;
         if (build_planes(&planes, a) == 0) {
             s.planes = &planes;
-            run_rows(&s, dtype == DT_F32 ? row_f32_vbmi : row_bf16_vbmi, ROWS_VBMI);
+            run_rows(&s, dtype == DT_F32 ? row_f32_vbmi : row_bf16_vbmi,
+                     dtype == DT_F32 ? batch_f32_vbmi : batch_bf16_vbmi, ROWS_VBMI);
         } else {
             status = -1;
         }
@@ -1186,14 +1472,15 @@ int gefen_step(const StepArgs *a, int dtype) {
                (s.cells = cell_table(a))) {
         /* the written AVX2 rows: faster than the vectoriser's at AVX2, and at AVX-512 for fp32
          * (not for bf16: its conversions use the vectoriser's 16 lanes better) */
-        run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2, ROWS_AVX2);
+        run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2,
+                 dtype == DT_F32 ? batch_f32_avx2 : batch_bf16_avx2, ROWS_AVX2);
     } else if (path >= PATH_AVX512) {
-        run_rows(&s, rows_vec_avx512[dtype], ROWS_VEC_AVX512);
+        run_rows(&s, rows_vec_avx512[dtype], batches_vec_avx512[dtype], ROWS_VEC_AVX512);
     } else if (path == PATH_AVX2) {
-        run_rows(&s, rows_vec_avx2[dtype], ROWS_VEC_AVX2);
+        run_rows(&s, rows_vec_avx2[dtype], batches_vec_avx2[dtype], ROWS_VEC_AVX2);
     }
 #endif
-    else run_rows(&s, rows_portable[dtype], ROWS_PORTABLE);
+    else run_rows(&s, rows_portable[dtype], batches_portable[dtype], ROWS_PORTABLE);
     free(bias);
     free(chunks);
     return status;

@@ -18,6 +18,11 @@ from ..state import Bucket
 from .native import StepArgs, _cpu, library as _lib, log_rows
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+# Whole rows (magnitude blocks) up to this long are stepped in batches of rows (cpu_step.c,
+# "short rows"): measured on one thread against the rows one by one (benchmarks/
+# bench_kernel_ab.py), batches take 0.18-0.35x the time at 9 elements, 0.28-0.83x at 16 and
+# 0.53-1.04x at 32 on the paths measured, and 1.0-1.5x at 64.
+SHORT_ROW = 32
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -71,7 +76,7 @@ def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: tor
                a.steps, a.codebook, a.lut, a.bounds, a.first_index)
     args = StepArgs(a.num_rows, a.segments.data_ptr(), len(params),
                     *(t.data_ptr() for t in tensors), a.first_index.numel(), a.lut_half,
-                    torch.get_num_threads())
+                    torch.get_num_threads(), SHORT_ROW)
     if _lib.gefen_step(ctypes.byref(args), DTYPE_CODES[a.vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
     log_rows()

@@ -47,6 +47,7 @@ class StepArgs(ctypes.Structure):
         ("vmean", _P),
         ("steps", _P),
         *_TABLE_FIELDS,
+        ("short_row", _I64),
     ]
 
 
