@@ -182,7 +182,8 @@ typedef struct {
 #endif
 
 /* OLD: the old magnitude of element i's block */
-#define FIRST_MOMENT(LOAD, i, CODE, OLD) (codebook[CODE] * (OLD) * beta1 + (sign * LOAD(g, i)) * keep1)
+#define FIRST_MOMENT(LOAD, i, CODE, OLD)                                                        \
+    (codebook[CODE] * (OLD) * beta1 + (sign * LOAD(g, i)) * keep1)
 
 /* The first pass: the new first moment m of every element, its largest magnitude, and the
  * per-element second moment. KEEP stores m for the second pass. */
@@ -225,10 +226,11 @@ typedef struct {
         OUT = lanes[0];                                                                         \
     }
 
-/* The second pass over elements FROM to N - 1: nearest code of m / magnitude (see codebook.NearestCode),
- * then the update. M: the first moment of element i; STORED: its block's magnitude as stored;
- * MASK: -1 where that is > 0, else 0 (code 0); SCALE: step size / its denominator; CODE: the
- * code of `below` boundaries (the identity unless the codebook repeats entries). */
+/* The second pass over elements FROM to N - 1: nearest code of m / magnitude (see
+ * codebook.NearestCode), then the update. M: the first moment of element i; STORED: its
+ * block's magnitude as stored; MASK: -1 where that is > 0, else 0 (code 0); SCALE: step size /
+ * its denominator; CODE: the code of `below` boundaries (the identity unless the codebook
+ * repeats entries). */
 #define QUANTISE(T, FROM, N, M, STORED, MASK, CODE, EMIT)                                       \
     _Pragma("omp simd")                                                                         \
     for (int64_t i = FROM; i < (N); i++) {                                                      \
@@ -245,14 +247,16 @@ typedef struct {
         EMIT;                                                                                   \
     }
 #define QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, SCALE, CODE)              \
-    QUANTISE(T, FROM, N, M, STORED, MASK, CODE, const T update = (codebook[code] * (STORED)) * (SCALE); \
+    QUANTISE(T, FROM, N, M, STORED, MASK, CODE,                                                 \
+             const T update = (codebook[code] * (STORED)) * (SCALE);                            \
              STORE(param, i, LOAD(param, i) * decay - update))
 
 /* One loop per case, so that each is branch-free and vectorises. */
 #define ELEMENT_SCALE(LOAD, SQRT) (step_size / (SQRT(LOAD(v, i) / bias2_t) + eps))
 #define SECOND_PASS(T, LOAD, STORE, SQRT, FROM, N, M, STORED, MASK, SHARED)                     \
     if (per_element && identity) {                                                              \
-        QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, ELEMENT_SCALE(LOAD, SQRT), below); \
+        QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, ELEMENT_SCALE(LOAD, SQRT),   \
+                            below);                                                             \
     } else if (per_element) {                                                                   \
         QUANTISE_AND_UPDATE(T, LOAD, STORE, FROM, N, M, STORED, MASK, ELEMENT_SCALE(LOAD, SQRT),   \
                             first[below]);                                                      \
@@ -325,7 +329,8 @@ typedef struct {
     ST *restrict param = (ST *)a->params[p] + start;                                            \
     ST *restrict v = (ST *)a->vmean + seg[SEG_V] + (per_element ? start : row0);                \
     uint8_t *restrict codes = a->codes + seg[SEG_CODE] + start;                                 \
-    _Alignas(64) T kept[BATCH + SUM_LANES], spread[BATCH + SUM_LANES], scale[BATCH + SUM_LANES];            \
+    _Alignas(64) T kept[BATCH + SUM_LANES], spread[BATCH + SUM_LANES];                          \
+    _Alignas(64) T scale[BATCH + SUM_LANES];                                                    \
     for (int64_t j = 0; j < rows; j++) {                                                        \
         const T old = LOAD(a->magnitude, r0 + j);                                               \
         SPREAD(j, spread[i0 + l] = old)                                                         \
@@ -333,8 +338,7 @@ typedef struct {
 
 /* Each row's peak |m| and sum of g^2, across rows (the sum's lanes of SUM_LANES as columns:
  * lane l of row j at lanes[l * rows + j], folded as FOLD_LANES folds), its new magnitude
- * (NEW_MAGNITUDE, across rows), then its stored magnitude, mask and scale spread to its
- * elements. */
+ * (NEW_MAGNITUDE, across rows), then its stored magnitude and scale spread to its elements. */
 #define BATCH_MAGNITUDES(T, LOAD, STORE, SQRT)                                                  \
     {                                                                                           \
         T row_peak[BATCH], row_stored[BATCH], row_scale[BATCH], *restrict lanes = scale;        \
@@ -409,7 +413,7 @@ typedef struct {
         for (int64_t i = 0; i < n; i++) index[i] = codes[i];                                    \
         BATCH_FIRST_MOMENTS(T, LOAD, STORE, 0, index[i])                                        \
         BATCH_MAGNITUDES(T, LOAD, STORE, SQRT)                                                  \
-        SECOND_PASS(T, LOAD, STORE, SQRT, 0, n, kept[i], spread[i], -(spread[i] > 0), scale[i])          \
+        SECOND_PASS(T, LOAD, STORE, SQRT, 0, n, kept[i], spread[i], -(spread[i] > 0), scale[i]) \
     }
 
 /* The four dtypes' rows and batches at one instruction-set level, as rows##SUFFIX[dtype] and
@@ -540,7 +544,7 @@ DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
 #define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,bmi2")))
 
 /* ASan instruments plain loads and stores, not intrinsics: in sanitized builds (setup.py,
- * GEFEN_SANITIZE=1) a VBMI or AVX2 row first reads the first poisoned byte, if any, of each
+ * GEFEN_SANITIZE=1) a VBMI or AVX2 row or batch first reads the first poisoned byte, if any, of each
  * range it touches, so that ASan reports what the vector accesses would have read or written. */
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -552,7 +556,8 @@ static void touch_poisoned(const void *ptr, int64_t count, size_t size) {
 #define touch_poisoned(ptr, count, size) ((void)0)
 #endif
 
-/* touch_poisoned for every range a row of ST storage reads or writes. */
+/* touch_poisoned for every range LEN elements of ST storage in ROWS rows (a row, or a batch of
+ * rows) read or write. */
 #define TOUCH_ROWS(ST, LEN, ROWS)                                                               \
     touch_poisoned(g, LEN, sizeof(ST));                                                         \
     touch_poisoned(param, LEN, sizeof(ST));                                                     \
