@@ -309,18 +309,27 @@ def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
 def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, path, dtype, variant):
     """Whole rows up to cpu_step.SHORT_ROW elements are stepped in batches of rows (cpu_step.c,
     "short rows"): on every path, dtype and variant the same bytes as with every row stepped
-    alone. Periods 9 to 32 beside longer ones; published period-1 blocks of 1 and 30 elements
-    (second moments per element); batches cut by BATCH, by parameters and by the chunks of two
-    threads; maximize; a parameter without a gradient for a step; rows whose magnitude is
-    stored as 0 (codes 0); NaN and infinite gradients."""
+    alone, NaNs aside (both give NaN; its sign and payload follow operand orders, which
+    compilers choose). Periods 9 to 32 beside longer ones; published period-1 blocks of 1, 2
+    and 30 elements (second moments per element); batches cut by BATCH, by parameters and by
+    the chunks of two threads; maximize; a parameter without a gradient for a step; rows whose
+    magnitude is stored as 0 (zeros; below the smallest magnitude bf16 and fp16 store; NaN);
+    then -0 gradients on a magnitude of 0 (magnitude +0 on every path); NaN of both signs;
+    infinite gradients."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
-    shapes = [(300, 9), (70, 16), (45, 24), (40, 32), (24, 40), (37,), (30,), (90, 12), (1000,)]
+    shapes = [(300, 9), (70, 16), (45, 24), (40, 32), (24, 40), (257,), (526,), (30,),
+              (90, 12), (1000,)]
     values, grads = _row_scaled_run(shapes, dtype)
     tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
-    for step in grads:  # magnitudes 0, codes 0: a row of zeros, and (bf16, fp16) one below
-        for g in step[:5]:  # the smallest magnitude the state stores
+    for t, step in enumerate(grads):  # first gradients finite, as Gefen requires
+        for g in step[:5]:
             g[5], g[6] = 0, tiny
+            if t:
+                g[7] = math.nan if t == 1 else -0.0
+                g[8, ::2], g[8, 1::2] = math.nan, -math.nan
+        if t:
+            step[7][t % 3] = math.nan if t % 2 else -math.nan
     grads[1][3] = None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     runs, batched = [], cpu_step.SHORT_ROW
@@ -332,12 +341,18 @@ def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, pa
     assert periods[:2] == [9, 16] and 32 <= batched < periods[4]
     if variant == "robust":  # the published periods of the next two span rows
         assert periods[2:4] == [24, 32]
-    else:  # blocks of 1 and 30 elements, second moments per element
-        assert [opt.state[p]["vmean"].numel() for p in params[5:7]] == [37, 30]
+    else:  # blocks of 1, 2 and 30 elements, second moments per element
+        assert [(opt.state[p]["vmean"].numel(), opt.state[p]["magnitude"].numel())
+                for p in params[5:8]] == [(257, 257), (526, 263), (30, 1)]
+
+    def value_bytes(t):
+        return _bytes(torch.where(t.isnan(), math.nan, t))
+
     for a, b in zip(params, twins):
-        assert _bytes(a) == _bytes(b)
-        for key in ("codes", "magnitude", "vmean"):
+        assert value_bytes(a) == value_bytes(b)
+        for key in ("codes", "magnitude"):
             assert _bytes(opt.state[a][key]) == _bytes(twin_opt.state[b][key])
+        assert value_bytes(opt.state[a]["vmean"]) == value_bytes(twin_opt.state[b]["vmean"])
 
 
 @pytest.mark.parametrize("path", native.CPU_PATHS)

@@ -181,6 +181,10 @@ typedef struct {
 #define X86_PATHS 0
 #endif
 
+/* |x|, +0 for -0: a block of -0 first moments has magnitude +0 on every path, whichever order
+ * a vectorised max reduction takes */
+#define ABS(x) _Generic((x), float: fabsf, double: fabs)(x)
+
 /* OLD: the old magnitude of element i's block */
 #define FIRST_MOMENT(LOAD, i, CODE, OLD)                                                        \
     (codebook[CODE] * (OLD) * beta1 + (sign * LOAD(g, i)) * keep1)
@@ -192,7 +196,7 @@ typedef struct {
     for (int64_t i = 0; i < len; i++) {                                                         \
         const T m = FIRST_MOMENT(LOAD, i, CODE, old_mag), gi = sign * LOAD(g, i);               \
         KEEP;                                                                                   \
-        const T mag = m < 0 ? -m : m;                                                           \
+        const T mag = ABS(m);                                                                   \
         peak = mag > peak ? mag : peak;                                                         \
         SECOND_MOMENT;                                                                          \
     }
@@ -341,7 +345,7 @@ typedef struct {
  * (NEW_MAGNITUDE, across rows), then its stored magnitude and scale spread to its elements. */
 #define BATCH_MAGNITUDES(T, LOAD, STORE, SQRT)                                                  \
     {                                                                                           \
-        T row_peak[BATCH], row_stored[BATCH], row_scale[BATCH], *restrict lanes = scale;        \
+        T row_peak[BATCH], row_stored[BATCH], row_scale[BATCH], *lanes = scale;                 \
         const int64_t used = per_element ? 0 : block < SUM_LANES ? block : SUM_LANES;          \
         for (int64_t j = 0; j < rows; j++) row_peak[j] = 0;                                     \
         for (int64_t l = 0; l < used * rows; l++) lanes[l] = 0;                                 \
@@ -350,14 +354,14 @@ typedef struct {
             if (used) {                                                                         \
                 _Pragma("omp simd")                                                             \
                 for (int64_t j = 0; j < rows; j++) {                                            \
-                    const T m = kept[j * block + i], mag = m < 0 ? -m : m;                      \
+                    const T mag = ABS(kept[j * block + i]);                                     \
                     row_peak[j] = mag > row_peak[j] ? mag : row_peak[j];                        \
                     lane[j] += LOAD(g, j * block + i) * LOAD(g, j * block + i);                 \
                 }                                                                               \
             } else {                                                                            \
                 _Pragma("omp simd")                                                             \
                 for (int64_t j = 0; j < rows; j++) {                                            \
-                    const T m = kept[j * block + i], mag = m < 0 ? -m : m;                      \
+                    const T mag = ABS(kept[j * block + i]);                                     \
                     row_peak[j] = mag > row_peak[j] ? mag : row_peak[j];                        \
                 }                                                                               \
             }                                                                                   \
