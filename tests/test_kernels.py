@@ -310,7 +310,7 @@ def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, pa
     """Whole rows up to cpu_step.SHORT_ROW elements are stepped in batches of rows (cpu_step.c,
     "short rows"): on every path, dtype and variant the same bytes as with every row stepped
     alone, NaNs aside (both give NaN; its sign and payload follow operand orders, which
-    compilers choose). Periods 9 to 32 beside longer ones; published period-1 blocks of 1, 2
+    compilers choose). Periods 9 to 64 beside a longer one; published period-1 blocks of 1, 2
     and 30 elements (second moments per element); batches cut by BATCH, by parameters and by
     the chunks of two threads; maximize; a parameter without a gradient for a step; rows whose
     magnitude is stored as 0 (zeros; below the smallest magnitude bf16 and fp16 store; NaN);
@@ -318,18 +318,18 @@ def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, pa
     infinite gradients."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
-    shapes = [(300, 9), (70, 16), (45, 24), (40, 32), (24, 40), (257,), (526,), (30,),
-              (90, 12), (1000,)]
+    shapes = [(300, 9), (70, 16), (45, 24), (40, 32), (24, 40), (20, 64), (257,), (526,), (30,),
+              (90, 12), (12, 100), (1000,)]
     values, grads = _row_scaled_run(shapes, dtype)
     tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
     for t, step in enumerate(grads):  # first gradients finite, as Gefen requires
-        for g in step[:5]:
+        for g in step[:6]:
             g[5], g[6] = 0, tiny
             if t:
                 g[7] = math.nan if t == 1 else -0.0
                 g[8, ::2], g[8, 1::2] = math.nan, -math.nan
         if t:
-            step[7][t % 3] = math.nan if t % 2 else -math.nan
+            step[8][t % 3] = math.nan if t % 2 else -math.nan
     grads[1][3] = None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     runs, batched = [], cpu_step.SHORT_ROW
@@ -338,12 +338,12 @@ def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, pa
         runs.append(_train_on_path(path, values, grads, dtype, variant)[:2])
     (params, opt), (twins, twin_opt) = runs
     periods = [opt.state[p]["period"] for p in params]
-    assert periods[:2] == [9, 16] and 32 <= batched < periods[4]
-    if variant == "robust":  # the published periods of the next two span rows
-        assert periods[2:4] == [24, 32]
+    assert periods[:2] == [9, 16] and batched == 64 < periods[10]
+    if variant == "robust":  # the published periods of the next four span rows
+        assert periods[2:6] == [24, 32, 40, 64]
     else:  # blocks of 1, 2 and 30 elements, second moments per element
         assert [(opt.state[p]["vmean"].numel(), opt.state[p]["magnitude"].numel())
-                for p in params[5:8]] == [(257, 257), (526, 263), (30, 1)]
+                for p in params[6:9]] == [(257, 257), (526, 263), (30, 1)]
 
     def value_bytes(t):
         return _bytes(torch.where(t.isnan(), math.nan, t))

@@ -44,7 +44,7 @@ typedef struct {
     int64_t num_distinct;           /* distinct entries (256: the codebook repeats none) */
     int64_t lut_half;               /* cells per unit: a power of two */
     int64_t num_threads;
-    int64_t short_row;              /* whole rows up to this long are stepped in batches */
+    int64_t short_row;              /* rows up to this long may be stepped in batches (0: none) */
 } StepArgs;
 
 /* ---- storage formats ---- */
@@ -310,8 +310,8 @@ typedef struct {
  * sum's lanes as columns), short chains the core overlaps; the codes and updates of all, each
  * element reading its row's stored magnitude and scale from a per-element copy. The element
  * phases are each path's own (DEFINE_BATCH here, DEFINE_VBMI_BATCH, DEFINE_AVX2_BATCH), the
- * arithmetic the rows', operation for operation: the same bits. Which rows are short is the
- * caller's choice (StepArgs.short_row, kernels/cpu_step.py). */
+ * arithmetic the rows', operation for operation: the same bits. Each path batches rows up to
+ * its own length (SHORT_ROW_VBMI, SHORT_ROW, at run_rows), never past StepArgs.short_row. */
 #define BATCH 1024
 
 /* ASSIGN to the elements i0 + l of row j: whole vectors of SUM_LANES from the row's start.
@@ -345,7 +345,7 @@ typedef struct {
  * (NEW_MAGNITUDE, across rows), then its stored magnitude and scale spread to its elements. */
 #define BATCH_MAGNITUDES(T, LOAD, STORE, SQRT)                                                  \
     {                                                                                           \
-        T row_peak[BATCH], row_stored[BATCH], row_scale[BATCH], *lanes = scale;                 \
+        T row_peak[BATCH], row_sum[BATCH], *lanes = scale;                                      \
         const int64_t used = per_element ? 0 : block < SUM_LANES ? block : SUM_LANES;          \
         for (int64_t j = 0; j < rows; j++) row_peak[j] = 0;                                     \
         for (int64_t l = 0; l < used * rows; l++) lanes[l] = 0;                                 \
@@ -373,6 +373,15 @@ typedef struct {
                 for (int64_t j = 0; j < rows; j++)                                              \
                     lanes[l * rows + j] += lanes[(l + w) * rows + j];                           \
             }                                                                                   \
+        for (int64_t j = 0; j < rows; j++) row_sum[j] = used ? lanes[j] : 0;                    \
+        BATCH_FINISH(T, LOAD, STORE, SQRT)                                                      \
+    }
+
+/* From each row's peak and sum of g^2 (row_peak, row_sum): its new magnitude (NEW_MAGNITUDE,
+ * across rows), then its stored magnitude and scale spread to its elements. */
+#define BATCH_FINISH(T, LOAD, STORE, SQRT)                                                      \
+    {                                                                                           \
+        T row_stored[BATCH], row_scale[BATCH];                                                  \
         /* one loop per case: a per-element row's second moments are not the row's */         \
         if (per_element) BATCH_NEW_MAGNITUDES(T, LOAD, STORE, SQRT, v)                          \
         else BATCH_NEW_MAGNITUDES(T, LOAD, STORE, SQRT, v + j)                                  \
@@ -385,7 +394,7 @@ typedef struct {
 #define BATCH_NEW_MAGNITUDES(T, LOAD, STORE, SQRT, V)                                           \
     _Pragma("omp simd")                                                                         \
     for (int64_t j = 0; j < rows; j++) {                                                        \
-        const T peak = row_peak[j], square_sum = used ? lanes[j] : 0;                           \
+        const T peak = row_peak[j], square_sum = row_sum[j];                                    \
         NEW_MAGNITUDE(T, LOAD, STORE, SQRT, V, r0 + j, block)                                   \
         (void)live;                                                                             \
         row_stored[j] = stored, row_scale[j] = shared_scale;                                    \
@@ -855,8 +864,10 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
 DEFINE_VBMI_ROW(row_f32_vbmi, float, LOAD_F32, STORE_F32, 0)
 DEFINE_VBMI_ROW(row_bf16_vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
 
-/* A batch of short rows (see DEFINE_BATCH) in the VBMI rows' lookups, 64 elements at a time;
- * each element's own old magnitude, stored magnitude, mask and scale. */
+/* A batch of short rows (see DEFINE_BATCH) in the VBMI rows' lookups, 64 elements at a time,
+ * each element with its own old magnitude, stored magnitude and scale; each row's peak and
+ * sum of g^2 in 16-lane vectors, its lanes those of SUM_LANES (faster than the vectoriser's
+ * loops across rows: 0.90x the time at 9 elements, 0.78x at 16, 0.71x at 32). */
 #define DEFINE_VBMI_BATCH(NAME, ST, LOAD, STORE, BF16)                                          \
 VBMI static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {                     \
     BATCH_SETUP(float, ST, LOAD)                                                                \
@@ -882,7 +893,30 @@ VBMI static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {     
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
-    BATCH_MAGNITUDES(float, LOAD, STORE, sqrtf)                                                 \
+    {                                                                                           \
+        float row_peak[BATCH], row_sum[BATCH];                                                  \
+        for (int64_t j = 0; j < rows; j++) {                                                    \
+            __m512 peak_v = _mm512_setzero_ps(), sum_v = _mm512_setzero_ps();                   \
+            for (int64_t i0 = j * block; i0 < (j + 1) * block; i0 += 16) {                      \
+                const int64_t left = (j + 1) * block - i0;                                      \
+                const __mmask16 lanes = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);    \
+                /* max(mag, peak) keeps peak when mag is NaN, as the rows do */                 \
+                const __m512 mag = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, kept + i0));      \
+                peak_v = _mm512_max_ps(mag, peak_v);                                            \
+                const __m512 gv = load16(g + i0, lanes, BF16);                                  \
+                sum_v = _mm512_add_ps(sum_v, _mm512_mul_ps(gv, gv)); /* +0 past the row */      \
+            }                                                                                   \
+            row_peak[j] = _mm512_reduce_max_ps(peak_v);                                         \
+            /* FOLD_LANES */                                                                    \
+            const __m256 w8 = _mm256_add_ps(_mm512_castps512_ps256(sum_v),                      \
+                                            _mm512_extractf32x8_ps(sum_v, 1));                  \
+            const __m128 w4 = _mm_add_ps(_mm256_castps256_ps128(w8),                            \
+                                         _mm256_extractf128_ps(w8, 1));                         \
+            const __m128 w2 = _mm_add_ps(w4, _mm_movehl_ps(w4, w4));                            \
+            row_sum[j] = _mm_cvtss_f32(_mm_add_ss(w2, _mm_movehdup_ps(w2)));                    \
+        }                                                                                       \
+        BATCH_FINISH(float, LOAD, STORE, sqrtf)                                                 \
+    }                                                                                           \
     const int32_t half = (int32_t)a->lut_half;                                                  \
     const Quantiser q = {                                                                       \
         .half = _mm512_set1_ps((float)half),                                                    \
@@ -1423,8 +1457,16 @@ static int64_t chunk_size(const StepArgs *a) {
     return even > CHUNK_ELEMENTS ? CHUNK_ELEMENTS : even < MIN_CHUNK ? MIN_CHUNK : even;
 }
 
-/* Every chunk's rows: whole rows up to a->short_row long in batches, the others one by one. */
-static void run_rows(const Step *s, RowFn row, BatchFn batch, int rows) {
+/* The longest rows each path steps in batches, measured against its rows one by one
+ * (benchmarks/bench_kernel_ab.py, 1M elements, one thread): the VBMI batches took 0.15-0.16x
+ * the time at 9 elements, 0.39-0.45x at 32, 0.57-0.64x at 48, 0.74-0.76x at 64 (fp32, bf16);
+ * the others 0.25-0.47x at 9, 0.93-1.06x at 32, 1.0-1.5x at 64. */
+#define SHORT_ROW_VBMI 64
+#define SHORT_ROW 32
+
+/* Every chunk's rows: whole rows up to `longest` (and a->short_row) long in batches, the others
+ * one by one. */
+static void run_rows(const Step *s, RowFn row, BatchFn batch, int64_t longest, int rows) {
     __atomic_store_n(&last_rows, rows, __ATOMIC_RELAXED);
     const StepArgs *a = s->a;
     const int64_t (*chunks)[2] = s->chunks;
@@ -1438,7 +1480,7 @@ static void run_rows(const Step *s, RowFn row, BatchFn batch, int rows) {
             int64_t end = seg[SEG_ROW0] + seg[SEG_NUMEL] / block;
             end = end < chunks[c + 1][0] ? end : chunks[c + 1][0];
             end = end < r + BATCH / block ? end : r + BATCH / block;
-            if (block <= a->short_row && block <= BATCH && a->has_grad[p] && r < end) {
+            if (block <= a->short_row && block <= longest && a->has_grad[p] && r < end) {
                 batch(s, r, end - r, p);
                 r = end;
             } else {
@@ -1472,7 +1514,7 @@ int gefen_step(const StepArgs *a, int dtype) {
         if (build_planes(&planes, a) == 0) {
             s.planes = &planes;
             run_rows(&s, dtype == DT_F32 ? row_f32_vbmi : row_bf16_vbmi,
-                     dtype == DT_F32 ? batch_f32_vbmi : batch_bf16_vbmi, ROWS_VBMI);
+                     dtype == DT_F32 ? batch_f32_vbmi : batch_bf16_vbmi, SHORT_ROW_VBMI, ROWS_VBMI);
         } else {
             status = -1;
         }
@@ -1482,14 +1524,14 @@ int gefen_step(const StepArgs *a, int dtype) {
         /* the written AVX2 rows: faster than the vectoriser's at AVX2, and at AVX-512 for fp32
          * (not for bf16: its conversions use the vectoriser's 16 lanes better) */
         run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2,
-                 dtype == DT_F32 ? batch_f32_avx2 : batch_bf16_avx2, ROWS_AVX2);
+                 dtype == DT_F32 ? batch_f32_avx2 : batch_bf16_avx2, SHORT_ROW, ROWS_AVX2);
     } else if (path >= PATH_AVX512) {
-        run_rows(&s, rows_vec_avx512[dtype], batches_vec_avx512[dtype], ROWS_VEC_AVX512);
+        run_rows(&s, rows_vec_avx512[dtype], batches_vec_avx512[dtype], SHORT_ROW, ROWS_VEC_AVX512);
     } else if (path == PATH_AVX2) {
-        run_rows(&s, rows_vec_avx2[dtype], batches_vec_avx2[dtype], ROWS_VEC_AVX2);
+        run_rows(&s, rows_vec_avx2[dtype], batches_vec_avx2[dtype], SHORT_ROW, ROWS_VEC_AVX2);
     }
 #endif
-    else run_rows(&s, rows_portable[dtype], batches_portable[dtype], ROWS_PORTABLE);
+    else run_rows(&s, rows_portable[dtype], batches_portable[dtype], SHORT_ROW, ROWS_PORTABLE);
     free(bias);
     free(chunks);
     return status;

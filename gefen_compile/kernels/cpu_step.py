@@ -18,11 +18,9 @@ from ..state import Bucket
 from .native import StepArgs, _cpu, library as _lib, log_rows
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-# Whole rows (magnitude blocks) up to this long are stepped in batches of rows (cpu_step.c,
-# "short rows"): measured on one thread against the rows one by one (benchmarks/
-# bench_kernel_ab.py), batches take 0.18-0.35x the time at 9 elements, 0.28-0.83x at 16 and
-# 0.53-1.04x at 32 on the paths measured, and 1.0-1.5x at 64.
-SHORT_ROW = 32
+# Whole rows (magnitude blocks) up to this long may be stepped in batches of rows (cpu_step.c,
+# "short rows"; each path batches up to its own length, 32 or 64); 0 steps every row alone.
+SHORT_ROW = 64
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
