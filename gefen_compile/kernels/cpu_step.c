@@ -1130,6 +1130,15 @@ ISA_AVX2 static inline __m256i codes8(const Coder *c, __m256 x) {
     return _mm256_and_si256(code, c->keep);
 }
 
+/* The codes of the 8 first moments at m over the stored magnitude, as 32-bit lanes; their
+ * codebook entries replace the moments at m. */
+ISA_AVX2 static inline __m256i code_entries8(const Coder *c, const float *codebook, float *m,
+                                             __m256 stored) {
+    const __m256i code = codes8(c, _mm256_div_ps(_mm256_load_ps(m), stored));
+    _mm256_store_ps(m, _mm256_i32gather_ps(codebook, code, 4));
+    return code;
+}
+
 /* FOLD_LANES of the 16 lanes even (0-7) and odd (8-15), in vector registers: the same
  * additions in the same order. */
 ISA_AVX2 static inline float fold_lanes(__m256 even, __m256 odd) {
@@ -1166,9 +1175,10 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
 }
 
 /* One row; ST and LOAD8/STORE8: the storage type and its 8-lane conversions (LOAD/STORE: one
- * element, for ROW_SETUP). The chunk bodies run on the row in place, then on copies of its last
+ * element, for ROW_SETUP); GATHER: where kept rows gather their new codes' entries
+ * (AVX2_CODES_EARLY). The chunk bodies run on the row in place, then on copies of its last
  * len % 8 elements padded to 8 (lanes past the row are computed and dropped). */
-#define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8, STORE16)                          \
+#define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8, STORE16, GATHER)                  \
     ISA_AVX2 static void NAME(const Step *s, int64_t r, int64_t owner) {                        \
         ROW_SETUP(float, ST, LOAD)                                                              \
         TOUCH_ROWS(ST, len, 1)                                                                  \
@@ -1212,21 +1222,19 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         const __m256 step_v = _mm256_set1_ps(step_size), bias2_v = _mm256_set1_ps(bias2_t);     \
         const __m256 eps_v = _mm256_set1_ps(eps), shared_v = _mm256_set1_ps(shared_scale);     \
         /* the second pass: codes, then the update. Kept rows do each in a loop of its own      \
-         * (shorter dependency chains, which the core overlaps), the codes kept in place of the  \
-         * moments; the others recompute the moments, in one loop. */                           \
+         * (shorter dependency chains, which the core overlaps), the codes in the codes' loop   \
+         * and their entries in the loop GATHER names (see AVX2_CODES_EARLY). The others        \
+         * recompute the moments, in one loop. */                                               \
         if (buffered) {                                                                         \
             for (i = 0; i + 16 <= whole; i += 16) {                                             \
-                const __m256i c0 = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored_v)); \
-                const __m256i c1 = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i + 8), stored_v)); \
+                const __m256i c0 = AVX2_CODES_##GATHER(i), c1 = AVX2_CODES_##GATHER(i + 8);     \
                 store_codes16(codes + i, c0, c1);                                               \
             }                                                                                   \
-            for (; i < len; i += 8)                                                             \
-                store_codes8(i < whole ? codes + i : c_tail,                                    \
-                             codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored_v))); \
-            if (per_element) AVX2_UPDATES(LOAD8, STORE8, STORE16, 1, AVX2_STORED_CODES)         \
-            else AVX2_UPDATES(LOAD8, STORE8, STORE16, 0, AVX2_STORED_CODES)                     \
+            for (; i < len; i += 8) store_codes8(i < whole ? codes + i : c_tail, AVX2_CODES_##GATHER(i)); \
+            if (per_element) AVX2_UPDATES(LOAD8, STORE8, STORE16, 1, AVX2_ENTRIES_##GATHER)     \
+            else AVX2_UPDATES(LOAD8, STORE8, STORE16, 0, AVX2_ENTRIES_##GATHER)                 \
         } else {                                                                                \
-            AVX2_UPDATES(LOAD8, STORE8, STORE16, per_element, AVX2_RECOMPUTED_CODES)             \
+            AVX2_UPDATES(LOAD8, STORE8, STORE16, per_element, AVX2_RECOMPUTED_ENTRIES)           \
         }                                                                                       \
         if (rest) {                                                                             \
             memcpy(param + whole, p_tail, rest * sizeof(ST));                                   \
@@ -1271,52 +1279,62 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
             AVX2_FIRST_CHUNK(LOAD8, STORE8, PER, BUF, g_tail, c_tail, v_tail, i, tail_mask, odd) \
     }
 
-/* The codes of the chunk at I of an unkept row, from its first moments recomputed (and
- * stored: the codes they replace were just read). */
-#define AVX2_RECOMPUTED_CODES(LOAD8, I)                                                         \
+/* The codebook entries of the new codes of the chunk at I of an unkept row, from its first
+ * moments recomputed (the codes are stored: the codes they replace were just read). */
+#define AVX2_RECOMPUTED_ENTRIES(LOAD8, I)                                                       \
     ({                                                                                          \
         uint8_t *c = (I) < whole ? codes + (I) : c_tail;                                        \
         const __m256 m = first_moment8(codebook, c, LOAD8((I) < whole ? g + (I) : g_tail),      \
                                        old_mag_v, beta1_v, keep1_v);                            \
         const __m256i code = codes8(&coder, _mm256_div_ps(m, stored_v));                       \
         store_codes8(c, code);                                                                  \
-        code;                                                                                   \
+        _mm256_i32gather_ps(codebook, code, 4);                                                 \
     })
 
-/* The codes of the chunk at I, as the first loop of a kept row stored them. */
-#define AVX2_STORED_CODES(LOAD8, I)                                                             \
-    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((I) < whole ? codes + (I) : c_tail)))
+/* A kept row's codes of the chunk at I, and the codebook entries of those codes in its update:
+ * GATHER EARLY, gathered in the codes' loop and kept in place of the moments; LATE, gathered
+ * in the update's loop from the codes stored. fp32 rows take EARLY: 0.89x LATE's time, their
+ * update's loop having little else to hide a gather behind; bf16 rows LATE: 0.93x EARLY's,
+ * their rounding hides it (1-thread medians, 4096x2048, on the Xeon of README's figures). */
+#define AVX2_CODES_EARLY(I) code_entries8(&coder, codebook, kept + (I), stored_v)
+#define AVX2_ENTRIES_EARLY(LOAD8, I) _mm256_load_ps(kept + (I))
+#define AVX2_CODES_LATE(I) codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + (I)), stored_v))
+#define AVX2_ENTRIES_LATE(LOAD8, I)                                                             \
+    _mm256_i32gather_ps(codebook, _mm256_cvtepu8_epi32(_mm_loadl_epi64(                         \
+        (const __m128i *)((I) < whole ? codes + (I) : c_tail))), 4)
 
-/* The parameters after the update of the chunk at I, from its codes (CODE(LOAD8, I)), of the
- * row's parameters and (PER) second moments there, or of the padded tail's. */
-#define AVX2_UPDATED(LOAD8, PER, CODE, I, P, V)                                                 \
+/* The parameters after the update of the chunk at I, from its new codes' codebook entries
+ * (ENTRY(LOAD8, I)), of the row's parameters and (PER) second moments there, or of the padded
+ * tail's. */
+#define AVX2_UPDATED(LOAD8, PER, ENTRY, I, P, V)                                                \
     ({                                                                                          \
-        const __m256 entry = _mm256_i32gather_ps(codebook, CODE(LOAD8, I), 4);                 \
+        const __m256 entry = ENTRY(LOAD8, I);                                                   \
         const __m256 scale = PER ? _mm256_div_ps(step_v, _mm256_add_ps( /* ELEMENT_SCALE */     \
                                        _mm256_sqrt_ps(_mm256_div_ps(LOAD8(V), bias2_v)), eps_v)) \
                                  : shared_v;                                                    \
         const __m256 update = _mm256_mul_ps(_mm256_mul_ps(entry, stored_v), scale);            \
         _mm256_sub_ps(_mm256_mul_ps(LOAD8(P), decay_v), update);                                \
     })
-/* Every chunk's update, two per iteration: independent gathers to overlap, and bf16 stored
- * 16 lanes per pack (measured: 1.6x faster in bf16, 1.1x in fp32). */
-#define AVX2_UPDATES(LOAD8, STORE8, STORE16, PER, CODE)                                         \
+/* Every chunk's update, two per iteration: independent loads or gathers to overlap, and bf16
+ * stored 16 lanes per pack (measured: 1.6x faster in bf16, 1.1x in fp32). */
+#define AVX2_UPDATES(LOAD8, STORE8, STORE16, PER, ENTRY)                                        \
     {                                                                                           \
         for (i = 0; i + 16 <= whole; i += 16) {                                                 \
-            const __m256 first = AVX2_UPDATED(LOAD8, PER, CODE, i, param + i, v + i);           \
-            const __m256 second = AVX2_UPDATED(LOAD8, PER, CODE, i + 8, param + i + 8, v + i + 8); \
+            const __m256 first = AVX2_UPDATED(LOAD8, PER, ENTRY, i, param + i, v + i);           \
+            const __m256 second = AVX2_UPDATED(LOAD8, PER, ENTRY, i + 8, param + i + 8, v + i + 8); \
             STORE16(param + i, first, second);                                                  \
         }                                                                                       \
         if (i < whole) {                                                                        \
-            STORE8(param + i, AVX2_UPDATED(LOAD8, PER, CODE, i, param + i, v + i));             \
+            STORE8(param + i, AVX2_UPDATED(LOAD8, PER, ENTRY, i, param + i, v + i));             \
             i += 8;                                                                             \
         }                                                                                       \
-        if (rest) STORE8(p_tail, AVX2_UPDATED(LOAD8, PER, CODE, i, p_tail, v_tail));            \
+        if (rest) STORE8(p_tail, AVX2_UPDATED(LOAD8, PER, ENTRY, i, p_tail, v_tail));            \
     }
 
-DEFINE_AVX2_ROW(row_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32, STORE16_F32)
+DEFINE_AVX2_ROW(row_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32, STORE16_F32,
+                EARLY)
 DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STORE8_BF16,
-                STORE16_BF16)
+                STORE16_BF16, LATE)
 
 /* A batch of short rows (see DEFINE_BATCH) in the AVX2 rows' lookups, 8 elements at a time,
  * each with its own old magnitude, stored magnitude, mask and scale; the last n % 8 in the
