@@ -11,7 +11,9 @@ other optimizers' steps run between two of one optimizer's: its tensors' metadat
 caches, a harsh case. With --backward, a backward (untimed) gives each optimizer's parameters
 fresh gradients before each of its steps, as in training: new gradient tensors, and metadata
 that the forward and backward have just read. Then Gefen's C kernel alone (its tables filled once), the
-same way: what of the difference is the kernel's, and what is the host work per tensor.
+same way: what of the difference is the kernel's, and what is the host work per tensor; then
+Gefen's step in its parts (the tables filled from the tensors, the kernel, autograd's version
+bump, the held gradients dropped), per tensor.
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ def main() -> None:
                                     args.steps)
         print(f"Gefen's C kernel alone: {args.large} tensors {large * 1e3:.2f} ms, {args.small} "
               f"tensors {small * 1e3:.2f} ms ({small / large:.2f}x)")
+        for count in (args.large, args.small):
+            key = ("Gefen", count)
+            parts = step_parts(runs[key], weights[key] if args.backward else None, args.steps)
+            print(f"Gefen's step in parts, {count} tensors, us per tensor: "
+                  + ", ".join(f"{name} {seconds / count * 1e6:.3f}" for name, seconds in parts.items()))
 
 
 def backward(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor]) -> None:
@@ -102,6 +109,31 @@ def kernel_times(optimizers: list[Gefen], steps: int) -> list[float]:
             cpu_step._run(args, *tables)
             kept.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+def step_parts(optimizer: Gefen, weights: list[torch.Tensor] | None,
+               steps: int) -> dict[str, float]:
+    """Median seconds of each part of the optimizer's steady CPU step (cpu_step.step_prepared),
+    each step after a backward where ``weights`` are given."""
+    (bucket,) = optimizer._buckets
+    times: dict[str, list[float]] = {"tables": [], "kernel": [], "version bump": [], "release": []}
+    for _ in range(steps):
+        if weights is not None:
+            backward(optimizer, weights)
+        start = time.perf_counter()
+        status, held = cpu_step.fill_tables(bucket)
+        filled = time.perf_counter()
+        cpu_step._run(optimizer._kernel_args(bucket, []), *bucket.host_tables())
+        stepped = time.perf_counter()
+        torch.autograd.graph.increment_version(bucket.written())
+        bumped = time.perf_counter()
+        del held
+        released = time.perf_counter()
+        assert status == -1, "every gradient must be one the prepared step takes"
+        for name, (begin, end) in zip(times, [(start, filled), (filled, stepped),
+                                              (stepped, bumped), (bumped, released)]):
+            times[name].append(end - begin)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 if __name__ == "__main__":
