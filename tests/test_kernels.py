@@ -279,23 +279,27 @@ VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("path", [p for p in native.CPU_PATHS if p != "portable"])
-def test_every_cpu_path_gives_the_portable_bytes(path, dtype):
+def test_every_cpu_path_gives_the_portable_bytes(monkeypatch, path, dtype):
     """Each instruction-set path of the C step (the vectoriser's rows for AVX2 and AVX-512,
     the written AVX2 and VBMI rows) gives the same bytes as the portable rows: codes,
     magnitudes, second moments and parameters. Shapes cover a row longer than the kernels'
-    buffer (period 8219), chunk tails, period 1, maximize, NaN and infinite gradients, and a
-    padded codebook (the tiny shapes alone: under 256 distinct entries)."""
+    buffer (period 8219), rows with tails past whole vectors of 8 and of 16 elements (75),
+    chunk tails, period 1, maximize, NaN and infinite gradients, and a
+    padded codebook (the tiny shapes alone: under 256 distinct entries); the short rows in
+    batches, then (SHORT_ROW 0) one by one."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
     long_rows = (8, 8219)
-    for shapes in (SHAPES + [long_rows], [(3, 4), (5,)]):
+    for short_row, shapes in ((cpu_step.SHORT_ROW, SHAPES + [(6, 75), long_rows]),
+                              (0, SHAPES + [(6, 75)]), (cpu_step.SHORT_ROW, [(3, 4), (5,)])):
+        monkeypatch.setattr(cpu_step, "SHORT_ROW", short_row)
         values, grads = _row_scaled_run(shapes, dtype)
         params, opt, rows = _train_on_path(path, values, grads, dtype)
         twins, twin_opt, _ = _train_on_path("portable", values, grads, dtype)
         assert rows == PATH_ROWS.get(path, {}).get(dtype, VECTORISED[path])
         if long_rows in shapes:
-            assert opt.state[params[-1]]["period"] == 8219
-        else:
+            assert [opt.state[p]["period"] for p in params[-2:]] == [75, 8219]
+        elif len(shapes) == 2:
             assert len(torch.unique(opt.codebook)) < 256
         for a, b in zip(params, twins):
             assert _bytes(a) == _bytes(b)
@@ -319,7 +323,7 @@ def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, pa
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
     shapes = [(300, 9), (70, 16), (45, 24), (40, 32), (24, 40), (20, 64), (257,), (526,), (30,),
-              (90, 12), (12, 100), (1000,)]
+              (90, 12), (12, 100), (1000,), (20, 50), (30, 20)]
     values, grads = _row_scaled_run(shapes, dtype)
     tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
     for t, step in enumerate(grads):  # first gradients finite, as Gefen requires
