@@ -40,7 +40,9 @@ def read_first_gradients(
         else torch.zeros(2, dtype=torch.float64, device=device)
         for g in grads
     ])
-    device_values = [torch.isfinite(extremes).all(dim=1).double(),
+    # Finite as fp32, where the codebook's histogram normalises them: a float64 gradient
+    # beyond fp32's range would overflow there.
+    device_values = [torch.isfinite(extremes.float()).all(dim=1).double(),
                      (extremes != 0).any(dim=1).double()]
     if flat:
         device_values.append(ops.period_scores(list(grads), flat, offsets))

@@ -69,7 +69,8 @@ class LearnedState:
             if not ok:
                 raise ValueError(
                     f"{self._name}: the first gradient of {self._locate(p)} has inf or nan "
-                    f"values; {self._name} reads periods and its codebook from first gradients, "
+                    "values (or, in float64, values beyond float32's range, where the codebook "
+                    f"is learned); {self._name} reads periods and its codebook from first gradients, "
                     "so skip this step (as torch.amp.GradScaler does) and call step() again "
                     "with finite gradients"
                 )

@@ -1638,8 +1638,10 @@ int gefen_momentum(const MomentumArgs *a, int dtype) {
             for (int64_t i = 0; i < n; i++) {                                                   \
                 const float x = sign * (float)LOAD(g, lo + i);                                  \
                 const float v = peak > 0.0f ? x / peak : 0.0f;                                  \
-                const int32_t bin = (int32_t)((v + 1.0f) * (float)(NUM_BINS / 2));              \
-                bins[i] = bin < NUM_BINS - 1 ? bin : NUM_BINS - 1;                              \
+                /* clamped before the conversion: a NaN (never passed in: the first step       \
+                 * refuses non-finite gradients) lands in the last bin, not out of bounds */   \
+                const float bin = (v + 1.0f) * (float)(NUM_BINS / 2);                           \
+                bins[i] = bin < NUM_BINS - 1 ? (int32_t)bin : NUM_BINS - 1;                     \
             }                                                                                   \
             for (int64_t i = 0; i < n; i++) local[i & 1][bins[i]]++;                            \
         }                                                                                       \
