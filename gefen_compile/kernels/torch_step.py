@@ -147,8 +147,10 @@ def quantise_blocks(
     m: torch.Tensor, magnitude: torch.Tensor, nearest: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """Codes (int64, ``m``'s shape) of the rows of ``m`` (one magnitude block each), writing each
-    row's max |m| into ``magnitude``; values are divided by the magnitude as stored, in its dtype."""
-    magnitude.copy_(m.abs().amax(dim=1))
+    row's max |m| (of its elements not NaN) into ``magnitude``; values are divided by the magnitude as stored, in its dtype."""
+    # NaN elements do not count, as in the C rows (max(|m|, peak) keeps the peak): one NaN
+    # gradient then NaNs its element, not its whole block for good.
+    magnitude.copy_(torch.where(m.isnan(), 0, m.abs()).amax(dim=1))
     stored = magnitude.to(m.dtype).unsqueeze(1)
     # An all-zero block normalises to -inf, whose nearest code is 0, as the spec asks.
     return nearest(torch.where(stored > 0, m / stored, -torch.inf))
