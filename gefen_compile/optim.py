@@ -19,7 +19,7 @@ from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
 from .state_checks import check_gradient_layout, check_materialised, entry_problem
-from .state_table import Changes, tracked
+from .state_table import Changes, StateTable, tracked
 from .variant import ROBUST, Variant, variant_named
 
 
@@ -101,10 +101,13 @@ class Gefen(LearnedState, Optimizer):
         # The step itself, apart from ``step`` (which torch.optim wraps with the step hooks), so
         # that a converted AdamW runs it from a hook.
         loss = self._loss_of(closure)
+        if not _unscaled_by_grad_scaler(self):
+            return loss
         # Parameters without state (all of them before the first step; in steady state usually
         # none): only these are scanned, so a step costs no Python work per stateful tensor here.
-        # ``changed``: state assigned into optimizer.state (state_table.py) since the last build.
-        if self._buckets is None or self._changes.changed:
+        # ``changed``: state assigned into optimizer.state (state_table.py) since the last build;
+        # a table of another type: optimizer.state itself replaced (a reset, say).
+        if self._buckets is None or self._changes.changed or type(self.state) is not StateTable:
             self._buckets = self._build_buckets({})
         fresh = [
             (group, p, _checked_grad(p, gi, pi))
@@ -291,6 +294,24 @@ class Gefen(LearnedState, Optimizer):
         self._buckets, self._index = None, {}
 
 
+def _unscaled_by_grad_scaler(optimizer: Optimizer) -> bool:
+    """GradScaler's protocol for optimizers that unscale and skip steps themselves, as fused
+    AdamW does (``_step_supports_amp_scaling``, which a converted ``AdamW(fused=True)`` keeps):
+    during ``scaler.step(optimizer)`` it sets ``found_inf`` and ``grad_scale`` (None once
+    ``unscale_`` ran) instead of unscaling. Divides the gradients by ``grad_scale`` in place,
+    as fused AdamW does; False where the step must be skipped (an inf or nan gradient)."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is not None and found_inf.item():  # one sync, as GradScaler's own skip test
+        return False
+    scale = getattr(optimizer, "grad_scale", None)
+    if scale is not None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, scale)
+    return True
+
+
 def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
     g = p.grad
     where = f"parameter {index} of param group {group_index}"
@@ -323,7 +344,10 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
                 value = 0.0
             row.append(float(value))
         rows.append(tuple(row))
-    table = device_table(tuple(rows), torch.float64, device, tag=("tensors", *tensors))
+    # Tables written into are keyed by the tensors' identities too: two optimizers stepping in
+    # two threads (the C step releases the GIL) must not write their lrs into one table.
+    table = device_table(tuple(rows), torch.float64, device,
+                         tag=("tensors", *((*at, id(value)) for at, value in tensors.items())))
     for (i, column), value in tensors.items():  # written on every step: the cache may hold it
         table[i, column].copy_(value, non_blocking=True)
     return table

@@ -4,6 +4,7 @@ and every entry against its parameter and period), state assigned into ``optimiz
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 
@@ -178,6 +179,19 @@ def test_a_replaced_entry_is_used_by_the_next_step():
     train(m1, o1, 1, seed=3)
     train(m2, o2, 1, seed=3)
     assert_same(list(m1.parameters()), list(m2.parameters()))
+
+
+def test_replacing_the_whole_state_resets_it_as_clearing_does():
+    """``optimizer.state = defaultdict(dict)`` (a reset, ReLoRA-style) equals
+    ``optimizer.state.clear()``: fresh state at the next step, saved by state_dict()."""
+    m1, o1, m2, o2 = twins()
+    o1.state = collections.defaultdict(dict)
+    o2.state.clear()
+    train(m1, o1, 2, seed=4)
+    train(m2, o2, 2, seed=4)
+    assert_same(list(m1.parameters()), list(m2.parameters()))
+    assert len(o1.state_dict()["state"]) == len(list(m1.parameters()))
+    assert o1.state[m1[0].weight]["step"] == 2
 
 
 ASSIGNMENTS = {
