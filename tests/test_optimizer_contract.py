@@ -27,6 +27,7 @@ from torch.optim.optimizer import (
 )
 
 from gefen_compile import Gefen
+from gefen_compile.optim import hyper_table
 from gefen_compile.first_step import infer_period
 from gefen_compile.variant import ROBUST
 
@@ -320,6 +321,16 @@ def test_tensor_lr_equals_float_lr(lr, weight_decay):
     run(opt_float, b, 4)
     assert_all_equal(a, b)
     assert isinstance(opt_tensor.param_groups[0]["lr"], torch.Tensor)
+
+
+def test_tensor_lr_tables_of_two_optimizers_are_their_own():
+    """Two optimizers may step at once in two threads (the C step releases the GIL): each reads
+    its own tensor lr, never the other's, written into a table they share."""
+    a = Gefen(make_params(), lr=torch.tensor(1e-3))
+    b = Gefen(make_params(), lr=torch.tensor(1e-1))
+    table_a = hyper_table(a.param_groups, torch.device("cpu"))
+    hyper_table(b.param_groups, torch.device("cpu"))  # b's step, between a's tables and kernel
+    assert table_a[0, 0] == a.param_groups[0]["lr"].double()
 
 
 def test_one_element_tensor_hyperparameters_of_any_shape_step_as_0d_ones():
