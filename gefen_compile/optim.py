@@ -60,7 +60,7 @@ class Gefen(LearnedState, Optimizer):
         self.variant: Variant = variant_named(variant)
         defaults = {
             "lr": lr,
-            "betas": scalar_betas(betas) if isinstance(betas, (tuple, list)) else betas,
+            "betas": scalar_betas(betas),
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,
@@ -326,6 +326,12 @@ def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
             f"Gefen does not support complex gradients ({where}); optimize torch.view_as_real(p)"
         )
     check_gradient_layout(p, g, where)
+    if g.dtype != p.dtype:  # refused before the first step builds state in g's dtype
+        raise ValueError(
+            f"Gefen: the gradient of {where} has dtype {g.dtype}, the parameter {p.dtype}; "
+            "Gefen keeps its state in the gradient's dtype and updates the parameter from it in "
+            "place: give the gradient the parameter's dtype (p.grad_dtype = None allows others)"
+        )
     return distributed.local_grad(p, g, where)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .codebook import CODEBOOK_SIZE
+from .codebook import CODEBOOK_SIZE, NearestCode
 from .state import STATE_DTYPES, state_sizes
 from .variant import Variant
 
@@ -23,7 +23,8 @@ MOMENTUM_KEYS = ("codes", "magnitude", "period")  # GefenMuon's
 
 
 def codebook_problem(codebook: Any) -> str | None:
-    """Why ``codebook`` is not a Gefen codebook: 256 finite floats, non-decreasing, in [-1, 1]."""
+    """Why ``codebook`` is not a Gefen codebook: 256 finite floats, non-decreasing, in [-1, 1],
+    distinct ones at least 2**-22 apart."""
     if not isinstance(codebook, Tensor):
         return f"is a {type(codebook).__name__}, not a tensor"
     if codebook.shape != (CODEBOOK_SIZE,) or not codebook.is_floating_point():
@@ -33,6 +34,10 @@ def codebook_problem(codebook: Any) -> str | None:
     if not (bool(values.isfinite().all()) and bool((values.abs() <= 1).all())
             and bool((values[1:] >= values[:-1]).all())):
         return "is not finite, non-decreasing and within [-1, 1]"
+    try:  # the lookup tables every step needs: checked before a load replaces anything
+        NearestCode(values.float())
+    except ValueError:
+        return "has distinct entries closer than 2**-22 apart, which no lookup table separates"
     return None
 
 

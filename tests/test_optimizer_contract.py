@@ -805,6 +805,31 @@ def test_complex_gradient_raises_at_step():
     assert not opt.state
 
 
+@pytest.mark.parametrize("when", ["first step", "later step"])
+def test_a_gradient_of_another_dtype_is_refused_by_name_before_any_state(when):
+    """p.grad_dtype = None lets a gradient differ from its parameter's dtype; Gefen's state
+    lives in the gradient's dtype, so it refuses one, before building or changing state, and
+    steps again once the gradient is fixed."""
+    params = make_params()
+    opt = Gefen(params)
+    if when == "later step":
+        set_grads(params, 0)
+        opt.step()
+    before, state = values(params), snapshot(opt, params)
+    set_grads(params, 1)
+    params[1].grad_dtype = None
+    params[1].grad = params[1].grad.bfloat16()
+    with raises_naming(ValueError, "parameter 1 of param group 0", "torch.bfloat16",
+                       "grad_dtype"):
+        opt.step()
+    assert_all_equal(params, before)
+    assert_tree_equal(snapshot(opt, params), state)
+    assert (opt.codebook is None) == (when == "first step")
+    set_grads(params, 2)
+    opt.step()
+    assert all(opt.state[p] for p in params)
+
+
 @pytest.mark.parametrize("bad, dtype", [
     (float("inf"), torch.float32), (float("-inf"), torch.float32), (float("nan"), torch.float32),
     # finite in float64 but not in fp32, where the codebook's histogram normalises (the C

@@ -54,6 +54,13 @@ def bad_codebook(sd, value):
     sd["codebook"] = value
 
 
+def crowd(codebook, i):
+    """Entries i+1 and i+2 one and two ulps above entry i: sorted, in [-1, 1], and finite, but
+    no lookup table separates the boundaries between them."""
+    for k in (i + 1, i + 2):
+        codebook[k] = torch.nextafter(codebook[k - 1], torch.tensor(2.0))
+
+
 BAD_CODEBOOKS = {
     "short": (lambda sd: bad_codebook(sd, sd["codebook"][:255]), "shape (255,)"),
     "long": (lambda sd: bad_codebook(sd, torch.cat([sd["codebook"], sd["codebook"]])),
@@ -62,6 +69,7 @@ BAD_CODEBOOKS = {
     "unsorted": (lambda sd: bad_codebook(sd, sd["codebook"].flip(0)), "non-decreasing"),
     "nan": (lambda sd: bad_codebook(sd, torch.full((256,), float("nan"))), "finite"),
     "not a tensor": (lambda sd: bad_codebook(sd, [0.0] * 256), "not a tensor"),
+    "entries too close": (lambda sd: crowd(sd["codebook"], 101), "closer than 2**-22"),
 }
 
 
@@ -71,9 +79,13 @@ def test_a_bad_codebook_is_refused_at_load(case):
     spoil, needle = BAD_CODEBOOKS[case]
     spoil(sd)
     _, fresh = stepped()
+    codebook, steps = fresh.codebook.clone(), [e["step"].item() for e in fresh.state.values()]
     with pytest.raises(ValueError, match="saved codebook") as info:
         fresh.load_state_dict(sd)
     assert needle in str(info.value)
+    # Refused before anything was replaced.
+    assert torch.equal(fresh.codebook, codebook)
+    assert [e["step"].item() for e in fresh.state.values()] == steps
 
 
 def entry(sd, i):
