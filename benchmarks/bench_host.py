@@ -3,7 +3,7 @@ what the step costs beyond its kernels, which on a GPU must stay small beside th
 
     python benchmarks/bench_host.py [--tensors 2000] [--repeats 7]
 
-Rows: the CPU path (cpu_step.step_prepared: gradients read and checked and pointer tables
+Rows: the CPU path (cpu_step.prepare: gradients read and checked and pointer tables
 filled in one C call; the C kernel itself stubbed) and the CUDA launcher's host work (pointer
 and flag tables, alignment, bias corrections, launch arguments; run on a CPU bucket through the
 general path with the launches stubbed, so no GPU is needed). Medians of ``--repeats`` runs of
@@ -21,25 +21,17 @@ import torch
 from gefen_compile import Gefen, ops
 from gefen_compile.kernels import cpu_step, native, triton_step
 
-prepared = cpu_step.step_prepared
+prepare, kernel = cpu_step.prepare, ops._STEP_KERNELS["cpu"]
 
 
-def _stubbed_c_step(bucket, make_args) -> bool:
-    """cpu_step.step_prepared with the C kernel itself stubbed: its host work only."""
-    run, cpu_step._run = cpu_step._run, lambda *args: None
-    try:
-        return prepared(bucket, make_args)
-    finally:
-        cpu_step._run = run
+def _general_path(bucket):
+    return None  # the general path: it calls the kernel registered for the device
 
 
-def _general_path(bucket, make_args) -> bool:
-    return False  # the general path: it calls the kernel registered for the device
-
-
-# name: (what takes step_prepared's place, the kernel the general path calls)
+# name: (what takes cpu_step.prepare's place, the kernel the general path calls); cpu_step._run
+# (the C kernel) is stubbed in both
 PATHS = {
-    "CPU path (C kernel stubbed)": (_stubbed_c_step, ops._STEP_KERNELS["cpu"]),
+    "CPU path (C kernel stubbed)": (prepare, kernel),
     "CUDA launcher (launches stubbed)": (_general_path, triton_step.step),
 }
 
@@ -56,18 +48,18 @@ def main() -> None:
         p.grad = torch.randn_like(p)
     opt.step()
     triton_step._launch = lambda *a: None
-    kernel = ops._STEP_KERNELS["cpu"]
+    run, cpu_step._run = cpu_step._run, lambda *a: None
     times: dict[str, list[float]] = {name: [] for name in PATHS}
     try:
         for _ in range(args.repeats):
-            for name, (step_prepared, general) in PATHS.items():
-                cpu_step.step_prepared, ops._STEP_KERNELS["cpu"] = step_prepared, general
+            for name, (prepared, general) in PATHS.items():
+                cpu_step.prepare, ops._STEP_KERNELS["cpu"] = prepared, general
                 start = time.perf_counter()
                 for _ in range(10):
                     opt.step()
                 times[name].append((time.perf_counter() - start) / 10 / args.tensors)
     finally:
-        cpu_step.step_prepared, ops._STEP_KERNELS["cpu"] = prepared, kernel
+        cpu_step.prepare, ops._STEP_KERNELS["cpu"], cpu_step._run = prepare, kernel, run
     print(f"{native.processor_name()}, torch {torch.__version__}, "
           f"{args.tensors} tensors of 256 elements, {torch.get_num_threads()} threads")
     for name, values in times.items():

@@ -113,7 +113,7 @@ def kernel_times(optimizers: list[Gefen], steps: int) -> list[float]:
 
 def step_parts(optimizer: Gefen, weights: list[torch.Tensor] | None,
                steps: int) -> dict[str, float]:
-    """Median seconds of each part of the optimizer's steady CPU step (cpu_step.step_prepared),
+    """Median seconds of each part of the optimizer's steady CPU step (cpu_step.prepare, run_prepared),
     each step after a backward where ``weights`` are given."""
     (bucket,) = optimizer._buckets
     times: dict[str, list[float]] = {"tables": [], "kernel": [], "version bump": [], "release": []}

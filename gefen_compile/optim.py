@@ -124,12 +124,22 @@ class Gefen(LearnedState, Optimizer):
             return loss
         if self._buckets is None:
             self._buckets = self._build_buckets({})
+        # Every bucket's tensors are read and checked before any kernel runs: a step refused
+        # for one gradient changes nothing.
+        steps = []
         for bucket in self._buckets:
-            if cpu_step.step_prepared(bucket, lambda b=bucket: self._kernel_args(b, [])):
-                continue
-            grads = [p.grad for p in bucket.owners]
-            if any(g is not None for g in grads):
-                self._step_bucket(bucket, self._checked_grads(bucket, grads))
+            held = cpu_step.prepare(bucket)
+            if held is None:
+                grads = [p.grad for p in bucket.owners]
+                if any(g is not None for g in grads):
+                    steps.append((bucket, None, self._checked_grads(bucket, grads)))
+            elif held:
+                steps.append((bucket, held, None))
+        for bucket, held, grads in steps:
+            if held is None:
+                self._step_bucket(bucket, grads)
+            else:
+                cpu_step.run_prepared(bucket, self._kernel_args(bucket, []))
         return loss
 
     def _checked_grads(self, bucket: Bucket, grads: list[Tensor | None]) -> list[Tensor | None]:

@@ -435,7 +435,7 @@ def test_the_environment_picks_the_cpu_path(value, error):
 
 def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monkeypatch):
     """In steady state a CPU step reads gradients and fills its pointer tables in one C call
-    (cpu_step.step_prepared), never the per-tensor Python checks; a tensor that call cannot
+    (cpu_step.prepare), never the per-tensor Python checks; a tensor that call cannot
     vouch for (a gradient of another dtype, a non-contiguous gradient) goes to the general
     path, which raises the error naming it or converts it. The C kernel reads gradients
     without the GIL: the call holds each gradient it read, so that another thread replacing a
@@ -461,7 +461,8 @@ def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monke
     if hasattr(params[2], "grad_dtype"):  # torch >= 2.10 refuses other dtypes unless told
         params[2].grad_dtype = None
     params[2].grad = params[2].grad.double()
-    with pytest.raises(ValueError, match="parameter 2 of param group 0 has dtype torch.float32"):
+    with pytest.raises(ValueError, match="gradient of parameter 2 of param group 0 has dtype "
+                                         "torch.float64, the parameter torch.float32"):
         opt.step()
 
 
