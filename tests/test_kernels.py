@@ -640,3 +640,41 @@ def test_momentum_rows_equal_the_torch_path(dtype, nesterov, block, numel):
             == [_bytes(t) for t in expected], path
         assert [_bytes(t) for t in _momentum_step(path, dtype, nesterov, block, numel, False)] \
             == [_bytes(t) for t in portable], path
+
+
+FORKED_CHILD_STEPS = """
+import os, sys, time, torch
+from gefen_compile import Gefen
+torch.set_num_threads(2)
+model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+opt = Gefen(model.parameters(), lr=1e-2)
+def step():
+    opt.zero_grad()
+    model(torch.randn(16, 32)).square().mean().backward()
+    opt.step()
+for _ in range(3):
+    step()  # the parent's OpenMP threads now exist
+pid = os.fork()
+if pid == 0:
+    for _ in range(3):
+        step()
+    os._exit(0)
+for _ in range(600):  # a minute at most: a hung child is killed, not left behind
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.1)
+os.kill(pid, 9)
+sys.exit("the forked child hung in its steps")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_after_steps_keeps_stepping():
+    """GNU OpenMP hangs a forked child at its first parallel region of several threads (the
+    parent's threads are not copied): the kernels use one thread in a forked child."""
+    if native.library is None:
+        pytest.skip("no C library")
+    child = subprocess.run([sys.executable, "-c", FORKED_CHILD_STEPS], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr

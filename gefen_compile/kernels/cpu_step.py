@@ -1,7 +1,7 @@
 """The fast CPU path: the C kernels of ``cpu_step.c`` called on tensors.
 
 Each call hands the kernel raw data pointers of CPU tensors, so the caller keeps the tensors
-alive and contiguous for the duration of the call. The kernels use ``torch.get_num_threads()``
+alive and contiguous for the duration of the call. The kernels use ``native.threads()``
 threads.
 """
 
@@ -15,7 +15,7 @@ import torch
 from ..codebook import NUM_BINS
 from . import StepInputs, tensor_shim
 from ..state import Bucket
-from .native import StepArgs, _cpu, library as _lib, log_rows
+from .native import StepArgs, _cpu, library as _lib, log_rows, threads
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 # Whole rows (magnitude blocks) up to this long may be stepped in batches of rows (cpu_step.c,
@@ -77,7 +77,7 @@ def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: tor
                a.steps, a.codebook, a.lut, a.bounds, a.first_index)
     args = StepArgs(a.num_rows, a.segments.data_ptr(), len(params),
                     *(t.data_ptr() for t in tensors), a.first_index.numel(), a.lut_half,
-                    torch.get_num_threads(), SHORT_ROW)
+                    threads(), SHORT_ROW)
     if _lib.gefen_step(ctypes.byref(args), DTYPE_CODES[a.vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
     log_rows()
@@ -101,7 +101,7 @@ def histogram(
     counts = torch.zeros(NUM_BINS, dtype=torch.int64)
     tables = _gradient_tables(grads, rows, negate)
     _lib.gefen_histogram(
-        len(grads), *(t.data_ptr() for t in tables), counts.data_ptr(), torch.get_num_threads()
+        len(grads), *(t.data_ptr() for t in tables), counts.data_ptr(), threads()
     )
     return counts
 
@@ -114,7 +114,7 @@ def period_scores(
     scores = torch.empty(offsets[-1], dtype=torch.float64)
     tables = _gradient_tables(grads, offsets, candidates)
     status = _lib.gefen_period_scores(
-        len(grads), *(t.data_ptr() for t in tables), scores.data_ptr(), torch.get_num_threads()
+        len(grads), *(t.data_ptr() for t in tables), scores.data_ptr(), threads()
     )
     if status != 0:
         raise MemoryError("gefen_period_scores: out of memory for its per-candidate scratch")

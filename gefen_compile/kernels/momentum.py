@@ -30,7 +30,7 @@ def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tens
             grad.numel(), block, grad.data_ptr(), codes.data_ptr(), magnitude.data_ptr(),
             update.data_ptr(), momentum, int(nesterov), tables.codebook.data_ptr(),
             tables.lut.data_ptr(), tables.bounds.data_ptr(), tables.first_index.data_ptr(),
-            tables.first_index.numel(), tables.half, torch.get_num_threads())
+            tables.first_index.numel(), tables.half, native.threads())
         if native.library.gefen_momentum(ctypes.byref(args), DTYPE_CODES[magnitude.dtype]):
             raise ValueError(f"gefen_momentum: block {block} or dtype {magnitude.dtype} refused")
         torch.autograd.graph.increment_version([codes, magnitude])

@@ -14,6 +14,8 @@ import os
 import platform
 import warnings
 
+import torch
+
 try:
     from . import _cpu
 
@@ -188,6 +190,25 @@ if library is not None and os.environ.get(PATH_VARIABLE):
         use_cpu_path(os.environ[PATH_VARIABLE])
     except ValueError as error:
         raise ValueError(f"{PATH_VARIABLE}={os.environ[PATH_VARIABLE]}: {error}") from None
+
+
+# GNU OpenMP (the libgomp torch's CPU builds load) hangs a child forked after its parent used
+# OpenMP threads, at the child's first parallel region of more than one thread: it waits for
+# threads the fork did not copy. Kernels in a forked child (hogwild workers, say) use one.
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def threads() -> int:
+    """Threads for a kernel call: torch's number, or 1 in a forked child."""
+    return 1 if _forked else torch.get_num_threads()
 
 
 def warn_missing() -> None:
