@@ -212,7 +212,7 @@ class GefenMuon(LearnedState, Optimizer):
                 "parameter"
             )
         g = distributed.local_grad(p, g, where)
-        return g if g.is_contiguous() else g.contiguous()
+        return g.contiguous().resolve_neg()  # the kernels read values from memory
 
     def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str,
                      variant: Variant | None = None) -> None:

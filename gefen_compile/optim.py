@@ -180,15 +180,16 @@ class Gefen(LearnedState, Optimizer):
         return grads
 
     def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
-        # The kernels read memory in the flattened (logical) order of each tensor.
-        grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in grads]
+        # The kernels read memory in the flattened (logical) order of each tensor, and its
+        # values: a negated view (torch._neg_view) holds -g in memory.
+        grads = [None if g is None else g.contiguous().resolve_neg() for g in grads]
         if bucket.codes.device.type not in ("cpu", "cuda"):  # MPS, XPU, ...
             self._step_in_torch(bucket, range(len(grads)), grads)
             return
-        # Parameters stored in another memory order (channels_last, say) take the plain
-        # torch step, which reads and writes them through their strides.
+        # Parameters stored in another memory order (channels_last, say), or negated views,
+        # take the plain torch step, which reads and writes them through their strides and sign.
         strided = [i for i, (p, g) in enumerate(zip(bucket.params, grads))
-                   if g is not None and not p.is_contiguous()]
+                   if g is not None and (not p.is_contiguous() or p.is_neg())]
         kernel_grads = [None if i in strided else g for i, g in enumerate(grads)] if strided else grads
         ops.run_step(self._kernel_args(bucket, kernel_grads))
         self._step_in_torch(bucket, strided, grads)

@@ -475,7 +475,7 @@ def _tables_both_ways(bucket):
     results = []
     for shim in (True, False):
         if not shim:
-            native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0)
+            native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0, 0, 0)
         try:
             for t in bucket.host_tables():
                 t.zero_()
@@ -678,3 +678,34 @@ def test_a_child_forked_after_steps_keeps_stepping():
     child = subprocess.run([sys.executable, "-c", FORKED_CHILD_STEPS], capture_output=True,
                            text=True, timeout=120)
     assert child.returncode == 0, child.stderr
+
+
+@pytest.mark.parametrize("shim", [True, False])
+def test_negated_views_step_as_their_values(shim):
+    """A tensor with torch's negation bit (torch._neg_view; autograd keeps one that a custom
+    Function's backward returns) holds -values in memory: as gradient (first step and steady
+    state) or as parameter it steps as a plain tensor of the same values, read through the
+    shim or through method calls."""
+    if not shim and native._cpu is not None:
+        native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0, 0, 0)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        values = torch.randn(12, 40, generator=gen)
+        grads = [structured((12, 40), gen, torch.float32) for _ in range(3)]
+        plain, other = torch.nn.Parameter(values.clone()), torch.nn.Parameter(values.clone())
+        negated = torch.nn.Parameter(torch._neg_view(-values))
+        plain_opt, other_opt = Gefen([plain], lr=1e-2), Gefen([other], lr=1e-2)
+        negated_opt = Gefen([negated], lr=1e-2)
+        for g in grads:
+            plain.grad = g.clone()
+            other.grad, negated.grad = torch._neg_view(-g), torch._neg_view(-g)
+            for opt in (plain_opt, other_opt, negated_opt):
+                opt.step()
+            assert other.grad.is_neg() and negated.is_neg()
+            assert torch.equal(other, plain)
+            # a negated parameter takes the plain-torch step: equal up to its rounding
+            torch.testing.assert_close(negated.detach(), plain.detach(), **PARAM_TOL[torch.float32])
+        assert torch.equal(negated_opt.state[negated]["codes"], plain_opt.state[plain]["codes"])
+    finally:
+        if native._cpu is not None:
+            tensor_shim.bind(native._cpu.bind_shim)

@@ -1825,14 +1825,14 @@ int gefen_period_scores(int64_t num_tensors, const void *const *data, const int6
 
 /* torch.Tensor's descriptors (set by bind(), kernels/native.py): reading them straight skips
  * the attribute lookup through a Parameter's class and instance dict, most of the cost. */
-enum { GRAD, DTYPE, NUMEL, CONTIGUOUS, DATA_PTR, DESCRIPTORS };
+enum { GRAD, DTYPE, NUMEL, CONTIGUOUS, DATA_PTR, IS_NEG, DESCRIPTORS };
 static PyObject *descriptors[DESCRIPTORS];
 
 static PyObject *bind(PyObject *self, PyObject *args) {
     PyObject *given[DESCRIPTORS];
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOO", &given[GRAD], &given[DTYPE], &given[NUMEL],
-                          &given[CONTIGUOUS], &given[DATA_PTR]))
+    if (!PyArg_ParseTuple(args, "OOOOOO", &given[GRAD], &given[DTYPE], &given[NUMEL],
+                          &given[CONTIGUOUS], &given[DATA_PTR], &given[IS_NEG]))
         return NULL;
     for (int k = 0; k < DESCRIPTORS; k++) {
         Py_INCREF(given[k]);
@@ -1850,23 +1850,27 @@ static struct {
     Py_ssize_t offset;        /* of the at::Tensor in a torch.Tensor (or Parameter) object */
     PyObject *types;          /* the exact types read this way: others may override methods */
     int32_t strided;          /* the strided layout's code */
+    Py_ssize_t neg_offset;    /* the word of a TensorImpl that holds its negation bit (not in */
+    uint64_t neg_bit;         /* the shim; a torch._neg_view's data reads negated), and the bit */
     int32_t (*layout)(void *, int32_t *), (*dtype)(void *, int32_t *);
     int32_t (*contiguous)(void *, _Bool *), (*numel)(void *, int64_t *);
     int32_t (*data_ptr)(void *, void **);
 } shim;
 
 static PyObject *bind_shim(PyObject *self, PyObject *args) {
-    Py_ssize_t offset;
+    Py_ssize_t offset, neg_offset;
     PyObject *types;
     int strided;
-    unsigned long long fn[5];
+    unsigned long long neg_bit, fn[5];
     (void)self;
-    if (!PyArg_ParseTuple(args, "nO!iKKKKK", &offset, &PyTuple_Type, &types, &strided, &fn[0],
-                          &fn[1], &fn[2], &fn[3], &fn[4]))
+    if (!PyArg_ParseTuple(args, "nO!inKKKKKK", &offset, &PyTuple_Type, &types, &strided,
+                          &neg_offset, &neg_bit, &fn[0], &fn[1], &fn[2], &fn[3], &fn[4]))
         return NULL;
     Py_INCREF(types);
     Py_XSETREF(shim.types, types);
     shim.strided = strided;
+    shim.neg_offset = neg_offset;
+    shim.neg_bit = neg_bit;
     shim.layout = (int32_t(*)(void *, int32_t *))(uintptr_t)fn[0];
     shim.dtype = (int32_t(*)(void *, int32_t *))(uintptr_t)fn[1];
     shim.contiguous = (int32_t(*)(void *, _Bool *))(uintptr_t)fn[2];
@@ -1901,17 +1905,20 @@ static int64_t call_int(PyObject *t, int k) {
     return value;
 }
 
-/* Whether tensor t is as the bucket's state was built: strided, of dtype `dtype` (the shim's
- * code for it: `code`), contiguous, of `numel` elements and with memory of its own (a
+/* Whether tensor t is as the bucket's state was built: strided, not negated (a neg view's
+ * memory holds -t), of dtype `dtype` (the shim's code for it: `code`), contiguous, of `numel`
+ * elements and with memory of its own (a
  * storage-less subclass or an efficient zero tensor has data pointer 0); then its data
  * pointer into *ptr. 1 yes, 0 no (the Python side then converts it or raises the error that
  * names it), -1 error (set). */
 static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int64_t *ptr) {
     if (shimmed(t)) {
         void *h = (char *)t + shim.offset, *data;
+        const char *impl = *(char *const *)h; /* the at::Tensor's TensorImpl */
         int32_t layout, d;
         _Bool contiguous;
         int64_t n;
+        if (*(const uint64_t *)(impl + shim.neg_offset) & shim.neg_bit) return 0;
         if (shim.layout(h, &layout) || layout != shim.strided || shim.dtype(h, &d) || d != code ||
             shim.contiguous(h, &contiguous) || !contiguous || shim.numel(h, &n) || n != numel ||
             shim.data_ptr(h, &data) || (!data && numel))
@@ -1930,6 +1937,10 @@ static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int
     }
     Py_DECREF(contiguous);
     if (contiguous != Py_True) return 0;
+    PyObject *negated = call(t, IS_NEG);
+    if (!negated) return -1;
+    Py_DECREF(negated);
+    if (negated != Py_False) return 0;
     const int64_t n = call_int(t, NUMEL);
     if (n != numel) return PyErr_Occurred() ? -1 : 0;
     *ptr = call_int(t, DATA_PTR);

@@ -97,7 +97,7 @@ def histogram(
     grads: Sequence[torch.Tensor], rows: Sequence[int], negate: Sequence[bool]
 ) -> torch.Tensor:
     """int64 counts of every gradient's normalised rows (see codebook.gradient_histogram)."""
-    grads = [g.contiguous() for g in grads]
+    grads = [g.contiguous().resolve_neg() for g in grads]  # values, as the memory holds them
     counts = torch.zeros(NUM_BINS, dtype=torch.int64)
     tables = _gradient_tables(grads, rows, negate)
     _lib.gefen_histogram(
@@ -110,7 +110,7 @@ def period_scores(
     grads: Sequence[torch.Tensor], candidates: Sequence[int], offsets: Sequence[int]
 ) -> torch.Tensor:
     """float64 scores of every gradient's candidate periods (see ops.period_scores)."""
-    grads = [g.contiguous() for g in grads]
+    grads = [g.contiguous().resolve_neg() for g in grads]  # values, as the memory holds them
     scores = torch.empty(offsets[-1], dtype=torch.float64)
     tables = _gradient_tables(grads, offsets, candidates)
     status = _lib.gefen_period_scores(

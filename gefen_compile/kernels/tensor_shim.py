@@ -9,7 +9,9 @@ the C extension does not know (it is built without torch's headers, and the offs
 between torch versions), so :func:`bind` finds it here: the one pointer-sized word of the
 object that holds the tensor's ``TensorImpl`` address (``Tensor._cdata``) in every probe. Each
 shim function is then asked about probes of every kind the step meets and must give Python's
-answers; if anything is missing or differs, the step keeps the method calls.
+answers; if anything is missing or differs, the step keeps the method calls. The shim does not
+report a tensor's negation bit (a ``torch._neg_view``, whose memory holds the negated values):
+the one bit of its ``TensorImpl`` that every probe's negated view sets is found the same way.
 """
 
 from __future__ import annotations
@@ -72,6 +74,27 @@ def _offset(probes: list[torch.Tensor]) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
+# Words of a TensorImpl searched for its negation bit: well inside the object (~200 bytes).
+_IMPL_WORDS = 24
+
+
+def _impl_words(t: torch.Tensor) -> list[int]:
+    return list((ctypes.c_uint64 * _IMPL_WORDS).from_address(t._cdata))
+
+
+def _negation_bit(probes: list[torch.Tensor]) -> tuple[int, int] | None:
+    """The offset of the TensorImpl word holding the negation bit (``torch._neg_view``, whose
+    memory holds the negated values; the shim does not report it), and that bit: the one word
+    and bit in which every probe and its negated view differ, set in the view only."""
+    found = None
+    for t in probes:
+        plain, negated = _impl_words(t), _impl_words(torch._neg_view(t))
+        flips = {(k * _WORD, a ^ b) for k, (a, b) in enumerate(zip(plain, negated))
+                 if (a ^ b).bit_count() == 1 and b & (a ^ b)}
+        found = flips if found is None else found & flips
+    return found.pop() if found and len(found) == 1 else None
+
+
 def _answers(library: ctypes.CDLL, t: torch.Tensor, offset: int) -> tuple:
     """What the shim says of t: layout, dtype, contiguous, numel, data pointer."""
     results = []
@@ -97,6 +120,9 @@ def bind(bind_shim) -> bool:
         offset = _offset(probes)
         if offset is None:
             raise RuntimeError("no one offset holds every probe's TensorImpl")
+        negation = _negation_bit(probes)
+        if negation is None:
+            raise RuntimeError("no one TensorImpl bit marks every probe's negated view")
         for t in probes:
             expected = (strided, dtype_codes[t.dtype], t.is_contiguous(), t.numel(), t.data_ptr())
             if _answers(library, t, offset) != expected:
@@ -104,7 +130,7 @@ def bind(bind_shim) -> bool:
     except (AttributeError, RuntimeError) as error:  # a torch without the shim, or changed
         _log.debug("gefen_compile: the CPU step reads tensors through method calls: %s", error)
         return False
-    bind_shim(offset, TYPES, strided, *(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+    bind_shim(offset, TYPES, strided, *negation, *(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
                                         for name in FUNCTIONS))
     codes.update(dtype_codes)
     return True
