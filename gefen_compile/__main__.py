@@ -11,9 +11,14 @@ processes the script starts run the same way (runner.py)."""
 from __future__ import annotations
 
 import argparse
+import builtins
+import io
 import os
 import runpy
 import sys
+import types
+import zipfile
+from importlib.machinery import SourceFileLoader
 
 from .runner import TORCHRUN, run_patched, run_torchrun
 from .variant import VARIANT_NAMES
@@ -47,15 +52,43 @@ def main(argv: list[str] | None = None) -> None:
         run_torchrun(target, args.quiet, args.variant)
     elif args.module is not None:
         sys.argv = [args.module, *target]
+        _set_path0(os.getcwd())  # as `python -m` does (already so under `python -m gefen_compile`)
         runpy.run_module(args.module, run_name="__main__", alter_sys=True)
     else:
         script, *script_args = target
         if not os.path.isfile(script):
             parser.error(f"no such script: {script!r}")
-        sys.argv = [script, *script_args]
-        # As `python script.py` does: the script's directory comes first on the import path.
-        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-        runpy.run_path(script, run_name="__main__")
+        sys.argv = [script, *script_args]  # sys.argv[0] as typed, as `python script.py` has it
+        _set_path0(os.path.dirname(os.path.realpath(script)))
+        if script.endswith(".pyc") or zipfile.is_zipfile(script):
+            runpy.run_path(script, run_name="__main__")
+        else:
+            _run_source(script)
+
+
+def _set_path0(entry: str) -> None:
+    """Put ``entry`` first on ``sys.path`` in place of the entry the interpreter put there for
+    the runner (the working directory under ``python -m gefen_compile``; gefen-run's own
+    directory), as plain ``python script.py`` (``python -m module``) has only its own: a
+    module in the working directory must not become importable by a script elsewhere."""
+    if not getattr(sys.flags, "safe_path", False):  # `python -P` (3.11+) puts none there
+        sys.path[:1] = [entry]
+
+
+def _run_source(script: str) -> None:
+    """Run the source file ``script`` in a new ``__main__`` module, as ``python script.py``
+    does: ``__file__`` (and the name in tracebacks) is the working directory joined to the
+    path as typed, not normalised, so the script finds its files after an ``os.chdir``; and
+    ``__loader__``, ``__package__``, ``__spec__`` and ``__cached__`` are plain python's too."""
+    filename = script if os.path.isabs(script) else os.path.join(os.getcwd(), script)
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=filename, __cached__=None, __builtins__=builtins,
+                         __loader__=SourceFileLoader("__main__", filename), __annotations__={})
+    with io.open_code(filename) as file:
+        # dont_inherit: this module's `from __future__ import annotations` is not the script's.
+        code = compile(file.read(), filename, "exec", dont_inherit=True)
+    sys.modules["__main__"] = main  # kept after the script, as plain python keeps its own
+    exec(code, main.__dict__)
 
 
 def _runner_options(argv: list[str]) -> int:

@@ -73,6 +73,48 @@ def test_runner_passes_options_after_a_module_to_the_module(tmp_path):
     assert result.stdout.strip() == "['--nproc', '2', '-m', 'x']"
 
 
+# What a script sees of how it was started; it changes directory first, as some do.
+SEES = """
+import os, sys
+os.chdir(os.path.dirname(os.getcwd()))
+print("__file__", __file__)
+print("data next to it", open(os.path.join(os.path.dirname(__file__), "data.txt")).read())
+print("argv", sys.argv)
+print("path", sys.path)
+print("code", sys._getframe().f_code.co_filename)
+print("globals", sorted((k, type(v).__name__) for k, v in globals().items() if k.startswith("__")))
+print("package, spec, cached", __package__, __spec__, __cached__)
+print("is __main__", sys.modules["__main__"].__dict__ is globals())
+try:
+    import localmod  # in the working directory the script was started from, not beside it
+    print("imported localmod")
+except ImportError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("typed", ["scripts/sees.py", "./scripts//../scripts/sees.py", "abs"])
+def test_a_script_sees_what_plain_python_gives_it(tmp_path, typed):
+    """__file__ is absolute (the working directory joined to the path as typed, so it still
+    works after os.chdir), sys.argv[0] is as typed, and sys.path starts with the script's own
+    directory alone: a module in the working directory is not importable, as under plain
+    python (the runner's `python -m` had put the working directory there)."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "sees.py").write_text(SEES)
+    (tmp_path / "scripts" / "data.txt").write_text("found")
+    (tmp_path / "localmod.py").write_text("")
+    script = str(tmp_path / "scripts" / "sees.py") if typed == "abs" else typed
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("GEFEN_COMPILE_RUNNER", None)
+    outputs = [subprocess.run([sys.executable, *runner, script, "an-arg"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+               for runner in ([], ["-m", "gefen_compile", "--quiet"])]
+    plain, patched = outputs
+    assert plain.returncode == 0 and "No module named 'localmod'" in plain.stdout, plain.stderr
+    assert patched.returncode == 0, patched.stderr
+    assert patched.stdout.splitlines() == plain.stdout.splitlines()
+
+
 # Two gloo ranks, a DDP model, a few steps; each rank writes the class of its optimizer.
 DDP_STEPS = """
 import torch
