@@ -86,6 +86,14 @@ class _Converted:
         if getattr(self, "_gefen_hook", None) not in self._optimizer_step_pre_hooks:
             _install_update_hook(self)
 
+    def __reduce_ex__(self, protocol: int) -> str | tuple[Any, ...]:
+        cls = own_class(self)
+        if cls in _CONVERTED_ORIGINALS:  # GefenAdamW and the like: pickled by their names
+            return super().__reduce_ex__(protocol)
+        # A subclass's converted class is made at its conversion, under no name pickle can look
+        # up (GefenMyAdamW): rebuild it from the user's class, which has one.
+        return _new_converted, (cls,), self.__getstate__()
+
 
 class GefenAdamW(_Converted, AdamW, Gefen):
     """A ``torch.optim.AdamW`` converted to Gefen by :func:`convert`."""
@@ -144,6 +152,7 @@ def overrides_step(cls: type) -> bool:
 
 
 _CONVERTED: dict[type, type] = {base: converted for base, converted, _ in _ORIGINALS}
+_CONVERTED_ORIGINALS = frozenset(_CONVERTED)
 
 
 # The variant of conversions that name none (the patch's, the runner's and the backend's), for
@@ -246,6 +255,13 @@ def _converted_class(cls: type) -> type:
         _CONVERTED[cls] = type(f"Gefen{cls.__name__}", (_Converted, cls, *above, gefen),
                                {"__doc__": base.__doc__, "__module__": cls.__module__})
     return _CONVERTED[cls]
+
+
+def _new_converted(cls: type) -> Optimizer:
+    """An empty converted ``cls`` (a user's AdamW, Adam or Muon subclass), for unpickling: its
+    state then goes to ``__setstate__``, which installs the update."""
+    converted = _converted_class(cls)
+    return converted.__new__(converted)
 
 
 def own_class(optimizer: Optimizer) -> type:

@@ -2,8 +2,10 @@
 (state migrated), keeping its identity for schedulers, hooks and compiled steps."""
 
 import copy
+import io
 import logging
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -168,6 +170,36 @@ def test_converted_optimizer_pickles_with_its_update():
     after = [p for g in clone.param_groups for p in g["params"]]
     assert all(not torch.equal(a, b) for a, b in zip(before, after))
     assert clone.state[after[0]]["step"].item() == 4.0
+
+
+class MyAdamW(torch.optim.AdamW):
+    """A user's subclass: its converted class (GefenMyAdamW) is made at its conversion."""
+
+
+class MyStepAdamW(torch.optim.AdamW):
+    def step(self, closure=None):  # reaches AdamW's step, where Gefen's update then runs
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("cls", [MyAdamW, MyStepAdamW])
+def test_converted_subclass_pickles_to_an_equivalent_optimizer(cls, monkeypatch):
+    params = model_params()
+    opt = convert(cls([{"params": params[:1]}, {"params": params[1:], "lr": 3e-3}], lr=1e-2))
+    for seed in range(2):
+        set_grads(params, seed)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    # As in a fresh process, where no converted class of the subclass exists yet.
+    monkeypatch.delitem(sys.modules["gefen_compile.convert"]._CONVERTED, cls)
+    clone = torch.load(buffer, weights_only=False)
+    assert type(clone) is not type(opt) and type(clone).__name__ == f"Gefen{cls.__name__}"
+    assert isinstance(clone, cls) and isinstance(clone, Gefen) and clone.variant == opt.variant
+    assert torch.equal(clone.codebook, opt.codebook)
+    clone_params = [p for g in clone.param_groups for p in g["params"]]
+    step_together(opt, params, clone, clone_params, range(2, 5))
+    assert clone.state[clone_params[0]]["step"].item() == 5.0
 
 
 def test_conversion_logs_one_info_line(caplog):
