@@ -42,8 +42,7 @@ def check_hyperparameters(values: dict[str, Any], where: str) -> None:
         raise ValueError(f"Invalid learning rate: {lr} ({where}: use lr >= 0)")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps} ({where}: use eps >= 0)")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    betas = beta_pair(betas, where)
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor) and beta.numel() != 1:  # before comparing it
             raise ValueError(f"Tensor betas[{i}] must be 1-element ({where}: got shape "
@@ -63,8 +62,39 @@ def check_hyperparameters(values: dict[str, Any], where: str) -> None:
                              f"and foreach=True {advice}")
 
 
-def scalar_betas(betas: tuple) -> tuple:
-    """``betas`` with one-element tensors made 0-d, as AdamW's constructor stores them (others
-    are left for :func:`check_hyperparameters` to refuse)."""
+def beta_pair(betas: Any, where: str) -> tuple:
+    """``betas`` as a tuple (beta1, beta2): any sequence of two numbers or tensors that AdamW
+    takes (a tuple or list, a numpy array, the ListConfig a Hydra config gives); a ValueError
+    for another length or no sequence, a TypeError for an item that is not a number."""
+    pair = _pair(betas)
+    if pair is None:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r} ({where}: pass "
+                         "two floats or two one-element tensors, in a tuple or any sequence)")
+    for i, beta in enumerate(pair):
+        # What the step can read: a tensor, or anything float() takes but a string.
+        if not (isinstance(beta, Tensor) or hasattr(type(beta), "__float__")):
+            raise TypeError(f"betas[{i}] must be a float or a one-element tensor, got "
+                            f"{type(beta).__name__} {beta!r} ({where}: betas={betas!r})")
+    return pair
+
+
+def scalar_betas(betas: Any) -> Any:
+    """``betas`` as a tuple with one-element tensors made 0-d, as AdamW's constructor stores
+    them; anything that is not a pair is returned as it is, for :func:`check_hyperparameters`
+    to refuse."""
+    pair = _pair(betas)
+    if pair is None:
+        return betas
     return tuple(b.reshape(()) if isinstance(b, Tensor) and b.dim() and b.numel() == 1 else b
-                 for b in betas)
+                 for b in pair)
+
+
+def _pair(betas: Any) -> tuple | None:
+    """``tuple(betas)`` where ``betas`` is a sized sequence of two items (not a string), else
+    None. Sized: a one-shot iterator would be used up by the check, leaving the group empty."""
+    if isinstance(betas, (str, bytes)):
+        return None
+    try:
+        return tuple(betas) if len(betas) == 2 else None
+    except TypeError:  # no len() (a float, a 0-d tensor, an iterator), or not iterable
+        return None

@@ -82,7 +82,8 @@ class LearnedState:
             if not fresh:
                 return []
         if self.codebook is None:
-            negate = [group.get("maximize", False) for group, _, _ in fresh]
+            # AdamW reads maximize for its truth only (None, 1, a tensor are all taken).
+            negate = [bool(group.get("maximize", False)) for group, _, _ in fresh]
             self._set_codebook(codebook_from([p for _, p, _ in fresh], [g for _, _, g in fresh],
                                              periods, negate, self.variant))
         for (_, p, _), period in zip(fresh, periods):

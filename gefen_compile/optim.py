@@ -359,7 +359,8 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
             if isinstance(value, Tensor):  # one element; a shape (1,) lr is AdamW's too
                 tensors[i, column] = value.reshape(()) if value.dim() else value
                 value = 0.0
-            row.append(float(value))
+            # maximize (column 5): its truth, as AdamW reads it ("0" and None included)
+            row.append(float(bool(value)) if column == 5 else float(value))
         rows.append(tuple(row))
     # Tables written into are keyed by the tensors' identities too: two optimizers stepping in
     # two threads (the C step releases the GIL) must not write their lrs into one table.

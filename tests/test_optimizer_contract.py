@@ -932,13 +932,8 @@ def test_maximize_equals_minimizing_the_negated_loss(weight_decay):
     assert all(not torch.equal(p, s) for p, s in zip(up, start))
 
 
-# Values AdamW takes for maximize (it reads their truth only) that a config may give.
-PENDING_HYPER_TABLE = pytest.mark.xfail(strict=True, reason="optim.hyper_table reads float(maximize): needs float(bool(maximize))")
-
-
 @pytest.mark.parametrize("value", [
-    1, np.bool_(True), torch.tensor(True), "1",
-    *(pytest.param(v, marks=PENDING_HYPER_TABLE) for v in (None, "yes", "0", "")),
+    1, np.bool_(True), torch.tensor(True), "1", None, "yes", "0", "",
 ], ids=repr)
 def test_maximize_is_read_for_its_truth_as_adamw_reads_it(value):
     given, plain = make_params(), make_params()
