@@ -78,11 +78,15 @@ def writes_a_parameter(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
 
 
 def _rewritten(gm: torch.fx.GraphModule, example_inputs: list):
-    """``gm`` with its AdamW updates lowered to Gefen and the state report; on an unexpected
-    failure, ``gm`` as it came (a warning says why) and no report."""
+    """``gm`` with its AdamW updates lowered to Gefen and the state report; where the passes
+    refuse it (they log why) or fail unexpectedly (a warning says why), ``gm`` as it came and
+    no report."""
     graph, attributes = _snapshot(gm.graph), set(gm._buffers) | set(gm._parameters)
     try:
-        gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False)
+        # The graph runs once: the conversion changes the optimizer's class, and dynamo
+        # traces its next step anew (through the converted optimizer's own update).
+        gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False,
+                                         runs_once=True)
         return gm, report.state
     except Exception as error:  # noqa: BLE001 (any failure: the graph compiles unchanged)
         log.warning("the gefen backend left a graph with an optimizer step as dynamo traced "

@@ -215,7 +215,7 @@ def test_graphs_writing_no_parameter_skip_the_passes(monkeypatch, caplog):
 
 
 def test_a_failing_pass_logs_a_warning_and_compiles_the_graph_as_traced(monkeypatch, caplog):
-    def failing(gm, example_inputs, release_state):
+    def failing(gm, example_inputs, release_state, **kwargs):
         # Half a rewrite, then an unexpected failure: the backend must undo the half.
         gm.register_buffer("gefen_half", torch.zeros(1))
         output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -261,3 +261,28 @@ def test_first_step_work_runs_eagerly_in_a_compiled_step(monkeypatch):
 
     torch.compile(step, backend="gefen")(batch(0))
     assert compiling == [False] and isinstance(opt, Gefen)
+
+
+def test_compiled_step_with_a_zero_first_gradient_and_an_empty_parameter():
+    # LoRA: B starts at zero, so A's first gradient is all zero and Gefen starts A's state at
+    # its first non-zero one; an empty parameter never gets state. dynamo's guards read the
+    # AdamW state of both (step included) after the backend converted the optimizer.
+    def lora(opt_class, compiled):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(4, 8) * 0.1), torch.nn.Parameter(torch.zeros(16, 4))
+        empty = torch.nn.Parameter(torch.randn(0, 4))
+        opt = opt_class([a, b, empty], lr=1e-2)
+        step = torch.compile(opt.step, backend="gefen") if compiled else opt.step
+        weight = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+        for seed in range(3):
+            opt.zero_grad()
+            (batch(seed)[:, :8] @ (weight + b @ a).T).square().mean().backward()
+            empty.grad = torch.zeros_like(empty)
+            step()
+        return opt, (a, b)
+
+    opt, params = lora(torch.optim.AdamW, True)
+    _, expected = lora(Gefen, False)
+    assert isinstance(opt, Gefen) and "exp_avg" not in opt.state[params[0]]
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -217,3 +217,137 @@ def test_value_graph_of_slices_setitem_and_lists():
     x, y, buf = (n for n in gm.graph.nodes if n.op == "placeholder")
     assert values.written() == [buf]
     assert values.leaves(values.final[buf]) == {x, y, buf}
+
+
+HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=False)
+
+
+def fx_step(params, grads, state, after=None, hyper=HYPER, extra=(), update=None):
+    """make_fx graph of ``update`` (``functional_adamw``) over ``state`` (then
+    ``after(params, exp_avgs)``, whose result the graph returns), and its flat inputs
+    (``extra``: inputs it reads through ``hyper``). The tensors are as they were before tracing
+    (make_fx ran the step on them)."""
+    inputs = (params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+              [s["step"] for s in state])
+    flat = [t for group in inputs for t in group] + list(extra)
+    n = len(params)
+
+    def step(*flat):
+        lists = [list(flat[i * n:(i + 1) * n]) for i in range(5)]
+        with torch.no_grad():
+            values = hyper(*flat[5 * n:]) if callable(hyper) else hyper
+            (update or functional_adamw)(*lists, **values)
+            return after(lists[0], lists[2]) if after else None
+
+    saved = [t.detach().clone() for t in flat]
+    gm = make_fx(step)(*flat)
+    with torch.no_grad():
+        for t, s in zip(flat, saved):
+            t.copy_(s)
+    return gm, flat
+
+
+def stepped_state(opt, params):
+    """AdamW's state after one step of ``opt`` (its own step, with the current gradients)."""
+    opt.step()
+    return [opt.state[p] for p in params]
+
+
+def test_adamw_subclass_is_left_alone():
+    # The backend converts exactly AdamW (or Adam): a subclass may step with an update of its own.
+    class OwnUpdate(torch.optim.AdamW):
+        pass
+
+    model = mlp()
+    params = list(model.parameters())
+    opt = OwnUpdate(params, lr=1e-2, weight_decay=0.1)
+    backward(model, 0)
+    gm, flat = fx_step(params, [p.grad for p in params], stepped_state(opt, params))
+    before = graph_text(gm)
+    gm, report = rewrite_adamw_steps(gm, flat)
+    assert graph_text(gm) == before and type(opt) is OwnUpdate
+    assert len(report.matched.updates) == 4 and "not the step of a live" in report.refused
+
+
+@pytest.mark.parametrize("idle", [True, False], ids=["idle_adamw", "no_optimizer"])
+def test_update_over_tensors_of_its_own_passes_unchanged(idle):
+    # An AdamW-like update (RAdam's, a user's) over state that is no AdamW's, with an AdamW
+    # that never stepped over the same parameters (or none): not that AdamW's step.
+    model = mlp()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3) if idle else None
+    backward(model, 0)
+    state = [{"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+              "step": torch.zeros(())} for p in params]
+    gm, flat = fx_step(params, [p.grad for p in params], state)
+    before = graph_text(gm)
+    gm, report = rewrite_adamw_steps(gm, flat)
+    assert graph_text(gm) == before and report.state is None and report.refused
+    assert opt is None or (type(opt) is torch.optim.AdamW and not opt.state)
+
+
+@pytest.mark.parametrize("after", ["clamp", "read_moment"])
+def test_a_refused_rewrite_changes_nothing(after):
+    # A write of the parameter after its update (dropped by lowering), or a moment read after
+    # it (Gefen keeps none): the graph and the optimizer stay as they were.
+    model = mlp()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    backward(model, 0)
+    state = stepped_state(opt, params)
+    entries = [dict(s) for s in state]
+    backward(model, 1)
+    then = {"clamp": lambda ps, ms: [p.clamp_(-0.1, 0.1) for p in ps] and None,
+            "read_moment": lambda ps, ms: torch.stack([m.norm() for m in ms]).sum()}[after]
+    gm, flat = fx_step(params, [p.grad for p in params], state, then)
+    before = graph_text(gm)
+    gm, report = rewrite_adamw_steps(gm, flat)
+    assert graph_text(gm) == before and report.state is None
+    assert ("written again" if after == "clamp" else "reads a value") in report.refused
+    assert type(opt) is torch.optim.AdamW
+    assert all(opt.state[p] == e for p, e in zip(params, entries))
+
+
+def test_zero_first_gradient_refuses_a_reused_graph():
+    # Gefen starts a parameter with an all-zero first gradient (LoRA's A, with B = 0) later:
+    # host work a reused graph cannot do. Refused, changing nothing, also outside no_grad.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(16, 4))]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for p in params:  # the state dynamo allocates while tracing opt.step
+        opt.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p)}
+    grads = [torch.zeros(4, 8), torch.randn(16, 4)]
+    gm, flat = fx_step(params, grads, [opt.state[p] for p in params])
+    values = [p.detach().clone() for p in params]
+    gm, report = rewrite_adamw_steps(gm, flat)
+    assert report.state is None and "all zero" in report.refused
+    assert type(opt) is torch.optim.AdamW
+    assert all(torch.equal(p, v) for p, v in zip(params, values))  # no weight decay applied
+
+
+def test_hyperparameter_inputs_match_and_are_reported():
+    # dynamic=True passes float hyperparameters as 0-d tensor inputs, read by the moments too.
+    model = mlp()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    backward(model, 0)
+    state = stepped_state(opt, params)
+    betas = [torch.tensor(0.9), torch.tensor(0.999)]
+
+    def adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay,
+              foreach):
+        beta1, beta2 = betas
+        for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            s.add_(1)
+            p.mul_(1 - lr * weight_decay)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).add_((1 - beta2) * g * g)
+            p.sub_(lr / (1 - beta1**s) * m / ((v / (1 - beta2**s)).sqrt() + eps))
+
+    gm, flat = fx_step(params, [p.grad for p in params], state, extra=betas, update=adamw,
+                       hyper=lambda b1, b2: {**HYPER, "betas": (b1, b2)})
+    gm, matched = match_adamw(gm, flat)
+    assert len(matched.updates) == 4
+    gm, report = rewrite_adamw_steps(gm, flat)
+    assert "reads graph input" in report.refused and type(opt) is torch.optim.AdamW

@@ -44,6 +44,17 @@ class ValueGraph:
     producer: dict[int, Node] = field(default_factory=dict)  # value -> node that computed it
     op: dict[int, str] = field(default_factory=dict)  # value -> name of the op that computed it
     leaf_of: dict[int, Node] = field(default_factory=dict)  # initial value -> its leaf
+    versions: dict[Node, list[int]] = field(default_factory=dict)  # written leaf -> its values
+
+    def last_write_reads(self, leaf: Node) -> set[Node]:
+        """The leaves that the last write of ``leaf`` reads through anything but ``leaf``'s
+        own previous value (for ``p.clamp_(...)``: none; for AdamW's last write of ``p``: its
+        moments, counter, gradient, ...)."""
+        *_, previous, last = self.versions[leaf]
+        around = nx.restricted_view(self.graph, [previous], [])  # p.copy_(p.clamp(...)) too
+        reach = {a for v in self.graph.predecessors(last) if v != previous
+                 for a in nx.ancestors(around, v) | {v}}
+        return {self.leaf_of[v] for v in reach if v in self.leaf_of}
 
     def written(self) -> list[Node]:
         """Leaves the graph writes, in graph order."""
@@ -100,6 +111,7 @@ def value_graph(gm: GraphModule) -> ValueGraph:
                 current[base] = v
                 if isinstance(base, Node) and base in values.initial:
                     values.final[base] = v
+                    values.versions.setdefault(base, [values.initial[base]]).append(v)
                 out = node if len(lanes) == 1 else (node, lane)
                 alias[out] = base
             else:

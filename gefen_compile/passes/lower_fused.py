@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 
 from .. import ops  # noqa: F401  (registers torch.ops.gefen)
 from ..optim import Gefen, hyper_table
-from .match_adamw import MatchReport
+from .match_adamw import MatchReport, NotRewritten
 from .rewrite_state import StateReport
 
 
@@ -47,14 +47,11 @@ def lower_fused(
     report = LowerReport()
     if not matches.updates:
         return gm, report
+    problem = lowering_problem(matches)
+    if problem:
+        raise NotRewritten(problem)
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    outside = [u for n in matches.nodes for u in n.users if u not in matches.nodes]
-    if outside:
-        raise ValueError(
-            f"gefen_compile: graph node {outside[0].name!r} reads a value of the AdamW update "
-            "(a moment, say), which Gefen does not keep; the graph cannot be rewritten"
-        )
     last = max(matches.nodes, key=order.__getitem__)
     nodes_of = {state.values[leaf]: leaf for u in matches.updates for leaf in (u.param, u.grad)}
     grads = {state.values[u.param]: u.grad for u in matches.updates}
@@ -91,6 +88,18 @@ def lower_fused(
     graph.lint()
     gm.recompile()
     return gm, report
+
+
+def lowering_problem(matches: MatchReport) -> str | None:
+    """Why the matched updates cannot be replaced by Gefen steps, or None (checked before
+    anything is converted: a refusal changes nothing)."""
+    outside = [u for n in matches.nodes for u in n.users if u not in matches.nodes]
+    if outside:
+        return (f"graph node {outside[0].name!r} reads a value of the AdamW update (a moment, "
+                "say), which Gefen does not keep")
+    for name, why in matches.blocked.items():
+        return f"graph node {name!r} is {why}"
+    return None
 
 
 class _Attributes:

@@ -7,10 +7,12 @@ what identifies them, in the for-loop, foreach, functional and aten forms alike:
 - two moments of one read-only gradient ``g``: tensors whose new value depends on themselves
   and ``g`` only; the second moment is the one that reaches the parameter through a square root;
 - the parameter ``p``: its new value depends on exactly ``p``, both moments, the counter, ``g``
-  and possibly one-element hyperparameter tensors (a tensor lr).
+  and possibly one-element hyperparameter tensors (a tensor lr; with ``dynamic=True`` dynamo
+  passes every float hyperparameter as a 0-d tensor input, which the moments read too).
 
 amsgrad (a third moment), or an update that reads anything else, does not match: such a graph
-is left as it is, and the report says why.
+is left as it is, and the report says why. A matched update whose parameter the graph writes
+again afterwards (``p.clamp_(...)``) is reported in ``blocked``: lowering it would drop that write.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ class AdamWUpdate:
     exp_avg: Node
     exp_avg_sq: Node
     step: Node
+    hyper: tuple[Node, ...] = ()  # one-element tensors it also reads (a tensor lr, say)
+
+
+class NotRewritten(ValueError):
+    """Why a graph with matched AdamW updates cannot be rewritten; :func:`rewrite_adamw_steps`
+    then leaves it unchanged. ``quiet``: the graph is not an optimizer's AdamW step at all (an
+    INFO line, not a warning)."""
+
+    def __init__(self, reason: str, quiet: bool = False):
+        super().__init__(reason)
+        self.quiet = quiet
 
 
 @dataclass
@@ -44,12 +57,14 @@ class MatchReport:
     updates: list[AdamWUpdate] = field(default_factory=list)
     nodes: set[Node] = field(default_factory=set)
     unmatched: dict[str, str] = field(default_factory=dict)  # leaf name -> reason
+    blocked: dict[str, str] = field(default_factory=dict)  # matched parameter -> why not lowerable
 
     def __str__(self) -> str:
         lines = [f"{len(self.updates)} AdamW update(s) over {len(self.nodes)} node(s)"]
         lines += [f"  {u.param.name}: grad {u.grad.name}, exp_avg {u.exp_avg.name}, "
                   f"exp_avg_sq {u.exp_avg_sq.name}, step {u.step.name}" for u in self.updates]
         lines += [f"  not matched: {name}: {why}" for name, why in self.unmatched.items()]
+        lines += [f"  cannot be lowered: {name}: {why}" for name, why in self.blocked.items()]
         return "\n".join(lines)
 
 
@@ -63,9 +78,9 @@ def match_adamw(gm: GraphModule, example_inputs=None) -> tuple[GraphModule, Matc
                 if values.leaves(values.final[w]) == {w} and shapes.get(w, ()) in ((), (1,))}
     moments: dict[Node, list[Node]] = {}  # gradient -> tensors updated from it alone
     for w in written:
-        others = values.leaves(values.final[w]) - {w}
-        if len(others) == 1 and next(iter(others)) not in written:
-            moments.setdefault(next(iter(others)), []).append(w)
+        g = _moment_source(values.leaves(values.final[w]) - {w}, written, shapes)
+        if g is not None:
+            moments.setdefault(g, []).append(w)
     sqrt_free = values.graph.subgraph(v for v in values.graph if "sqrt" not in values.op.get(v, ""))
     claimed = set(counters) | {m for ms in moments.values() for m in ms}
     for p in written:
@@ -76,6 +91,9 @@ def match_adamw(gm: GraphModule, example_inputs=None) -> tuple[GraphModule, Matc
             report.unmatched[p.name] = update
             continue
         report.updates.append(update)
+        if update.exp_avg not in values.last_write_reads(p):
+            report.blocked[p.name] = ("written again after its AdamW update (a clamp, say), a "
+                                      "write Gefen's fused step would drop")
         for leaf in (update.param, update.exp_avg, update.exp_avg_sq, update.step):
             report.nodes |= values.nodes_behind(values.final[leaf])
     # Element reads of list-valued results (foreach outputs) belong with their list.
@@ -112,7 +130,18 @@ def _param_update(p, values: ValueGraph, counters, moments, sqrt_free, shapes, w
     exp_avg, exp_avg_sq = (first, second) if reaches[first] else (second, first)
     if len({shapes.get(x) for x in (p, g, exp_avg, exp_avg_sq)}) != 1:
         return "its gradient and moments do not all have its shape"
-    return AdamWUpdate(p, g, exp_avg, exp_avg_sq, steps[0])
+    return AdamWUpdate(p, g, exp_avg, exp_avg_sq, steps[0], tuple(sorted(rest, key=str)))
+
+
+def _moment_source(others: set[Node], written, shapes) -> Node | None:
+    """The gradient a written tensor is a moment of: the one leaf it reads besides itself and
+    one-element hyperparameter inputs (unwritten); None if it reads anything else."""
+    if any(x in written for x in others):
+        return None
+    if len(others) == 1:
+        return next(iter(others))
+    sources = [x for x in others if shapes.get(x, ()) not in ((), (1,))]
+    return sources[0] if len(sources) == 1 else None
 
 
 def _shapes(gm: GraphModule, example_inputs) -> dict[Node, tuple]:
