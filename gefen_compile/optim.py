@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
 from .state_checks import check_gradient_layout, check_materialised, entry_problem
-from .state_table import Changes, StateTable, tracked
+from .state_table import Changes, tracked
 from .variant import ROBUST, Variant, variant_named
 
 
@@ -106,8 +107,10 @@ class Gefen(LearnedState, Optimizer):
         # Parameters without state (all of them before the first step; in steady state usually
         # none): only these are scanned, so a step costs no Python work per stateful tensor here.
         # ``changed``: state assigned into optimizer.state (state_table.py) since the last build;
-        # a table of another type: optimizer.state itself replaced (a reset, say).
-        if self._buckets is None or self._changes.changed or type(self.state) is not StateTable:
+        # another table: optimizer.state itself replaced (a reset, say; seen by eager steps:
+        # dynamo reading optimizer.state guards on every gradient, recompiling at each step).
+        if (self._buckets is None or self._changes.changed or self._groups_changed()
+                or not torch.compiler.is_compiling() and self.state is not self._table):
             self._buckets = self._build_buckets({})
         fresh = [
             (group, p, _checked_grad(p, gi, pi))
@@ -141,6 +144,15 @@ class Gefen(LearnedState, Optimizer):
             else:
                 cpu_step.run_prepared(bucket, self._kernel_args(bucket, []))
         return loss
+
+    def _groups_changed(self) -> bool:
+        """Whether the param groups hold other parameters than when the buckets were built (a
+        group's "params" edited in place, a group appended by hand): one identity pass, ~20 ns
+        per parameter."""
+        groups = self.param_groups
+        return len(groups) != len(self._grouped) or not all(
+            len(group["params"]) == len(kept) and all(map(operator.is_, group["params"], kept))
+            for group, kept in zip(groups, self._grouped))
 
     def _checked_grads(self, bucket: Bucket, grads: list[Tensor | None]) -> list[Tensor | None]:
         """``grads`` (local shards for DTensor parameters), after checking that every gradient
@@ -181,15 +193,18 @@ class Gefen(LearnedState, Optimizer):
 
     def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
         # The kernels read memory in the flattened (logical) order of each tensor, and its
-        # values: a negated view (torch._neg_view) holds -g in memory.
-        grads = [None if g is None else g.contiguous().resolve_neg() for g in grads]
+        # values: a negated view (torch._neg_view) holds -g in memory. Dynamo cannot trace
+        # is_neg(): a compiled step reads a negated view's memory.
+        eager = not torch.compiler.is_compiling()
+        grads = [g if g is None or g.is_contiguous() and (not eager or not g.is_neg())
+                 else g.contiguous().resolve_neg() for g in grads]
         if bucket.codes.device.type not in ("cpu", "cuda"):  # MPS, XPU, ...
             self._step_in_torch(bucket, range(len(grads)), grads)
             return
         # Parameters stored in another memory order (channels_last, say), or negated views,
         # take the plain torch step, which reads and writes them through their strides and sign.
         strided = [i for i, (p, g) in enumerate(zip(bucket.params, grads))
-                   if g is not None and (not p.is_contiguous() or p.is_neg())]
+                   if g is not None and (not p.is_contiguous() or eager and p.is_neg())]
         kernel_grads = [None if i in strided else g for i, g in enumerate(grads)] if strided else grads
         ops.run_step(self._kernel_args(bucket, kernel_grads))
         self._step_in_torch(bucket, strided, grads)
@@ -234,8 +249,9 @@ class Gefen(LearnedState, Optimizer):
         Other entries are checked first: they may hold tensors the user assigned."""
         if getattr(self, "_changes", None) is None:  # also for optimizers converted in place
             self._changes = Changes()
-        self.state = tracked(self.state, self._changes)
+        self.state = self._table = tracked(self.state, self._changes)
         self._index, self._stateless = {}, []
+        self._grouped = [tuple(group["params"]) for group in self.param_groups]
         members: dict[tuple, list] = {}
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):

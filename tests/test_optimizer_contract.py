@@ -240,6 +240,31 @@ def test_zero_grad_sets_none_and_then_step_is_noop():
 # param groups: lr and weight_decay
 
 
+@pytest.mark.parametrize("edit", ["in place", "new list", "new group"])
+def test_param_groups_edited_by_hand_are_followed_as_adamw_follows_them(edit):
+    """After steps, a parameter added to a group's "params" by hand (in place, as a new list,
+    or in a group appended to param_groups) steps from then on, and one removed stops."""
+    params = make_params()
+    kept, removed, added = params[:2], params[2], params[3]
+    opt = Gefen([*kept, removed])
+    set_grads(params, 0)
+    opt.step()
+    group = opt.param_groups[0]
+    if edit == "in place":
+        del group["params"][2]  # removed
+        group["params"].append(added)
+    elif edit == "new list":
+        group["params"] = [*kept, added]
+    else:
+        del group["params"][2]  # removed
+        opt.param_groups.append({**{k: v for k, v in group.items() if k != "params"},
+                                 "params": [added]})
+    before_removed, before_added = removed.detach().clone(), added.detach().clone()
+    run(opt, params, 2, start=1)
+    assert torch.equal(removed, before_removed)
+    assert not torch.equal(added, before_added) and opt.state[added]["step"] == 2
+
+
 def test_param_group_lr_and_weight_decay_scale_the_update():
     """Three groups over equal values and equal gradients (fp64): the update scales with lr, is
     a descent direction, and decoupled weight decay multiplies by (1 - lr * wd) first."""
