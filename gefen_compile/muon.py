@@ -44,7 +44,7 @@ from .migrate import migrate_muon_state
 from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
 from .state import Bucket, build_bucket, compute_dtype
 from .state_checks import (MOMENTUM_KEYS, check_gradient_layout, check_materialised,
-                           entry_problem)
+                           check_plain, entry_problem)
 from .variant import ROBUST, Variant, variant_named
 
 # Muon's own limit (torch.optim.Muon raises it at the first step; checked here when built).
@@ -201,6 +201,8 @@ class GefenMuon(LearnedState, Optimizer):
         g = p.grad
         where = f"parameter {pi} of param group {gi}"
         check_materialised(p, where)
+        check_plain(p, where, "GefenMuon")
+        check_plain(g, f"the gradient of {where}", "GefenMuon")
         if g.is_sparse:
             raise RuntimeError(f"Muon does not support sparse gradients (GefenMuon, {where})")
         check_gradient_layout(p, g, where, "GefenMuon")

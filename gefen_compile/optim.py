@@ -19,7 +19,7 @@ from .kernels import StepInputs, cpu_step
 from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
-from .state_checks import check_gradient_layout, check_materialised, entry_problem
+from .state_checks import check_gradient_layout, check_materialised, check_plain, entry_problem
 from .state_table import Changes, tracked
 from .variant import ROBUST, Variant, variant_named
 
@@ -343,6 +343,8 @@ def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
     g = p.grad
     where = f"parameter {index} of param group {group_index}"
     check_materialised(p, where)
+    check_plain(p, where)
+    check_plain(g, f"the gradient of {where}")
     if g.is_sparse:
         raise RuntimeError(
             f"Gefen does not support sparse gradients ({where}); use torch.optim.SparseAdam for "

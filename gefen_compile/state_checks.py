@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .codebook import CODEBOOK_SIZE, NearestCode
+from .distributed import is_sharded
 from .state import STATE_DTYPES, state_sizes
 from .variant import Variant
 
@@ -87,6 +89,17 @@ def check_materialised(param: Tensor, where: str) -> None:
             "nothing to update; materialise the model first, then build the optimizer over "
             "its parameters: model.to_empty(device=...), initialise the weights (or load a "
             "checkpoint), then Gefen(model.parameters(), ...) (to_empty makes new parameters)"
+        )
+
+
+def check_plain(tensor: Tensor, what: str, name: str = "Gefen") -> None:
+    """Refuse a tensor subclass that wraps other tensors (DTensor aside, which the caller has
+    turned into its local shard): the kernels read a tensor's own memory, which it has none of."""
+    if is_traceable_wrapper_subclass(tensor) and not is_sharded(tensor):
+        raise TypeError(
+            f"{name}: {what} is a {type(tensor).__name__}, a tensor subclass that wraps other "
+            f"tensors; {name} steps plain tensors (and DTensor shards): leave this parameter to "
+            "another optimizer, or give the optimizer the plain tensor it wraps"
         )
 
 

@@ -28,7 +28,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from gefen_compile import Gefen
+from gefen_compile import Gefen, GefenMuon
 from gefen_compile.optim import hyper_table
 from gefen_compile.first_step import infer_period
 from gefen_compile.variant import ROBUST
@@ -862,6 +862,22 @@ def test_complex_gradient_raises_at_step():
         opt.step()
     assert_all_equal(params, before)
     assert not opt.state
+
+
+@pytest.mark.parametrize("optimizer", [Gefen, GefenMuon])
+def test_a_wrapper_subclass_parameter_is_refused_by_name(optimizer):
+    """A tensor subclass that wraps other tensors (torch's TwoTensor) has no memory of its own
+    for the kernels: refused by name with what to do, before anything changes."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    values = torch.randn(16, 32)
+    p = nn.Parameter(TwoTensor(values.clone(), values.clone()))
+    opt = optimizer([p], lr=0.1)
+    p.grad = TwoTensor(torch.ones(16, 32), torch.ones(16, 32))
+    with raises_naming(TypeError, "parameter 0 of param group 0 is a TwoTensor",
+                       "another optimizer"):
+        opt.step()
+    assert torch.equal(p.detach().a, values) and not opt.state
 
 
 @pytest.mark.parametrize("when", ["first step", "later step"])
