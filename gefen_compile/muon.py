@@ -39,6 +39,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import distributed, ops
 from .codebook import NearestCode
+from .kernels import readable
 from .learned_state import LearnedState
 from .migrate import migrate_muon_state
 from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
@@ -214,7 +215,7 @@ class GefenMuon(LearnedState, Optimizer):
                 "parameter"
             )
         g = distributed.local_grad(p, g, where)
-        return g.contiguous().resolve_neg()  # the kernels read values from memory
+        return readable(g)
 
     def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str,
                      variant: Variant | None = None) -> None:

@@ -15,7 +15,7 @@ from .codebook import NearestCode
 from .device_tables import device_table
 from .learned_state import LearnedState
 from .hyperparameters import check_hyperparameters, scalar_betas
-from .kernels import StepInputs, cpu_step
+from .kernels import StepInputs, cpu_step, is_readable, readable
 from .kernels.torch_step import gefen_update
 from .migrate import has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
@@ -192,19 +192,16 @@ class Gefen(LearnedState, Optimizer):
         return grads
 
     def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
-        # The kernels read memory in the flattened (logical) order of each tensor, and its
-        # values: a negated view (torch._neg_view) holds -g in memory. Dynamo cannot trace
-        # is_neg(): a compiled step reads a negated view's memory.
-        eager = not torch.compiler.is_compiling()
-        grads = [g if g is None or g.is_contiguous() and (not eager or not g.is_neg())
-                 else g.contiguous().resolve_neg() for g in grads]
+        grads = [None if g is None else readable(g) for g in grads]
         if bucket.codes.device.type not in ("cpu", "cuda"):  # MPS, XPU, ...
             self._step_in_torch(bucket, range(len(grads)), grads)
             return
-        # Parameters stored in another memory order (channels_last, say), or negated views,
-        # take the plain torch step, which reads and writes them through their strides and sign.
+        # Parameters the kernels cannot update in place (stored in another memory order, as
+        # channels_last, negated views, misaligned) take the plain torch step, which reads and
+        # writes them through their strides and sign.
+        eager = not torch.compiler.is_compiling()  # see readable()
         strided = [i for i, (p, g) in enumerate(zip(bucket.params, grads))
-                   if g is not None and (not p.is_contiguous() or eager and p.is_neg())]
+                   if g is not None and not (is_readable(p) if eager else p.is_contiguous())]
         kernel_grads = [None if i in strided else g for i, g in enumerate(grads)] if strided else grads
         ops.run_step(self._kernel_args(bucket, kernel_grads))
         self._step_in_torch(bucket, strided, grads)

@@ -1906,12 +1906,14 @@ static int64_t call_int(PyObject *t, int k) {
 }
 
 /* Whether tensor t is as the bucket's state was built: strided, not negated (a neg view's
- * memory holds -t), of dtype `dtype` (the shim's code for it: `code`), contiguous, of `numel`
- * elements and with memory of its own (a
- * storage-less subclass or an efficient zero tensor has data pointer 0); then its data
+ * memory holds -t), of dtype `dtype` (the shim's code for it: `code`; `size` bytes an
+ * element), contiguous, of `numel` elements and with memory of its own (a storage-less
+ * subclass or an efficient zero tensor has data pointer 0) aligned to its elements (a
+ * torch.frombuffer at an odd offset is not; the kernels load whole elements); then its data
  * pointer into *ptr. 1 yes, 0 no (the Python side then converts it or raises the error that
  * names it), -1 error (set). */
-static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int64_t *ptr) {
+static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t size, int64_t numel,
+                  int64_t *ptr) {
     if (shimmed(t)) {
         void *h = (char *)t + shim.offset, *data;
         const char *impl = *(char *const *)h; /* the at::Tensor's TensorImpl */
@@ -1921,7 +1923,7 @@ static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int
         if (*(const uint64_t *)(impl + shim.neg_offset) & shim.neg_bit) return 0;
         if (shim.layout(h, &layout) || layout != shim.strided || shim.dtype(h, &d) || d != code ||
             shim.contiguous(h, &contiguous) || !contiguous || shim.numel(h, &n) || n != numel ||
-            shim.data_ptr(h, &data) || (!data && numel))
+            shim.data_ptr(h, &data) || (!data && numel) || (uintptr_t)data % size)
             return 0;
         *ptr = (int64_t)(intptr_t)data;
         return 1;
@@ -1944,10 +1946,10 @@ static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int
     const int64_t n = call_int(t, NUMEL);
     if (n != numel) return PyErr_Occurred() ? -1 : 0;
     *ptr = call_int(t, DATA_PTR);
-    return PyErr_Occurred() ? -1 : *ptr != 0 || !numel;
+    return PyErr_Occurred() ? -1 : (*ptr != 0 || !numel) && *ptr % size == 0;
 }
 
-/* step_tables(params, numels, dtype, code, grads, param_ptrs, grad_ptrs, has_grad): for every
+/* step_tables(params, numels, dtype, code, size, grads, param_ptrs, grad_ptrs, has_grad): for every
  * parameter (a plain tensor: its .grad is read here), its gradient's and its own data pointers
  * into the int64 tables at param_ptrs and grad_ptrs (addresses), and whether it has a gradient
  * into the uint8 table at has_grad: the attribute reads and method calls Python would make per
@@ -1960,10 +1962,12 @@ static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t numel, int
 static PyObject *step_tables(PyObject *self, PyObject *args) {
     PyObject *params, *numels, *dtype, *grads;
     int code;
+    Py_ssize_t size;
     unsigned long long param_address, grad_address, has_address;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!OiO!KKK", &PyList_Type, &params, &PyList_Type, &numels, &dtype,
-                          &code, &PyList_Type, &grads, &param_address, &grad_address, &has_address))
+    if (!PyArg_ParseTuple(args, "O!O!OinO!KKK", &PyList_Type, &params, &PyList_Type, &numels,
+                          &dtype, &code, &size, &PyList_Type, &grads, &param_address,
+                          &grad_address, &has_address))
         return NULL;
     if (!descriptors[GRAD]) {
         PyErr_SetString(PyExc_RuntimeError, "step_tables: bind() torch.Tensor's descriptors first");
@@ -1988,8 +1992,8 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
             continue;
         }
         const int64_t numel = PyLong_AsLongLong(PyList_GET_ITEM(numels, i));
-        int ok = numel < 0 && PyErr_Occurred() ? -1 : usable(g, dtype, code, numel, grad_ptrs + i);
-        if (ok == 1) ok = usable(p, dtype, code, numel, param_ptrs + i);
+        int ok = numel < 0 && PyErr_Occurred() ? -1 : usable(g, dtype, code, size, numel, grad_ptrs + i);
+        if (ok == 1) ok = usable(p, dtype, code, size, numel, param_ptrs + i);
         PyList_SetItem(grads, i, g); /* takes the reference */
         if (ok < 0) return NULL;
         if (ok == 0) return PyLong_FromSsize_t(i);

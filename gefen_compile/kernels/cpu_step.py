@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..codebook import NUM_BINS
-from . import StepInputs, tensor_shim
+from . import StepInputs, readable, tensor_shim
 from ..state import Bucket
 from .native import StepArgs, _cpu, library as _lib, log_rows, threads
 
@@ -65,7 +65,7 @@ def fill_tables(bucket: Bucket) -> tuple[int, list[torch.Tensor | None]]:
     kernel reads their memory."""
     grads: list[torch.Tensor | None] = [None] * len(bucket.params)
     status = _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
-                              tensor_shim.codes.get(bucket.dtype, -1), grads,
+                              tensor_shim.codes.get(bucket.dtype, -1), bucket.dtype.itemsize, grads,
                               *(t.data_ptr() for t in bucket.host_tables()))
     return status, grads
 
@@ -97,7 +97,7 @@ def histogram(
     grads: Sequence[torch.Tensor], rows: Sequence[int], negate: Sequence[bool]
 ) -> torch.Tensor:
     """int64 counts of every gradient's normalised rows (see codebook.gradient_histogram)."""
-    grads = [g.contiguous().resolve_neg() for g in grads]  # values, as the memory holds them
+    grads = [readable(g) for g in grads]
     counts = torch.zeros(NUM_BINS, dtype=torch.int64)
     tables = _gradient_tables(grads, rows, negate)
     _lib.gefen_histogram(
@@ -110,7 +110,7 @@ def period_scores(
     grads: Sequence[torch.Tensor], candidates: Sequence[int], offsets: Sequence[int]
 ) -> torch.Tensor:
     """float64 scores of every gradient's candidate periods (see ops.period_scores)."""
-    grads = [g.contiguous().resolve_neg() for g in grads]  # values, as the memory holds them
+    grads = [readable(g) for g in grads]
     scores = torch.empty(offsets[-1], dtype=torch.float64)
     tables = _gradient_tables(grads, offsets, candidates)
     status = _lib.gefen_period_scores(
