@@ -122,17 +122,22 @@ def global_histogram(
     return counts
 
 
-def nonzero_anywhere(params: Sequence[Tensor], nonzero: Sequence[bool]) -> list[bool]:
-    """Whether each parameter's first gradient is non-zero on any rank of the mesh of its
-    DTensor shards (``nonzero``: on this rank), so that every rank sets up the same
-    parameters and learns the codebook at the same step. Every rank must call this together."""
+def agreed_first_gradients(params: Sequence[Tensor], finite: Sequence[bool],
+                           nonzero: Sequence[bool]) -> tuple[list[bool], list[bool]]:
+    """Whether each parameter's first gradient is finite on every rank of the mesh of its
+    DTensor shards, and whether it is non-zero on any (``finite``, ``nonzero``: on this rank),
+    in one collective: every rank then refuses the same step (none waits in a collective for
+    a rank that raised), sets up the same parameters and learns the codebook at the same step.
+    Every rank must call this together."""
     mesh = _common_mesh(params)
     if mesh is None:
-        return list(nonzero)
-    flags = torch.tensor(nonzero, dtype=torch.int32).to(mesh.device_type)
+        return list(finite), list(nonzero)
+    flags = torch.tensor([*(not f for f in finite), *nonzero], dtype=torch.int32)
+    flags = flags.to(mesh.device_type)
     for dim in range(mesh.ndim):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
-    return [bool(f) for f in flags.tolist()]
+    values = flags.tolist()
+    return [not v for v in values[:len(finite)]], [bool(v) for v in values[len(finite):]]
 
 
 def is_state_materialising_step(groups: Sequence[dict], grads: Sequence[Tensor]) -> bool:

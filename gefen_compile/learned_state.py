@@ -65,17 +65,19 @@ class LearnedState:
         decay only (as Muon's update of a zero gradient is), and wait."""
         grads = [g for _, _, g in fresh]
         periods, finite, nonzero = read_first_gradients(grads, self.variant)
+        finite, nonzero = distributed.agreed_first_gradients([p for _, p, _ in fresh], finite,
+                                                             nonzero)
         for (_, p, _), ok in zip(fresh, finite):
             if not ok:
                 raise ValueError(
                     f"{self._name}: the first gradient of {self._locate(p)} has inf or nan "
-                    "values (or, in float64, values beyond float32's range, where the codebook "
-                    f"is learned); {self._name} reads periods and its codebook from first gradients, "
-                    "so skip this step (as torch.amp.GradScaler does) and call step() again "
-                    "with finite gradients"
+                    "values, on this rank or another that holds a shard of it (or, in float64, "
+                    "values beyond float32's range, where the codebook is learned); "
+                    f"{self._name} reads periods and its codebook from first gradients, so skip "
+                    "this step (as torch.amp.GradScaler does) and call step() again with finite "
+                    "gradients"
                 )
         if self.variant.zero_gradients_wait:
-            nonzero = distributed.nonzero_anywhere([p for _, p, _ in fresh], nonzero)
             decay_only([f for f, learn in zip(fresh, nonzero) if not learn])
             fresh = [f for f, learn in zip(fresh, nonzero) if learn]
             periods = [period for period, learn in zip(periods, nonzero) if learn]

@@ -136,7 +136,8 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
         results = {"ddp": {lr: _ddp(rank, lr) for lr in DDP_LRS}, "hsdp": _hsdp(rank),
                    "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint"),
                    "muon_ddp": _muon_ddp(rank),
-                   "muon_fsdp": _muon_fsdp(rank, Path(out_dir) / "muon_checkpoint")}
+                   "muon_fsdp": _muon_fsdp(rank, Path(out_dir) / "muon_checkpoint"),
+                   "fsdp_nan": _fsdp_nan_first_gradient(rank)}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         # FSDP's last collectives and the models' hooks must be gone on both ranks before either
         # closes its gloo connections: a peer closing early aborts the other rank.
@@ -239,6 +240,24 @@ def _fsdp(rank: int, checkpoint: Path) -> dict:
     for via in CHECKPOINT_VIAS:
         results[via] = _resume(rank, checkpoint / via, via)
     return results
+
+
+def _fsdp_nan_first_gradient(rank: int) -> dict:
+    """A NaN in rank 0's shard of a first gradient: every rank refuses the step (none waits in
+    a collective for a rank that raised), and after skipping it as the error says, both step."""
+    model = _sharded_model()
+    opt = Gefen(model.parameters(), lr=LR)
+    loss_of(model, *local_batch(0, rank)).backward()
+    if rank == 0:
+        next(model.parameters()).grad.to_local().view(-1)[0] = float("nan")
+    try:
+        opt.step()
+        error = None
+    except ValueError as refused:
+        error = str(refused)
+    opt.zero_grad()
+    losses = _train(model, opt, rank, range(1, 3))
+    return {"error": error, "losses": losses, "stepped": bool(opt.state[next(model.parameters())])}
 
 
 def _optimizer_state(model: nn.Module, opt: Gefen, via: str) -> dict:

@@ -5,6 +5,7 @@ The two ranks are spawned once for the module (tests/distributed_workers.py hold
 and leave their results in files that the tests compare.
 """
 
+import math
 import time
 
 import pytest
@@ -144,6 +145,15 @@ def test_fsdp_distributed_checkpoint_resumes_bit_identically(ranks, via):
                     assert torch.equal(resumed[key], value), (name, key)
                 else:
                     assert resumed[key] == value, (name, key)
+
+
+def test_fsdp_a_non_finite_first_gradient_shard_is_refused_on_every_rank(ranks):
+    """One rank's shard holds a NaN: both ranks raise the error that names the parameter (a
+    rank that did not would wait in the next collective), and both step after skipping."""
+    for rank in ranks:
+        result = rank["fsdp_nan"]
+        assert result["error"] and "parameter 0 of param group 0 has inf or nan" in result["error"]
+        assert result["stepped"] and all(map(math.isfinite, result["losses"]))
 
 
 def test_fsdp_loss_tracks_single_process(ranks):
