@@ -151,8 +151,11 @@ class GefenMuon(LearnedState, Optimizer):
                 if state:
                     if "codes" in state:
                         self._check_entry(state, p, "GefenMuon: optimizer.state of",
-                                          "assign codes and magnitude of the shape and dtype "
-                                          "GefenMuon keeps, or load a state_dict")
+                                          "if the parameter changed since its state was made "
+                                          "(model.to(dtype), p.data = ...), build the "
+                                          "optimizer again; else assign codes and magnitude of "
+                                          "the shape and dtype GefenMuon keeps, or load a "
+                                          "state_dict")
                     members.setdefault((distributed.local(p).device, p.dtype), []).append(
                         (p, gi, state))
         return [

@@ -259,9 +259,11 @@ class Gefen(LearnedState, Optimizer):
                 if state:
                     if p not in new_dtypes:
                         self._check_entry(state, p, "Gefen: optimizer.state of",
-                                          "assign tensors of the shape and dtype that Gefen "
-                                          "keeps (gefen_compile/state.py), or load a "
-                                          "state_dict with load_state_dict")
+                                          "if the parameter changed since its state was made "
+                                          "(model.to(dtype), p.data = ...), build the "
+                                          "optimizer again; else assign tensors of the shape "
+                                          "and dtype that Gefen keeps (gefen_compile/state.py),"
+                                          " or load a state_dict with load_state_dict")
                     dtype = new_dtypes.get(p) or state["vmean"].dtype
                     members.setdefault((p.device, dtype), []).append((p, gi, state))
         buckets = [

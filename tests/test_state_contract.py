@@ -134,6 +134,17 @@ def test_a_checkpoint_of_a_model_cast_since_is_refused_at_load():
         fresh.load_state_dict(sd)
 
 
+def test_a_model_cast_after_a_load_is_refused_with_the_cast_as_the_likely_cause():
+    """After load_state_dict the state is checked when the next step builds its buckets; a
+    model cast in between is refused by name, the error naming the cast first."""
+    sd = saved()
+    model, opt = model_and_opt()
+    opt.load_state_dict(sd)
+    model.to(torch.float64)
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*model\.to\(dtype\)"):
+        train(model, opt, 1)
+
+
 def test_valid_checkpoints_still_load_saved_and_flat_codes_and_through_torch_save():
     model, opt = stepped()
     sd = opt.state_dict()
