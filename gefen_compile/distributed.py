@@ -155,14 +155,15 @@ def is_state_materialising_step(groups: Sequence[dict], grads: Sequence[Tensor])
     )
 
 
-def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any],
+def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any], owner: str,
                        with_step: bool = True) -> dict[str, Any]:
     """``state_dict`` (an ``Optimizer.state_dict()`` plus ``"codebook"``, over ``params`` in
     index order) in the layout of this module's docstring; unchanged without DTensors.
-    ``with_step``: whether entries have a step counter (GefenMuon's have none)."""
+    ``owner``: the optimizer's class name, for errors; ``with_step``: whether entries have a
+    step counter (GefenMuon's have none)."""
     if not any(is_sharded(p) for p in params):
         return state_dict
-    _require_all_sharded(params)
+    _require_all_sharded(params, owner)
     rank = dist.get_rank()
     codebook = state_dict["codebook"]
     if codebook is None:  # a destination dcp.load can fill, unlike None
@@ -173,10 +174,11 @@ def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any],
     return {**state_dict, "state": state, "codebook": codebook}
 
 
-def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
+def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any],
+                     owner: str) -> dict[str, Any]:
     """The inverse of :func:`sharded_state_dict`: per-parameter entries in the single-process
     layout, holding this rank's local state, and the top-level codebook (taken from the
-    entries when torch's state_dict helpers dropped it)."""
+    entries when torch's state_dict helpers dropped it). ``owner``: as there."""
     if not any(is_sharded(p) for p in params):
         return state_dict
     # Saved keys are matched to parameters by position, as Optimizer.load_state_dict does;
@@ -188,7 +190,7 @@ def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> di
     for key, entry in _restored_entries(state_dict["state"]).items():
         if "per_rank" not in entry:
             raise ValueError(
-                f"Gefen.load_state_dict: the entry of parameter {key} has no per-rank record, so "
+                f"{owner}.load_state_dict: the entry of parameter {key} has no per-rank record, so "
                 "it was saved by an optimizer over plain (unsharded) parameters; Gefen's state "
                 "follows each rank's shard: resume a sharded run from a sharded checkpoint"
             )
@@ -196,12 +198,12 @@ def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any]) -> di
         record = entry["per_rank"].get(f"rank{rank}")
         if record is None:
             raise ValueError(
-                f"Gefen.load_state_dict: the entry of parameter {key} has no record for rank "
+                f"{owner}.load_state_dict: the entry of parameter {key} has no record for rank "
                 f"{rank}; it was saved on another mesh. Gefen's state follows each "
                 "rank's shard: resume on the same device mesh"
             )
         if record:
-            state[key] = _local_entry(param_of[key], entry, record, key)
+            state[key] = _local_entry(param_of[key], entry, record, key, owner)
     codebook = state_dict["codebook"] if "codebook" in state_dict else next(iter(codebooks), None)
     if codebook is not None and bool(codebook.isnan().all()):
         codebook = None
@@ -247,11 +249,12 @@ def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int, codebook: Tensor
     return {**saved, "step": step} if with_step else saved
 
 
-def _local_entry(p: Tensor, entry: dict, record: bytes, key: Any) -> dict[str, Any]:
+def _local_entry(p: Tensor, entry: dict, record: bytes, key: Any,
+                 owner: str) -> dict[str, Any]:
     saved = torch.load(io.BytesIO(record), weights_only=True)
     if saved["shard"] != _shard_id(p):
         raise ValueError(
-            f"Gefen.load_state_dict: parameter {key} was saved as shard {saved['shard']} (mesh "
+            f"{owner}.load_state_dict: parameter {key} was saved as shard {saved['shard']} (mesh "
             f"shape, coordinate, local shape, placements) and is now {_shard_id(p)}; Gefen's "
             "periods and blocks belong to each rank's shard: resume on the same mesh and sharding"
         )
@@ -292,11 +295,11 @@ def _counted_here(p: Tensor, mesh: DeviceMesh) -> bool:
     return all(c == 0 for c, pl in zip(coordinate, placements) if pl is None or not pl.is_shard())
 
 
-def _require_all_sharded(params: Sequence[Tensor]) -> None:
+def _require_all_sharded(params: Sequence[Tensor], owner: str) -> None:
     for i, p in enumerate(params):
         if not is_sharded(p):
             raise NotImplementedError(
-                f"Gefen.state_dict: parameter {i} is a plain tensor beside DTensor parameters; "
+                f"{owner}.state_dict: parameter {i} is a plain tensor beside DTensor parameters; "
                 "a distributed checkpoint could not restore its state into a fresh optimizer. "
                 "Apply fully_shard to the module holding it (or to the root module) so that every "
                 "parameter is a DTensor"

@@ -244,11 +244,12 @@ class GefenMuon(LearnedState, Optimizer):
                                             "codes": entry["codes"].view(params[key].shape)}
         state_dict["codebook"] = self.codebook
         state_dict["variant"] = self.variant.name
-        return distributed.sharded_state_dict(self._params(), state_dict, with_step=False)
+        return distributed.sharded_state_dict(self._params(), state_dict, type(self).__name__,
+                                              with_step=False)
 
     def _local_saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A saved state_dict in the single-process layout, this rank's state."""
-        return distributed.local_state_dict(self._params(), state_dict)
+        return distributed.local_state_dict(self._params(), state_dict, type(self).__name__)
 
     def _check_saved_groups(self, saved_groups: list[dict]) -> None:
         """Muon's (GefenMuon's) keys and valid values in every saved group: what the

@@ -296,13 +296,13 @@ class Gefen(LearnedState, Optimizer):
         state_dict = super().state_dict()
         state_dict["codebook"] = self.codebook
         state_dict["variant"] = self.variant.name
-        state_dict = distributed.sharded_state_dict(self._params(), state_dict)
+        state_dict = distributed.sharded_state_dict(self._params(), state_dict, type(self).__name__)
         return checkpoint.for_saving(self._params(), state_dict)
 
     def _local_saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A saved state_dict in the single-process layout, this rank's state."""
         state_dict = checkpoint.from_saved(state_dict)
-        return distributed.local_state_dict(self._params(), state_dict)
+        return distributed.local_state_dict(self._params(), state_dict, type(self).__name__)
 
     def _load_original(self, state_dict: dict[str, Any]) -> None:
         """An AdamW checkpoint: loaded as AdamW loads it, then migrated to Gefen state."""

@@ -19,7 +19,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 
 # After the check: the workers import torch.distributed's submodules.
 import distributed_workers as workers  # noqa: E402
-from gefen_compile import Gefen, ops  # noqa: E402
+from gefen_compile import Gefen, GefenMuon, ops  # noqa: E402
 from gefen_compile.codebook import learn_codebook  # noqa: E402
 from gefen_compile.first_step import infer_period  # noqa: E402
 from gefen_compile.variant import ROBUST  # noqa: E402
@@ -260,6 +260,19 @@ def test_sharded_state_loads_only_onto_the_same_sharding(one_rank_group):
     unsharded_opt.step()
     with pytest.raises(ValueError, match="no per-rank record"):
         same.load_state_dict(unsharded_opt.state_dict())
+
+
+def test_muon_sharded_state_errors_name_gefen_muon(one_rank_group):
+    model = sharded_linear(0)
+    opt = GefenMuon([model.weight])
+    model(torch.randn(4, 64)).square().mean().backward()
+    opt.step()
+    other = GefenMuon([sharded_linear(1).weight])
+    with pytest.raises(ValueError, match=r"^GefenMuon\.load_state_dict: parameter 0 was saved"):
+        other.load_state_dict(opt.state_dict())
+    mixed = GefenMuon([model.weight, nn.Parameter(torch.randn(4, 4))])
+    with pytest.raises(NotImplementedError, match=r"^GefenMuon\.state_dict: parameter 1 is a plain"):
+        mixed.state_dict()
 
 
 # ---- GefenMuon for the matrices, Gefen for the rest ----
