@@ -122,22 +122,29 @@ def global_histogram(
     return counts
 
 
-def agreed_first_gradients(params: Sequence[Tensor], finite: Sequence[bool],
-                           nonzero: Sequence[bool]) -> tuple[list[bool], list[bool]]:
+def agreed_first_gradients(
+    params: Sequence[Tensor], finite: Sequence[bool], nonzero: Sequence[bool],
+    periods: Sequence[int],
+) -> tuple[list[bool], list[bool], list[int]]:
     """Whether each parameter's first gradient is finite on every rank of the mesh of its
-    DTensor shards, and whether it is non-zero on any (``finite``, ``nonzero``: on this rank),
-    in one collective: every rank then refuses the same step (none waits in a collective for
-    a rank that raised), sets up the same parameters and learns the codebook at the same step.
-    Every rank must call this together."""
+    DTensor shards, whether it is non-zero on any, and the largest period inferred from a
+    non-zero shard of it on any rank (0 where none is) (``finite``, ``nonzero``, ``periods``:
+    on this rank), in one collective: every rank then refuses the same step (none waits in a
+    collective for a rank that raised), sets up the same parameters and learns the codebook
+    at the same step, and a rank whose shard's gradient is all zero can take its period from
+    the ranks that saw one. Every rank must call this together."""
+    informed = [period if nz else 0 for period, nz in zip(periods, nonzero)]
     mesh = _common_mesh(params)
     if mesh is None:
-        return list(finite), list(nonzero)
-    flags = torch.tensor([*(not f for f in finite), *nonzero], dtype=torch.int32)
+        return list(finite), list(nonzero), informed
+    count = len(finite)
+    flags = torch.tensor([*(not f for f in finite), *nonzero, *informed], dtype=torch.int64)
     flags = flags.to(mesh.device_type)
     for dim in range(mesh.ndim):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
     values = flags.tolist()
-    return [not v for v in values[:len(finite)]], [bool(v) for v in values[len(finite):]]
+    return ([not v for v in values[:count]], [bool(v) for v in values[count:2 * count]],
+            values[2 * count:])
 
 
 def is_state_materialising_step(groups: Sequence[dict], grads: Sequence[Tensor]) -> bool:

@@ -5,6 +5,7 @@ the periods to cut rows, for the codebook's dynamic program on the host."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -61,6 +62,15 @@ def read_first_gradients(
 def infer_period(grad: torch.Tensor, variant: Variant) -> int:
     """Gefen's period for one tensor, from its first gradient."""
     return infer_periods([grad], variant)[0]
+
+
+def shard_period(informed: int, shape: tuple[int, ...], variant: Variant) -> int:
+    """The period of a DTensor parameter's local shard whose first gradient is all zero while
+    other ranks' shards of it are not: the largest of the shard's candidate periods that
+    divides ``informed`` (the largest period those ranks inferred), else 1, as ``variant``
+    sets it for the shard's shape."""
+    fitting = [p for p in candidate_periods(math.prod(shape)) if informed % p == 0]
+    return variant.period(shape, max(fitting, default=1))
 
 
 def codebook_from(

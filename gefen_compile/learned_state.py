@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import distributed
 from .codebook import NearestCode
-from .first_step import codebook_from, read_first_gradients
+from .first_step import codebook_from, read_first_gradients, shard_period
 from .state_checks import codebook_problem
 from .variant import ROBUST, Variant, saved_variant
 
@@ -64,9 +64,15 @@ class LearnedState:
         Robust variant: those whose gradient is all zero (on every rank) get AdamW's weight
         decay only (as Muon's update of a zero gradient is), and wait."""
         grads = [g for _, _, g in fresh]
-        periods, finite, nonzero = read_first_gradients(grads, self.variant)
-        finite, nonzero = distributed.agreed_first_gradients([p for _, p, _ in fresh], finite,
-                                                             nonzero)
+        periods, finite, local_nonzero = read_first_gradients(grads, self.variant)
+        finite, nonzero, informed = distributed.agreed_first_gradients(
+            [p for _, p, _ in fresh], finite, local_nonzero, periods)
+        # A shard's all-zero gradient (an embedding's unused rows) says nothing of its
+        # parameter's structure, and its inferred period 1 would cost ~4 bytes per element.
+        periods = [shard_period(known, tuple(g.shape), self.variant) if here != anywhere
+                   else period
+                   for period, known, here, anywhere, g in zip(periods, informed, local_nonzero,
+                                                                nonzero, grads)]
         for (_, p, _), ok in zip(fresh, finite):
             if not ok:
                 raise ValueError(

@@ -137,7 +137,8 @@ def run(rank: int, init_file: str, out_dir: str) -> None:
                    "fsdp": _fsdp(rank, Path(out_dir) / "checkpoint"),
                    "muon_ddp": _muon_ddp(rank),
                    "muon_fsdp": _muon_fsdp(rank, Path(out_dir) / "muon_checkpoint"),
-                   "fsdp_nan": _fsdp_nan_first_gradient(rank)}
+                   "fsdp_nan": _fsdp_nan_first_gradient(rank),
+                   "fsdp_zero_shard": _fsdp_zero_shard_first_gradient(rank)}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         # FSDP's last collectives and the models' hooks must be gone on both ranks before either
         # closes its gloo connections: a peer closing early aborts the other rank.
@@ -258,6 +259,22 @@ def _fsdp_nan_first_gradient(rank: int) -> dict:
     opt.zero_grad()
     losses = _train(model, opt, rank, range(1, 3))
     return {"error": error, "losses": losses, "stepped": bool(opt.state[next(model.parameters())])}
+
+
+def _fsdp_zero_shard_first_gradient(rank: int) -> dict:
+    """Rank 1's shard of the first weight has an all-zero first gradient (an embedding's rows
+    no token of the batch used), rank 0's not."""
+    model = _sharded_model()
+    opt = Gefen(model.parameters(), lr=LR)
+    loss_of(model, *local_batch(0, rank)).backward()
+    weight = next(model.parameters())
+    if rank == 1:
+        weight.grad.to_local().zero_()
+    first_grad = weight.grad.to_local().clone()
+    opt.step()
+    state = opt.state[weight]
+    return {"first_grad": first_grad, "period": state["period"],
+            "vmean_numel": state["vmean"].numel(), "magnitude_numel": state["magnitude"].numel()}
 
 
 def _optimizer_state(model: nn.Module, opt: Gefen, via: str) -> dict:

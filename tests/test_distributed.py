@@ -21,7 +21,7 @@ if not (dist.is_available() and dist.is_gloo_available()):
 import distributed_workers as workers  # noqa: E402
 from gefen_compile import Gefen, GefenMuon, ops  # noqa: E402
 from gefen_compile.codebook import learn_codebook  # noqa: E402
-from gefen_compile.first_step import infer_period  # noqa: E402
+from gefen_compile.first_step import infer_period, shard_period  # noqa: E402
 from gefen_compile.variant import ROBUST  # noqa: E402
 
 SPAWN_TIMEOUT_S = 180
@@ -154,6 +154,25 @@ def test_fsdp_a_non_finite_first_gradient_shard_is_refused_on_every_rank(ranks):
         result = rank["fsdp_nan"]
         assert result["error"] and "parameter 0 of param group 0 has inf or nan" in result["error"]
         assert result["stepped"] and all(map(math.isfinite, result["losses"]))
+
+
+def test_fsdp_a_shard_with_an_all_zero_first_gradient_takes_the_period_of_the_others(ranks):
+    """Not period 1 (inferred from zeros: ~4 more bytes per element on that rank): the period
+    the rank with a non-zero shard inferred, which divides the zero shard's size here."""
+    informed, zero = (r["fsdp_zero_shard"] for r in ranks)
+    assert not zero["first_grad"].any() and informed["first_grad"].any()
+    period = infer_period(informed["first_grad"], ROBUST)
+    assert period > 1 and informed["period"] == period
+    assert zero["period"] == period
+    n = zero["first_grad"].numel()
+    assert zero["vmean_numel"] == zero["magnitude_numel"] == n // period
+
+
+def test_shard_period_fits_the_informed_period_to_the_shard():
+    assert shard_period(64, (10, 64), ROBUST) == 64
+    assert shard_period(64, (2, 64), ROBUST) == 32  # at least four blocks
+    assert shard_period(96, (10, 64), ROBUST) == 32  # the largest divisor of both
+    assert shard_period(64, (0, 64), ROBUST) == 1  # an empty shard (uneven sharding)
 
 
 def test_fsdp_loss_tracks_single_process(ranks):
