@@ -6,7 +6,8 @@
 1. the Triton kernel compiled for this GPU gives the CPU path's codes (exactly) and parameters
    (to rounding), fp32 and bf16, several groups, tensor lr, skipped parameters;
 2. steps 2-20 under torch.cuda.set_sync_debug_mode("error"): float lr, tensor lr on the device,
-   tensor betas, an LR scheduler: no host synchronisation;
+   tensor betas, an LR scheduler: no host synchronisation; and under torch.amp.GradScaler with
+   a converted AdamW(fused=True), whose overflow steps are skipped on the device;
 3. capturable=True: the step captured in a CUDA graph and replayed with lr changes equals eager
    steps;
 4. a training step under torch.compile(mode="reduce-overhead") with a tensor lr that changes;
@@ -123,6 +124,36 @@ def no_sync():
             finally:
                 torch.cuda.set_sync_debug_mode(0)
     return "float lr, tensor lr, tensor betas, scheduler"
+
+
+@check("GradScaler with a converted AdamW(fused=True): overflow skipped, no host sync")
+def grad_scaler_no_sync():
+    import gefen_compile
+
+    params = model("cuda", torch.float32)
+    opt = gefen_compile.convert(torch.optim.AdamW(params, lr=1e-3, fused=True))
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+    grads = [grads_for(params, s) for s in range(20)]
+    overflow_at = 10
+    for step in range(20):
+        scale = scaler.scale(torch.ones((), device="cuda"))  # the scaled loss's factor
+        for p, g in zip(params, grads[step]):
+            p.grad = g * scale
+        if step == overflow_at:
+            params[0].grad.view(-1)[0] = float("inf")
+            before = [p.detach().clone() for p in params]
+        if step:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt)
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        if step == overflow_at:
+            unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, params))
+            assert unchanged, "the overflow step changed parameters"
+    assert scaler.get_scale() == 2.0**15, scaler.get_scale()
+    return "steps 2-20 without host sync; the overflow step changed nothing"
 
 
 @check("CUDA graph capture and replay with lr changes")
@@ -253,6 +284,7 @@ def main() -> int:
           f"triton {__import__('triton').__version__}", flush=True)
     kernel_equals_cpu()
     no_sync()
+    grad_scaler_no_sync()
     cuda_graph()
     reduce_overhead()
     muon_equals_cpu()

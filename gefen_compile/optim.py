@@ -102,8 +102,7 @@ class Gefen(LearnedState, Optimizer):
         # The step itself, apart from ``step`` (which torch.optim wraps with the step hooks), so
         # that a converted AdamW runs it from a hook.
         loss = self._loss_of(closure)
-        if not _unscaled_by_grad_scaler(self):
-            return loss
+        found_inf = _unscaled_for_grad_scaler(self)
         # Parameters without state (all of them before the first step; in steady state usually
         # none): only these are scanned, so a step costs no Python work per stateful tensor here.
         # ``changed``: state assigned into optimizer.state (state_table.py) since the last build;
@@ -117,6 +116,12 @@ class Gefen(LearnedState, Optimizer):
             for gi, pi, group, p in self._stateless
             if p.grad is not None and not self.state.get(p)
         ]
+        if found_inf is not None and (fresh or self._nearest is None):
+            # A step that would learn periods or the codebook reads the gradients on the host
+            # anyway; a skipped one must learn nothing.
+            if found_inf.item():
+                return loss
+            found_inf = None
         if fresh and distributed.is_state_materialising_step(
             self.param_groups, [g for _, _, g in fresh]
         ):
@@ -140,9 +145,9 @@ class Gefen(LearnedState, Optimizer):
                 steps.append((bucket, held, None))
         for bucket, held, grads in steps:
             if held is None:
-                self._step_bucket(bucket, grads)
+                self._step_bucket(bucket, grads, found_inf)
             else:
-                cpu_step.run_prepared(bucket, self._kernel_args(bucket, []))
+                cpu_step.run_prepared(bucket, self._kernel_args(bucket, [], found_inf))
         return loss
 
     def _groups_changed(self) -> bool:
@@ -191,10 +196,13 @@ class Gefen(LearnedState, Optimizer):
                         )
         return grads
 
-    def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
+    def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None],
+                     skip: Tensor | None) -> None:
+        """``skip``: see ops.step_ (None: step)."""
         grads = [None if g is None else readable(g) for g in grads]
         if bucket.codes.device.type not in ("cpu", "cuda"):  # MPS, XPU, ...
-            self._step_in_torch(bucket, range(len(grads)), grads)
+            if skip is None or not skip.item():
+                self._step_in_torch(bucket, range(len(grads)), grads)
             return
         # Parameters the kernels cannot update in place (stored in another memory order, as
         # channels_last, negated views, misaligned) take the plain torch step, which reads and
@@ -203,8 +211,9 @@ class Gefen(LearnedState, Optimizer):
         strided = [i for i, (p, g) in enumerate(zip(bucket.params, grads))
                    if g is not None and not (is_readable(p) if eager else p.is_contiguous())]
         kernel_grads = [None if i in strided else g for i, g in enumerate(grads)] if strided else grads
-        ops.run_step(self._kernel_args(bucket, kernel_grads))
-        self._step_in_torch(bucket, strided, grads)
+        ops.run_step(self._kernel_args(bucket, kernel_grads, skip))
+        if strided and (skip is None or not skip.item()):  # a host sync only for these
+            self._step_in_torch(bucket, strided, grads)
 
     def _step_in_torch(self, bucket: Bucket, indices, grads: list[Tensor | None]) -> None:
         """The plain-torch step (kernels/torch_step.py) for some parameters of a bucket."""
@@ -219,7 +228,8 @@ class Gefen(LearnedState, Optimizer):
                          eps=group["eps"], weight_decay=group["weight_decay"],
                          maximize=group["maximize"])
 
-    def _kernel_args(self, bucket: Bucket, grads: list[Tensor | None]) -> StepInputs:
+    def _kernel_args(self, bucket: Bucket, grads: list[Tensor | None],
+                     skip: Tensor | None = None) -> StepInputs:
         """The arguments of ``ops.step_`` (and of each kernel) for one bucket."""
         device = bucket.codes.device
         t = self._nearest.tables(device, compute_dtype(bucket.dtype))
@@ -228,6 +238,8 @@ class Gefen(LearnedState, Optimizer):
             bucket.segments, bucket.num_rows, bucket.param_group,
             hyper_table(self.param_groups, device),
             t.codebook, t.lut, t.bounds, t.first_index, t.half, *bucket.work_plan(),
+            # Asynchronous only to a GPU: the C step reads a CPU copy at once.
+            None if skip is None else skip.to(device, non_blocking=device.type == "cuda"),
         )
 
     # Host-side work (one host round trip, the codebook's DP), so it runs eagerly when a
@@ -320,22 +332,21 @@ class Gefen(LearnedState, Optimizer):
         self._buckets, self._index = None, {}
 
 
-def _unscaled_by_grad_scaler(optimizer: Optimizer) -> bool:
+def _unscaled_for_grad_scaler(optimizer: Optimizer) -> Tensor | None:
     """GradScaler's protocol for optimizers that unscale and skip steps themselves, as fused
     AdamW does (``_step_supports_amp_scaling``, which a converted ``AdamW(fused=True)`` keeps):
     during ``scaler.step(optimizer)`` it sets ``found_inf`` and ``grad_scale`` (None once
     ``unscale_`` ran) instead of unscaling. Divides the gradients by ``grad_scale`` in place,
-    as fused AdamW does; False where the step must be skipped (an inf or nan gradient)."""
+    as fused AdamW does, and returns ``found_inf`` (non-zero: an inf or nan gradient, skip the
+    step), which the kernels read on the device; None outside the protocol."""
     found_inf = getattr(optimizer, "found_inf", None)
-    if found_inf is not None and found_inf.item():  # one sync, as GradScaler's own skip test
-        return False
     scale = getattr(optimizer, "grad_scale", None)
     if scale is not None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
         if grads:
             torch._foreach_div_(grads, scale)
-    return True
+    return found_inf
 
 
 def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:

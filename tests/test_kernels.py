@@ -114,6 +114,37 @@ def test_kernel_equals_core(kernel, dtype, variant, bad):
         torch.testing.assert_close(b.detach(), a.detach(), equal_nan=True, **tol)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_set_skip_flag_changes_nothing_and_a_clear_one_steps(kernel):
+    """``skip``: GradScaler's found_inf, which the Triton kernel reads on the device (no host
+    sync); every kernel honours it."""
+    ((params, with_flag), (twins, without)), gen = twin_optimizers(torch.float32)
+    grads = [structured(s, gen, torch.float32) for s in SHAPES]
+    for a, b, g in zip(params, twins, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+
+    def everything():
+        return [t.clone() for p in params for t in (p.detach(), *with_flag.state[p].values())
+                if isinstance(t, torch.Tensor)]
+
+    @torch.no_grad()
+    def step(opt, skip):
+        for bucket in opt._buckets:
+            KERNELS[kernel](*opt._kernel_args(bucket, [p.grad for p in bucket.params], skip))
+
+    before = everything()
+    step(with_flag, torch.ones(1))
+    assert all(map(torch.equal, everything(), before))
+    step(with_flag, torch.zeros(1))
+    step(without, None)
+    assert not all(map(torch.equal, everything(), before))
+    for a, b in zip(params, twins):
+        assert torch.equal(a, b)
+        for key, value in with_flag.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, without.state[b][key]), key
+
+
 class CountingKernel:
     """Stands in for the Triton kernel and counts its launches."""
 

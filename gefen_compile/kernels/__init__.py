@@ -27,6 +27,7 @@ class StepInputs(NamedTuple):
     lut_half: int
     work: list[torch.Tensor]
     work_classes: list[int]
+    skip: torch.Tensor | None = None
 
 
 def is_readable(t: torch.Tensor) -> bool:

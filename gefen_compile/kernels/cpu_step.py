@@ -73,6 +73,8 @@ def fill_tables(bucket: Bucket) -> tuple[int, list[torch.Tensor | None]]:
 def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor) -> None:
     """The C step on ``a``, with its parameters' and gradients' data pointers (int64) and
     which have a gradient (uint8) in the tables given."""
+    if a.skip is not None and a.skip.item():
+        return
     tensors = (params, grads, has_grad, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean,
                a.steps, a.codebook, a.lut, a.bounds, a.first_index)
     args = StepArgs(a.num_rows, a.segments.data_ptr(), len(params),

@@ -25,6 +25,8 @@ def step(*args) -> None:
     ops.step_), parameter by parameter through views of the bucket's buffers. Reads the segment
     and hyperparameter tables on the host."""
     a = StepInputs(*args)
+    if a.skip is not None and a.skip.item():
+        return
     nearest = LookupTables(a.codebook, a.lut, a.bounds, a.first_index, a.lut_half).codes
     hyper = a.hyper.tolist()
     segments = a.segments.tolist()

@@ -244,6 +244,8 @@ def step(*args) -> None:
     bucket = (device, a.codes.data_ptr())  # the same slot every step of this bucket
     has_grad = slot_table((*bucket, "has_grad"), [g is not None for g in a.grads], torch.uint8,
                           device)
+    if a.skip is not None:  # every parameter sits the step out, decided on the device
+        has_grad = has_grad * (a.skip == 0)
     pointers = slot_table((*bucket, "pointers"), addresses, torch.int64, device)
     # Step counts and bias corrections on the device: no host sync, CUDA-graph capturable.
     a.steps.add_(has_grad)

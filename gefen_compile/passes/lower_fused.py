@@ -65,6 +65,8 @@ def lower_fused(
                 inputs = optimizer._kernel_args(bucket, [None] * len(bucket.params))
                 args = [params, [grads.get(p) for p in bucket.params]]
                 for name, value in zip(inputs._fields[2:], inputs[2:]):
+                    if name == "skip":  # GradScaler's flag: eager steps only
+                        continue
                     if name == "hyper":
                         args.append(_hyper_node(graph, attr, optimizer, bucket.codes.device))
                     elif isinstance(value, torch.Tensor):
