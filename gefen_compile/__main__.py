@@ -3,8 +3,8 @@
 run an unmodified training script with :func:`~gefen_compile.patch_adamw` and
 :func:`~gefen_compile.patch_muon` applied, so every ``torch.optim.AdamW`` it builds or steps is
 Gefen, and every ``torch.optim.Muon`` GefenMuon. ``-m module ARGS...`` runs a module instead,
-as ``python -m`` does; ``-m torch.distributed.run ...`` (torchrun) runs every worker under the
-runner. The script sees its own arguments in ``sys.argv``; its exit code is the runner's. Each
+as ``python -m`` does (``-m torch.distributed.run ...``: torchrun, its workers patched too). The
+script sees its own arguments in ``sys.argv``; its exit code is the runner's. Each
 conversion prints one line on stderr unless ``--quiet`` or the script configured logging, and
 processes the script starts run the same way (runner.py)."""
 
@@ -20,7 +20,7 @@ import types
 import zipfile
 from importlib.machinery import SourceFileLoader
 
-from .runner import TORCHRUN, run_patched, run_torchrun
+from .runner import run_patched
 from .variant import VARIANT_NAMES
 
 _USAGE = ("python -m gefen_compile [--quiet] [--variant {robust,published}] "
@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.module is None and not target:
         parser.error("give the script to run: " + _USAGE)
     run_patched(args.quiet, args.variant)
-    if args.module == TORCHRUN:
-        run_torchrun(target, args.quiet, args.variant)
-    elif args.module is not None:
+    if args.module is not None:
         sys.argv = [args.module, *target]
         _set_path0(os.getcwd())  # as `python -m` does (already so under `python -m gefen_compile`)
         runpy.run_module(args.module, run_name="__main__", alter_sys=True)

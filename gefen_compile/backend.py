@@ -8,6 +8,10 @@ Graphs compile through inductor, as with ``backend="inductor"``: ``mode``, ``opt
   Gefen, and a ``torch.optim.Muon`` to GefenMuon, when it is about to step, before it allocates
   its state (dynamo would allocate it
   while tracing the step, so the hook runs eagerly: DESIGN "Facts about torch.compile");
+- from its first use in a process (torch.compile resolves the name, importing this module),
+  an exact AdamW, Adam or Muon that loads a Gefen (GefenMuon) checkpoint is converted at that
+  load (convert_at_load.py): a run resumes from its checkpoint before its first step, and
+  before its model's first graph compiles;
 - a graph that captured an AdamW step (``torch.compile(opt.step, backend="gefen")`` over an
   optimizer the hook did not convert first) goes through the passes in ``passes/``, which
   convert its optimizer and lower the step to one ``gefen::step_`` call.
@@ -30,7 +34,8 @@ import torch
 from torch.optim import Adam, AdamW, Muon, Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .convert import convert, is_convertible
+from . import convert_at_load
+from .convert import closure_of, convert, is_convertible, returning
 from .passes import StateReport, rewrite_adamw_steps
 from .passes.dataflow import is_inplace
 from .passes.rewrite_state import leaf_values
@@ -41,7 +46,6 @@ log = logging.getLogger("gefen_compile")
 _PARAMETERS: dict[int, weakref.ref] = {}
 _generation = 0  # bumped whenever a parameter is remembered
 _checked: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary()
-_hook = None
 
 
 def gefen_backend(
@@ -54,7 +58,6 @@ def gefen_backend(
     # torch.compile hands a custom backend mode/options as keywords and keeps dynamic for
     # dynamo; inductor's own wrapper turns them into its config patches.
     inductor = torch._TorchCompileInductorWrapper(mode, options, None)
-    _install_conversion_hook()
     _remember(t for _, t in gm.named_parameters())
     state = None
     if writes_a_parameter(gm, example_inputs):
@@ -153,23 +156,35 @@ def _remember(tensors) -> None:
             _generation += 1
 
 
-def _install_conversion_hook() -> None:
-    global _hook
-    if _hook is None:
-        _hook = register_optimizer_step_pre_hook(_convert_before_step)
+def _converts_at_load(optimizer: Optimizer) -> bool:
+    return type(optimizer) in (AdamW, Adam, Muon) and is_convertible(optimizer)
 
 
-def _convert_before_step(optimizer: Optimizer, args, kwargs) -> None:
+def _convert_before_step(optimizer: Optimizer, args, kwargs):
     # Exactly AdamW, Adam or Muon: a subclass may change the update, and is left alone. This
     # test traces (guarded on the type), so other optimizers' compiled steps keep a single graph.
     if type(optimizer) in (AdamW, Adam, Muon):
-        _convert_if_compiled(optimizer)
+        return _convert_if_compiled(optimizer, args, kwargs)
+    return None
 
 
 @torch._dynamo.disable  # runs eagerly, also inside a compiled step, before AdamW allocates
-def _convert_if_compiled(optimizer: Optimizer) -> None:
-    if _checked.get(optimizer) == _generation:
-        return
+def _convert_if_compiled(optimizer: Optimizer, args, kwargs):
+    """Convert ``optimizer`` if its parameters belong to a compiled graph. Before its first
+    step, a closure is evaluated first (and the step given one returning its loss): Lightning
+    runs the model's first forward and backward there, compiling the graphs that tell."""
+    result = None
+    closure = closure_of(args, kwargs)
+    if closure is not None and not optimizer.state:
+        with torch.enable_grad():
+            result = returning(closure(), args, kwargs)
+    if _checked.get(optimizer) != _generation:
+        _convert_known(optimizer)
+    return result
+
+
+def _convert_known(optimizer: Optimizer) -> None:
+    """Convert ``optimizer`` if a compiled graph holds one of its parameters."""
     _checked[optimizer] = _generation
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not any(remembered(p) for p in params):
@@ -180,3 +195,10 @@ def _convert_if_compiled(optimizer: Optimizer) -> None:
         log.info("not converting %s over compiled parameters: an option Gefen does not "
                  "support (amsgrad, Adam's coupled weight decay, or a Muon parameter that is not "
                  "2-D)", type(optimizer).__name__)
+
+
+# From the backend's first use in a process (torch.compile resolving "gefen" imports this
+# module), not from its first graph: that graph may compile inside the first step's closure,
+# after the step's hooks were chosen, or after a resumed run loaded its checkpoint.
+register_optimizer_step_pre_hook(_convert_before_step)
+convert_at_load.install("backend", _converts_at_load)

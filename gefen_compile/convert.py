@@ -286,16 +286,24 @@ def _install_update_hook(optimizer: Optimizer) -> None:
 def _gefen_update(optimizer: Gefen, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """The step pre-hook of a converted optimizer: the Gefen update of every group. The
     closure, if any, is evaluated first, and AdamW's step (on empty lists) returns its loss."""
-    has_arg = len(args) > 1
-    closure = args[1] if has_arg else kwargs.get("closure")
+    closure = closure_of(args, kwargs)
     loss = optimizer._update(closure)
-    if closure is None:
-        return None
+    return None if closure is None else returning(loss, args, kwargs)
+
+
+def closure_of(args: tuple, kwargs: dict) -> Callable[[], Any] | None:
+    """The closure in a step pre-hook's arguments (``args[0]``: the optimizer's step), if any."""
+    return args[1] if len(args) > 1 else kwargs.get("closure")
+
+
+def returning(loss: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A step pre-hook's arguments with their closure, evaluated already, replaced by one
+    returning its ``loss``: the step still returns the loss, and the model runs once."""
 
     def evaluated() -> Any:
         return loss
 
-    if has_arg:
+    if len(args) > 1:
         return (args[0], evaluated, *args[2:]), kwargs
     return args, {**kwargs, "closure": evaluated}
 

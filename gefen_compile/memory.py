@@ -111,9 +111,11 @@ def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
     """Per-tensor shape, period and optimizer-state bytes of a Gefen ``optimizer``, with what
     ``torch.optim.AdamW`` would hold for the same parameters (for a GefenMuon: what
     ``torch.optim.Muon``'s momentum buffers would). For DTensor (FSDP2) parameters: this
-    rank's shards."""
+    rank's shards. A wrapper holding the optimizer (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``) is looked through; any other optimizer is refused."""
     from .muon import GefenMuon
 
+    optimizer = _gefen_inside(optimizer)
     muon = isinstance(optimizer, GefenMuon)
     rows = []
     for gi, group in enumerate(optimizer.param_groups):
@@ -135,3 +137,22 @@ def memory_report(optimizer: torch.optim.Optimizer) -> MemoryReport:
     on_cpu = any(local(p).device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
     return MemoryReport(tuple(rows), native.describe() if on_cpu else None,
                         "Muon" if muon else "AdamW")
+
+
+def _gefen_inside(optimizer: object) -> torch.optim.Optimizer:
+    """The Gefen (GefenMuon) optimizer that ``optimizer`` is or wraps, else a TypeError: a
+    report of another optimizer's state would count none of it, and read as Gefen's."""
+    from .learned_state import LearnedState
+
+    held = optimizer
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        if isinstance(held, LearnedState):
+            return held
+        held = getattr(held, "optimizer", None) or getattr(held, "_optimizer", None)
+    raise TypeError(
+        f"memory_report: {type(optimizer).__name__} is not a Gefen or GefenMuon optimizer, nor "
+        "a wrapper of one (accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer), "
+        "so it holds no Gefen state to report. If it should have been converted: build it "
+        "while gefen_compile.patch_adamw() is in effect (or under python -m gefen_compile), or "
+        "convert it with gefen_compile.convert(optimizer)"
+    )

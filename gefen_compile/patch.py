@@ -12,7 +12,8 @@ does, then the optimizer is converted before it allocates any state.
 References taken before the patch (``from torch.optim import AdamW`` at import time, a
 registry such as timm's holding the class) build real AdamWs: while patched, a global optimizer
 step pre-hook converts them at their first step, before AdamW allocates its state, as the
-compiler backend does.
+compiler backend does; or, where they load a Gefen checkpoint before it, at that load
+(convert_at_load.py).
 
 Subclasses are converted only where their update is AdamW's (the rule, in one place):
 
@@ -44,6 +45,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from . import convert_at_load
 from .convert import (ConvertedMuon, GefenAdamW, GefenStep, check_convertible, convert,
                       gefen_step_above, own_class, overrides_step, set_default_variant)
 from .learned_state import LearnedState
@@ -122,6 +124,7 @@ def _patch(original: type, variant: str, where: str) -> None:
     if not _hooks:
         _hooks.append(register_optimizer_step_pre_hook(_before_step))
         _hooks.append(register_optimizer_step_post_hook(_after_step))
+        convert_at_load.install("patch", _converts_at_load)
 
 
 def _unpatch(original: type, where: str) -> None:
@@ -133,6 +136,7 @@ def _unpatch(original: type, where: str) -> None:
     if not _watched:
         while _hooks:
             _hooks.pop().remove()
+        convert_at_load.remove("patch")
 
 
 def patch_adamw(*, variant: str = "robust") -> None:
@@ -186,6 +190,18 @@ def _before_step(optimizer, args, kwargs) -> None:
     if (isinstance(optimizer, _watched) and not isinstance(optimizer, (LearnedState, GefenStep))
             and not getattr(optimizer, "_gefen_left_alone", False)):
         _convert_at_first_step(optimizer)
+
+
+def _converts_at_load(optimizer) -> bool:
+    """Whether a Gefen checkpoint loaded into ``optimizer`` converts it first: one the first
+    step would convert for sure (a subclass overriding ``step`` is decided only by its step)."""
+    if not isinstance(optimizer, _watched) or overrides_step(type(optimizer)):
+        return False
+    try:
+        check_convertible(optimizer)
+    except (TypeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 @torch._dynamo.disable  # eagerly, also inside a compiled step, before AdamW allocates

@@ -3,6 +3,7 @@ model's parameters becomes Gefen before allocating AdamW's state."""
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import subprocess
@@ -14,6 +15,7 @@ import torch
 
 import gefen_compile.backend as gefen_backend
 from allocations import Allocations
+import gefen_compile
 from gefen_compile import Gefen
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +88,77 @@ def test_adamw_over_a_compiled_model_becomes_gefen_without_adamw_state(caplog):
     assert sum("converted torch.optim.adamw.AdamW" in r.getMessage() for r in caplog.records) == 1
     for p, q in zip(model.parameters(), twin_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_a_closure_step_converts_at_its_first_step():
+    """Lightning's automatic optimization: the model's first forward and backward (the first
+    compiled graph) run inside the step's closure."""
+    model, twin_model = mlp(), mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    twin = Gefen(twin_model.parameters(), lr=1e-2)
+    compiled = torch.compile(model, backend="gefen")
+    twin_compiled = torch.compile(twin_model, backend="gefen")
+    losses = []
+    for seed in range(3):
+        def closure(net=compiled, seed=seed, optimizer=opt):
+            optimizer.zero_grad()
+            loss = net(batch(seed)).square().mean()
+            loss.backward()
+            return loss
+
+        returned = opt.step(closure)
+        twin.step(lambda seed=seed: closure(twin_compiled, seed, twin))
+        losses.append(returned)
+        if seed == 0:
+            assert isinstance(opt, Gefen) and "exp_avg" not in opt.state[model[0].weight]
+    assert all(isinstance(loss, torch.Tensor) and loss.grad_fn is not None for loss in losses)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_run_resumes_its_gefen_checkpoint_into_a_fresh_adamw():
+    """The resuming script loads before its first step and before its model compiles."""
+    def run(steps, start=0, model=None, state_dict=None):
+        model = model or mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        compiled = torch.compile(model, backend="gefen")
+        if state_dict is not None:
+            opt.load_state_dict(state_dict)
+            assert isinstance(opt, Gefen)
+        for seed in range(start, start + steps):
+            opt.zero_grad()
+            compiled(batch(seed)).square().mean().backward()
+            opt.step()
+        return model, opt
+
+    whole, _ = run(5)
+    first, opt = run(3)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = mlp()
+    resumed.load_state_dict(saved["model"])
+    resumed, opt = run(2, 3, resumed, saved["optimizer"])
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+    # An AdamW checkpoint still loads as AdamW's.
+    adamw = torch.optim.AdamW(mlp().parameters())
+    adamw.load_state_dict(torch.optim.AdamW(mlp().parameters()).state_dict())
+    assert type(adamw) is torch.optim.AdamW
+
+
+def test_a_muon_loading_a_gefen_muon_checkpoint_is_converted():
+    weights = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(2)]
+    saved = gefen_compile.GefenMuon(weights, lr=1e-2)
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    saved.step()
+    muon = torch.optim.Muon(weights, lr=1e-2)
+    muon.load_state_dict(saved.state_dict())
+    assert isinstance(muon, gefen_compile.GefenMuon)
+    for w in weights:
+        assert torch.equal(muon.state[w]["codes"].view(-1), saved.state[w]["codes"].view(-1))
 
 
 def test_unrelated_optimizers_are_untouched():

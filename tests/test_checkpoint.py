@@ -46,7 +46,8 @@ def saved_and_loaded(state_dict):
 
 @pytest.mark.parametrize("transport", ["in-memory", "torch.save"])
 @pytest.mark.parametrize("made_by", ["Gefen", "patched AdamW"])
-def test_plain_adamw_refuses_a_gefen_checkpoint_at_load_naming_the_fix(transport, made_by):
+def test_plain_adamw_refuses_a_gefen_checkpoint_at_load_naming_the_fix(transport, made_by,
+                                                                       no_conversion_at_load):
     params, opt = stepped_gefen()
     if made_by == "patched AdamW":
         with gefen.patched_adamw():

@@ -59,3 +59,23 @@ def test_unnamed_groups_get_positional_names():
     q = torch.nn.Parameter(torch.zeros(4))
     report = memory_report(Gefen([{"params": [p]}, {"params": [q], "lr": 0.1}]))
     assert [r.name for r in report.tensors] == ["group0.param0", "group1.param0"]
+
+
+def test_another_optimizer_is_refused_and_a_wrapper_looked_through():
+    params = [torch.nn.Parameter(torch.randn(64, 32))]
+    adamw = torch.optim.AdamW(params)
+    params[0].grad = torch.randn(64, 32)
+    adamw.step()
+    with pytest.raises(TypeError, match=r"memory_report: AdamW is not a Gefen or GefenMuon .*"
+                                        r"gefen_compile\.convert\(optimizer\)"):
+        memory_report(adamw)
+
+    class Wrapper:  # as accelerate's AcceleratedOptimizer holds the optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    gefen = Gefen(params)
+    gefen.step()
+    assert memory_report(Wrapper(gefen)) == memory_report(gefen)
+    with pytest.raises(TypeError, match="memory_report: Wrapper is not"):
+        memory_report(Wrapper(adamw))

@@ -53,20 +53,6 @@ def check_optimizer(name, model, opt, losses):
 
 
 @pytest.fixture
-def adamw_state_allocations(monkeypatch):
-    """Every call of AdamW's state allocation (torch.optim.Adam._init_group, AdamW's too)."""
-    calls = []
-    allocate = torch.optim.Adam._init_group
-
-    def counted(self, *args, **kwargs):
-        calls.append(type(self).__name__)
-        return allocate(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "_init_group", counted)
-    return calls
-
-
-@pytest.fixture
 def graphs(monkeypatch):
     """For each graph the gefen backend compiles: whether it indexes a tensor with a slice."""
     seen = []

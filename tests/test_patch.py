@@ -100,6 +100,27 @@ def test_adamw_built_from_an_earlier_reference_is_gefen_from_its_first_step(buil
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params))  # one update per step
 
 
+def test_an_earlier_reference_loading_a_gefen_checkpoint_is_converted_while_patched(
+        no_conversion_at_load):
+    """A resumed run loads before its first step; unpatched, AdamW refuses the checkpoint."""
+    params = list(mlp().parameters())
+    saved = gefen.Gefen(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    saved.step()
+    state_dict = saved.state_dict()
+    gefen.patch_adamw()
+    opt = EARLY_ADAMW(params, lr=1e-2)
+    opt.load_state_dict(state_dict)
+    assert type(opt).__name__ == "GefenAdamW"
+    assert torch.equal(opt.codebook, saved.codebook)
+    assert torch.equal(opt.state[params[0]]["codes"].view(-1), saved.state[params[0]]["codes"])
+    gefen.unpatch_adamw()
+    with pytest.raises(ValueError, match=r"gefen_compile\.adamw_state_dict"):
+        EARLY_ADAMW(params).load_state_dict(state_dict)
+    assert "load_state_dict" not in vars(torch.optim.Adam)  # nothing left behind
+
+
 def test_patch_converts_to_the_variant_asked_for_until_unpatched():
     gefen.patch_adamw(variant="published")
     built = torch.optim.AdamW(mlp().parameters())

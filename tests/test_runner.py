@@ -1,5 +1,6 @@
 """The runner (``python -m gefen_compile``): what it prints, and the processes a script starts
-(torch.multiprocessing.spawn workers, torchrun workers) running patched too."""
+(torch.multiprocessing's spawn and forkserver workers, torchrun's, workers started through
+subprocess as Lightning and accelerate start them) running patched too."""
 
 import os
 import re
@@ -153,7 +154,24 @@ def worker(rank, out):
 
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
+    mp.start_processes(worker, args=(sys.argv[1],), nprocs=2, start_method=sys.argv[2])
+"""
+
+# Workers started as `python train.py` through subprocess, as Lightning's DDP launcher and
+# accelerate's launcher start them.
+SUBPROCESS = DDP_STEPS + """
+import os
+import subprocess
+import sys
+
+if "RANK" in os.environ:
+    dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}/rendezvous",
+                            rank=int(os.environ["RANK"]), world_size=2)
+    run(sys.argv[1])
+else:
+    workers = [subprocess.Popen([sys.executable, __file__, sys.argv[1]],
+                                env={**os.environ, "RANK": str(rank)}) for rank in range(2)]
+    sys.exit(max(worker.wait() for worker in workers))
 """
 
 TORCHRUN = DDP_STEPS + """
@@ -164,7 +182,7 @@ run(sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("launcher", ["torch.multiprocessing.spawn", "torchrun"])
+@pytest.mark.parametrize("launcher", ["spawn", "forkserver", "torchrun", "subprocess"])
 def test_processes_the_script_starts_run_patched(tmp_path, launcher):
     out = tmp_path / "out"
     out.mkdir()
@@ -172,11 +190,34 @@ def test_processes_the_script_starts_run_patched(tmp_path, launcher):
         (tmp_path / "train.py").write_text(TORCHRUN)
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "train.py", str(out)]
-    else:
-        (tmp_path / "train.py").write_text(SPAWN)
+    elif launcher == "subprocess":
+        (tmp_path / "train.py").write_text(SUBPROCESS)
         args = ["train.py", str(out)]
+    else:  # torch.multiprocessing's start methods
+        (tmp_path / "train.py").write_text(SPAWN)
+        args = ["train.py", str(out), launcher]
     # The variant chosen on the runner's command line reaches the workers too.
     result = run(["-m", "gefen_compile", "--variant", "published", *args], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(out / f"rank{r}").read_text() for r in range(2)] == ["GefenAdamW published"] * 2
     assert conversions(result.stderr) == [(2, 32 * 16 + 16)] * 2, result.stderr[-3000:]
+
+
+CHILDREN = """
+import subprocess, sys
+for code in ("import sys, builtins; print(getattr(builtins, 'USER_SITE', False), "
+             "'gefen_compile' in sys.modules, 'torch' in sys.modules)",
+             "import torch; print(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).variant.name)"):
+    print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip())
+"""
+
+
+def test_a_python_child_runs_the_users_sitecustomize_and_imports_gefen_only_with_torch(tmp_path):
+    """The runner's startup module runs the sitecustomize it shadows, and sets a child up only
+    once it imports torch: a child that never does pays nothing."""
+    (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.USER_SITE = True\n")
+    (tmp_path / "children.py").write_text(CHILDREN)
+    result = run(["-m", "gefen_compile", "--variant", "published", "children.py"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "False", "False", "published"]
