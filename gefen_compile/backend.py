@@ -35,7 +35,8 @@ from torch.optim import Adam, AdamW, Muon, Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import convert_at_load
-from .convert import closure_of, convert, is_convertible, returning
+from .convert import closure_of, convert, is_convertible, with_closure
+from .learned_state import LearnedState
 from .passes import StateReport, rewrite_adamw_steps
 from .passes.dataflow import is_inplace
 from .passes.rewrite_state import leaf_values
@@ -171,16 +172,31 @@ def _convert_before_step(optimizer: Optimizer, args, kwargs):
 @torch._dynamo.disable  # runs eagerly, also inside a compiled step, before AdamW allocates
 def _convert_if_compiled(optimizer: Optimizer, args, kwargs):
     """Convert ``optimizer`` if its parameters belong to a compiled graph. Before its first
-    step, a closure is evaluated first (and the step given one returning its loss): Lightning
-    runs the model's first forward and backward there, compiling the graphs that tell."""
-    result = None
-    closure = closure_of(args, kwargs)
-    if closure is not None and not optimizer.state:
-        with torch.enable_grad():
-            result = returning(closure(), args, kwargs)
+    step, its closure is also watched (see :func:`_converting_after`)."""
     if _checked.get(optimizer) != _generation:
         _convert_known(optimizer)
-    return result
+    closure = closure_of(args, kwargs)
+    if closure is None or optimizer.state or isinstance(optimizer, LearnedState):
+        return None
+    return with_closure(args, kwargs, _converting_after(optimizer, closure))
+
+
+def _converting_after(optimizer: Optimizer, closure):
+    """``closure``, then the conversion its graphs may call for: Lightning's automatic
+    optimization runs the model's first forward and backward (the first compiled graphs) in
+    the step's closure, which the step calls after every hook, where the original calls it.
+    Converted there, the optimizer takes Gefen's update at once; the original's step then goes
+    on over no state, as a converted optimizer's does."""
+
+    def closure_then_convert():
+        loss = closure()
+        if not isinstance(optimizer, LearnedState) and _checked.get(optimizer) != _generation:
+            _convert_known(optimizer)
+            if isinstance(optimizer, LearnedState):
+                optimizer._update(lambda: loss)
+        return loss
+
+    return closure_then_convert
 
 
 def _convert_known(optimizer: Optimizer) -> None:

@@ -288,24 +288,25 @@ def _gefen_update(optimizer: Gefen, args: tuple, kwargs: dict) -> tuple[tuple, d
     closure, if any, is evaluated first, and AdamW's step (on empty lists) returns its loss."""
     closure = closure_of(args, kwargs)
     loss = optimizer._update(closure)
-    return None if closure is None else returning(loss, args, kwargs)
+    if closure is None:
+        return None
+
+    def evaluated() -> Any:  # the step still returns the loss, and the model runs once
+        return loss
+
+    return with_closure(args, kwargs, evaluated)
 
 
 def closure_of(args: tuple, kwargs: dict) -> Callable[[], Any] | None:
-    """The closure in a step pre-hook's arguments (``args[0]``: the optimizer's step), if any."""
+    """The closure in a step pre-hook's arguments (``args[0]``: the optimizer), if any."""
     return args[1] if len(args) > 1 else kwargs.get("closure")
 
 
-def returning(loss: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A step pre-hook's arguments with their closure, evaluated already, replaced by one
-    returning its ``loss``: the step still returns the loss, and the model runs once."""
-
-    def evaluated() -> Any:
-        return loss
-
+def with_closure(args: tuple, kwargs: dict, closure: Callable[[], Any]) -> tuple[tuple, dict]:
+    """A step pre-hook's arguments with ``closure`` in place of theirs."""
     if len(args) > 1:
-        return (args[0], evaluated, *args[2:]), kwargs
-    return args, {**kwargs, "closure": evaluated}
+        return (args[0], closure, *args[2:]), kwargs
+    return args, {**kwargs, "closure": closure}
 
 
 def _state_bytes(optimizer: Optimizer) -> int:

@@ -53,12 +53,20 @@ def is_gefen_checkpoint(state_dict: dict[str, Any]) -> bool:
 def _loader(cls: type) -> Callable[[Optimizer, dict[str, Any]], None]:
     def load_state_dict(self: Optimizer, state_dict: dict[str, Any]) -> None:
         if (not isinstance(self, LearnedState) and is_gefen_checkpoint(state_dict)
+                and _same_groups(self, state_dict)
                 and any(converts(self) for converts in _RULES.values())):
             convert(self)
         super(cls, self).load_state_dict(state_dict)
 
     load_state_dict.__doc__ = Optimizer.load_state_dict.__doc__
     return load_state_dict
+
+
+def _same_groups(optimizer: Optimizer, state_dict: dict[str, Any]) -> bool:
+    """Whether the saved param groups have the optimizer's shape (as many groups, as many
+    parameters in each): a load refused for that leaves the optimizer unconverted."""
+    saved = state_dict.get("param_groups", [])
+    return [len(g["params"]) for g in saved] == [len(g["params"]) for g in optimizer.param_groups]
 
 
 _LOADERS = {cls: _loader(cls) for cls in (Adam, Muon)}

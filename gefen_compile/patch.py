@@ -194,8 +194,9 @@ def _before_step(optimizer, args, kwargs) -> None:
 
 def _converts_at_load(optimizer) -> bool:
     """Whether a Gefen checkpoint loaded into ``optimizer`` converts it first: one the first
-    step would convert for sure (a subclass overriding ``step`` is decided only by its step)."""
-    if not isinstance(optimizer, _watched) or overrides_step(type(optimizer)):
+    step would convert. A subclass overriding ``step`` is decided by its step, but a Gefen
+    checkpoint says that its step reached AdamW's in the run that saved it."""
+    if not isinstance(optimizer, _watched):
         return False
     try:
         check_convertible(optimizer)

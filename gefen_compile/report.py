@@ -9,10 +9,13 @@ import sys
 from .convert import LISTENERS, Conversion
 
 
-def report_conversions() -> None:
-    """Print every conversion from now on (once, however often this is called)."""
-    if _print not in LISTENERS:
+def report_conversions(on: bool = True) -> None:
+    """Print every conversion from now on (once, however often this is called); ``on=False``:
+    stop."""
+    if on and _print not in LISTENERS:
         LISTENERS.append(_print)
+    elif not on and _print in LISTENERS:
+        LISTENERS.remove(_print)
 
 
 def _print(conversion: Conversion) -> None:

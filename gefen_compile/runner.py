@@ -26,8 +26,7 @@ def run_patched(quiet: bool, variant: str = "robust") -> None:
     report (unless ``quiet``), and both passed on to the processes it starts."""
     patch_adamw(variant=variant)
     patch_muon(variant=variant)
-    if not quiet:
-        report_conversions()
+    report_conversions(not quiet)  # quiet: also where a reporting parent's setup came first
     os.environ[ENV] = "quiet" if quiet else "report"
     os.environ[VARIANT_ENV] = variant
     _start_python_patched()
@@ -42,7 +41,8 @@ def enter_child() -> None:
 
 
 def _start_python_patched() -> None:
-    """Put ``startup/`` first on ``PYTHONPATH`` (once), for the processes started from here."""
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if STARTUP not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([STARTUP, *paths])
+    """Put ``startup/`` first on ``PYTHONPATH`` (once), for the processes started from here;
+    the rest is kept as it was, empty entries (the working directory) included."""
+    paths = os.environ.get("PYTHONPATH", "")
+    if STARTUP not in paths.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([STARTUP, paths]) if paths else STARTUP

@@ -116,6 +116,49 @@ def test_a_closure_step_converts_at_its_first_step():
         assert torch.equal(p, q)
 
 
+def test_an_adamw_the_backend_leaves_alone_runs_its_closure_as_before():
+    """Over parameters no compiled graph holds: the closure runs once per step, inside the
+    optimizer's own step pre-hooks (one that wraps it in autocast, say), and the optimizer
+    stays AdamW."""
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    seen = []
+
+    def under_autocast(optimizer, args, kwargs):
+        closure = args[1] if len(args) > 1 else kwargs["closure"]
+
+        def wrapped():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return closure()
+
+        return args, {**kwargs, "closure": wrapped}
+
+    opt.register_step_pre_hook(under_autocast)
+
+    def closure():
+        opt.zero_grad()
+        out = model(batch(0))
+        seen.append(out.dtype)
+        out.float().square().mean().backward()
+        return out
+
+    for _ in range(2):
+        opt.step(closure=closure)
+    assert seen == [torch.bfloat16] * 2 and type(opt) is torch.optim.AdamW
+
+
+def test_a_refused_gefen_checkpoint_leaves_the_adamw_unconverted():
+    params = list(mlp().parameters())
+    saved = Gefen([{"params": params[:2]}, {"params": params[2:]}])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    saved.step()
+    opt = torch.optim.AdamW(params)
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        opt.load_state_dict(saved.state_dict())
+    assert type(opt) is torch.optim.AdamW
+
+
 def test_a_run_resumes_its_gefen_checkpoint_into_a_fresh_adamw():
     """The resuming script loads before its first step and before its model compiles."""
     def run(steps, start=0, model=None, state_dict=None):

@@ -121,6 +121,24 @@ def test_an_earlier_reference_loading_a_gefen_checkpoint_is_converted_while_patc
     assert "load_state_dict" not in vars(torch.optim.Adam)  # nothing left behind
 
 
+def test_a_subclass_overriding_step_resumes_its_gefen_checkpoint_while_patched(
+        no_conversion_at_load):
+    """The patch decides such a subclass at its first step, but the checkpoint of a converted
+    one says its step reaches AdamW's: loading it converts, and the run goes on as Gefen."""
+    _, halves, _ = subclasses(EARLY_ADAMW)
+    gefen.patch_adamw()
+    params = list(mlp().parameters())
+    saved = halves(params, lr=1e-2)
+    twin_params, twin = twin_of(params)
+    step_both(saved, params, twin, twin_params, steps=2, grad_scale=0.5)
+    resumed = halves(params, lr=1e-2)
+    resumed.load_state_dict(saved.state_dict())
+    assert isinstance(resumed, halves) and isinstance(resumed, gefen.Gefen)
+    step_both(resumed, params, twin, twin_params, steps=1, grad_scale=0.5)
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+    assert all(float(s["step"]) == 3 for s in resumed.state.values())
+
+
 def test_patch_converts_to_the_variant_asked_for_until_unpatched():
     gefen.patch_adamw(variant="published")
     built = torch.optim.AdamW(mlp().parameters())

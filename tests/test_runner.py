@@ -4,6 +4,7 @@ subprocess as Lightning and accelerate start them) running patched too."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -207,7 +208,10 @@ CHILDREN = """
 import subprocess, sys
 for code in ("import sys, builtins; print(getattr(builtins, 'USER_SITE', False), "
              "'gefen_compile' in sys.modules, 'torch' in sys.modules)",
-             "import torch; print(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).variant.name)"):
+             "import torch; print(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).variant.name)",
+             # transformers looks torch up before importing it
+             "import importlib.util; assert importlib.util.find_spec('torch'); import torch; "
+             "print(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).variant.name)"):
     print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip())
 """
@@ -220,4 +224,55 @@ def test_a_python_child_runs_the_users_sitecustomize_and_imports_gefen_only_with
     (tmp_path / "children.py").write_text(CHILDREN)
     result = run(["-m", "gefen_compile", "--variant", "published", "children.py"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["True", "False", "False", "published"]
+    assert result.stdout.split() == ["True", "False", "False", "published", "published"]
+
+
+def test_two_copies_of_the_startup_module_run_once_each_and_the_users_once(tmp_path):
+    """A second install (or another spelling of the same directory) on PYTHONPATH: no
+    recursion, one setup, and the user's sitecustomize after both."""
+    from gefen_compile.runner import ENV, STARTUP
+
+    copy = tmp_path / "copy"
+    shutil.copytree(STARTUP, copy)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "sitecustomize.py").write_text("import builtins\n"
+                                           "builtins.USER_SITE = getattr(builtins, 'USER_SITE', 0) + 1\n")
+    code = ("import builtins, sys, torch; print(builtins.USER_SITE, "
+            "torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).variant.name)")
+    env = {**os.environ, ENV: "quiet", "GEFEN_COMPILE_VARIANT": "published",
+           "PYTHONPATH": os.pathsep.join([str(copy), STARTUP, str(ROOT), str(user)])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and not result.stderr, result.stderr[-3000:]
+    assert result.stdout.split() == ["1", "published"]
+
+
+def test_a_child_the_runner_cannot_set_up_still_imports_torch():
+    from gefen_compile.runner import ENV, STARTUP
+
+    env = {**os.environ, ENV: "report", "GEFEN_COMPILE_VARIANT": "no-such-variant",
+           "PYTHONPATH": os.pathsep.join([STARTUP, str(ROOT)])}
+    result = subprocess.run([sys.executable, "-c", "import torch; print(torch.optim.AdamW)"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.optim.adamw.AdamW" in result.stdout
+    assert "could not be set up as the runner's (ValueError" in result.stderr
+
+
+def test_the_runner_keeps_the_empty_pythonpath_entries_that_mean_the_working_directory(
+        monkeypatch):
+    from gefen_compile import runner
+
+    for before, after in (("/x:", f"{runner.STARTUP}:/x:"), ("", runner.STARTUP),
+                          (f"{runner.STARTUP}:/x", f"{runner.STARTUP}:/x")):
+        monkeypatch.setenv("PYTHONPATH", before)
+        runner._start_python_patched()
+        assert os.environ["PYTHONPATH"] == after
+
+
+def test_quiet_holds_for_a_runner_started_under_a_reporting_one(tmp_path):
+    (tmp_path / "train.py").write_text(TRAIN.format(configure=""))
+    result = run(["-m", "gefen_compile", "-m", "gefen_compile", "--quiet", "train.py"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert conversions(result.stderr) == [] and result.stdout.split() == ["GefenAdamW", "robust"]
