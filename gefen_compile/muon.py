@@ -39,6 +39,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import distributed, ops
 from .codebook import NearestCode
+from .eager import eager
 from .kernels import readable
 from .learned_state import LearnedState
 from .migrate import migrate_muon_state
@@ -136,7 +137,7 @@ class GefenMuon(LearnedState, Optimizer):
                 self._step_parameter(group, p, g, state)
         return loss
 
-    @torch.compiler.disable  # host work: one round trip, the codebook's DP
+    @eager  # host work: one round trip, the codebook's DP
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
         if self._learn(fresh):
             self._buckets = None  # rebuilt with the new parameters' state

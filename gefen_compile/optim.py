@@ -13,6 +13,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import checkpoint, distributed, ops
 from .codebook import NearestCode
 from .device_tables import device_table
+from .eager import eager
 from .learned_state import LearnedState
 from .hyperparameters import check_hyperparameters, scalar_betas
 from .kernels import StepInputs, cpu_step, is_readable, readable
@@ -244,7 +245,7 @@ class Gefen(LearnedState, Optimizer):
 
     # Host-side work (one host round trip, the codebook's DP), so it runs eagerly when a
     # compiled function steps; the steady-state step around it stays traceable.
-    @torch.compiler.disable
+    @eager
     def _initialise(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> None:
         """State for parameters seen for the first time (LearnedState._learn), in the flat
         buckets."""

@@ -48,6 +48,7 @@ from torch.optim.optimizer import (
 from . import convert_at_load
 from .convert import (ConvertedMuon, GefenAdamW, GefenStep, check_convertible, convert,
                       gefen_step_above, own_class, overrides_step, set_default_variant)
+from .eager import eager
 from .learned_state import LearnedState
 
 log = logging.getLogger("gefen_compile")
@@ -205,7 +206,7 @@ def _converts_at_load(optimizer) -> bool:
     return True
 
 
-@torch._dynamo.disable  # eagerly, also inside a compiled step, before AdamW allocates
+@eager  # also inside a compiled step, before AdamW allocates
 def _convert_at_first_step(optimizer) -> None:
     try:
         check_convertible(optimizer)
@@ -224,7 +225,7 @@ def _after_step(optimizer, args, kwargs) -> None:
         _end_probe(optimizer)
 
 
-@torch._dynamo.disable
+@eager
 def _end_probe(optimizer) -> None:
     optimizer.__class__ = own_class(optimizer)
     _leave_alone(optimizer, "its step() has an update of its own (it does not call "

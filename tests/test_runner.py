@@ -276,3 +276,15 @@ def test_quiet_holds_for_a_runner_started_under_a_reporting_one(tmp_path):
     result = run(["-m", "gefen_compile", "-m", "gefen_compile", "--quiet", "train.py"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert conversions(result.stderr) == [] and result.stdout.split() == ["GefenAdamW", "robust"]
+
+
+def test_importing_the_package_leaves_dynamo_unimported():
+    """Every process set up by the runner imports gefen_compile: dynamo's second of imports is
+    paid only where something compiles (eager.py)."""
+    code = ("import sys, torch, gefen_compile, gefen_compile.runner; "
+            "print('torch._dynamo' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
