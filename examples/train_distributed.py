@@ -155,6 +155,11 @@ def main() -> None:
         save_checkpoint(args.checkpoint, args.mode, model, optimizer, first_step + args.steps)
         if rank == 0:
             print(f"saved {args.checkpoint}")
+    # The model's hooks (DDP's reducer, FSDP's collectives) gone on every rank before any
+    # closes its connections, as tests/distributed_workers.py does: a rank closing while its
+    # peer still holds them can leave that peer waiting.
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
 
 
