@@ -729,11 +729,18 @@ def format_table(results: list[RunResult]) -> str:
 # Command line
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None: those options' help says where their default comes from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        description=__doc__.split("\n\n")[0], formatter_class=_HelpWithDefaults)
     parser.add_argument("--optimizer", nargs="+", choices=OPTIMIZERS, default=["adamw", "gefen"],
                         help="optimizer runs, one after the other (see the module docstring)")
     parser.add_argument("--size", choices=sorted(PRESETS), default="small",
@@ -745,7 +752,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches")
     parser.add_argument("--eval-every", type=int, default=0,
                         help=f"steps between validation evaluations (0: {EVALS_PER_RUN} per run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (cuda where there is one)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default, one per core)")
     parser.add_argument("--out", type=Path, default=Path("runs/train_gpt"),

@@ -126,3 +126,14 @@ def test_runner_converts_the_unmodified_scripts_adamw(run: dict[str, Any]) -> No
     assert len(losses("runner")) == STEPS + 1
     assert losses("runner") == losses("gefen")
     assert losses("runner") != losses("adamw")
+
+
+def test_help_documents_every_option_without_a_none_default() -> None:
+    """``--help`` names each option's meaning; options whose default comes from the preset say
+    so rather than "(default: None)"."""
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                            text=True, check=True)
+    text = " ".join(result.stdout.split())
+    assert "(default: None)" not in text
+    assert text.count("(default: preset's)") == 4
+    assert "--device DEVICE torch device" in text
