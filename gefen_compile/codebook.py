@@ -62,6 +62,12 @@ def gradient_histogram(grad: torch.Tensor, row: int) -> torch.Tensor:
     return counts
 
 
+def is_thin(counts: torch.Tensor, variant: Variant = ROBUST, size: int = CODEBOOK_SIZE) -> bool:
+    """Whether ``counts`` has too few non-empty bins for ``size`` distinct entries, so that
+    :func:`learn_codebook` pads its codebook with repeats (GEFEN_SPEC "Codebook")."""
+    return int(torch.count_nonzero(counts)) < size - variant.zero_in_codebook
+
+
 def bin_centres(bins: torch.Tensor | np.ndarray) -> np.ndarray:
     """Centres in [-1, 1] (float64) of the given bin indices."""
     return (2 * np.asarray(bins, dtype=np.int64) + 1 - NUM_BINS) * Y_SCALE
@@ -74,7 +80,7 @@ def learn_codebook(counts: torch.Tensor, variant: Variant = ROBUST,
     counts_np = _validated_counts(counts)
     bins = np.flatnonzero(counts_np)
     zero = variant.zero_in_codebook
-    if len(bins) < size - zero:
+    if len(bins) < size - zero:  # is_thin
         # As published: the non-empty centres padded with the last one, ends pinned to -1 and
         # +1; the robust variant turns one padded copy into 0.0.
         centres = bin_centres(bins)

@@ -236,12 +236,6 @@ def check_convertible(optimizer: Optimizer) -> None:
         )
     for i, group in enumerate(optimizer.param_groups):
         where = f"convert: param group {i} of {_converted_from(optimizer)}"
-        if not group.get("decoupled_weight_decay", False) and group["weight_decay"] != 0:
-            raise ValueError(
-                f"{where} has weight_decay={group['weight_decay']} applied as L2 (Adam's coupled "
-                "decay), which Gefen does not implement; use torch.optim.AdamW (decoupled), or "
-                "weight_decay=0"
-            )
         if group.get("fused") and group.get("foreach"):
             raise ValueError(f"{where}: fused and foreach cannot both be True")
         check_hyperparameters(group, where=where)

@@ -21,7 +21,8 @@ with plain parameters refuses to give a state_dict):
 - ``step``: float32 scalar tensor, equal on every rank (DCP saves it once); GefenMuon's entries
   have none;
 - ``per_rank``: ``{"rank<r>": bytes}`` (r: global rank), this rank's ``torch.save`` of its
-  period, magnitude, vmean (not GefenMuon's) and shard coordinates. Their sizes follow the period of this rank's
+  period, magnitude, vmean (not GefenMuon's) and shard coordinates, the variant's name and the
+  histogram of a provisional codebook (``codebook_histogram``, where the top level has one). Their sizes follow the period of this rank's
   shard, learned from its gradient, so no shape is known before loading; DCP restores a
   ``bytes`` value whole, without a preallocated tensor, and the rank in the key keeps DCP from
   deduplicating the ranks' records as if they were replicated. An empty record means "no state
@@ -176,16 +177,19 @@ def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any], own
     if codebook is None:  # a destination dcp.load can fill, unlike None
         codebook = torch.full((CODEBOOK_SIZE,), math.nan, dtype=torch.float32)
     state = dict(state_dict["state"])
+    kept = {k: state_dict[k] for k in _KEPT_IN_RECORDS if state_dict.get(k) is not None}
     for i, p in enumerate(params):
-        state[i] = _checkpoint_entry(p, state.get(i), rank, codebook, with_step)
+        state[i] = _checkpoint_entry(p, state.get(i), rank, codebook, kept, with_step)
     return {**state_dict, "state": state, "codebook": codebook}
 
 
-def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any],
-                     owner: str) -> dict[str, Any]:
+def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any], owner: str,
+                     variant: str) -> dict[str, Any]:
     """The inverse of :func:`sharded_state_dict`: per-parameter entries in the single-process
-    layout, holding this rank's local state, and the top-level codebook (taken from the
-    entries when torch's state_dict helpers dropped it). ``owner``: as there."""
+    layout, holding this rank's local state, and the top-level codebook, variant and
+    histogram (taken from the entries and records where torch's state_dict helpers dropped
+    them; ``variant``, the loading optimizer's, where no record names one). ``owner``: as
+    there."""
     if not any(is_sharded(p) for p in params):
         return state_dict
     # Saved keys are matched to parameters by position, as Optimizer.load_state_dict does;
@@ -193,7 +197,7 @@ def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any],
     saved_keys = [k for group in state_dict["param_groups"] for k in group["params"]]
     param_of = dict(zip(map(_index_or_name, saved_keys), params))
     rank = dist.get_rank()
-    state, codebooks = {}, []
+    state, codebooks, kept = {}, [], {}
     for key, entry in _restored_entries(state_dict["state"]).items():
         if "per_rank" not in entry:
             raise ValueError(
@@ -210,14 +214,15 @@ def local_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any],
                 "rank's shard: resume on the same device mesh"
             )
         if record:
-            state[key] = _local_entry(param_of[key], entry, record, key, owner)
+            state[key], record_kept = _local_entry(param_of[key], entry, record, key, owner)
+            kept = {**record_kept, **kept}
     codebook = state_dict["codebook"] if "codebook" in state_dict else next(iter(codebooks), None)
     if codebook is not None and bool(codebook.isnan().all()):
         codebook = None
     local_dict = {**state_dict, "state": state}
     if "codebook" in state_dict or codebooks:
         local_dict["codebook"] = codebook
-    return local_dict
+    return {"variant": variant, **kept, **local_dict}
 
 
 def _index_or_name(key: int | str) -> int | str:
@@ -237,7 +242,7 @@ def _restored_entries(state: dict) -> dict[int | str, dict]:
 
 
 def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int, codebook: Tensor,
-                      with_step: bool) -> dict[str, Any]:
+                      kept: dict[str, Any], with_step: bool) -> dict[str, Any]:
     shard = local(p)
     if entry is None:
         codes = torch.zeros(shard.shape, dtype=torch.uint8, device=shard.device)
@@ -245,8 +250,10 @@ def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int, codebook: Tensor
     else:
         codes, step = entry["codes"].view(shard.shape), entry.get("step")
         buffer = io.BytesIO()
+        # And the top-level values that torch's helpers drop (_KEPT_IN_RECORDS): a record is
+        # restored whole, whatever it holds.
         torch.save({"period": entry["period"], "shard": _shard_id(p),
-                    **{k: entry[k].cpu() for k in _RECORDED if k in entry}}, buffer)
+                    **{k: entry[k].cpu() for k in _RECORDED if k in entry}, **kept}, buffer)
         record = buffer.getvalue()
     codes = type(p).from_local(codes, p.device_mesh, p.placements, run_check=False,
                                shape=p.shape, stride=p.stride())
@@ -257,7 +264,9 @@ def _checkpoint_entry(p: Tensor, entry: dict | None, rank: int, codebook: Tensor
 
 
 def _local_entry(p: Tensor, entry: dict, record: bytes, key: Any,
-                 owner: str) -> dict[str, Any]:
+                 owner: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A parameter's local state from its entry and this rank's record, and the top-level
+    values the record keeps."""
     saved = torch.load(io.BytesIO(record), weights_only=True)
     if saved["shard"] != _shard_id(p):
         raise ValueError(
@@ -267,8 +276,15 @@ def _local_entry(p: Tensor, entry: dict, record: bytes, key: Any,
         )
     restored = {"codes": local(entry["codes"]).reshape(-1), "period": saved["period"],
                 **{k: saved[k] for k in _RECORDED if k in saved}}
-    return {**restored, "step": entry["step"]} if "step" in entry else restored
+    if "step" in entry:
+        restored["step"] = entry["step"]
+    return restored, {k: saved[k] for k in _KEPT_IN_RECORDS if k in saved}
 
+
+# The state_dict key of a provisional codebook's histogram (learned_state.py).
+HISTOGRAM = "codebook_histogram"
+# Top-level values that records keep too (the codebook is kept in every entry).
+_KEPT_IN_RECORDS = ("variant", HISTOGRAM)
 
 # State tensors whose size follows this rank's period: saved in its record.
 _RECORDED = ("magnitude", "vmean")

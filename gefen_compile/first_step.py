@@ -1,6 +1,6 @@
-"""What Gefen reads off first gradients: periods and the codebook, for many parameters at once
-(GEFEN_SPEC "Period inference", "Codebook"). Two host round trips in all, whatever the number
-or size of the tensors: the periods (with the finiteness check), then the histogram, which needs
+"""What Gefen reads off first gradients: periods and the codebook's histogram, for many
+parameters at once (GEFEN_SPEC "Period inference", "Codebook"). Two host round trips in all,
+whatever the number or size of the tensors: the periods (with the finiteness check), then the histogram, which needs
 the periods to cut rows, for the codebook's dynamic program on the host."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import torch
 
 from . import ops
-from .codebook import learn_codebook
 from .distributed import global_histogram
 from .partition import candidate_periods, scored_candidates, select_period
 from .variant import Variant
@@ -73,19 +72,16 @@ def shard_period(informed: int, shape: tuple[int, ...], variant: Variant) -> int
     return variant.period(shape, max(fitting, default=1))
 
 
-def codebook_from(
+def first_histogram(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     periods: Sequence[int],
     negate: Sequence[bool],
     variant: Variant,
 ) -> torch.Tensor | None:
-    """The codebook learned from the first gradients of ``params`` (local tensors; negated where
-    ``negate``: maximize), or None when they hold no element. Summed over the ranks that hold
-    shards of DTensor parameters (distributed.global_histogram)."""
+    """The codebook's histogram (int64 counts on CPU) of the first gradients of ``params``
+    (local tensors; negated where ``negate``: maximize), or None when they hold no element.
+    Summed over the ranks that hold shards of DTensor parameters (distributed.global_histogram)."""
     rows = [variant.histogram_row(g.numel(), period) for g, period in zip(grads, periods)]
     counts = global_histogram(params, grads, rows, negate)
-    if counts is None:
-        return None
-    counts = counts.cpu()
-    return learn_codebook(counts, variant) if counts.any() else None
+    return None if counts is None else counts.cpu()

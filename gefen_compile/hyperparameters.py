@@ -53,6 +53,13 @@ def check_hyperparameters(values: dict[str, Any], where: str) -> None:
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} ({where}: use "
                          "weight_decay >= 0)")
+    # A group without the key (saved by torch before 2.6) is AdamW's, decoupled.
+    if not values.get("decoupled_weight_decay", True) and weight_decay != 0:
+        raise ValueError(
+            f"{where} has weight_decay={weight_decay} applied as L2 (Adam's coupled decay, "
+            "decoupled_weight_decay=False), which Gefen does not implement; use decoupled "
+            "weight decay (torch.optim.AdamW, or decoupled_weight_decay=True), or weight_decay=0"
+        )
     if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
         raise ValueError(f"betas must be either both floats or both Tensors ({where}: got "
                          f"{type(betas[0]).__name__} and {type(betas[1]).__name__})")

@@ -5,8 +5,9 @@ and the robust variant's rules in variant.py)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
 
@@ -14,8 +15,8 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .codebook import NearestCode
-from .first_step import codebook_from, read_first_gradients, shard_period
+from .codebook import NUM_BINS, NearestCode, is_thin, learn_codebook
+from .first_step import first_histogram, read_first_gradients, shard_period
 from .state_checks import codebook_problem
 from .variant import ROBUST, Variant, saved_variant
 
@@ -24,7 +25,8 @@ class LearnedState:
     """Mixin of a ``torch.optim.Optimizer`` with ``variant``, ``codebook`` and ``_nearest``:
     what the two optimizers do alike, from the first step to their checkpoints. Each provides
     ``_update`` (the step), ``_local_saved`` (a saved state_dict in the single-process layout),
-    ``_load_original`` (the state_dict of the optimizer it replaces) and ``_check_entry``."""
+    ``_load_original`` (the state_dict of the optimizer it replaces), ``_check_saved_groups``
+    (a ValueError for saved param groups it cannot step with) and ``_check_entry``."""
 
     _name = "Gefen"  # in error messages
 
@@ -40,9 +42,66 @@ class LearnedState:
         with torch.enable_grad():
             return closure()
 
-    def _set_codebook(self, codebook: Tensor | None) -> None:
+    def _listed_params(self, param_group: dict[str, Any],
+                       check: Callable[[Tensor, str], None]) -> list:
+        """A new group's parameters as a list, each tensor passed to ``check`` with its place
+        ("parameter i of param group j"). A set is refused, as torch refuses it: its order
+        follows id() hashes, so state_dict indices would reach other parameters on resume."""
+        index = len(self.param_groups)
+        params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(
+                f"{self._name}: param group {index} holds its parameters in a set, whose order "
+                "changes between runs (a checkpoint's state would reach other parameters on "
+                "resume); pass them in a list, as torch.optim optimizers require"
+            )
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) else p  # named parameters come as (name, tensor)
+            if isinstance(p, Tensor):
+                check(p, f"parameter {i} of param group {index}")
+        return params
+
+    def _set_codebook(self, codebook: Tensor | None, histogram: Tensor | None = None) -> None:
+        """``histogram``: the counts a provisional codebook was learned from (see
+        :meth:`_learn_codebook`); None for a final one."""
         self.codebook = codebook
         self._nearest = None if codebook is None else NearestCode(codebook)
+        self._codebook_histogram = histogram
+
+    def _learn_codebook(self, params: list[Tensor], grads: list[Tensor], periods: list[int],
+                        negate: list[bool]) -> None:
+        """The codebook, from the first gradients (or migrated moments) ``grads`` of ``params``
+        cut into rows by ``periods``, while there is none; and, where the variant relearns thin
+        codebooks, again while the one there is provisional: learned from too few values for
+        256 distinct entries (is_thin), as when only a scale or a bias had a gradient at the
+        first step. Then it is learned from every histogram so far, and the codes of the
+        parameters that have state are mapped to the new entries nearest their old ones. Once
+        not thin, it is final. A no-op when the codebook is final."""
+        if self.codebook is not None and self._codebook_histogram is None:
+            return
+        counts = first_histogram(params, grads, periods, negate, self.variant)
+        if counts is None:
+            return
+        if self._codebook_histogram is not None:
+            counts = counts + self._codebook_histogram
+        if not counts.any():
+            return
+        codebook = learn_codebook(counts, self.variant)
+        if self.codebook is not None:
+            self._recode(codebook)
+        provisional = self.variant.relearns_thin_codebook and is_thin(counts, self.variant)
+        self._set_codebook(codebook, counts if provisional else None)
+
+    @torch.no_grad()
+    def _recode(self, codebook: Tensor) -> None:
+        """Every stored code, mapped from its entry of the current codebook to the nearest entry
+        of ``codebook``; magnitudes stay (the pinned -1, 0 and +1 map to themselves)."""
+        remap = NearestCode(codebook)(self.codebook).to(torch.uint8)
+        for entry in self.state.values():
+            codes = entry.get("codes")
+            if codes is not None:
+                codes.copy_(remap.to(codes.device)[codes.long()])
 
     def _params(self) -> list[Tensor]:
         """Every parameter, in state_dict index order."""
@@ -89,15 +148,12 @@ class LearnedState:
             periods = [period for period, learn in zip(periods, nonzero) if learn]
             if not fresh:
                 return []
-        if self.codebook is None:
-            # AdamW reads maximize for its truth only (None, 1, a tensor are all taken).
-            negate = [bool(group.get("maximize", False)) for group, _, _ in fresh]
-            self._set_codebook(codebook_from([p for _, p, _ in fresh], [g for _, _, g in fresh],
-                                             periods, negate, self.variant))
+        # AdamW reads maximize for its truth only (None, 1, a tensor are all taken).
+        negate = [bool(group.get("maximize", False)) for group, _, _ in fresh]
+        self._learn_codebook([p for _, p, _ in fresh], [g for _, _, g in fresh], periods, negate)
         for (_, p, _), period in zip(fresh, periods):
             self.state[p] = {"period": period}
         return fresh
-
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load this optimizer's ``state_dict()``, keeping every state tensor's dtype (uint8
@@ -110,8 +166,28 @@ class LearnedState:
         state_dict = self._local_saved(state_dict)
         self._check_saved_groups(state_dict["param_groups"])
         if "codebook" not in state_dict:
-            self._load_original(state_dict)
-            return
+            with self._load_hooks_held():  # they run here, once, around the migration
+                self._load_original(state_dict)
+        else:
+            self._load_own(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    @contextmanager
+    def _load_hooks_held(self) -> Iterator[None]:
+        """No load_state_dict hooks while ``torch.optim.Optimizer.load_state_dict`` loads the
+        replaced optimizer's state_dict (else its pre-hooks would run twice, its post-hooks
+        before the migration)."""
+        held = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            yield
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = held
+
+    def _load_own(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict this optimizer's class saved (in the single-process layout)."""
         saved_groups = state_dict["param_groups"]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(
@@ -125,16 +201,25 @@ class LearnedState:
         if problem:
             raise ValueError(f"{self._name}.load_state_dict: the saved codebook {problem}; load "
                              f"the state_dict that {self._name}.state_dict() returned, unchanged")
+        histogram = state_dict.get(HISTOGRAM)
+        if histogram is not None and not _is_histogram(histogram, codebook, variant):
+            raise ValueError(f"{self._name}.load_state_dict: the saved {HISTOGRAM} is not the "
+                             f"{NUM_BINS} counts of a provisional codebook; load the state_dict "
+                             f"that {self._name}.state_dict() returned, unchanged")
         # Every entry is checked (against the saved variant's layout) before anything is replaced.
         state, groups = self._checked_saved_state(state_dict, saved_groups, variant)
         self.__setstate__({"state": state, "param_groups": groups, "variant": variant})
-        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32))
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        self._set_codebook(None if codebook is None else codebook.detach().to("cpu", torch.float32),
+                           None if histogram is None else histogram.detach().to("cpu").clone())
 
-    def _check_saved_groups(self, saved_groups: list[dict]) -> None:
-        """Raise a ValueError for saved param groups this optimizer cannot step with (by
-        default nothing is checked: Gefen loads AdamW's groups as they were saved)."""
+    def _with_codebook(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with the codebook, the variant's name and, while the codebook is
+        provisional, the histogram it was learned from (``"codebook_histogram"``)."""
+        state_dict["codebook"] = self.codebook
+        state_dict["variant"] = self.variant.name
+        if self._codebook_histogram is not None:
+            state_dict[HISTOGRAM] = self._codebook_histogram
+        return state_dict
 
     def _checked_saved_state(self, state_dict: dict[str, Any], saved_groups: list[dict],
                              variant: Variant) -> tuple:
@@ -160,15 +245,28 @@ class LearnedState:
         return state, groups
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "codebook": self.codebook, "variant": self.variant}
+        return {**super().__getstate__(), "codebook": self.codebook, "variant": self.variant,
+                HISTOGRAM: self._codebook_histogram}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         codebook = state.pop("codebook", getattr(self, "codebook", None))
+        histogram = state.pop(HISTOGRAM, getattr(self, "_codebook_histogram", None))
         self.variant = state.pop("variant", getattr(self, "variant", ROBUST))
         super().__setstate__(state)
-        self._set_codebook(codebook)
+        self._set_codebook(codebook, histogram)
         self._buckets, self._index = None, {}  # rebuilt from the per-parameter state
+
+
+HISTOGRAM = distributed.HISTOGRAM
+
+
+def _is_histogram(value: Any, codebook: Tensor | None, variant: Variant) -> bool:
+    """Whether ``value`` can be the histogram of the provisional ``codebook``."""
+    return (isinstance(value, Tensor) and value.shape == (NUM_BINS,)
+            and value.dtype == torch.int64 and codebook is not None
+            and variant.relearns_thin_codebook and bool((value >= 0).all())
+            and bool(value.any()) and is_thin(value, variant))
 
 
 def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, Any]:

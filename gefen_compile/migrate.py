@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .first_step import codebook_from, infer_period
+from .first_step import infer_period
 from .kernels.torch_step import as_blocks, quantise_blocks
 from .state import STATE_DTYPES, compute_dtype
 
@@ -23,8 +23,8 @@ _ADAMW_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def has_adamw_state(entry: dict[str, Any]) -> bool:
-    """Whether one parameter's state entry is AdamW's."""
-    return any(k in entry for k in _ADAMW_KEYS)
+    """Whether one parameter's state entry is AdamW's (Adamax's exp_avg beside exp_inf is not)."""
+    return all(k in entry for k in _ADAMW_KEYS)
 
 
 def migrate_adamw_state(optimizer) -> None:
@@ -50,10 +50,8 @@ def migrate_adamw_state(optimizer) -> None:
     if not stepped:
         return
     periods = [infer_period(s["exp_avg_sq"].sqrt(), optimizer.variant) for _, s in stepped]
-    if optimizer.codebook is None:
-        first_moments = [s["exp_avg"] for _, s in stepped]
-        optimizer._set_codebook(codebook_from([p for p, _ in stepped], first_moments, periods,
-                                              [False] * len(periods), optimizer.variant))
+    optimizer._learn_codebook([p for p, _ in stepped], [s["exp_avg"] for _, s in stepped],
+                              periods, [False] * len(periods))
     for (p, saved), period in zip(stepped, periods):
         optimizer.state[p] = _gefen_entry(optimizer, saved, period)
     optimizer._buckets = None
@@ -78,9 +76,7 @@ def migrate_muon_state(optimizer) -> None:
         return
     buffers = [s["momentum_buffer"] for _, s in entries]
     periods = [infer_period(b, optimizer.variant) for b in buffers]
-    if optimizer.codebook is None:
-        optimizer._set_codebook(codebook_from([p for p, _ in entries], buffers, periods,
-                                              [False] * len(periods), optimizer.variant))
+    optimizer._learn_codebook([p for p, _ in entries], buffers, periods, [False] * len(periods))
     for (p, _), buffer, period in zip(entries, buffers, periods):
         codes, magnitude = _quantised(optimizer, buffer, period)
         optimizer.state[p] = {"period": period, "codes": codes, "magnitude": magnitude}

@@ -38,7 +38,6 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import distributed, ops
-from .codebook import NearestCode
 from .eager import eager
 from .kernels import readable
 from .learned_state import LearnedState
@@ -92,8 +91,7 @@ class GefenMuon(LearnedState, Optimizer):
             "adjust_lr_fn": adjust_lr_fn,
         }
         check_muon_hyperparameters(defaults, "GefenMuon")
-        self.codebook: Tensor | None = None
-        self._nearest: NearestCode | None = None
+        self._set_codebook(None)
         self._buckets: list[Bucket] | None = None  # built when a parameter gets state
         super().__init__(params, defaults)
 
@@ -102,12 +100,7 @@ class GefenMuon(LearnedState, Optimizer):
         are checked."""
         index = len(self.param_groups)
         check_muon_hyperparameters({**self.defaults, **param_group}, f"param group {index}")
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        for i, p in enumerate(params):
-            p = p[1] if isinstance(p, tuple) else p  # named parameters come as (name, tensor)
-            if isinstance(p, Tensor):
-                check_matrix(p, f"parameter {i} of param group {index}")
+        params = self._listed_params(param_group, check_matrix)
         super().add_param_group({**param_group, "params": params})
         self._buckets = None
 
@@ -243,14 +236,14 @@ class GefenMuon(LearnedState, Optimizer):
             if entry and not distributed.is_sharded(params[key]):
                 state_dict["state"][key] = {**entry,
                                             "codes": entry["codes"].view(params[key].shape)}
-        state_dict["codebook"] = self.codebook
-        state_dict["variant"] = self.variant.name
+        state_dict = self._with_codebook(state_dict)
         return distributed.sharded_state_dict(self._params(), state_dict, type(self).__name__,
                                               with_step=False)
 
     def _local_saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A saved state_dict in the single-process layout, this rank's state."""
-        return distributed.local_state_dict(self._params(), state_dict, type(self).__name__)
+        return distributed.local_state_dict(self._params(), state_dict, type(self).__name__,
+                                           self.variant.name)
 
     def _check_saved_groups(self, saved_groups: list[dict]) -> None:
         """Muon's (GefenMuon's) keys and valid values in every saved group: what the

@@ -11,7 +11,6 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import checkpoint, distributed, ops
-from .codebook import NearestCode
 from .device_tables import device_table
 from .eager import eager
 from .learned_state import LearnedState
@@ -74,8 +73,7 @@ class Gefen(LearnedState, Optimizer):
             "decoupled_weight_decay": True,
         }
         check_hyperparameters(defaults, where="Gefen")
-        self.codebook: Tensor | None = None
-        self._nearest: NearestCode | None = None
+        self._set_codebook(None)
         self._buckets: list[Bucket] | None = None  # built at the first step
         self._index: dict[Tensor, tuple[int, int]] = {}
         self._stateless: list[tuple[int, int, dict, Tensor]] = []  # rebuilt with the buckets
@@ -85,16 +83,7 @@ class Gefen(LearnedState, Optimizer):
         """Add a group, as ``torch.optim.AdamW.add_param_group``; its values are checked."""
         index = len(self.param_groups)
         check_hyperparameters({**self.defaults, **param_group}, where=f"param group {index}")
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        for i, p in enumerate(params):
-            p = p[1] if isinstance(p, tuple) else p  # named parameters come as (name, tensor)
-            if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
-                raise TypeError(
-                    f"Gefen: parameter {i} of param group {index} has dtype {p.dtype}; Gefen "
-                    "updates real floating-point parameters only: leave this tensor out of the "
-                    "optimizer (complex ones can be passed as torch.view_as_real(p))"
-                )
+        params = self._listed_params(param_group, _check_real)
         super().add_param_group({**param_group, "params": params})
         self._buckets = None  # the group table changed
 
@@ -306,16 +295,29 @@ class Gefen(LearnedState, Optimizer):
         ``gefen_compile/distributed.py``, which ``torch.distributed.checkpoint`` saves and
         restores rank by rank.
         """
-        state_dict = super().state_dict()
-        state_dict["codebook"] = self.codebook
-        state_dict["variant"] = self.variant.name
+        state_dict = self._with_codebook(super().state_dict())
         state_dict = distributed.sharded_state_dict(self._params(), state_dict, type(self).__name__)
         return checkpoint.for_saving(self._params(), state_dict)
 
     def _local_saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A saved state_dict in the single-process layout, this rank's state."""
         state_dict = checkpoint.from_saved(state_dict)
-        return distributed.local_state_dict(self._params(), state_dict, type(self).__name__)
+        return distributed.local_state_dict(self._params(), state_dict, type(self).__name__,
+                                           self.variant.name)
+
+    def _check_saved_groups(self, saved_groups: list[dict]) -> None:
+        """AdamW's keys and valid values in every saved group: what the constructor checks
+        (amsgrad, coupled weight decay), and a state_dict of another optimizer refused."""
+        for i, group in enumerate(saved_groups):
+            where = f"Gefen.load_state_dict: saved param group {i}"
+            missing = [k for k in _SAVED_GROUP_KEYS if k not in group]
+            if missing:
+                raise ValueError(
+                    f"{where} has no {', '.join(map(repr, missing))}, so it was not saved by "
+                    "Gefen, torch.optim.AdamW or torch.optim.Adam; load it into the optimizer "
+                    "that saved it"
+                )
+            check_hyperparameters(group, where)
 
     def _load_original(self, state_dict: dict[str, Any]) -> None:
         """An AdamW checkpoint: loaded as AdamW loads it, then migrated to Gefen state."""
@@ -331,6 +333,11 @@ class Gefen(LearnedState, Optimizer):
         self._set_codebook(None)  # learned from the checkpoint's first moments
         migrate_adamw_state(self)
         self._buckets, self._index = None, {}
+
+
+# What every AdamW and Adam param group has held since torch 1.x (NAdam, RAdam and Adamax
+# groups have no amsgrad).
+_SAVED_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
 
 def _unscaled_for_grad_scaler(optimizer: Optimizer) -> Tensor | None:
@@ -398,3 +405,12 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
     for (i, column), value in tensors.items():  # written on every step: the cache may hold it
         table[i, column].copy_(value, non_blocking=True)
     return table
+
+
+def _check_real(p: Tensor, where: str) -> None:
+    if p.is_complex() or not p.is_floating_point():
+        raise TypeError(
+            f"Gefen: {where} has dtype {p.dtype}; Gefen updates real floating-point parameters "
+            "only: leave this tensor out of the optimizer (complex ones can be passed as "
+            "torch.view_as_real(p))"
+        )

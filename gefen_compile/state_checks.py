@@ -67,7 +67,10 @@ def entry_problem(entry: dict, param: Tensor, variant: Variant,
         value = entry[key]
         if not isinstance(value, Tensor):
             return f"has {key} of type {type(value).__name__}, not a tensor"
-        # codes are saved in the parameter's shape (checkpoint.py), or flat (older layout)
+        # codes are saved in the parameter's shape (checkpoint.py), or flat (live; older layout)
+        if key == "codes" and value.dim() != 1 and value.shape != param.shape:
+            return (f"has codes of shape {tuple(value.shape)}: they were saved for a parameter "
+                    f"of that shape, and this one has shape {tuple(param.shape)}")
         size = (value.numel(),) if key == "codes" else tuple(value.shape)
         if (size, value.dtype) != (shape, dtype):
             return (f"has {key} of shape {tuple(value.shape)} and dtype {value.dtype}; the "

@@ -23,6 +23,17 @@ every other module runs both, reading these rules.
   there; where it applies it costs at most 2 * itemsize * (1/row - 1/P) bytes/param on that
   tensor (<= 0.031 for rows of 256 or more). Rows of 8 elements or fewer are left alone: a
   second moment per row would cost more than a byte per parameter.
+- Thin codebooks: published, the codebook learned at the first step is final, whatever it was
+  learned from; robust, one learned from too few values for 256 distinct entries (fewer
+  non-empty histogram bins than entries, so GEFEN_SPEC pads it with repeats) is provisional:
+  while it is, each step that learns new parameters learns it again from every histogram so
+  far, and maps stored codes to the new entries nearest their old ones; it becomes final once
+  it is not thin. Evidence (an MLP, 33K parameters, 300 steps, where only a one-element scale,
+  or the 8-element last bias, has a gradient during the first 5 steps): the final codebook had
+  4 (10) distinct values and Gefen's final loss was 0.55 (1.0e-2) against AdamW's 3.7e-6
+  (3.1e-6); relearned, 3.3e-5 (1.4e-5), as when every parameter trains from the first step
+  (2.6e-5). A codebook learned from a whole model's first gradients is not thin, so this
+  changes nothing there.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ class Variant:
     rows_are_blocks: bool  # histogram rows are magnitude blocks, not periods
     zero_in_codebook: bool  # the codebook's DP pins 0.0 beside -1 and +1
     zero_gradients_wait: bool  # an all-zero first gradient teaches nothing
+    relearns_thin_codebook: bool  # a codebook of repeated entries is provisional
 
     def period(self, shape: tuple[int, ...], inferred: int) -> int:
         """The period of a tensor of ``shape`` whose first gradient gave ``inferred``."""
@@ -71,8 +83,8 @@ class Variant:
         return self.magnitude_block(n, period) if self.rows_are_blocks else period
 
 
-ROBUST = Variant("robust", True, True, True, True, True)
-PUBLISHED = Variant("published", False, False, False, False, False)
+ROBUST = Variant("robust", True, True, True, True, True, True)
+PUBLISHED = Variant("published", False, False, False, False, False, False)
 _BY_NAME = {v.name: v for v in (ROBUST, PUBLISHED)}
 
 

@@ -360,13 +360,13 @@ def test_first_step_work_runs_eagerly_in_a_compiled_step(monkeypatch):
     import gefen_compile.learned_state as optim
 
     compiling = []
-    learn = optim.codebook_from
+    learn = optim.first_histogram
 
     def watched(*args):
         compiling.append(torch.compiler.is_compiling())
         return learn(*args)
 
-    monkeypatch.setattr(optim, "codebook_from", watched)
+    monkeypatch.setattr(optim, "first_histogram", watched)
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 

@@ -281,6 +281,68 @@ def test_sharded_state_loads_only_onto_the_same_sharding(one_rank_group):
         same.load_state_dict(unsharded_opt.state_dict())
 
 
+@pytest.mark.parametrize("via", ["optimizer.state_dict", "get_optimizer_state_dict"])
+def test_a_provisional_codebook_of_sharded_parameters_resumes_bit_identically(one_rank_group, via):
+    """Only the bias has a first gradient (a thin, provisional codebook), then both have: the
+    histogram travels in the per-rank records, which torch's state_dict helpers keep where
+    they drop the top level, so a resumed run relearns the codebook as an uninterrupted one."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def step(model, opt, k, bias_only=False):
+        model(torch.randn(4, 64, generator=torch.Generator().manual_seed(k))).square().mean().backward()
+        if bias_only:
+            model.weight.grad = None
+        opt.step()
+        opt.zero_grad()
+
+    model = sharded_linear(0)
+    opt = Gefen(model.parameters())
+    step(model, opt, 0, bias_only=True)
+    if via == "get_optimizer_state_dict":
+        state_dict = get_optimizer_state_dict(model, opt)
+        assert "codebook_histogram" not in state_dict  # the top level is dropped
+    else:
+        state_dict = opt.state_dict()
+    resumed_model = sharded_linear(0)
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = Gefen(resumed_model.parameters())
+    if via == "get_optimizer_state_dict":
+        set_optimizer_state_dict(resumed_model, resumed, state_dict)
+    else:
+        resumed.load_state_dict(state_dict)
+    for k in (1, 2):
+        step(model, opt, k)
+        step(resumed_model, resumed, k)
+    assert len(opt.codebook.unique()) == 256 and torch.equal(resumed.codebook, opt.codebook)
+    assert resumed.variant is opt.variant
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p.to_local(), q.to_local())
+
+
+@pytest.mark.parametrize("saved, loader", [("robust", "published"), ("published", "robust")])
+def test_the_variant_survives_torchs_state_dict_helpers(one_rank_group, saved, loader):
+    """torch's helpers drop the top-level "variant"; the records keep it, so a sharded run
+    resumes with the variant it saved, as a single-process one does."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = sharded_linear(0)
+    opt = Gefen(model.parameters(), variant=saved)
+    model(torch.randn(4, 64)).square().mean().backward()
+    opt.step()
+    state_dict = get_optimizer_state_dict(model, opt)
+    assert "variant" not in state_dict
+    resumed_model = sharded_linear(0)
+    resumed = Gefen(resumed_model.parameters(), variant=loader)
+    set_optimizer_state_dict(resumed_model, resumed, state_dict)
+    assert resumed.variant.name == saved
+
+
 def test_muon_sharded_state_errors_name_gefen_muon(one_rank_group):
     model = sharded_linear(0)
     opt = GefenMuon([model.weight])

@@ -31,7 +31,7 @@ from torch.optim.optimizer import (
 from gefen_compile import Gefen, GefenMuon
 from gefen_compile.optim import hyper_table
 from gefen_compile.first_step import infer_period
-from gefen_compile.variant import ROBUST
+from gefen_compile.variant import PUBLISHED
 
 # A structured matrix (rows of very different scales: period > 1), a vector, a small matrix and
 # a 0-dim tensor. Small enough that the whole file runs in a few seconds.
@@ -186,8 +186,10 @@ def test_adamw_flags_accepted_recorded_and_same_math(flags):
 
 
 def test_step_skips_params_without_grad_and_late_grad_uses_existing_codebook():
+    # Published: the robust default would learn these few values' thin codebook again
+    # (tests/test_robust_variant.py).
     params = make_params()
-    opt = Gefen(params, lr=1e-2)
+    opt = Gefen(params, lr=1e-2, variant="published")
     late, idle = 1, 3
     initial = values(params)
     for k in range(3):
@@ -209,7 +211,7 @@ def test_step_skips_params_without_grad_and_late_grad_uses_existing_codebook():
     assert torch.equal(opt.codebook, codebook), "a late parameter must reuse the codebook"
     state = opt.state[params[late]]
     assert state.keys() == STATE_KEYS
-    assert state["period"] == infer_period(first_grad, ROBUST)
+    assert state["period"] == infer_period(first_grad, PUBLISHED)
     assert float(state["step"]) == 1
     assert not torch.equal(params[late], before[late])
     # params[0] (no grad this step) and params[3] (never a grad) are untouched.
@@ -455,7 +457,7 @@ def test_lambda_lr_to_zero_freezes_params(lr_type):
 
 def test_add_param_group_after_steps():
     params = make_params()
-    opt = Gefen(params[:2], lr=1e-2)
+    opt = Gefen(params[:2], lr=1e-2, variant="published")  # see the test above
     run(opt, params[:2], 2)
     codebook = opt.codebook.clone()
     opt.add_param_group({"params": params[2:], "lr": 0.05})
@@ -598,7 +600,14 @@ def test_state_dict_layout_and_determinism(dtype, variant):
     run(opt, params, 2)
     sd = opt.state_dict()
     assert_tree_equal(sd, opt.state_dict())
-    assert sd.keys() == {"state", "param_groups", "codebook", "variant"}
+    # These few elements give a thin codebook, which the robust variant keeps provisional, with
+    # its histogram (tests/test_robust_variant.py).
+    provisional = {"codebook_histogram"} if variant == "robust" else set()
+    assert sd.keys() == {"state", "param_groups", "codebook", "variant"} | provisional
+    if provisional:
+        histogram = sd["codebook_histogram"]
+        assert histogram.dtype == torch.int64 and histogram.shape == (4096,)
+        assert int(histogram.sum()) == sum(p.numel() for p in params)
     assert sd["variant"] == variant
     codebook = sd["codebook"]
     assert codebook.dtype == torch.float32 and codebook.shape == (256,)
@@ -701,6 +710,84 @@ def test_load_state_dict_without_codebook_raises():
     with raises_naming(ValueError, "codebook", "load it into"):
         fresh.load_state_dict(state_dict)
     assert fresh.codebook is None and not fresh.state
+
+
+def test_state_saved_for_a_parameter_of_another_shape_is_refused_at_load():
+    """Two parameters of equal size and dtype but other shapes, loaded in the other order (a
+    refactored model): AdamW refuses at its next step; Gefen refuses the load, naming both
+    shapes, and loads nothing."""
+    params = [nn.Parameter(torch.randn(64, 16)), nn.Parameter(torch.randn(16, 64))]
+    saver = Gefen(params)
+    run(saver, params, 2)
+    swapped = clone_params(params[::-1])
+    loader = Gefen(swapped)
+    with raises_naming(ValueError, "parameter 0 of param group 0", "(64, 16)", "(16, 64)"):
+        loader.load_state_dict(saver.state_dict())
+    assert not loader.state
+    Gefen(clone_params(params)).load_state_dict(saver.state_dict())  # the same order loads
+
+
+@pytest.mark.parametrize(
+    "make, needles",
+    [
+        (lambda ps: torch.optim.AdamW(ps, amsgrad=True), ["amsgrad=True"]),
+        (lambda ps: torch.optim.Adam(ps, weight_decay=0.1), ["coupled", "weight_decay=0"]),
+        (lambda ps: torch.optim.NAdam(ps), ["no 'amsgrad'", "optimizer that saved it"]),
+        (lambda ps: torch.optim.Adamax(ps), ["no 'amsgrad'", "optimizer that saved it"]),
+    ],
+    ids=["AdamW-amsgrad", "Adam-coupled-decay", "NAdam", "Adamax"],
+)
+def test_a_state_dict_of_an_update_gefen_does_not_make_is_refused(make, needles):
+    """Groups that mean another update than Gefen's are refused at load as the constructor
+    refuses them, before anything is loaded: none runs silently as plain Gefen."""
+    params = make_params()
+    other = make(params)
+    run(other, params, 1)
+    fresh = Gefen(clone_params(params))
+    with raises_naming((ValueError, NotImplementedError), "saved param group 0", *needles):
+        fresh.load_state_dict(other.state_dict())
+    assert not fresh.state and fresh.param_groups[0]["amsgrad"] is False
+
+
+def test_adams_state_dict_without_weight_decay_loads_and_a_coupled_group_is_refused():
+    params = make_params()
+    adam = torch.optim.Adam(params)
+    run(adam, params, 2)
+    fresh = Gefen(clone_params(params))
+    fresh.load_state_dict(adam.state_dict())
+    assert {"codes", "magnitude", "vmean"} <= set(fresh.state[all_params(fresh)[0]])
+    with raises_naming(ValueError, "param group 0", "coupled", "decoupled_weight_decay=True"):
+        Gefen([{"params": make_params(), "decoupled_weight_decay": False}], weight_decay=0.1)
+
+
+@pytest.mark.parametrize("source", ["AdamW", "Gefen", "Muon", "GefenMuon"])
+def test_load_state_dict_hooks_run_once_and_the_post_hook_sees_the_loaded_state(source):
+    """As for torch.optim: each pre-hook once, on the state_dict given; each post-hook once,
+    after the load (a migrated AdamW or Muon checkpoint included)."""
+    muon = "Muon" in source
+    params = make_params(shapes=[(8, 16), (16, 4)]) if muon else make_params()
+    saver = {"AdamW": torch.optim.AdamW, "Gefen": Gefen, "Muon": torch.optim.Muon,
+             "GefenMuon": GefenMuon}[source](params, lr=0.01)
+    run(saver, params, 2)
+    loader = (GefenMuon if muon else Gefen)(clone_params(params), lr=0.01)
+    calls = []
+
+    def pre(optimizer, state_dict):
+        calls.append("pre")
+        state_dict = dict(state_dict, param_groups=[dict(g) for g in state_dict["param_groups"]])
+        state_dict["param_groups"][0]["lr"] /= 2
+        return state_dict
+
+    def post(optimizer):
+        calls.append(("post", sorted(optimizer.state[all_params(optimizer)[0]])))
+
+    loader.register_load_state_dict_pre_hook(pre)
+    loader.register_load_state_dict_post_hook(post)
+    loader.load_state_dict(saver.state_dict())
+    first = sorted(loader.state[all_params(loader)[0]])
+    assert calls == ["pre", ("post", first)]
+    assert "codes" in first and "exp_avg" not in first and "momentum_buffer" not in first
+    assert loader.param_groups[0]["lr"] == 0.005
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,6 +920,21 @@ def test_non_real_floating_parameters_rejected_at_construction(dtype, fix):
 def test_generic_constructor_errors(params, exc_type, message):
     with raises_naming(exc_type, message):
         Gefen(params(make_params()))
+
+
+@pytest.mark.parametrize("cls", [Gefen, GefenMuon], ids=["Gefen", "GefenMuon"])
+@pytest.mark.parametrize("where", ["constructor", "add_param_group"])
+def test_a_set_of_parameters_in_a_group_is_refused_as_torch_refuses_it(cls, where):
+    """A set's order follows id() hashes: checkpoint indices would reach other parameters on
+    resume. torch.optim refuses it in a group; so does each Gefen optimizer, by name."""
+    params = [nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+    with pytest.raises(TypeError, match="set"):
+        torch.optim.AdamW([{"params": set(params)}])
+    with raises_naming(TypeError, cls.__name__, "param group", "in a set", "in a list"):
+        if where == "constructor":
+            cls([{"params": set(params)}])
+        else:
+            cls([nn.Parameter(torch.randn(4, 4))]).add_param_group({"params": set(params)})
 
 
 def test_sparse_gradient_raises_and_updates_nothing():
