@@ -205,6 +205,7 @@ class RefGefen:
         self.params = [p.detach().clone() for p in params]
         self.hyper = [(lr, *betas, eps, weight_decay, maximize)] * len(params)
         self.codebook = None
+        self.histogram = None  # robust: the counts of a provisional (thin) codebook
         self.state = [None] * len(params)
         self.robust = variant == "robust"
 
@@ -232,12 +233,24 @@ class RefGefen:
                 fresh.remove(i)
         periods = {i: self.period(grads[i]) for i in fresh}
         blocks = {i: self.block(grads[i].numel(), periods[i]) for i in fresh}
-        if self.codebook is None and fresh:
+        if fresh and (self.codebook is None or self.histogram is not None):
             rows = blocks if self.robust else periods
             counts = sum(ref_histogram(grads[i], rows[i]) for i in fresh)
+            if self.histogram is not None:
+                counts = counts + self.histogram
             # Only empty gradients: nothing to learn from, so the codebook waits (the spec is
             # silent; the project's choice) and nothing is updated before it exists.
-            self.codebook = self.learn_codebook(counts) if counts.any() else None
+            if counts.any():
+                codebook = self.learn_codebook(counts)
+                # Robust: a codebook learned from too few points for K distinct entries is
+                # provisional; when it is learned again, stored codes move to the new entry
+                # nearest their old one.
+                for s in self.state:
+                    if s is not None and self.codebook is not None:
+                        s["codes"] = ref_nearest(self.codebook[s["codes"]], codebook)
+                self.codebook = codebook
+                thin = len(points(counts)[0]) < K - 1
+                self.histogram = counts if self.robust and thin else None
         for i in fresh:
             n, P, B = grads[i].numel(), periods[i], blocks[i]
             self.state[i] = {
