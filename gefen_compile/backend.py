@@ -36,10 +36,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import convert_at_load
 from .convert import closure_of, convert, is_convertible, with_closure
-from .learned_state import LearnedState
+from .learned_state import LearnedState, NonFiniteFirstGradient
 from .passes import StateReport, rewrite_adamw_steps
 from .passes.dataflow import is_inplace
-from .passes.rewrite_state import leaf_values
+from .passes.rewrite_state import leaf_values, owners_of
 
 log = logging.getLogger("gefen_compile")
 
@@ -47,6 +47,8 @@ log = logging.getLogger("gefen_compile")
 _PARAMETERS: dict[int, weakref.ref] = {}
 _generation = 0  # bumped whenever a parameter is remembered
 _checked: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary()
+# Optimizers whose step a graph kept as traced (the passes refused it): never converted.
+_LEFT_AS_TRACED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 
 
 def gefen_backend(
@@ -91,7 +93,14 @@ def _rewritten(gm: torch.fx.GraphModule, example_inputs: list):
         # traces its next step anew (through the converted optimizer's own update).
         gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False,
                                          runs_once=True)
+        if report.refused:
+            # The graph keeps AdamW's update, and its state tensors as its own: converting the
+            # optimizer later would free nothing (the cached graph holds them) and leave two
+            # updates for one optimizer. It stays AdamW, as the refusal's warning says.
+            _LEFT_AS_TRACED.update(owners_of(gm, report.matched, example_inputs))
         return gm, report.state
+    except NonFiniteFirstGradient:
+        raise  # nothing changed: the step fails as Gefen's eager step does, to be skipped
     except Exception as error:  # noqa: BLE001 (any failure: the graph compiles unchanged)
         log.warning("the gefen backend left a graph with an optimizer step as dynamo traced "
                     "it, so its AdamW update is not Gefen's (%s: %s)", type(error).__name__,
@@ -203,7 +212,7 @@ def _convert_known(optimizer: Optimizer) -> None:
     """Convert ``optimizer`` if a compiled graph holds one of its parameters."""
     _checked[optimizer] = _generation
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not any(remembered(p) for p in params):
+    if not any(remembered(p) for p in params) or optimizer in _LEFT_AS_TRACED:
         return
     if is_convertible(optimizer):
         convert(optimizer)

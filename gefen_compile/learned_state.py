@@ -21,6 +21,19 @@ from .state_checks import codebook_problem
 from .variant import ROBUST, Variant, saved_variant
 
 
+class NonFiniteFirstGradient(ValueError):
+    """A first gradient with inf or nan values: nothing is learned or changed."""
+
+    def __init__(self, owner: str, where: str):
+        super().__init__(
+            f"{owner}: the first gradient of {where} has inf or nan values, on this rank or "
+            "another that holds a shard of it (or, in float64, values beyond float32's range, "
+            f"where the codebook is learned); {owner} reads periods and its codebook from first "
+            "gradients, so skip this step (as torch.amp.GradScaler does) and call step() again "
+            "with finite gradients"
+        )
+
+
 class LearnedState:
     """Mixin of a ``torch.optim.Optimizer`` with ``variant``, ``codebook`` and ``_nearest``:
     what the two optimizers do alike, from the first step to their checkpoints. Each provides
@@ -134,14 +147,7 @@ class LearnedState:
                                                                 nonzero, grads)]
         for (_, p, _), ok in zip(fresh, finite):
             if not ok:
-                raise ValueError(
-                    f"{self._name}: the first gradient of {self._locate(p)} has inf or nan "
-                    "values, on this rank or another that holds a shard of it (or, in float64, "
-                    "values beyond float32's range, where the codebook is learned); "
-                    f"{self._name} reads periods and its codebook from first gradients, so skip "
-                    "this step (as torch.amp.GradScaler does) and call step() again with finite "
-                    "gradients"
-                )
+                raise NonFiniteFirstGradient(self._name, self._locate(p))
         if self.variant.zero_gradients_wait:
             decay_only([f for f, learn in zip(fresh, nonzero) if not learn])
             fresh = [f for f, learn in zip(fresh, nonzero) if learn]

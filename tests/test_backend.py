@@ -356,6 +356,66 @@ def test_a_failing_pass_logs_a_warning_and_compiles_the_graph_as_traced(monkeypa
     assert len(warnings) == 1 and "RuntimeError: an unexpected failure" in warnings[0]
 
 
+def test_a_compiled_step_keeps_no_adamw_tensor_alive():
+    """dynamo allocates AdamW's moments while tracing the step; once the rewritten graph has
+    run, nothing holds them (nor the first gradients), though dynamo's wrapper of the compiled
+    graph copies its attributes."""
+    import gc
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(97, 89, bias=False)  # a shape nothing else in the test has
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = torch.compile(opt.step, backend="gefen")
+    for seed in range(3):
+        model(torch.randn(4, 97, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
+        step()
+        opt.zero_grad()
+    gc.collect()
+    alive = [t for t in gc.get_objects()  # real tensors (dynamo's caches keep fake ones)
+             if type(t) is torch.Tensor and t.shape == (89, 97)]
+    assert isinstance(opt, Gefen) and not alive
+
+
+def test_a_compiled_first_step_with_an_inf_gradient_fails_as_gefens_changing_nothing():
+    """As eager Gefen's first step: the error says to skip the step, and the optimizer is
+    untouched (still AdamW, its state as dynamo's trace left it); the next step converts it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = torch.compile(opt.step, backend="gefen")
+    model(torch.randn(4, 16)).square().mean().backward()
+    model.weight.grad[0, 0] = float("inf")
+    with pytest.raises(Exception, match="inf or nan values.*skip this step"):
+        step()
+    assert type(opt) is torch.optim.AdamW
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+    opt.zero_grad()
+    model(torch.randn(4, 16)).square().mean().backward()
+    step()
+    assert isinstance(opt, Gefen) and all("codes" in s for s in opt.state.values())
+
+
+def test_a_step_graph_left_as_traced_leaves_its_optimizer_adamw(caplog):
+    """dynamic=True: the passes refuse the step (its hyperparameters are graph inputs), and the
+    graph, cached, holds AdamW's moments; the optimizer stays AdamW at every later step (the
+    step hook converted it at the next one, freeing nothing), and steps as AdamW does."""
+    torch.manual_seed(0)
+    model, twin_model = mlp(), mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    twin = torch.optim.AdamW(twin_model.parameters(), lr=1e-2)
+    step = torch.compile(opt.step, backend="gefen", dynamic=True)
+    with caplog.at_level(logging.WARNING, logger="gefen_compile"):
+        for seed in range(3):
+            for m, o, run in ((model, opt, step), (twin_model, twin, twin.step)):
+                o.zero_grad()
+                m(batch(seed)).square().mean().backward()
+                run()
+    assert type(opt) is torch.optim.AdamW and "exp_avg" in opt.state[model[0].weight]
+    assert any("stays as it is" in r.getMessage() for r in caplog.records)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 def test_first_step_work_runs_eagerly_in_a_compiled_step(monkeypatch):
     import gefen_compile.learned_state as optim
 

@@ -151,9 +151,9 @@ def test_make_fx_functional_step_is_rewritten_and_matches_eager_gefen(foreach):
     twin_model = copy.deepcopy(model)
     twin = Gefen(twin_model.parameters(), lr=1e-2, weight_decay=0.1)
     gm, converted = rewrite_state(gm, matched, flat)
+    gm, lowered = lower_fused(gm, matched, converted)
     converted.release()
     twin.load_state_dict(opt.state_dict())
-    gm, lowered = lower_fused(gm, matched, converted)
     check_golden(f"make_fx_{'foreach' if foreach else 'for_loop'}", before, graph_text(gm))
     assert len(lowered.calls) == 1 and isinstance(opt, Gefen)
     for seed in range(2, 6):

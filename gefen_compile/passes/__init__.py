@@ -69,7 +69,8 @@ def rewrite_adamw_steps(
     except NotRewritten as refusal:
         report.refused = str(refusal)
         log.log(logging.INFO if refusal.quiet else logging.WARNING,
-                "left a graph with %d AdamW-like update(s) unchanged: %s",
+                "left a graph with %d AdamW-like update(s) unchanged (its optimizer stays as "
+                "it is): %s",
                 len(matched.updates), refusal)
         return gm, report
     report.state = convert_owners(plan)

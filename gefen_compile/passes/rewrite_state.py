@@ -28,6 +28,7 @@ from torch.fx import GraphModule, Node
 from torch.optim import Adam, AdamW
 
 from ..convert import _default_variant, convert, is_convertible, own_class
+from ..learned_state import NonFiniteFirstGradient
 from ..optim import Gefen
 from .dataflow import attribute
 from .match_adamw import AdamWUpdate, MatchReport, NotRewritten
@@ -56,11 +57,16 @@ class StateReport:
     kept: list[tuple[dict, tuple[str, ...]]] = field(default_factory=list)  # entry, AdamW keys
 
     def release(self) -> None:
-        """Drop the AdamW entries kept for dynamo's guards (their memory goes with them)."""
+        """Drop the AdamW entries kept for dynamo's guards (their memory goes with them), and
+        every reference the report holds to tensors and optimizers: a compiled graph that keeps
+        the report (dynamo's wrapper of a backend's result copies its attributes) must not
+        keep the moments, first gradients, parameters or optimizer alive."""
         for entry, keys in self.kept:
             for key in keys:
                 entry.pop(key, None)
         self.kept.clear()
+        self.values.clear()
+        self.owners.clear()
 
     def __str__(self) -> str:
         return "\n".join(
@@ -83,9 +89,7 @@ def plan_state(gm: GraphModule, matches: MatchReport, example_inputs=None, *,
     ``runs_once``: the rewritten graph runs once, with these inputs (see rewrite_adamw_steps)."""
     values = leaf_values(gm, example_inputs)
     by_owner: dict[int, tuple[torch.optim.Optimizer, list[AdamWUpdate]]] = {}
-    optimizers = _live_adam_optimizers()
-    for update in matches.updates:
-        owner = next((o for o in optimizers if _owns(o, update, values)), None)
+    for update, owner in zip(matches.updates, _owners(matches, values)):
         if owner is None:
             raise NotRewritten(
                 f"the AdamW-like update of graph node {update.param.name!r} is not the step of a "
@@ -141,6 +145,20 @@ def leaf_values(gm: GraphModule, example_inputs=None) -> dict[Node, torch.Tensor
     return values
 
 
+def owners_of(gm: GraphModule, matches: MatchReport,
+              example_inputs=None) -> list[torch.optim.Optimizer]:
+    """The live AdamW (Adam) optimizers whose steps the matched updates are."""
+    owners = _owners(matches, leaf_values(gm, example_inputs))
+    return list({id(o): o for o in owners if o is not None}.values())
+
+
+def _owners(matches: MatchReport, values) -> list[torch.optim.Optimizer | None]:
+    """The owner of each matched update (None: no live AdamW's)."""
+    optimizers = _live_adam_optimizers()
+    return [next((o for o in optimizers if _owns(o, update, values)), None)
+            for update in matches.updates]
+
+
 def _live_adam_optimizers() -> list[torch.optim.Optimizer]:
     # Compile-time only: the graph names tensors, and only the heap knows who holds them.
     # Exactly AdamW or Adam (also once converted): as the backend's step hook, no subclass.
@@ -174,6 +192,9 @@ def _check_owner(owner, updates: list[AdamWUpdate], values, runs_once: bool) -> 
             continue
         grad = values.get(update.grad)
         _check_real(update, grad)
+        # Before anything is converted (the first step would refuse it after).
+        if not bool(torch.isfinite(grad.float()).all()):
+            raise NonFiniteFirstGradient("Gefen", f"graph node {update.param.name!r}")
         if runs_once or not variant.zero_gradients_wait or not grad.numel() or grad.any():
             continue
         raise NotRewritten(
