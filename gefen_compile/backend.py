@@ -18,7 +18,10 @@ Graphs compile through inductor, as with ``backend="inductor"``: ``mode``, ``opt
 
 The backend never breaks a compile that inductor accepts: a graph that writes no parameter in
 place (every model's forward and backward) goes to inductor untouched, and an unexpected
-failure inside the passes logs a warning and compiles the graph as dynamo traced it.
+failure inside the passes logs a warning and compiles the graph as dynamo traced it. A step
+graph the passes refuse, of an AdamW the step hook will convert at its next step, runs
+eagerly instead (dynamo's SkipFrame), once: compiled, it would keep AdamW's state alive. A
+non-finite first gradient fails the compile with Gefen's error, as Gefen's eager step fails.
 
 Registered for ``torch.compile`` through the ``torch_dynamo_backends`` entry point, so it
 works without importing gefen_compile.
@@ -47,8 +50,6 @@ log = logging.getLogger("gefen_compile")
 _PARAMETERS: dict[int, weakref.ref] = {}
 _generation = 0  # bumped whenever a parameter is remembered
 _checked: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary()
-# Optimizers whose step a graph kept as traced (the passes refused it): never converted.
-_LEFT_AS_TRACED: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 
 
 def gefen_backend(
@@ -93,23 +94,35 @@ def _rewritten(gm: torch.fx.GraphModule, example_inputs: list):
         # traces its next step anew (through the converted optimizer's own update).
         gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False,
                                          runs_once=True)
-        if report.refused:
-            # The graph keeps AdamW's update, and its state tensors as its own: converting the
-            # optimizer later would free nothing (the cached graph holds them) and leave two
-            # updates for one optimizer. It stays AdamW, as the refusal's warning says.
-            _LEFT_AS_TRACED.update(owners_of(gm, report.matched, example_inputs))
+        owners = owners_of(gm, report.matched, example_inputs) if report.refused else []
+        if owners and all(is_convertible(o) for o in owners):
+            # Compiled as traced, the graph would hold AdamW's state tensors for good (dynamo
+            # keeps a traced optimizer step's graph until the optimizer dies), also after the
+            # step hook converted the optimizer at its next step. This step runs eagerly
+            # instead, as AdamW's, the graph let go of the state, and the next step is Gefen's.
+            _remember(p for o in owners for g in o.param_groups for p in g["params"])
+            _drop_attributes(gm, {id(t) for o in owners for entry in o.state.values()
+                                  for t in entry.values() if isinstance(t, torch.Tensor)})
+            raise torch._dynamo.exc.SkipFrame(f"gefen: {report.refused}")
         return gm, report.state
-    except NonFiniteFirstGradient:
-        raise  # nothing changed: the step fails as Gefen's eager step does, to be skipped
+    except (NonFiniteFirstGradient, torch._dynamo.exc.SkipFrame):
+        raise  # nothing changed: the step fails as Gefen's eager one, or runs eagerly
     except Exception as error:  # noqa: BLE001 (any failure: the graph compiles unchanged)
         log.warning("the gefen backend left a graph with an optimizer step as dynamo traced "
                     "it, so its AdamW update is not Gefen's (%s: %s)", type(error).__name__,
-                    error, exc_info=log.isEnabledFor(logging.DEBUG))
+                    str(error), exc_info=log.isEnabledFor(logging.DEBUG))
         for name in (set(gm._buffers) | set(gm._parameters)) - attributes:
             delattr(gm, name)
         gm.graph = graph
         gm.recompile()
         return gm, None
+
+
+def _drop_attributes(gm: torch.fx.GraphModule, ids: set[int]) -> None:
+    """Remove the buffers and parameters of ``gm`` that are the tensors with these ids."""
+    for table in (gm._buffers, gm._parameters):
+        for name in [n for n, t in table.items() if id(t) in ids]:
+            del table[name]
 
 
 def _snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -212,7 +225,7 @@ def _convert_known(optimizer: Optimizer) -> None:
     """Convert ``optimizer`` if a compiled graph holds one of its parameters."""
     _checked[optimizer] = _generation
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not any(remembered(p) for p in params) or optimizer in _LEFT_AS_TRACED:
+    if not any(remembered(p) for p in params):
         return
     if is_convertible(optimizer):
         convert(optimizer)

@@ -21,6 +21,16 @@ from .state_checks import codebook_problem
 from .variant import ROBUST, Variant, saved_variant
 
 
+def located(optimizer: torch.optim.Optimizer, p: Tensor) -> str:
+    """'parameter i of param group j' (its name, when known), for error messages."""
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, q in enumerate(group["params"]):
+            if q is p:
+                name = f" ({group['param_names'][pi]})" if "param_names" in group else ""
+                return f"parameter {pi} of param group {gi}{name}"
+    raise KeyError("parameter not in this optimizer")
+
+
 class NonFiniteFirstGradient(ValueError):
     """A first gradient with inf or nan values: nothing is learned or changed."""
 
@@ -121,13 +131,7 @@ class LearnedState:
         return [p for group in self.param_groups for p in group["params"]]
 
     def _locate(self, p: Tensor) -> str:
-        """'parameter i of param group j' (its name, when known), for error messages."""
-        for gi, group in enumerate(self.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    name = f" ({group['param_names'][pi]})" if "param_names" in group else ""
-                    return f"parameter {pi} of param group {gi}{name}"
-        raise KeyError("parameter not in this optimizer")
+        return located(self, p)
 
     def _learn(self, fresh: list[tuple[dict, Tensor, Tensor]]) -> list[tuple[dict, Tensor, Tensor]]:
         """Periods (and, at the first step, the codebook) of parameters seen for the first

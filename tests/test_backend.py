@@ -395,25 +395,54 @@ def test_a_compiled_first_step_with_an_inf_gradient_fails_as_gefens_changing_not
     assert isinstance(opt, Gefen) and all("codes" in s for s in opt.state.values())
 
 
-def test_a_step_graph_left_as_traced_leaves_its_optimizer_adamw(caplog):
-    """dynamic=True: the passes refuse the step (its hyperparameters are graph inputs), and the
-    graph, cached, holds AdamW's moments; the optimizer stays AdamW at every later step (the
-    step hook converted it at the next one, freeing nothing), and steps as AdamW does."""
+def test_a_refused_step_graph_runs_eagerly_and_its_optimizer_converts_next_step(caplog):
+    """dynamic=True: the passes refuse the step (its hyperparameters are graph inputs). The
+    step runs eagerly, as AdamW's, the step hook converts the optimizer at the next step, as an
+    eager run converted then, and no graph keeps AdamW's moments alive (dynamo keeps a traced
+    step's graph while its optimizer lives)."""
+    import gc
+
     torch.manual_seed(0)
-    model, twin_model = mlp(), mlp()
+    model = torch.nn.Linear(97, 89, bias=False)  # a shape nothing else in the test has
+    twin_model = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     twin = torch.optim.AdamW(twin_model.parameters(), lr=1e-2)
     step = torch.compile(opt.step, backend="gefen", dynamic=True)
     with caplog.at_level(logging.WARNING, logger="gefen_compile"):
         for seed in range(3):
+            if seed == 1:
+                twin = gefen_compile.convert(twin)
             for m, o, run in ((model, opt, step), (twin_model, twin, twin.step)):
                 o.zero_grad()
-                m(batch(seed)).square().mean().backward()
+                m(torch.randn(4, 97, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
                 run()
-    assert type(opt) is torch.optim.AdamW and "exp_avg" in opt.state[model[0].weight]
-    assert any("stays as it is" in r.getMessage() for r in caplog.records)
-    for p, q in zip(model.parameters(), twin_model.parameters()):
-        torch.testing.assert_close(p, q)
+    assert isinstance(opt, Gefen) and "exp_avg" not in opt.state[model.weight]
+    assert any("reads graph input" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(model.weight, twin_model.weight)
+    opt.zero_grad()
+    twin.zero_grad()
+    gc.collect()
+    alive = [t for t in gc.get_objects() if type(t) is torch.Tensor and t.shape == (89, 97)]
+    assert not alive
+
+
+def test_two_adamws_whose_steps_compile_apart_both_become_gefen():
+    """A GAN's two optimizers (other lr values): dynamo makes the second one's lr a graph
+    input (the step's code is shared), the passes refuse that graph, and the optimizer is
+    converted at its next step all the same."""
+    torch.manual_seed(0)
+    generator, critic = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+    optimizers = [torch.optim.AdamW(generator.parameters(), lr=1e-3),
+                  torch.optim.AdamW(critic.parameters(), lr=4e-3)]
+    steps = [torch.compile(o.step, backend="gefen") for o in optimizers]
+    for seed in range(3):
+        for o in optimizers:
+            o.zero_grad()
+        critic(generator(torch.randn(16, 8, generator=torch.Generator().manual_seed(seed)))).mean().backward()
+        for step in steps:
+            step()
+    assert all(isinstance(o, Gefen) for o in optimizers)
+    assert all("exp_avg" not in s for o in optimizers for s in o.state.values())
 
 
 def test_first_step_work_runs_eagerly_in_a_compiled_step(monkeypatch):

@@ -69,9 +69,8 @@ def rewrite_adamw_steps(
     except NotRewritten as refusal:
         report.refused = str(refusal)
         log.log(logging.INFO if refusal.quiet else logging.WARNING,
-                "left a graph with %d AdamW-like update(s) unchanged (its optimizer stays as "
-                "it is): %s",
-                len(matched.updates), refusal)
+                "left a graph with %d AdamW-like update(s) unchanged: %s",
+                len(matched.updates), str(refusal))  # not the exception: its frames hold tensors
         return gm, report
     report.state = convert_owners(plan)
     gm, report.lowered = lower_fused(gm, matched, report.state)

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from torch.optim import Adam, AdamW
 
 from ..convert import _default_variant, convert, is_convertible, own_class
-from ..learned_state import NonFiniteFirstGradient
+from ..learned_state import NonFiniteFirstGradient, located
 from ..optim import Gefen
 from .dataflow import attribute
 from .match_adamw import AdamWUpdate, MatchReport, NotRewritten
@@ -194,7 +194,9 @@ def _check_owner(owner, updates: list[AdamWUpdate], values, runs_once: bool) -> 
         _check_real(update, grad)
         # Before anything is converted (the first step would refuse it after).
         if not bool(torch.isfinite(grad.float()).all()):
-            raise NonFiniteFirstGradient("Gefen", f"graph node {update.param.name!r}")
+            raise NonFiniteFirstGradient(
+                "Gefen", f"{located(owner, param)} of {type(owner).__name__} (graph node "
+                f"{update.param.name!r})")
         if runs_once or not variant.zero_gradients_wait or not grad.numel() or grad.any():
             continue
         raise NotRewritten(
