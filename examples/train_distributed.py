@@ -31,6 +31,7 @@ codebook.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sysconfig
 from pathlib import Path
@@ -159,6 +160,7 @@ def main() -> None:
     # closes its connections, as tests/distributed_workers.py does: a rank closing while its
     # peer still holds them can leave that peer waiting.
     del model, optimizer
+    gc.collect()  # DDP's hooks hold its model in a reference cycle
     dist.barrier()
     dist.destroy_process_group()
 

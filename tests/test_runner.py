@@ -119,6 +119,8 @@ def test_a_script_sees_what_plain_python_gives_it(tmp_path, typed):
 
 # Two gloo ranks, a DDP model, a few steps; each rank writes the class of its optimizer.
 DDP_STEPS = """
+import gc
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -139,7 +141,11 @@ def train(out):
 
 
 def run(out):
-    train(out)  # its model and optimizer are freed before the process group
+    train(out)
+    # DDP's model is freed (its hooks form a cycle: collected here) on every rank before any
+    # closes its gloo connections: a peer closing early aborts the other rank at exit.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 """
 

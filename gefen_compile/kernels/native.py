@@ -139,7 +139,7 @@ def use_cpu_path(name: str) -> str:
                          f"{', '.join(cpu_paths())} (of {', '.join(CPU_PATHS)})")
     previous = cpu_path()
     library.gefen_cpu_path(CPU_PATHS.index(name))
-    _log.debug("gefen_compile: CPU steps take the %s path (%s)", name, processor_name())
+    _log.debug("CPU steps take the %s path (%s)", name, processor_name())
     return previous
 
 
@@ -182,7 +182,7 @@ def log_rows() -> None:
     rows = last_rows()
     if rows != _logged_rows:
         _logged_rows = rows
-        _log.debug("gefen_compile: CPU step: %s", describe())
+        _log.debug("CPU step: %s", describe())
 
 
 if library is not None and os.environ.get(PATH_VARIABLE):

@@ -128,7 +128,7 @@ def bind(bind_shim) -> bool:
             if _answers(library, t, offset) != expected:
                 raise RuntimeError(f"the shim's answers for a {t.dtype} tensor differ from Python's")
     except (AttributeError, RuntimeError) as error:  # a torch without the shim, or changed
-        _log.debug("gefen_compile: the CPU step reads tensors through method calls: %s", error)
+        _log.debug("the CPU step reads tensors through method calls: %s", error)
         return False
     bind_shim(offset, TYPES, strided, *negation, *(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
                                         for name in FUNCTIONS))
