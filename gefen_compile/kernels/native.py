@@ -98,8 +98,6 @@ def _load() -> ctypes.CDLL | None:
 
 library = _load()
 if _cpu is not None:  # the descriptors kernels/cpu_step.c reads tensors through
-    import torch
-
     from . import tensor_shim
 
     _cpu.bind(*(torch._C.TensorBase.__dict__[name]
