@@ -171,10 +171,14 @@ class GefenMuon(LearnedState, Optimizer):
                 "model.to(dtype), p.data = ...); build the optimizer again after changing the "
                 "model, or keep the gradients' dtype and size as they were"
             )
+        n = state["codes"].numel()
+        block = self.variant.magnitude_block(n, state["period"])
+        if state["magnitude"].numel() != -(-n // block) or state["codes"].dtype != torch.uint8:
+            self._check_entry(state, p, "GefenMuon: optimizer.state of",  # the user's doing
+                              "load a state_dict, or delete the whole entry")
         tables = self._nearest.tables(grad.device, compute_dtype(grad.dtype))
         update = ops.momentum_(
-            grad, state["codes"], state["magnitude"],
-            self.variant.magnitude_block(state["codes"].numel(), state["period"]),
+            grad, state["codes"], state["magnitude"], block,
             tables.codebook, tables.lut, tables.bounds, tables.first_index, tables.half,
             group["momentum"], group["nesterov"],
         )

@@ -498,6 +498,10 @@ def test_changed_dtypes_and_edited_state_are_refused_by_name():
     opt = GefenMuon([w])
     w.grad = torch.randn(16, 8)
     opt.step()
+    opt.state[w]["magnitude"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="state of parameter 0 of param group 0 has magnitude of "
+                                         "shape \\(3,\\)"):
+        opt.step()
     del opt.state[w]["codes"]
     with pytest.raises(ValueError, match="state of parameter 0 of param group 0 has no 'codes'"):
         opt.step()
