@@ -67,7 +67,10 @@ def gefen_backend(
     if writes_a_parameter(gm, example_inputs):
         gm, state = _rewritten(gm, example_inputs)
     compiled = inductor(gm, example_inputs)
-    positions = [i for i, x in enumerate(example_inputs) if _is_parameter(x)]
+    # The model's parameters: a plain leaf tensor that needs a gradient is an input (an image
+    # that style transfer or an adversarial attack optimises through the model), and an
+    # optimizer over it is left as the user built it.
+    positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
     return _CompiledGraph(compiled, positions, state)
 
 
@@ -174,7 +177,7 @@ def _is_parameter(t) -> bool:
 def _remember(tensors) -> None:
     global _generation
     for t in tensors:
-        if _is_parameter(t) and not remembered(t):
+        if not remembered(t):
             _PARAMETERS[id(t)] = weakref.ref(t, lambda _, key=id(t): _PARAMETERS.pop(key, None))
             _generation += 1
 

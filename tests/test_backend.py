@@ -218,6 +218,22 @@ def test_unrelated_optimizers_are_untouched():
     assert type(coupled) is torch.optim.Adam and "exp_avg" in coupled.state[model[0].weight]
 
 
+def test_an_adam_over_a_compiled_models_input_is_left_alone():
+    """Style transfer: Adam optimises an image (a plain leaf tensor, not a parameter) through
+    a compiled model, whose own AdamW still becomes Gefen."""
+    model = mlp()
+    image = batch(0).requires_grad_(True)
+    adam = torch.optim.Adam([image], lr=0.01)
+    adamw = torch.optim.AdamW(model.parameters())
+    compiled = torch.compile(model, backend="gefen")
+    for _ in range(2):
+        compiled(image).square().mean().backward()
+        adam.step()
+        adamw.step()
+    assert type(adam) is torch.optim.Adam and "exp_avg" in adam.state[image]
+    assert isinstance(adamw, Gefen)
+
+
 def test_adam_without_weight_decay_becomes_gefen():
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
