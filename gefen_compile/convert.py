@@ -33,7 +33,7 @@ from .hyperparameters import check_hyperparameters
 from .learned_state import LearnedState
 from .migrate import migrate_adamw_state, migrate_muon_state
 from .muon import GefenMuon, check_matrix, check_muon_hyperparameters
-from .optim import Gefen
+from .optim import Gefen, check_real
 from .state import adamw_state_nbytes
 from .variant import ROBUST, Variant, variant_named
 
@@ -239,6 +239,8 @@ def check_convertible(optimizer: Optimizer) -> None:
         if group.get("fused") and group.get("foreach"):
             raise ValueError(f"{where}: fused and foreach cannot both be True")
         check_hyperparameters(group, where=where)
+        for j, p in enumerate(group["params"]):
+            check_real(p, f"parameter {j} of param group {i} of {_converted_from(optimizer)}")
 
 
 def _converted_class(cls: type) -> type:

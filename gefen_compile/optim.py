@@ -83,7 +83,7 @@ class Gefen(LearnedState, Optimizer):
         """Add a group, as ``torch.optim.AdamW.add_param_group``; its values are checked."""
         index = len(self.param_groups)
         check_hyperparameters({**self.defaults, **param_group}, where=f"param group {index}")
-        params = self._listed_params(param_group, _check_real)
+        params = self._listed_params(param_group, check_real)
         super().add_param_group({**param_group, "params": params})
         self._buckets = None  # the group table changed
 
@@ -407,7 +407,7 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
     return table
 
 
-def _check_real(p: Tensor, where: str) -> None:
+def check_real(p: Tensor, where: str) -> None:
     if p.is_complex() or not p.is_floating_point():
         raise TypeError(
             f"Gefen: {where} has dtype {p.dtype}; Gefen updates real floating-point parameters "

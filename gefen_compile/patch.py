@@ -20,14 +20,19 @@ Subclasses are converted only where their update is AdamW's (the rule, in one pl
 - a class statement naming the patched ``torch.optim.AdamW`` as a base makes a plain subclass of
   the real AdamW, exactly as without the patch, so what follows holds however it was defined;
 - a subclass that does not override ``step`` is converted at its first step;
-- a subclass that overrides ``step`` is watched during its first step: if its ``step`` reaches
-  AdamW's (``super().step()``), it is converted right there, before AdamW allocates anything,
-  and from then on Gefen's update runs, once per step, where it calls ``super().step()``; if its
-  ``step`` finishes without reaching AdamW's (an update of its own), it is left as it is, a
-  real AdamW subclass, and logged.
+- a subclass that overrides ``step`` is watched from its first step on: once its ``step``
+  reaches AdamW's (``super().step()``), it is converted right there, before AdamW allocates
+  anything, and from then on Gefen's update runs, once per step, where it calls
+  ``super().step()``; once a ``step`` finishes without reaching AdamW's but having changed a
+  parameter in place or left state in ``optimizer.state`` (an update of its own), it is left as
+  it is, a real AdamW subclass, with a warning. A ``step`` that did neither (it calls
+  ``super().step()`` every few calls) is watched again at the next;
+- a subclass calling ``torch.optim.AdamW.__init__(self, ...)`` explicitly keeps its class,
+  decided by the rules above.
 
-An AdamW with an option Gefen refuses (``amsgrad=True``, say) met at its first step is left as
-AdamW, with a warning; built from the patched name it raises, naming the way out.
+An AdamW with an option Gefen refuses (``amsgrad=True``, a complex parameter) is left as AdamW
+with a warning naming the option, whether built from the patched name or met at its first step:
+the runner converts what Gefen can replace and runs the rest as written.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import contextlib
 import importlib
 import inspect
 import logging
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -55,6 +61,8 @@ log = logging.getLogger("gefen_compile")
 
 _hooks: list = []  # the global step hooks, while anything is patched
 _probes: dict[type, type] = {}
+# Of each optimizer in a probed step: its parameters' version counters as the step began.
+_probe_versions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _OriginalName(type):
@@ -74,26 +82,30 @@ class _OriginalName(type):
         return issubclass(sub, cls._original)
 
 
-def _patched_class(original: type, converted: type, target: str, patch: str) -> type:
+def _patched_class(original: type, converted: type, target: str) -> type:
     """What ``torch.optim.<original>`` is while patched: the original's constructor, then the
     conversion to ``converted``."""
 
     def __init__(self, *args, **kwargs) -> None:
         cls = type(self)
         # Built as a plain original (its argument checks; Gefen's __init__ would come next in
-        # the MRO), then converted. A subclass calling torch.optim.AdamW.__init__ explicitly
-        # keeps its class.
+        # the MRO), then converted.
         self.__class__ = original
         original.__init__(self, *args, **kwargs)
-        self.__class__ = converted if cls is patched else cls
+        if cls is not patched:
+            # A subclass calling torch.optim.AdamW.__init__ explicitly keeps its class, and
+            # its first step decides, as for any subclass (its step may be its own update).
+            # Its step gets the step hooks that Optimizer.__init__ gave the original's.
+            self.__class__ = cls
+            self._patch_step_function()
+            return
         try:
-            convert(self)
+            check_convertible(self)
         except (TypeError, ValueError, NotImplementedError) as error:
-            raise type(error)(
-                f"{error} (torch.optim.{original.__name__} builds {target} while "
-                f"gefen_compile.{patch}() is in effect: call gefen_compile.un{patch}() to build "
-                f"a real {original.__name__})"
-            ) from None
+            _leave_alone(self, f"{error}", logging.WARNING)  # the real original, as without
+            return
+        self.__class__ = converted
+        convert(self)
 
     patched = _OriginalName(f"Patched{original.__name__}", (converted,), {
         "__doc__": f"What ``torch.optim.{original.__name__}`` is while patched: its "
@@ -107,8 +119,8 @@ def _patched_class(original: type, converted: type, target: str, patch: str) -> 
     return patched
 
 
-PatchedAdamW = _patched_class(AdamW, GefenAdamW, "Gefen", "patch_adamw")
-PatchedMuon = _patched_class(Muon, ConvertedMuon, "GefenMuon", "patch_muon")
+PatchedAdamW = _patched_class(AdamW, GefenAdamW, "Gefen")
+PatchedMuon = _patched_class(Muon, ConvertedMuon, "GefenMuon")
 # Where each original is looked up: the package and its own module.
 _MODULES = {AdamW: (torch.optim, importlib.import_module("torch.optim.adamw")),
             Muon: (torch.optim, importlib.import_module("torch.optim._muon"))}
@@ -188,9 +200,9 @@ def patched_adamw() -> Iterator[None]:
 def _before_step(optimizer, args, kwargs) -> None:
     # These tests trace (guarded on the type and an attribute), so a compiled step of any
     # other optimizer, or of one already decided, keeps a single graph.
-    if (isinstance(optimizer, _watched) and not isinstance(optimizer, (LearnedState, GefenStep))
+    if (isinstance(optimizer, _watched) and not isinstance(optimizer, LearnedState)
             and not getattr(optimizer, "_gefen_left_alone", False)):
-        _convert_at_first_step(optimizer)
+        _watch_step(optimizer)
 
 
 def _converts_at_load(optimizer) -> bool:
@@ -207,17 +219,25 @@ def _converts_at_load(optimizer) -> bool:
 
 
 @eager  # also inside a compiled step, before AdamW allocates
-def _convert_at_first_step(optimizer) -> None:
-    try:
-        check_convertible(optimizer)
-    except (TypeError, ValueError, NotImplementedError) as error:
-        _leave_alone(optimizer, f"{error}", logging.WARNING)
-        return
-    cls = type(optimizer)
-    if overrides_step(cls):  # decided in this step: GefenStep.step converts it, or _after_step
-        optimizer.__class__ = _probe(cls)
-    else:
-        convert(optimizer)
+def _watch_step(optimizer) -> None:
+    """Convert ``optimizer`` at its first step, or, where its class overrides ``step``, probe
+    this step: GefenStep.step converts it where it reaches AdamW's, or _after_step decides."""
+    if not isinstance(optimizer, GefenStep):
+        try:
+            check_convertible(optimizer)
+        except (TypeError, ValueError, NotImplementedError) as error:
+            _leave_alone(optimizer, f"{error}", logging.WARNING)
+            return
+        if not overrides_step(type(optimizer)):
+            convert(optimizer)
+            return
+        optimizer.__class__ = _probe(type(optimizer))
+    # What an update of its own would change: the parameters (in place) or the state.
+    _probe_versions[optimizer] = _versions(optimizer)
+
+
+def _versions(optimizer) -> list[int]:
+    return [p._version for group in optimizer.param_groups for p in group["params"]]
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -227,14 +247,19 @@ def _after_step(optimizer, args, kwargs) -> None:
 
 @eager
 def _end_probe(optimizer) -> None:
+    """After a probed step that did not reach AdamW's: one that changed the parameters or left
+    state is the subclass's own update, left alone; one that did neither (a step calling
+    super().step() every few calls, say) showed nothing, and the next step is probed too."""
+    if not optimizer.state and _versions(optimizer) == _probe_versions[optimizer]:
+        return
     optimizer.__class__ = own_class(optimizer)
     _leave_alone(optimizer, "its step() has an update of its own (it does not call "
-                            "super().step())", logging.INFO)
+                            "super().step())", logging.WARNING)
 
 
 def _probe(cls: type) -> type:
     """``cls`` with :class:`~gefen_compile.convert.GefenStep` right above AdamW: whether its
-    ``step`` reaches AdamW's shows in its first step."""
+    ``step`` reaches AdamW's shows in its steps."""
     if cls not in _probes:
         _probes[cls] = type(cls.__name__, (cls, gefen_step_above(cls)),
                             {"__module__": cls.__module__, "__qualname__": cls.__qualname__})

@@ -79,6 +79,12 @@ def entry_problem(entry: dict, param: Tensor, variant: Variant,
     if not second_moments:
         return None
     step = entry["step"]
+    if isinstance(step, bytes):  # checkpoint.py's marker: a saved entry, not loaded
+        return ("is a saved checkpoint entry (its step is Gefen's marker) put into "
+                "optimizer.state directly, not through load_state_dict (as "
+                "ZeroRedundancyOptimizer.load_state_dict puts each rank's entries: Gefen cannot "
+                "resume under it; its state being 1 byte per parameter, train under plain DDP "
+                "and save optimizer.state_dict() from rank 0)")
     if not (isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex()):
         return f"has step {step!r}; it must be a one-element real tensor"
     return None

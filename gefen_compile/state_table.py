@@ -20,6 +20,8 @@ from typing import Any
 
 # The entry keys that the buckets hold (state.py): a new value for any of these changes them.
 BUCKET_KEYS = frozenset(("codes", "magnitude", "vmean", "step", "period"))
+# What AdamW (and Muon) keep per parameter and Gefen does not: reading one says where they went.
+_OTHER_OPTIMIZERS_KEYS = frozenset(("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"))
 
 
 class Changes:
@@ -84,6 +86,17 @@ class ParamState(dict):
     def __init__(self, entry: dict, changes: Changes) -> None:
         super().__init__(entry)
         self.changes = changes
+
+    def __missing__(self, key: str) -> Any:
+        if key in _OTHER_OPTIMIZERS_KEYS:  # logging code written for AdamW or Muon, say
+            raise KeyError(
+                f"{key!r}: this optimizer is gefen_compile's, which keeps no {key}: the first "
+                "moment (Muon's momentum) is 'codes' (uint8, one per element) times the block's "
+                "'magnitude', Gefen's second moment 'vmean', one per block; for a Gefen, "
+                "gefen_compile.adamw_state_dict(optimizer)['state'] gives AdamW's exp_avg and "
+                "exp_avg_sq, dequantised, keyed as in optimizer.state_dict()"
+            )
+        raise KeyError(key)
 
     def __setitem__(self, key: str, value: Any) -> None:
         # The same object again is no change (dynamo's optimizer tracing reassigns

@@ -219,7 +219,7 @@ def test_subclass_whose_update_is_adamws_is_converted_and_updates_once(defined):
 
 
 @pytest.mark.parametrize("defined", ["before the patch", "while patched"])
-def test_subclass_with_an_update_of_its_own_is_left_alone(defined):
+def test_subclass_with_an_update_of_its_own_is_left_alone(defined, caplog):
     gefen.patch_adamw()
     _, _, own = subclasses(EARLY_ADAMW if defined == "before the patch" else torch.optim.AdamW)
     params = list(mlp().parameters())
@@ -230,16 +230,84 @@ def test_subclass_with_an_update_of_its_own_is_left_alone(defined):
         grads.append([torch.randn_like(p) for p in params])
         for p, g in zip(params, grads[-1]):
             p.grad = g.clone()
-        opt.step()
+        with caplog.at_level("WARNING", logger="gefen_compile"):
+            opt.step()
     assert type(opt) is own and not isinstance(opt, gefen.Gefen) and not opt.state
+    # Decided at its first step (it changed the parameters, though it keeps no state): once.
+    assert len(caplog.records) == 1 and "has an update of its own" in caplog.text
     for p, p0, *gs in zip(params, start, *grads):
         torch.testing.assert_close(p.detach(), p0 - 1e-2 * sum(gs))  # its update alone
 
 
-def test_patched_adamw_refuses_what_gefen_cannot_do_and_says_how_to_get_adamw():
+@pytest.mark.parametrize("option", ["amsgrad", "complex parameter"])
+def test_patched_adamw_with_an_option_gefen_refuses_is_a_real_adamw_with_a_warning(option, caplog):
     gefen.patch_adamw()
-    with pytest.raises(NotImplementedError, match="amsgrad.*unpatch_adamw"):
-        torch.optim.AdamW(mlp().parameters(), amsgrad=True)
+    if option == "amsgrad":
+        params, kwargs, state_key = list(mlp().parameters()), {"amsgrad": True}, "max_exp_avg_sq"
+    else:
+        params = [torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))]
+        kwargs, state_key = {}, "exp_avg"
+    with caplog.at_level("WARNING", logger="gefen_compile"):
+        opt = torch.optim.AdamW(params, **kwargs)
+    assert type(opt) is EARLY_ADAMW
+    assert len(caplog.records) == 1
+    assert ("amsgrad" if option == "amsgrad" else "parameter 0 of param group 0") in caplog.text
+    params[0].grad = torch.ones_like(params[0])
+    with caplog.at_level("WARNING", logger="gefen_compile"):
+        opt.step()  # AdamW's own step, not watched again
+    assert type(opt) is EARLY_ADAMW and state_key in opt.state[params[0]]
+    assert len(caplog.records) == 1
+
+
+def test_a_subclass_calling_adamws_init_explicitly_is_decided_by_its_step(caplog):
+    """``torch.optim.AdamW.__init__(self, ...)`` in a subclass's constructor: the class is
+    kept, and the step rules decide (its own update is left alone, its state saves)."""
+    gefen.patch_adamw()
+
+    def explicitly_initialised(base):
+        return type(base.__name__, (base,), {"__init__": lambda self, params, lr=1e-2:
+                                             torch.optim.AdamW.__init__(self, params, lr=lr)})
+
+    plain, halves, own = (explicitly_initialised(c) for c in subclasses(torch.optim.AdamW))
+    for cls, scale in ((plain, 1.0), (halves, 0.5)):
+        params = list(mlp().parameters())
+        opt = cls(params)
+        assert type(opt) is cls
+        twin_params, twin = twin_of(params)
+        step_both(opt, params, twin, twin_params, grad_scale=scale)
+        assert isinstance(opt, cls) and isinstance(opt, gefen.Gefen), cls
+        assert all(torch.equal(p, q) for p, q in zip(params, twin_params)), cls
+    params = list(mlp().parameters())
+    opt = own(params)
+    with caplog.at_level("WARNING", logger="gefen_compile"):
+        step_both(opt, params, *reversed(twin_of(params)), steps=2)
+    assert type(opt) is own and not isinstance(opt, gefen.Gefen)
+    assert "has an update of its own" in caplog.text
+    opt.state_dict()
+
+
+def test_a_subclass_reaching_adamws_step_only_every_other_call_is_converted_when_it_does():
+    gefen.patch_adamw()
+
+    class EveryOther(torch.optim.AdamW):  # optimizer-side accumulation, say
+        calls = 0
+
+        def step(self, closure=None):
+            self.calls += 1
+            return super().step(closure) if self.calls % 2 == 0 else None
+
+    params = list(mlp().parameters())
+    opt = EveryOther(params, lr=1e-2)
+    twin_params, twin = twin_of(params)
+    for k in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twin_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        if k % 2:
+            twin.step()
+    assert isinstance(opt, EveryOther) and isinstance(opt, gefen.Gefen)
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
 
 
 def step_allocations(make_optimizer, steps=3):

@@ -11,6 +11,8 @@ import io
 import pytest
 import torch
 
+import gefen_compile
+from gefen_compile import checkpoint
 from gefen_compile import Gefen
 
 
@@ -223,6 +225,9 @@ ASSIGNMENTS = {
     "codes dtype": (lambda s: s.__setitem__("codes", s["codes"].long()), "torch.int64"),
     "deleted": (lambda s: s.pop("codes"), "has no 'codes'"),
     "period": (lambda s: s.update(period=3), "period 3"),
+    # ZeroRedundancyOptimizer.load_state_dict puts saved entries into the state as they are
+    "saved entry": (lambda s: s.update(step=checkpoint.MARKER, gefen_step=s["step"]),
+                    "saved checkpoint entry (its step is Gefen's marker)"),
 }
 
 
@@ -249,6 +254,20 @@ def test_the_steady_state_step_keeps_its_buckets_and_other_keys_do_not_rebuild()
     opt.state[model[0].weight]["vmean"] = opt.state[model[0].weight]["vmean"].clone()
     train(model, opt, 1)
     assert opt._buckets is not buckets
+
+
+def test_reading_adamws_moments_says_where_they_went():
+    """Logging code written for AdamW (``opt.state[p]["exp_avg"].norm()``) under the runner."""
+    model, opt = stepped()
+    entry = opt.state[model[0].weight]
+    with pytest.raises(KeyError, match="keeps no exp_avg.*adamw_state_dict"):
+        entry["exp_avg"]
+    assert "exp_avg" not in entry and entry.get("exp_avg") is None
+    with pytest.raises(KeyError) as unknown:
+        entry["no such key"]
+    assert unknown.value.args == ("no such key",)
+    exp_avg = gefen_compile.adamw_state_dict(opt)["state"][0]["exp_avg"]
+    assert exp_avg.shape == model[0].weight.shape and exp_avg.abs().sum() > 0
 
 
 def test_saved_and_copied_state_holds_plain_dicts():
