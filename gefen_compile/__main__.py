@@ -23,15 +23,18 @@ from importlib.machinery import SourceFileLoader
 from .runner import run_patched
 from .variant import VARIANT_NAMES
 
-_USAGE = ("python -m gefen_compile [--quiet] [--variant {robust,published}] "
+_USAGE = ("python -m gefen_compile [--quiet] [--variant {robust,published}] [--] "
           "[-m module | script.py] [ARGS...]")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the runner and of the ``gefen-run`` console script."""
     argv = sys.argv[1:] if argv is None else argv
+    # Errors name the runner as it was started: `gefen-run` (the console script) or the module.
+    started_as = os.path.basename(sys.argv[0])
     parser = argparse.ArgumentParser(
-        prog="gefen-run", usage=_USAGE,
+        prog="gefen-run" if started_as.startswith("gefen-run") else "python -m gefen_compile",
+        usage=_USAGE,
         description="Run a PyTorch script with torch.optim.AdamW replaced by Gefen and "
                     "torch.optim.Muon by GefenMuon (gefen_compile.patch_adamw(), patch_muon()).",
     )
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     # The runner's options come first; everything from the script (or -m's module) on is the
     # script's, even what looks like an option (argparse's REMAINDER would take it as ours).
     ours = _runner_options(argv)
-    args = parser.parse_args(argv[:ours])
+    args = parser.parse_args([a for a in argv[:ours] if a != "--"])
     target = argv[ours:]
     if args.module is None and not target:
         parser.error("give the script to run: " + _USAGE)
@@ -92,10 +95,12 @@ def _run_source(script: str) -> None:
 def _runner_options(argv: list[str]) -> int:
     """How many leading items of ``argv`` are the runner's own options."""
     i = 0
-    while i < len(argv) and (argv[i] in ("--quiet", "-h", "--help", "-m", "--variant")
+    while i < len(argv) and (argv[i] in ("--quiet", "-h", "--help", "-m", "--variant", "--")
                              or argv[i].startswith("--variant=")):
         if argv[i] == "-m":
             return min(i + 2, len(argv))
+        if argv[i] == "--":  # the end of the runner's options, as for argparse
+            return i + 1
         i += 2 if argv[i] == "--variant" else 1
     return min(i, len(argv))
 

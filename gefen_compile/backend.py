@@ -19,8 +19,9 @@ Graphs compile through inductor, as with ``backend="inductor"``: ``mode``, ``opt
 The backend never breaks a compile that inductor accepts: a graph that writes no parameter in
 place (every model's forward and backward) goes to inductor untouched, and an unexpected
 failure inside the passes logs a warning and compiles the graph as dynamo traced it. A step
-graph the passes refuse, of an AdamW the step hook will convert at its next step, runs
-eagerly instead (dynamo's SkipFrame), once: compiled, it would keep AdamW's state alive. A
+graph the passes refuse, of an AdamW the step hook will convert at its next step (or of a
+Muon: the passes match AdamW's update only), runs eagerly instead (dynamo's SkipFrame), once:
+compiled, it would keep the original's state alive. A
 non-finite first gradient fails the compile with Gefen's error, as Gefen's eager step fails.
 
 Registered for ``torch.compile`` through the ``torch_dynamo_backends`` entry point, so it
@@ -30,6 +31,7 @@ works without importing gefen_compile.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import weakref
 
@@ -97,7 +99,9 @@ def _rewritten(gm: torch.fx.GraphModule, example_inputs: list):
         # traces its next step anew (through the converted optimizer's own update).
         gm, report = rewrite_adamw_steps(gm, example_inputs, release_state=False,
                                          runs_once=True)
-        owners = owners_of(gm, report.matched, example_inputs) if report.refused else []
+        owners = [] if report.state is not None else (
+            (owners_of(gm, report.matched, example_inputs) if report.refused else [])
+            + _muons_stepped_by(gm, example_inputs))
         if owners and all(is_convertible(o) for o in owners):
             # Compiled as traced, the graph would hold AdamW's state tensors for good (dynamo
             # keeps a traced optimizer step's graph until the optimizer dies), also after the
@@ -119,6 +123,15 @@ def _rewritten(gm: torch.fx.GraphModule, example_inputs: list):
         gm.graph = graph
         gm.recompile()
         return gm, None
+
+
+def _muons_stepped_by(gm: torch.fx.GraphModule, example_inputs: list) -> list[Optimizer]:
+    """The live, exact ``torch.optim.Muon``s whose momentum buffers ``gm`` reads: the passes
+    match AdamW's update only, and a Muon's captured step, compiled as traced, would keep its
+    buffers alive after the step hook converted it."""
+    ids = {id(t) for t in leaf_values(gm, example_inputs).values()}
+    return [o for o in gc.get_objects() if type(o) is Muon and any(
+        id(entry.get("momentum_buffer")) in ids for entry in o.state.values())]
 
 
 def _drop_attributes(gm: torch.fx.GraphModule, ids: set[int]) -> None:

@@ -26,9 +26,15 @@ def located(optimizer: torch.optim.Optimizer, p: Tensor) -> str:
     for gi, group in enumerate(optimizer.param_groups):
         for pi, q in enumerate(group["params"]):
             if q is p:
-                name = f" ({group['param_names'][pi]})" if "param_names" in group else ""
-                return f"parameter {pi} of param group {gi}{name}"
+                return place(optimizer.param_groups, gi, pi)
     raise KeyError("parameter not in this optimizer")
+
+
+def place(groups: list[dict[str, Any]], gi: int, pi: int) -> str:
+    """'parameter pi of param group gi', with its name where the group has names."""
+    group = groups[gi]
+    name = f" ({group['param_names'][pi]})" if "param_names" in group else ""
+    return f"parameter {pi} of param group {gi}{name}"
 
 
 class NonFiniteFirstGradient(ValueError):
@@ -80,9 +86,10 @@ class LearnedState:
             )
         params = [params] if isinstance(params, Tensor) else list(params)
         for i, p in enumerate(params):
+            name = f" ({p[0]})" if isinstance(p, tuple) else ""
             p = p[1] if isinstance(p, tuple) else p  # named parameters come as (name, tensor)
             if isinstance(p, Tensor):
-                check(p, f"parameter {i} of param group {index}")
+                check(p, f"parameter {i} of param group {index}{name}")
         return params
 
     def _set_codebook(self, codebook: Tensor | None, histogram: Tensor | None = None) -> None:
@@ -207,7 +214,10 @@ class LearnedState:
             )
         codebook = state_dict["codebook"]  # None: saved before any gradient had elements
         variant = saved_variant(state_dict)
-        problem = None if codebook is None else codebook_problem(codebook)
+        if codebook is None and any("codes" in e for e in state_dict["state"].values()):
+            problem = "is None while entries hold codes, which index into it"
+        else:
+            problem = None if codebook is None else codebook_problem(codebook)
         if problem:
             raise ValueError(f"{self._name}.load_state_dict: the saved codebook {problem}; load "
                              f"the state_dict that {self._name}.state_dict() returned, unchanged")

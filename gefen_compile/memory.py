@@ -144,15 +144,21 @@ def _gefen_inside(optimizer: object) -> torch.optim.Optimizer:
     report of another optimizer's state would count none of it, and read as Gefen's."""
     from .learned_state import LearnedState
 
-    held = optimizer
+    held = inner = optimizer
     for _ in range(8):  # wrappers of wrappers, never a cycle
         if isinstance(held, LearnedState):
             return held
+        inner = held
         held = getattr(held, "optimizer", None) or getattr(held, "_optimizer", None)
-    raise TypeError(
-        f"memory_report: {type(optimizer).__name__} is not a Gefen or GefenMuon optimizer, nor "
-        "a wrapper of one (accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer), "
-        "so it holds no Gefen state to report. If it should have been converted: build it "
-        "while gefen_compile.patch_adamw() is in effect (or under python -m gefen_compile), or "
-        "convert it with gefen_compile.convert(optimizer)"
-    )
+        if held is None:
+            break
+    what = (f"{type(optimizer).__name__} is not a Gefen or GefenMuon optimizer" if inner is optimizer
+            else f"{type(optimizer).__name__} wraps {type(inner).__name__}, not a Gefen or "
+                 "GefenMuon optimizer")
+    why = ("the patch left it as it is, saying why in a WARNING on the gefen_compile logger (an "
+           "option Gefen does not support, or a step() with an update of its own)"
+           if getattr(inner, "_gefen_left_alone", False) else
+           "if it should have been converted: build it while gefen_compile.patch_adamw() is in "
+           "effect (or under python -m gefen_compile), or convert it with "
+           "gefen_compile.convert(optimizer)")
+    raise TypeError(f"memory_report: {what}, so there is no Gefen state to report; {why}")

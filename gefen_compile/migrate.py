@@ -27,6 +27,29 @@ def has_adamw_state(entry: dict[str, Any]) -> bool:
     return all(k in entry for k in _ADAMW_KEYS)
 
 
+def check_saved_moments(optimizer, state_dict: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse, before anything is loaded, a checkpoint of the optimizer that ``optimizer``
+    replaces whose moments (``keys``) are not tensors of their parameters' shapes: migrated,
+    they would make state of another size, which every later step would refuse."""
+    params = {}
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        params.update(zip(saved["params"], group["params"]))
+    for index, entry in state_dict["state"].items():
+        p = params.get(index)
+        for key in keys:
+            moment = entry.get(key)
+            if p is None or moment is None or (
+                    isinstance(moment, torch.Tensor) and moment.shape == p.shape):
+                continue
+            found = (f"has shape {tuple(moment.shape)}" if isinstance(moment, torch.Tensor)
+                     else f"is a {type(moment).__name__}, not a tensor")
+            raise ValueError(
+                f"{optimizer._name}.load_state_dict: the saved {key} of {optimizer._locate(p)} "
+                f"{found}, the parameter shape {tuple(p.shape)}: the checkpoint is of another "
+                "model, or of these parameters in another order"
+            )
+
+
 def migrate_adamw_state(optimizer) -> None:
     """Replace AdamW state entries (``exp_avg``, ``exp_avg_sq``, ``step``) of a Gefen optimizer
     by Gefen state; an entry that never stepped (robust variant: or saw only zero gradients)

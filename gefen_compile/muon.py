@@ -40,8 +40,8 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import distributed, ops
 from .eager import eager
 from .kernels import readable
-from .learned_state import LearnedState
-from .migrate import migrate_muon_state
+from .learned_state import LearnedState, place
+from .migrate import check_saved_moments, migrate_muon_state
 from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
 from .state import Bucket, build_bucket, compute_dtype
 from .state_checks import (MOMENTUM_KEYS, check_gradient_layout, check_materialised,
@@ -201,7 +201,7 @@ class GefenMuon(LearnedState, Optimizer):
         """``p``'s gradient (its local shard for a DTensor), refused with Muon's error where
         Muon refuses it, and where GefenMuon cannot keep state for it."""
         g = p.grad
-        where = f"parameter {pi} of param group {gi}"
+        where = place(self.param_groups, gi, pi)
         check_materialised(p, where)
         check_plain(p, where, "GefenMuon")
         check_plain(g, f"the gradient of {where}", "GefenMuon")
@@ -271,6 +271,7 @@ class GefenMuon(LearnedState, Optimizer):
                 "Muon's (a momentum_buffer per parameter), so it was not saved by "
                 "GefenMuon.state_dict(); load it into the optimizer that saved it"
             )
+        check_saved_moments(self, state_dict, ("momentum_buffer",))
         Optimizer.load_state_dict(self, state_dict)
         self._set_codebook(None)
         migrate_muon_state(self)

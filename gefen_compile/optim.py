@@ -13,11 +13,11 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from . import checkpoint, distributed, ops
 from .device_tables import device_table
 from .eager import eager
-from .learned_state import LearnedState
+from .learned_state import LearnedState, place
 from .hyperparameters import check_hyperparameters, scalar_betas
 from .kernels import StepInputs, cpu_step, is_readable, readable
 from .kernels.torch_step import gefen_update
-from .migrate import has_adamw_state, migrate_adamw_state
+from .migrate import check_saved_moments, has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
 from .state_checks import check_gradient_layout, check_materialised, check_plain, entry_problem
 from .state_table import Changes, tracked
@@ -102,7 +102,7 @@ class Gefen(LearnedState, Optimizer):
                 or not torch.compiler.is_compiling() and self.state is not self._table):
             self._buckets = self._build_buckets({})
         fresh = [
-            (group, p, _checked_grad(p, gi, pi))
+            (group, p, _checked_grad(p, place(self.param_groups, gi, pi)))
             for gi, pi, group, p in self._stateless
             if p.grad is not None and not self.state.get(p)
         ]
@@ -155,7 +155,8 @@ class Gefen(LearnedState, Optimizer):
         reads per tensor, no sync. A mismatch is an error naming the parameter, raised before
         any kernel reads memory laid out for the old size or dtype."""
         if bucket.sharded:
-            grads = [None if g is None else _checked_grad(p, *self._index[p])
+            groups = self.param_groups
+            grads = [None if g is None else _checked_grad(p, place(groups, *self._index[p]))
                      for p, g in zip(bucket.owners, grads)]
         dtype, strided = bucket.dtype, torch.strided
         if [1 for p, g, n in zip(bucket.params, grads, bucket.numels)
@@ -164,7 +165,8 @@ class Gefen(LearnedState, Optimizer):
                                       or n and not (g.data_ptr() and p.data_ptr()))]:
             for p, owner, g, n in zip(bucket.params, bucket.owners, grads, bucket.numels):
                 if g is not None:
-                    _checked_grad(owner, *self._index[owner])  # sparse, complex, shape
+                    # sparse, complex, shape
+                    _checked_grad(owner, place(self.param_groups, *self._index[owner]))
                     for tensor, what in ((p, "parameter"), (g, "gradient")):
                         if n and not tensor.data_ptr():
                             raise ValueError(
@@ -329,6 +331,7 @@ class Gefen(LearnedState, Optimizer):
                 "the codebook for plain parameters: checkpoint optimizer.state_dict() "
                 "itself); load it into the optimizer that saved it"
             )
+        check_saved_moments(self, state_dict, ("exp_avg", "exp_avg_sq"))
         Optimizer.load_state_dict(self, state_dict)
         self._set_codebook(None)  # learned from the checkpoint's first moments
         migrate_adamw_state(self)
@@ -357,9 +360,8 @@ def _unscaled_for_grad_scaler(optimizer: Optimizer) -> Tensor | None:
     return found_inf
 
 
-def _checked_grad(p: Tensor, group_index: int, index: int) -> Tensor:
+def _checked_grad(p: Tensor, where: str) -> Tensor:
     g = p.grad
-    where = f"parameter {index} of param group {group_index}"
     check_materialised(p, where)
     check_plain(p, where)
     check_plain(g, f"the gradient of {where}")
@@ -389,8 +391,11 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
     rows, tensors = [], {}
     for i, group in enumerate(groups):
         row = []
-        values = (group["lr"], *group["betas"], group["eps"], group["weight_decay"],
-                  group["maximize"])
+        betas = group["betas"]
+        if len(betas) != 2:  # a row of another length would shift the kernels' columns
+            raise ValueError(f"Gefen: param group {i} has betas {betas!r}; betas must be a pair "
+                             "(beta1, beta2), as for AdamW")
+        values = (group["lr"], *betas, group["eps"], group["weight_decay"], group["maximize"])
         for column, value in enumerate(values):
             if isinstance(value, Tensor):  # one element; a shape (1,) lr is AdamW's too
                 tensors[i, column] = value.reshape(()) if value.dim() else value

@@ -3,7 +3,8 @@ the user's code (or a library's: Hugging Face's Trainer builds ``torch.optim.Ada
 ``patch_muon`` does the same for ``torch.optim.Muon`` and GefenMuon; everything below holds for
 it with Muon in place of AdamW.
 
-The patched name is a class, :class:`PatchedAdamW`, with AdamW's signature: ``torch.optim.AdamW``
+The patched name is a class, :class:`PatchedAdamW`, with AdamW's name (a pickle of it names
+``torch.optim.adamw.AdamW``) and signature: ``torch.optim.AdamW``
 still constructs, subclasses and passes ``isinstance`` checks as before (every real AdamW, made
 before the patch or not, is still an instance of it). What it builds is a
 :class:`~gefen_compile.convert.GefenAdamW`: AdamW's constructor checks the arguments as AdamW
@@ -107,10 +108,14 @@ def _patched_class(original: type, converted: type, target: str) -> type:
         self.__class__ = converted
         convert(self)
 
-    patched = _OriginalName(f"Patched{original.__name__}", (converted,), {
+    # Named as the original, so a pickle of the class (Hugging Face saves the optimizer's
+    # class in training_args.bin) refers to the original's name: it loads as the original
+    # without gefen_compile, and as this class while patched.
+    patched = _OriginalName(original.__name__, (converted,), {
         "__doc__": f"What ``torch.optim.{original.__name__}`` is while patched: its "
                    f"constructor, then {target}.",
-        "__module__": __name__,
+        "__module__": original.__module__,
+        "__qualname__": original.__qualname__,
         "__init__": __init__,
         "_original": original,
         # inspect.signature stays the original's (nanoGPT looks for "fused" in AdamW's).

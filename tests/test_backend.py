@@ -442,6 +442,28 @@ def test_a_refused_step_graph_runs_eagerly_and_its_optimizer_converts_next_step(
     assert not alive
 
 
+def test_a_compiled_muon_step_is_gefen_muons_from_its_second_keeping_no_buffer():
+    """The passes match AdamW's update only: a Muon's captured first step runs eagerly, as
+    Muon's, and the step hook converts the Muon at the next step; compiled as traced, the graph
+    kept the momentum buffers alive for the optimizer's lifetime."""
+    import gc
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(97, 89, bias=False)  # a shape nothing else in the test has
+    opt = torch.optim.Muon(model.parameters(), lr=2e-2)
+    step = torch.compile(opt.step, backend="gefen")
+    for seed in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 97, generator=torch.Generator().manual_seed(seed))).square().mean().backward()
+        step()
+        assert isinstance(opt, gefen_compile.GefenMuon) == (seed > 0)
+    assert set(opt.state[model.weight]) >= {"codes", "magnitude"}
+    opt.zero_grad()
+    gc.collect()
+    alive = [t for t in gc.get_objects() if type(t) is torch.Tensor and t.shape == (89, 97)]
+    assert not alive
+
+
 def test_two_adamws_whose_steps_compile_apart_both_become_gefen():
     """A GAN's two optimizers (other lr values): dynamo makes the second one's lr a graph
     input (the step's code is shared), the passes refuse that graph, and the optimizer is

@@ -160,6 +160,20 @@ def test_adamw_checkpoint_loads_into_gefen_as_a_conversion():
     step_together(opt, params, gefen, gefen_params, range(3, 6))
 
 
+@pytest.mark.parametrize("moment", ["exp_avg", "exp_avg_sq"])
+def test_an_adamw_checkpoint_with_moments_of_another_shape_is_refused_at_load(moment):
+    """Migrated, they made codes of another size, which every later step refused."""
+    params, opt = stepped_adamw()
+    checkpoint = copy.deepcopy(opt.state_dict())
+    checkpoint["state"][1][moment] = torch.zeros(3)
+    gefen_params = [p.detach().clone().requires_grad_() for p in params]
+    gefen = Gefen([{"params": gefen_params[:1]}, {"params": gefen_params[1:]}])
+    with pytest.raises(ValueError, match=rf"saved {moment} of parameter 0 of param group 1 has "
+                                         r"shape \(3,\)"):
+        gefen.load_state_dict(checkpoint)
+    assert not gefen.state
+
+
 def test_converted_optimizer_pickles_with_its_update():
     params, opt = stepped_adamw()
     convert(opt)

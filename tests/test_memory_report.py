@@ -77,5 +77,8 @@ def test_another_optimizer_is_refused_and_a_wrapper_looked_through():
     gefen = Gefen(params)
     gefen.step()
     assert memory_report(Wrapper(gefen)) == memory_report(gefen)
-    with pytest.raises(TypeError, match="memory_report: Wrapper is not"):
+    with pytest.raises(TypeError, match="memory_report: Wrapper wraps AdamW, not a Gefen"):
+        memory_report(Wrapper(adamw))
+    adamw._gefen_left_alone = True  # what the patch marks on an AdamW it does not convert
+    with pytest.raises(TypeError, match="the patch left it as it is, saying why in a WARNING"):
         memory_report(Wrapper(adamw))

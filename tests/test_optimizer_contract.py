@@ -404,6 +404,20 @@ def test_betas_may_be_any_sequence_of_two_as_for_adamw(betas):
     assert_all_equal(c, b)
 
 
+@pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.5)], ids=["one", "three"])
+def test_betas_set_to_another_length_mid_training_are_refused_changing_nothing(betas):
+    """As AdamW's step fails unpacking them; a row of another length read by the kernels
+    shifted every column (and read past the table's end)."""
+    params = make_params()
+    opt = Gefen(params, lr=1e-2)
+    run(opt, params, 1)
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0]["betas"] = betas
+    with pytest.raises(ValueError, match=r"param group 0 has betas .*must be a pair"):
+        run(opt, params, 1)
+    assert_all_equal(params, before)
+
+
 SCHEDULERS = {
     "StepLR": lambda opt: StepLR(opt, step_size=2, gamma=0.1),
     "LambdaLR": lambda opt: LambdaLR(opt, lambda epoch: 1.0 / (epoch + 1)),
@@ -1055,6 +1069,23 @@ def test_non_finite_first_gradient_raises_and_can_be_skipped(bad, dtype, when):
     opt.step()
     assert all(opt.state[p] for p in params)
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_a_later_nan_gradient_element_nans_the_elements_sharing_its_second_moment():
+    """As the README says: AdamW loses the one element; Gefen, in a tensor of period P, the P
+    elements of its block (their shared vmean), and no other."""
+    gen = torch.Generator().manual_seed(1)
+    weight = nn.Parameter(torch.randn(16, 9, generator=gen))
+    opt = Gefen([weight], lr=1e-2)
+    for step in range(4):
+        weight.grad = torch.randn(16, 9, generator=gen)
+        if step == 2:
+            weight.grad[3, 5] = float("nan")
+        opt.step()
+    assert opt.state[weight]["period"] == 9
+    lost = torch.zeros(16, 9, dtype=torch.bool)
+    lost[3] = True
+    assert torch.equal(weight.isnan(), lost)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import inspect
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,16 @@ def test_patched_name_keeps_adamws_signature():
     gefen.patch_adamw()
     assert inspect.signature(torch.optim.AdamW) == expected
     assert "fused" in inspect.signature(torch.optim.AdamW).parameters
+
+
+def test_the_patched_class_pickles_by_adamws_name():
+    """Hugging Face saves the optimizer's class in training_args.bin: loaded where nothing is
+    patched (gefen_compile perhaps not installed), it is the real AdamW."""
+    gefen.patch_adamw()
+    saved = pickle.dumps(torch.optim.AdamW)
+    assert pickle.loads(saved) is torch.optim.AdamW
+    gefen.unpatch_adamw()
+    assert pickle.loads(saved) is torch.optim.AdamW is EARLY_ADAMW
 
 
 EARLY_ADAMW = torch.optim.AdamW  # a reference taken at import time, before any patch
@@ -353,13 +364,19 @@ def test_runner_passes_arguments_and_exit_code_through(tmp_path):
     result = run([sys.executable, "-m", "gefen_compile", str(script), "3", "--flag", "x"])
     assert result.returncode == 3, result.stderr
     assert result.stdout.strip() == "GefenAdamW ['3', '--flag', 'x']"
+    # `--` ends the runner's options: what follows the script is the script's, as always.
+    result = run([sys.executable, "-m", "gefen_compile", "--quiet", "--", str(script), "4",
+                  "--quiet"])
+    assert result.returncode == 4, result.stderr
+    assert result.stdout.strip() == "GefenAdamW ['4', '--quiet']" and not result.stderr
     if shutil.which("gefen-run"):
         assert run(["gefen-run", str(script), "0"]).stdout.startswith("GefenAdamW")
 
 
 def test_runner_reports_a_missing_script():
     result = run([sys.executable, "-m", "gefen_compile", "no_such_script.py"])
-    assert result.returncode == 2 and "no such script" in result.stderr
+    assert result.returncode == 2
+    assert "python -m gefen_compile: error: no such script" in result.stderr
 
 
 @pytest.mark.parametrize("how", ["runner", "backend"])

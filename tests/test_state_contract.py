@@ -72,6 +72,8 @@ BAD_CODEBOOKS = {
     "nan": (lambda sd: bad_codebook(sd, torch.full((256,), float("nan"))), "finite"),
     "not a tensor": (lambda sd: bad_codebook(sd, [0.0] * 256), "not a tensor"),
     "entries too close": (lambda sd: crowd(sd["codebook"], 101), "closer than 2**-22"),
+    # Steps then returned early, changing nothing, with nothing said.
+    "none beside codes": (lambda sd: bad_codebook(sd, None), "is None while entries hold codes"),
 }
 
 
@@ -288,7 +290,7 @@ def test_meta_parameters_are_refused_with_the_fix_which_then_works():
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
     opt = Gefen(model.named_parameters(), lr=1e-2)
     model(torch.randn(5, 8, device="meta")).sum().backward()
-    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 is on the meta device"
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 \(0.weight\) is on the meta device"
                                          r".*model.to_empty\(device=...\)"):
         opt.step()
     model.to_empty(device="cpu")
