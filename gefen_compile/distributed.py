@@ -48,6 +48,7 @@ in AdamW, and Gefen learns nothing from it: no codebook, no period, no state (se
 from __future__ import annotations
 
 import io
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -161,6 +162,22 @@ def is_state_materialising_step(groups: Sequence[dict], grads: Sequence[Tensor])
     return all(float(group["lr"]) == 0.0 for group in groups) and not any(
         bool(g.any()) for g in grads
     )
+
+
+def warn_unloadable(params: Sequence[Tensor], owner: str) -> None:
+    """After :func:`is_state_materialising_step` skipped ``params``: where some are plain
+    tensors, not DTensors, say that a ``dcp.load`` through torch's helpers restores nothing
+    into them (their state's sizes come from the first real step, so the destination that the
+    helpers build holds no entry for them), where AdamW's would be restored."""
+    plain = sum(not is_sharded(p) for p in params)
+    if plain:
+        logging.getLogger("gefen_compile").warning(
+            "%s: torch.distributed.checkpoint.state_dict's helpers ran their zero-gradient, "
+            "lr = 0 step to allocate state for %d parameters that are not DTensors; %s's state "
+            "sizes come from its first real step, so it allocates none, and a dcp.load into "
+            "this optimizer's state_dict restores no optimizer state for them (their moments "
+            "start anew): checkpoint it with torch.save(optimizer.state_dict()) and "
+            "optimizer.load_state_dict(torch.load(...)) instead", owner, plain, owner)
 
 
 def sharded_state_dict(params: Sequence[Tensor], state_dict: dict[str, Any], owner: str,

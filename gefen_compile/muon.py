@@ -116,8 +116,10 @@ class GefenMuon(LearnedState, Optimizer):
             if p.grad is not None
         ]
         fresh = [(group, p, g) for group, p, g in stepping if not self.state.get(p)]
-        if fresh and not distributed.is_state_materialising_step(
+        if fresh and distributed.is_state_materialising_step(
                 self.param_groups, [g for _, _, g in fresh]):
+            distributed.warn_unloadable([p for _, p, _ in fresh], self._name)
+        elif fresh:
             self._initialise(fresh)
         if self._buckets is None and self.codebook is not None:
             self._buckets = self._build_buckets()

@@ -115,6 +115,7 @@ class Gefen(LearnedState, Optimizer):
         if fresh and distributed.is_state_materialising_step(
             self.param_groups, [g for _, _, g in fresh]
         ):
+            distributed.warn_unloadable([p for _, p, _ in fresh], self._name)
             fresh = []  # nothing to learn from: these parameters stay without state
         if fresh:
             self._initialise(fresh)

@@ -184,15 +184,18 @@ def test_fsdp_loss_tracks_single_process(ranks):
         assert abs(loss - expected) <= 0.01 * expected, step
 
 
-def test_torch_state_dict_helper_step_learns_nothing():
+def test_torch_state_dict_helper_step_learns_nothing(caplog):
     # get_optimizer_state_dict steps an optimizer without state with zero gradients and lr 0.
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     model = nn.Linear(16, 8)
     before = [p.detach().clone() for p in model.parameters()]
     opt = Gefen(model.parameters(), lr=1e-2)
-    state_dict = get_optimizer_state_dict(model, opt)
+    with caplog.at_level("WARNING", logger="gefen_compile"):
+        state_dict = get_optimizer_state_dict(model, opt)
     assert opt.codebook is None and not opt.state and state_dict["state"] == {}
+    # A dcp.load into that state_dict would restore nothing, where AdamW's would: said so.
+    assert "for 2 parameters that are not DTensors" in caplog.text and "torch.save" in caplog.text
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert opt.param_groups[0]["lr"] == 1e-2
     # The first real step still learns from its own gradients.
@@ -282,7 +285,8 @@ def test_sharded_state_loads_only_onto_the_same_sharding(one_rank_group):
 
 
 @pytest.mark.parametrize("via", ["optimizer.state_dict", "get_optimizer_state_dict"])
-def test_a_provisional_codebook_of_sharded_parameters_resumes_bit_identically(one_rank_group, via):
+def test_a_provisional_codebook_of_sharded_parameters_resumes_bit_identically(one_rank_group, via,
+                                                                              caplog):
     """Only the bias has a first gradient (a thin, provisional codebook), then both have: the
     histogram travels in the per-rank records, which torch's state_dict helpers keep where
     they drop the top level, so a resumed run relearns the codebook as an uninterrupted one."""
@@ -310,7 +314,9 @@ def test_a_provisional_codebook_of_sharded_parameters_resumes_bit_identically(on
     resumed_model.load_state_dict(model.state_dict())
     resumed = Gefen(resumed_model.parameters())
     if via == "get_optimizer_state_dict":
-        set_optimizer_state_dict(resumed_model, resumed, state_dict)
+        with caplog.at_level("WARNING", logger="gefen_compile"):
+            set_optimizer_state_dict(resumed_model, resumed, state_dict)
+        assert "not DTensors" not in caplog.text  # sharded state loads through the helpers
     else:
         resumed.load_state_dict(state_dict)
     for k in (1, 2):
