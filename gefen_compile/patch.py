@@ -55,6 +55,7 @@ from torch.optim.optimizer import (
 from . import convert_at_load
 from .convert import (ConvertedMuon, GefenAdamW, GefenStep, check_convertible, convert,
                       gefen_step_above, own_class, overrides_step, set_default_variant)
+from .distributed import local
 from .eager import eager
 from .learned_state import LearnedState
 
@@ -62,8 +63,8 @@ log = logging.getLogger("gefen_compile")
 
 _hooks: list = []  # the global step hooks, while anything is patched
 _probes: dict[type, type] = {}
-# Of each optimizer in a probed step: its parameters' version counters as the step began.
-_probe_versions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Of each optimizer in a probed step: its parameters as the step began (_fingerprint).
+_probe_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _OriginalName(type):
@@ -238,11 +239,16 @@ def _watch_step(optimizer) -> None:
             return
         optimizer.__class__ = _probe(type(optimizer))
     # What an update of its own would change: the parameters (in place) or the state.
-    _probe_versions[optimizer] = _versions(optimizer)
+    _probe_fingerprints[optimizer] = _fingerprint(optimizer)
 
 
-def _versions(optimizer) -> list[int]:
-    return [p._version for group in optimizer.param_groups for p in group["params"]]
+def _fingerprint(optimizer) -> tuple[list[int], torch.Tensor]:
+    """The parameters' version counters, which in-place updates bump, and the bits of their
+    sums, which also see updates made through ``p.data`` (old-style code), which bump none.
+    Computed only around probed steps (a subclass's first steps): a host read per parameter."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sums = [local(p).detach().sum(dtype=torch.float64).cpu() for p in params]
+    return [p._version for p in params], torch.stack(sums).view(torch.int64) if sums else None
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -255,7 +261,8 @@ def _end_probe(optimizer) -> None:
     """After a probed step that did not reach AdamW's: one that changed the parameters or left
     state is the subclass's own update, left alone; one that did neither (a step calling
     super().step() every few calls, say) showed nothing, and the next step is probed too."""
-    if not optimizer.state and _versions(optimizer) == _probe_versions[optimizer]:
+    (versions, sums), now = _probe_fingerprints[optimizer], _fingerprint(optimizer)
+    if not optimizer.state and versions == now[0] and (sums is None or torch.equal(sums, now[1])):
         return
     optimizer.__class__ = own_class(optimizer)
     _leave_alone(optimizer, "its step() has an update of its own (it does not call "

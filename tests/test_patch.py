@@ -297,6 +297,26 @@ def test_a_subclass_calling_adamws_init_explicitly_is_decided_by_its_step(caplog
     opt.state_dict()
 
 
+def test_a_stateless_update_of_its_own_through_p_data_is_left_alone_at_its_first_step(caplog):
+    """Old-style code updates p.data, which bumps no version counter: the parameters' sums
+    show the change."""
+    gefen.patch_adamw()
+
+    class OldStyle(torch.optim.AdamW):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(p.grad.data, alpha=-group["lr"])
+
+    params = list(mlp().parameters())
+    opt = OldStyle(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with caplog.at_level("WARNING", logger="gefen_compile"):
+        opt.step()
+    assert type(opt) is OldStyle and "has an update of its own" in caplog.text
+
+
 def test_a_subclass_reaching_adamws_step_only_every_other_call_is_converted_when_it_does():
     gefen.patch_adamw()
 
