@@ -31,7 +31,6 @@ works without importing gefen_compile.
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import weakref
 
@@ -48,9 +47,15 @@ from .passes.rewrite_state import leaf_values, owners_of
 
 log = logging.getLogger("gefen_compile")
 
-# Parameters of compiled graphs, by id (tensors compare elementwise, so no WeakSet).
+# Parameters of compiled graphs, by id (tensors compare elementwise, so no WeakSet); and the
+# plain leaf tensors needing a gradient that graphs take as inputs, which are not converted
+# (an image optimised through the model), only logged (functional_call's parameters).
 _PARAMETERS: dict[int, weakref.ref] = {}
-_generation = 0  # bumped whenever a parameter is remembered
+_INPUTS: dict[int, weakref.ref] = {}
+_generation = 0  # bumped whenever a tensor is remembered
+# Muons seen stepping (the step hook sees every optimizer): the candidates for a captured
+# Muon step, without scanning the heap.
+_MUONS: weakref.WeakSet[Optimizer] = weakref.WeakSet()
 _checked: weakref.WeakKeyDictionary[Optimizer, int] = weakref.WeakKeyDictionary()
 
 
@@ -73,6 +78,8 @@ def gefen_backend(
     # that style transfer or an adversarial attack optimises through the model), and an
     # optimizer over it is left as the user built it.
     positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+    _remember((x for x in example_inputs if _is_parameter(x)
+               and not isinstance(x, torch.nn.Parameter)), _INPUTS)
     return _CompiledGraph(compiled, positions, state)
 
 
@@ -129,8 +136,10 @@ def _muons_stepped_by(gm: torch.fx.GraphModule, example_inputs: list) -> list[Op
     """The live, exact ``torch.optim.Muon``s whose momentum buffers ``gm`` reads: the passes
     match AdamW's update only, and a Muon's captured step, compiled as traced, would keep its
     buffers alive after the step hook converted it."""
+    if not _MUONS:
+        return []
     ids = {id(t) for t in leaf_values(gm, example_inputs).values()}
-    return [o for o in gc.get_objects() if type(o) is Muon and any(
+    return [o for o in list(_MUONS) if type(o) is Muon and any(
         id(entry.get("momentum_buffer")) in ids for entry in o.state.values())]
 
 
@@ -175,9 +184,9 @@ class _CompiledGraph:
                 self.state = None
 
 
-def remembered(param: torch.Tensor) -> bool:
-    """Whether ``param`` belongs to a graph compiled with this backend."""
-    ref = _PARAMETERS.get(id(param))
+def remembered(param: torch.Tensor, table: dict[int, weakref.ref] = _PARAMETERS) -> bool:
+    """Whether ``param`` belongs to a graph compiled with this backend (is in ``table``)."""
+    ref = table.get(id(param))
     return ref is not None and ref() is param
 
 
@@ -187,11 +196,11 @@ def _is_parameter(t) -> bool:
     )
 
 
-def _remember(tensors) -> None:
+def _remember(tensors, table: dict[int, weakref.ref] = _PARAMETERS) -> None:
     global _generation
     for t in tensors:
-        if not remembered(t):
-            _PARAMETERS[id(t)] = weakref.ref(t, lambda _, key=id(t): _PARAMETERS.pop(key, None))
+        if not remembered(t, table):
+            table[id(t)] = weakref.ref(t, lambda _, key=id(t): table.pop(key, None))
             _generation += 1
 
 
@@ -211,6 +220,8 @@ def _convert_before_step(optimizer: Optimizer, args, kwargs):
 def _convert_if_compiled(optimizer: Optimizer, args, kwargs):
     """Convert ``optimizer`` if its parameters belong to a compiled graph. Before its first
     step, its closure is also watched (see :func:`_converting_after`)."""
+    if type(optimizer) is Muon:
+        _MUONS.add(optimizer)
     if _checked.get(optimizer) != _generation:
         _convert_known(optimizer)
     closure = closure_of(args, kwargs)
@@ -242,6 +253,11 @@ def _convert_known(optimizer: Optimizer) -> None:
     _checked[optimizer] = _generation
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not any(remembered(p) for p in params):
+        if any(remembered(p, _INPUTS) for p in params):
+            log.info("left %s over tensors that a compiled graph takes as inputs, not "
+                     "nn.Parameters (an image optimised through the model, parameters passed "
+                     "to torch.func.functional_call), as it is: gefen_compile.convert(optimizer) "
+                     "makes it Gefen", type(optimizer).__name__)
         return
     if is_convertible(optimizer):
         convert(optimizer)

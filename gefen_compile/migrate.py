@@ -31,8 +31,11 @@ def check_saved_moments(optimizer, state_dict: dict[str, Any], keys: tuple[str, 
     """Refuse, before anything is loaded, a checkpoint of the optimizer that ``optimizer``
     replaces whose moments (``keys``) are not tensors of their parameters' shapes: migrated,
     they would make state of another size, which every later step would refuse."""
+    saved_groups = state_dict["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        return  # torch's load_state_dict refuses that, saying so
     params = {}
-    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
+    for saved, group in zip(saved_groups, optimizer.param_groups):
         params.update(zip(saved["params"], group["params"]))
     for index, entry in state_dict["state"].items():
         p = params.get(index)

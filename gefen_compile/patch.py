@@ -39,9 +39,11 @@ the runner converts what Gefen can replace and runs the rest as written.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import importlib
 import inspect
 import logging
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -83,6 +85,32 @@ class _OriginalName(type):
     def __subclasscheck__(cls, sub: type) -> bool:
         return issubclass(sub, cls._original)
 
+    def __repr__(cls) -> str:  # named as the original, it says what it is
+        return f"<class '{cls.__module__}.{cls.__qualname__}' (patched: builds {cls._builds})>"
+
+
+def _pickled_patched_class(cls: _OriginalName) -> str | tuple:
+    """A patched class pickles as the original's name: a plain global while the name holds
+    it; else (a reference kept after unpatching) a lookup of the name when loaded, which finds
+    what it means then: the original, where nothing is patched (no gefen_compile needed)."""
+    module, name = cls.__module__, cls.__qualname__
+    if getattr(sys.modules.get(module), name, None) is cls:
+        return name
+    return getattr, (_ModuleNamed(module), name)
+
+
+class _ModuleNamed:
+    """Pickles as ``importlib.import_module(name)`` (a module itself does not pickle)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple:
+        return importlib.import_module, (self.name,)
+
+
+copyreg.pickle(_OriginalName, _pickled_patched_class)
+
 
 def _patched_class(original: type, converted: type, target: str) -> type:
     """What ``torch.optim.<original>`` is while patched: the original's constructor, then the
@@ -119,6 +147,7 @@ def _patched_class(original: type, converted: type, target: str) -> type:
         "__qualname__": original.__qualname__,
         "__init__": __init__,
         "_original": original,
+        "_builds": target,
         # inspect.signature stays the original's (nanoGPT looks for "fused" in AdamW's).
         "__signature__": inspect.signature(original),
     })
@@ -150,6 +179,7 @@ def _unpatch(original: type, where: str) -> None:
     global _watched
     for module in _MODULES[original]:
         setattr(module, original.__name__, original)
+    _end_probes(original)
     _watched = tuple(w for w in _watched if w is not original)
     set_default_variant("robust", where, Muon if original is Muon else Adam)
     if not _watched:
@@ -242,13 +272,18 @@ def _watch_step(optimizer) -> None:
     _probe_fingerprints[optimizer] = _fingerprint(optimizer)
 
 
-def _fingerprint(optimizer) -> tuple[list[int], torch.Tensor]:
-    """The parameters' version counters, which in-place updates bump, and the bits of their
-    sums, which also see updates made through ``p.data`` (old-style code), which bump none.
-    Computed only around probed steps (a subclass's first steps): a host read per parameter."""
+def _fingerprint(optimizer) -> tuple[list, list, torch.Tensor | None]:
+    """What an update of its own would change, as a probed step begins and ends: the
+    parameters' version counters (in-place updates bump them), the state's entries, their
+    tensors and versions, and the bits of the parameters' sums (which also see updates made
+    through ``p.data``, as old-style code does, bumping no counter). Only around probed steps
+    (a subclass's first steps): a host read per parameter."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = [(id(p), *((key, id(v), getattr(v, "_version", None)) for key, v in entry.items()))
+             for p, entry in optimizer.state.items() if entry]
     sums = [local(p).detach().sum(dtype=torch.float64).cpu() for p in params]
-    return [p._version for p in params], torch.stack(sums).view(torch.int64) if sums else None
+    sums = torch.stack(sums).view(torch.int64) if sums else None
+    return [p._version for p in params], state, sums
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -258,11 +293,11 @@ def _after_step(optimizer, args, kwargs) -> None:
 
 @eager
 def _end_probe(optimizer) -> None:
-    """After a probed step that did not reach AdamW's: one that changed the parameters or left
+    """After a probed step that did not reach AdamW's: one that changed the parameters or the
     state is the subclass's own update, left alone; one that did neither (a step calling
     super().step() every few calls, say) showed nothing, and the next step is probed too."""
-    (versions, sums), now = _probe_fingerprints[optimizer], _fingerprint(optimizer)
-    if not optimizer.state and versions == now[0] and (sums is None or torch.equal(sums, now[1])):
+    (versions, state, sums), now = _probe_fingerprints[optimizer], _fingerprint(optimizer)
+    if (versions, state) == now[:2] and (sums is None or torch.equal(sums, now[2])):
         return
     optimizer.__class__ = own_class(optimizer)
     _leave_alone(optimizer, "its step() has an update of its own (it does not call "
@@ -274,8 +309,30 @@ def _probe(cls: type) -> type:
     ``step`` reaches AdamW's shows in its steps."""
     if cls not in _probes:
         _probes[cls] = type(cls.__name__, (cls, gefen_step_above(cls)),
-                            {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+                            {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                             "__reduce_ex__": _reduce_as_own_class})
     return _probes[cls]
+
+
+def _reduce_as_own_class(optimizer, protocol: int) -> tuple:
+    """A probed optimizer pickles (and deep-copies) as its own class, which pickle can look
+    up (the probe class has its name but is not it); the copy is probed anew at its next
+    step."""
+    return _new_unprobed, (own_class(optimizer),), optimizer.__getstate__()
+
+
+def _new_unprobed(cls: type):
+    return cls.__new__(cls)
+
+
+def _end_probes(original: type) -> None:
+    """Give the optimizers probed now whose class derives from ``original`` their own class
+    back: unpatched, nothing converts them."""
+    for optimizer in list(_probe_fingerprints):
+        if issubclass(own_class(optimizer), original):
+            if isinstance(optimizer, GefenStep) and not isinstance(optimizer, LearnedState):
+                optimizer.__class__ = own_class(optimizer)
+            del _probe_fingerprints[optimizer]
 
 
 def _leave_alone(optimizer, why: str, level: int) -> None:

@@ -234,6 +234,22 @@ def test_an_adam_over_a_compiled_models_input_is_left_alone():
     assert isinstance(adamw, Gefen)
 
 
+def test_an_adamw_over_functional_call_tensors_is_left_alone_and_says_how_to_convert(caplog):
+    """torch.func.functional_call with plain leaf tensors: inputs of the graph, not the
+    model's nn.Parameters, so left as built; the log says how to make it Gefen."""
+    model = mlp()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    adamw = torch.optim.AdamW(params.values())
+    compiled = torch.compile(lambda p, x: torch.func.functional_call(model, p, (x,)),
+                             backend="gefen")
+    with caplog.at_level(logging.INFO, logger="gefen_compile"):
+        for seed in range(2):
+            compiled(params, batch(seed)).square().mean().backward()
+            adamw.step()
+    assert type(adamw) is torch.optim.AdamW
+    assert "not nn.Parameters" in caplog.text and "gefen_compile.convert(optimizer)" in caplog.text
+
+
 def test_adam_without_weight_decay_becomes_gefen():
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -1,5 +1,6 @@
 """patch_adamw / unpatch_adamw / patched_adamw and the zero-code-change runner."""
 
+import copy
 import inspect
 import json
 import os
@@ -69,10 +70,18 @@ def test_the_patched_class_pickles_by_adamws_name():
     """Hugging Face saves the optimizer's class in training_args.bin: loaded where nothing is
     patched (gefen_compile perhaps not installed), it is the real AdamW."""
     gefen.patch_adamw()
-    saved = pickle.dumps(torch.optim.AdamW)
-    assert pickle.loads(saved) is torch.optim.AdamW
+    patched = torch.optim.AdamW
+    assert repr(patched) == "<class 'torch.optim.adamw.AdamW' (patched: builds Gefen)>"
+    saved = pickle.dumps(patched)
+    assert pickle.loads(saved) is patched
     gefen.unpatch_adamw()
     assert pickle.loads(saved) is torch.optim.AdamW is EARLY_ADAMW
+    # A reference kept since (a config's functools.partial) pickles too: the name, looked up
+    # when loaded.
+    kept = pickle.dumps(patched)
+    assert pickle.loads(kept) is EARLY_ADAMW
+    gefen.patch_adamw()
+    assert pickle.loads(kept) is patched
 
 
 EARLY_ADAMW = torch.optim.AdamW  # a reference taken at import time, before any patch
@@ -317,16 +326,18 @@ def test_a_stateless_update_of_its_own_through_p_data_is_left_alone_at_its_first
     assert type(opt) is OldStyle and "has an update of its own" in caplog.text
 
 
+class EveryOther(torch.optim.AdamW):  # optimizer-side accumulation, say
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        return super().step(closure) if self.calls % 2 == 0 else None
+
+
 def test_a_subclass_reaching_adamws_step_only_every_other_call_is_converted_when_it_does():
     gefen.patch_adamw()
-
-    class EveryOther(torch.optim.AdamW):  # optimizer-side accumulation, say
-        calls = 0
-
-        def step(self, closure=None):
-            self.calls += 1
-            return super().step(closure) if self.calls % 2 == 0 else None
-
     params = list(mlp().parameters())
     opt = EveryOther(params, lr=1e-2)
     twin_params, twin = twin_of(params)
@@ -335,10 +346,45 @@ def test_a_subclass_reaching_adamws_step_only_every_other_call_is_converted_when
         for p, q, g in zip(params, twin_params, grads):
             p.grad, q.grad = g.clone(), g.clone()
         opt.step()
+        if k == 0:  # undecided: it pickles and copies as its own class
+            for copied in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+                assert type(copied) is EveryOther
         if k % 2:
             twin.step()
     assert isinstance(opt, EveryOther) and isinstance(opt, gefen.Gefen)
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+def with_gradients(params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def test_a_probe_resuming_adamw_state_waits_for_a_step_that_changes_something():
+    """State loaded before the first step is no sign of an update of its own: the call not
+    reaching AdamW's changes nothing, and the next, reaching it, converts (migrating it)."""
+    params = with_gradients(list(mlp().parameters()))
+    adamw = EARLY_ADAMW(params, lr=1e-2)
+    adamw.step()
+    gefen.patch_adamw()
+    opt = EveryOther(params, lr=1e-2)
+    opt.load_state_dict(adamw.state_dict())
+    opt.step()
+    assert type(opt) is not EveryOther and not isinstance(opt, gefen.Gefen)  # probed still
+    opt.step()
+    assert isinstance(opt, gefen.Gefen) and "codes" in opt.state[params[0]]
+
+
+def test_unpatching_ends_a_probe():
+    gefen.patch_adamw()
+    params = with_gradients(list(mlp().parameters()))
+    opt = EveryOther(params, lr=1e-2)
+    opt.step()
+    gefen.unpatch_adamw()
+    assert type(opt) is EveryOther
+    opt.step()
+    assert type(opt) is EveryOther and "exp_avg" in opt.state[params[0]]
 
 
 def step_allocations(make_optimizer, steps=3):
