@@ -10,6 +10,7 @@ sizes.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -31,6 +32,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
     counts = torch.from_numpy(np.random.default_rng(0).integers(1, 10_000, NUM_BINS))
     for variant in (ROBUST, PUBLISHED):
         seconds = median_seconds(lambda: learn_codebook(counts, variant), 5)

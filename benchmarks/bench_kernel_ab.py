@@ -1,7 +1,8 @@
 """The C step of this checkout against a baseline build of it, on the same state, interleaved:
 the way to tell a kernel change of a few percent from the noise of a shared machine.
 
-    git stash && python setup.py build_ext --build-lib /tmp/baseline && git stash pop
+    git worktree add /tmp/baseline-src HEAD    # the committed kernel, beside your change
+    (cd /tmp/baseline-src && python setup.py build_ext --build-lib /tmp/baseline)
     python benchmarks/bench_kernel_ab.py /tmp/baseline/gefen_compile/kernels/_cpu*.so \\
         [--path avx2] [--shapes 4096x768 16384x64] [--dtype bfloat16] [--steps 41] [--threads 2]
 

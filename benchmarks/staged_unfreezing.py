@@ -25,7 +25,8 @@ from torch import nn
 from gefen_compile import Gefen
 
 WARM = 5
-FIRST = {"all": None, "last bias (8)": "bias", "scale (1)": "scale"}
+# Labelled as in README.md's table.
+FIRST = {"everything": None, "the last bias (8 elements)": "bias", "the scale (1 element)": "scale"}
 
 
 def without_relearning(params, **kwargs) -> Gefen:
@@ -36,9 +37,9 @@ def without_relearning(params, **kwargs) -> Gefen:
 
 OPTIMIZERS = {
     "AdamW": lambda params, **kw: torch.optim.AdamW(params, **kw),
-    "Gefen": lambda params, **kw: Gefen(params, **kw),
-    "Gefen, rule off": without_relearning,
-    "Gefen published": lambda params, **kw: Gefen(params, variant="published", **kw),
+    "Gefen (robust)": lambda params, **kw: Gefen(params, **kw),
+    "robust, thin-codebook rule off": without_relearning,
+    "published": lambda params, **kw: Gefen(params, variant="published", **kw),
 }
 
 

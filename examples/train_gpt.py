@@ -5,7 +5,7 @@ with the same hyperparameters and learning-rate schedule; only the optimizer dif
 a table compares validation loss and optimizer-state bytes per parameter (no speed: the runs are
 sequential; ``benchmarks/bench_step.py`` times the step side by side).
 
-    python examples/train_gpt.py                          # AdamW, then Gefen (about 3 min, 2 cores)
+    python examples/train_gpt.py                     # AdamW, then Gefen (about 6 min, 2 idle cores)
     python examples/train_gpt.py --optimizer gefen --steps 1000 --seed 1
     python examples/train_gpt.py --size tiny --steps 200 --no-plot
     python examples/train_gpt.py --optimizer adamw gefen backend patch runner

@@ -23,8 +23,7 @@ from importlib.machinery import SourceFileLoader
 from .runner import run_patched
 from .variant import VARIANT_NAMES
 
-_USAGE = ("python -m gefen_compile [--quiet] [--variant {robust,published}] [--] "
-          "[-m module | script.py] [ARGS...]")
+_USAGE = "%(prog)s [--quiet] [--variant {robust,published}] [--] [-m module | script.py] [ARGS...]"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args([a for a in argv[:ours] if a != "--"])
     target = argv[ours:]
     if args.module is None and not target:
-        parser.error("give the script to run: " + _USAGE)
+        parser.error("give the script to run: " + _USAGE % {"prog": parser.prog})
     run_patched(args.quiet, args.variant)
     if args.module is not None:
         sys.argv = [args.module, *target]
