@@ -48,6 +48,7 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.optim import Adam, AdamW, Muon
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
@@ -257,33 +258,41 @@ def _converts_at_load(optimizer) -> bool:
 @eager  # also inside a compiled step, before AdamW allocates
 def _watch_step(optimizer) -> None:
     """Convert ``optimizer`` at its first step, or, where its class overrides ``step``, probe
-    this step: GefenStep.step converts it where it reaches AdamW's, or _after_step decides."""
-    if not isinstance(optimizer, GefenStep):
-        try:
-            check_convertible(optimizer)
-        except (TypeError, ValueError, NotImplementedError) as error:
-            _leave_alone(optimizer, f"{error}", logging.WARNING)
-            return
-        if not overrides_step(type(optimizer)):
-            convert(optimizer)
-            return
-        optimizer.__class__ = _probe(type(optimizer))
-    # What an update of its own would change: the parameters (in place) or the state.
-    _probe_fingerprints[optimizer] = _fingerprint(optimizer)
+    this step: GefenStep.step converts it where it reaches AdamW's, or _after_step decides.
+    Checked at every probed step: a group added since may hold what Gefen refuses."""
+    try:
+        check_convertible(optimizer)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        optimizer.__class__ = own_class(optimizer)
+        _probe_fingerprints.pop(optimizer, None)
+        _leave_alone(optimizer, f"{error}", logging.WARNING)
+        return
+    if not isinstance(optimizer, GefenStep) and not overrides_step(type(optimizer)):
+        convert(optimizer)
+        return
+    fingerprint = _fingerprint(optimizer)  # before the class changes: it may raise
+    optimizer.__class__ = _probe(own_class(optimizer))
+    _probe_fingerprints[optimizer] = fingerprint
 
 
 def _fingerprint(optimizer) -> tuple[list, list, torch.Tensor | None]:
     """What an update of its own would change, as a probed step begins and ends: the
     parameters' version counters (in-place updates bump them), the state's entries, their
     tensors and versions, and the bits of the parameters' sums (which also see updates made
-    through ``p.data``, as old-style code does, bumping no counter). Only around probed steps
-    (a subclass's first steps): a host read per parameter."""
+    through ``p.data``, as old-style code does, bumping no counter; not of meta or fake
+    tensors, which have no values). Only around probed steps (a subclass's first steps): a
+    host read per parameter."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = [(id(p), *((key, id(v), getattr(v, "_version", None)) for key, v in entry.items()))
              for p, entry in optimizer.state.items() if entry]
-    sums = [local(p).detach().sum(dtype=torch.float64).cpu() for p in params]
+    sums = [local(p).detach().sum(dtype=torch.float64).cpu() for p in params if _has_values(p)]
     sums = torch.stack(sums).view(torch.int64) if sums else None
     return [p._version for p in params], state, sums
+
+
+def _has_values(p: torch.Tensor) -> bool:
+    p = local(p)
+    return not (p.is_meta or is_fake(p)) and p.is_floating_point()
 
 
 def _after_step(optimizer, args, kwargs) -> None:
@@ -300,8 +309,9 @@ def _end_probe(optimizer) -> None:
     if (versions, state) == now[:2] and (sums is None or torch.equal(sums, now[2])):
         return
     optimizer.__class__ = own_class(optimizer)
-    _leave_alone(optimizer, "its step() has an update of its own (it does not call "
-                            "super().step())", logging.WARNING)
+    _leave_alone(optimizer, "its step() (with the optimizer's own step hooks) changed the "
+                            "parameters or the state without reaching AdamW's step through "
+                            "super().step(): an update of its own", logging.WARNING)
 
 
 def _probe(cls: type) -> type:
@@ -316,13 +326,10 @@ def _probe(cls: type) -> type:
 
 def _reduce_as_own_class(optimizer, protocol: int) -> tuple:
     """A probed optimizer pickles (and deep-copies) as its own class, which pickle can look
-    up (the probe class has its name but is not it); the copy is probed anew at its next
-    step."""
-    return _new_unprobed, (own_class(optimizer),), optimizer.__getstate__()
-
-
-def _new_unprobed(cls: type):
-    return cls.__new__(cls)
+    up (the probe class has its name but is not it), and with nothing of gefen_compile's
+    (copyreg's reconstructor: object.__new__ of that class); the copy is probed anew at its
+    next step."""
+    return copyreg._reconstructor, (own_class(optimizer), object, None), optimizer.__getstate__()
 
 
 def _end_probes(original: type) -> None:
