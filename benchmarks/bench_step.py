@@ -193,8 +193,9 @@ def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: in
         f"median of {steps} interleaved steps",
         "",
         format_table(header, rows, left=1),
-        f"(copy bandwidth {bandwidth / 1e9:.1f} GB/s: bytes read and written by a 1 GB copy; "
-        "a step's bytes: AdamW 7, Gefen 4 per parameter element size, plus 2 code bytes)",
+        f"(copy bandwidth {bandwidth / 1e9:.1f} GB/s: bytes read and written by a 1 GB copy"
+        + ("; a step's bytes: AdamW 7, Gefen 4 per parameter element size, plus 2 code bytes)"
+           if any(step_bytes(name, dtype) is not None for name in results) else ")"),
     ])
 
 
@@ -218,6 +219,8 @@ def main() -> None:
                         help="Gefen's C step path (default: the fastest the CPU runs); to "
                         "measure an AVX2-only CPU on an AVX-512 one, --cpu-path avx2 with "
                         "ATEN_CPU_CAPABILITY=avx2 for torch's AdamW")
+    parser.add_argument("--no-muon", action="store_true",
+                        help="leave out the Muon table (its steps take seconds each on a CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,6 +236,8 @@ def main() -> None:
             title += " shapes, " + ", ".join(f"{k} {v}" for k, v in size.items())
         kinds = build(**size)
         print(("\n" if i else "") + bench(title, kinds, dtype, device, args.steps))
+        if args.no_muon:
+            continue
         matrices = [k for k in kinds
                     if len(k.shape) == 2 and not any(w in k.name for w in NOT_FOR_MUON)]
         print("\n" + bench(f"{title}, hidden matrices (Muon's share)", matrices, dtype, device,

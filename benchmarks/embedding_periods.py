@@ -7,11 +7,12 @@ heads), decided by the tensor's shape only: quality on examples/train_gpt.py, co
 
 A *rule* post-processes the period that GEFEN_SPEC's inference picks from a tensor's first
 gradient, as a function of the tensor's shape and that period only; it is installed by wrapping
-``gefen_compile.optim.read_first_gradients`` (the one place the optimizer reads periods), so the
-optimizer, its kernels and its state are the real ``gefen_compile.Gefen``. ``row`` below is the
-length of one row of the tensor seen as a ``(shape[0], -1)`` matrix: ``shape[-1]`` for a 2-D
-tensor (an embedding's token row; an ``nn.Linear`` weight's output unit), ``in * kh * kw`` for a
-conv weight. 1-D tensors are never changed.
+``gefen_compile.learned_state.read_first_gradients`` (the one place the optimizer reads
+periods), so the optimizer, its kernels and its state are the real ``gefen_compile.Gefen``.
+``row`` below is the length of one row of the tensor seen as a ``(shape[0], -1)`` matrix:
+``shape[-1]`` for a 2-D tensor (an embedding's token row; an ``nn.Linear`` weight's output
+unit), ``in * kh * kw`` for a conv weight (the package's robust rule, ``variant.py``, takes the
+last dimension of a 3-D+ tensor where it is longer than 8). 1-D tensors are never changed.
 
 - ``published``: the inferred period, unchanged.
 - ``gcd_last``: blocks never straddle the last dimension: P <- gcd(P, shape[-1]) (2-D+). Tried
@@ -119,10 +120,10 @@ RULES: dict[str, Rule] = {
 def period_rule(rule: Rule, log: list | None = None) -> Iterator[None]:
     """Every Gefen built inside uses ``rule(shape, inferred period)`` as a tensor's period.
     ``log`` collects ``(shape, inferred, used)`` per tensor."""
-    import gefen_compile.optim as optim_module
+    import gefen_compile.learned_state as learned_state
     from gefen_compile.variant import PUBLISHED
 
-    inner = optim_module.read_first_gradients
+    inner = learned_state.read_first_gradients
 
     def read_first_gradients(grads, variant):
         # The rule replaces the variant's own choice: it acts on the inferred period.
@@ -135,11 +136,11 @@ def period_rule(rule: Rule, log: list | None = None) -> Iterator[None]:
                 log.append((tuple(g.shape), p, q))
         return (used, *rest)
 
-    optim_module.read_first_gradients = read_first_gradients
+    learned_state.read_first_gradients = read_first_gradients
     try:
         yield
     finally:
-        optim_module.read_first_gradients = inner
+        learned_state.read_first_gradients = inner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +178,9 @@ def run_one(rule_name: str, seed: int, steps: int | None) -> dict:
     }
     if optimizer == "gefen":
         if not log:
-            raise AssertionError("the period hook was never called: the optimizer no longer "
-                                 "reads periods through gefen_compile.optim.read_first_gradients")
+            raise AssertionError(
+                "the period hook was never called: the optimizer no longer reads periods "
+                "through gefen_compile.learned_state.read_first_gradients")
         out["state_bytes_per_param"] = memory_report(made["optimizer"]).gefen_bytes_per_param
         out["changed"] = [(list(s), p, q) for s, p, q in log if p != q]
     return out

@@ -1,4 +1,4 @@
-"""Everything a GPU run of the Gefen step must establish, in one command (under 5 minutes):
+"""Everything a GPU run of the Gefen step must establish, in one command, in under 5 minutes.
 
     python benchmarks/gpu_check.py            # on a CUDA machine
     python benchmarks/gpu_check.py --quick    # the checks without the step table

@@ -1,7 +1,7 @@
 """The ``"gefen"`` torch.compile backend: ``torch.compile(model, backend="gefen")``.
 
 Graphs compile through inductor, as with ``backend="inductor"``: ``mode``, ``options`` and
-``dynamic`` mean what they mean there. Two things are added:
+``dynamic`` mean what they mean there. Three things are added:
 
 - the parameters of every compiled graph are remembered, and a global optimizer step pre-hook
   converts a ``torch.optim.AdamW`` (or an ``Adam`` without coupled weight decay) over them to
@@ -74,6 +74,7 @@ def gefen_backend(
     if writes_a_parameter(gm, example_inputs):
         gm, state = _rewritten(gm, example_inputs)
     compiled = inductor(gm, example_inputs)
+    _forget_specialised_floats()
     # The model's parameters: a plain leaf tensor that needs a gradient is an input (an image
     # that style transfer or an adversarial attack optimises through the model), and an
     # optimizer over it is left as the user built it.
@@ -81,6 +82,18 @@ def gefen_backend(
     _remember((x for x in example_inputs if _is_parameter(x)
                and not isinstance(x, torch.nn.Parameter)), _INPUTS)
     return _CompiledGraph(compiled, positions, state)
+
+
+def _forget_specialised_floats() -> None:
+    """Forget which floats dynamo specialised in the graph just compiled. Dynamo (torch 2.11 to
+    2.13) keeps that record (TensorifyState) across frames, by per-frame symbol names: a
+    float this graph held unused, as the lr that a converted AdamW's original step reads on
+    its empty lists, was specialised in whichever later frame named its own float alike,
+    Gefen's update: compiled anew for each value of an lr schedule. Retraces of one frame,
+    which the record serves, happen before its compile returns."""
+    state = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
+    if state is not None:
+        state.clear()
 
 
 def writes_a_parameter(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
@@ -204,10 +217,6 @@ def _remember(tensors, table: dict[int, weakref.ref] = _PARAMETERS) -> None:
             _generation += 1
 
 
-def _converts_at_load(optimizer: Optimizer) -> bool:
-    return type(optimizer) in (AdamW, Adam, Muon) and is_convertible(optimizer)
-
-
 def _convert_before_step(optimizer: Optimizer, args, kwargs):
     # Exactly AdamW, Adam or Muon: a subclass may change the update, and is left alone. This
     # test traces (guarded on the type), so other optimizers' compiled steps keep a single graph.
@@ -271,4 +280,4 @@ def _convert_known(optimizer: Optimizer) -> None:
 # module), not from its first graph: that graph may compile inside the first step's closure,
 # after the step's hooks were chosen, or after a resumed run loaded its checkpoint.
 register_optimizer_step_pre_hook(_convert_before_step)
-convert_at_load.install("backend", _converts_at_load)
+convert_at_load.install("backend", is_convertible)

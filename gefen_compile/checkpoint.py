@@ -32,6 +32,15 @@ MARKER = (
     b"adamw.load_state_dict(gefen_compile.adamw_state_dict(state_dict))"
 )
 STEP = "gefen_step"
+# torch.optim.Muon starts a missing momentum buffer from zero: GefenMuon saves these bytes
+# under "momentum_buffer" instead, so that Muon fails at its first step (AttributeError:
+# 'bytes' object has no attribute ...), the marker's text in its state, not silently.
+MUON_MARKER = (
+    b"this is gefen_compile.GefenMuon optimizer state, which torch.optim.Muon cannot step with "
+    b"(its momentum would start again from zero): load it into gefen_compile.GefenMuon (or run "
+    b"under python -m gefen_compile, or after gefen_compile.patch_muon())"
+)
+BUFFER = "momentum_buffer"
 
 
 def for_saving(params: list[Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +58,19 @@ def for_saving(params: list[Tensor], state_dict: dict[str, Any]) -> dict[str, An
             entry["codes"] = entry["codes"].view(params[key].shape)
         state[key] = entry
     return {**state_dict, "state": state}
+
+
+def muon_for_saving(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """GefenMuon's ``state_dict`` as saved: the :data:`MUON_MARKER` in each entry."""
+    return {**state_dict, "state": {k: {**e, BUFFER: MUON_MARKER} if e else {}
+                                    for k, e in state_dict["state"].items()}}
+
+
+def muon_from_saved(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`muon_for_saving` (Muon's own momentum buffers pass unchanged)."""
+    return {**state_dict, "state": {
+        k: {key: v for key, v in e.items() if not (key == BUFFER and isinstance(v, bytes))}
+        for k, e in state_dict["state"].items()}}
 
 
 def from_saved(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +105,11 @@ def adamw_state_dict(optimizer_or_state_dict: Optimizer | dict[str, Any]) -> dic
         raise TypeError(
             "adamw_state_dict: expected a Gefen optimizer or its state_dict(), got "
             f"{type(optimizer_or_state_dict).__name__}"
+        )
+    if any("ns_steps" in group for group in state_dict["param_groups"]):  # Muon's own key
+        raise TypeError(
+            "adamw_state_dict: this is GefenMuon (or Muon) state, a momentum per parameter, not "
+            "AdamW's two moments; resume it with gefen_compile.GefenMuon"
         )
     state_dict = from_saved(state_dict)
     codebook = state_dict.get("codebook")

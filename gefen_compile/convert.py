@@ -95,15 +95,27 @@ class _Converted:
         return _new_converted, (cls,), self.__getstate__()
 
 
-class GefenAdamW(_Converted, AdamW, Gefen):
+class _UpdatedInHook(_Converted):
+    """Above a class whose ``step`` is the original's: the update ran in the last step
+    pre-hook, so the step itself only returns the closure's loss, which that hook handed on.
+    The original's step, on empty lists, would read every group's lr, and a float lr read
+    under torch.compile outside the update's graph stays a constant: the step compiled anew
+    for each value of a schedule. (An optimizer converted within its step still runs the
+    original's, once.)"""
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        return self._loss_of(closure)
+
+
+class GefenAdamW(_UpdatedInHook, AdamW, Gefen):
     """A ``torch.optim.AdamW`` converted to Gefen by :func:`convert`."""
 
 
-class GefenAdam(_Converted, Adam, Gefen):
+class GefenAdam(_UpdatedInHook, Adam, Gefen):
     """A ``torch.optim.Adam`` (decoupled weight decay, or none) converted to Gefen."""
 
 
-class ConvertedMuon(_Converted, Muon, GefenMuon):
+class ConvertedMuon(_UpdatedInHook, Muon, GefenMuon):
     """A ``torch.optim.Muon`` converted to GefenMuon by :func:`convert`."""
 
 
@@ -212,11 +224,17 @@ def convert(optimizer: Optimizer, *, variant: str | None = None) -> Optimizer:
 def is_convertible(optimizer: Optimizer) -> bool:
     """Whether :func:`convert` would accept ``optimizer`` (exactly AdamW, Adam without
     coupled weight decay, or Muon, with no option Gefen refuses)."""
+    return type(optimizer) in _CONVERTED_ORIGINALS and refusal(optimizer) is None
+
+
+def refusal(optimizer: Optimizer) -> Exception | None:
+    """The error :func:`convert` would raise for ``optimizer`` (an option Gefen refuses), or
+    None."""
     try:
         check_convertible(optimizer)
-    except (TypeError, ValueError, NotImplementedError):
-        return False
-    return type(optimizer) in _CONVERTED
+    except (TypeError, ValueError, NotImplementedError) as error:
+        return error
+    return None
 
 
 def check_convertible(optimizer: Optimizer) -> None:
@@ -246,9 +264,10 @@ def check_convertible(optimizer: Optimizer) -> None:
 def _converted_class(cls: type) -> type:
     if cls not in _CONVERTED:  # a user's subclass: convert it the same way, named after it
         base = _CONVERTED[original_base(cls)]
-        above = (gefen_step_above(cls),) if overrides_step(cls) else ()
         gefen = GefenMuon if issubclass(cls, Muon) else Gefen
-        _CONVERTED[cls] = type(f"Gefen{cls.__name__}", (_Converted, cls, *above, gefen),
+        bases = ((_Converted, cls, gefen_step_above(cls), gefen) if overrides_step(cls)
+                 else (_UpdatedInHook, cls, gefen))
+        _CONVERTED[cls] = type(f"Gefen{cls.__name__}", bases,
                                {"__doc__": base.__doc__, "__module__": cls.__module__})
     return _CONVERTED[cls]
 
@@ -281,7 +300,8 @@ def _install_update_hook(optimizer: Optimizer) -> None:
 
 def _gefen_update(optimizer: Gefen, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """The step pre-hook of a converted optimizer: the Gefen update of every group. The
-    closure, if any, is evaluated first, and AdamW's step (on empty lists) returns its loss."""
+    closure, if any, is evaluated first, and the step returns its loss (_UpdatedInHook's, or
+    AdamW's on empty lists where the optimizer was converted within it)."""
     closure = closure_of(args, kwargs)
     loss = optimizer._update(closure)
     if closure is None:

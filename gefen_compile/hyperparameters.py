@@ -13,14 +13,18 @@ from typing import Any
 from torch import Tensor
 
 
-def check_hyperparameters(values: dict[str, Any], where: str) -> None:
+def check_hyperparameters(values: dict[str, Any], where: str, saved: bool = False) -> None:
     """Raise AdamW's error (ValueError; NotImplementedError for what Gefen does not do) for
-    invalid ``values`` (a param group, or the constructor's defaults), naming ``where``."""
+    invalid ``values`` (a param group, or the constructor's defaults; ``saved``: a checkpoint's
+    group), naming ``where``."""
     lr, betas, eps, weight_decay = (values[k] for k in ("lr", "betas", "eps", "weight_decay"))
     if values.get("amsgrad"):
+        fix = ("load this checkpoint into torch.optim.AdamW(amsgrad=True): its max of the second "
+               "moment has no place in Gefen's state" if saved
+               else "use torch.optim.AdamW(amsgrad=True), or Gefen with amsgrad=False")
         raise NotImplementedError(
             f"{where}: amsgrad=True is not Gefen (it needs a full-size max of the second "
-            "moment); use torch.optim.AdamW(amsgrad=True), or Gefen with amsgrad=False"
+            f"moment); {fix}"
         )
     if values.get("differentiable"):
         raise NotImplementedError(

@@ -37,6 +37,18 @@ def place(groups: list[dict[str, Any]], gi: int, pi: int) -> str:
     return f"parameter {pi} of param group {gi}{name}"
 
 
+def _comparable(value: Any) -> Any:
+    """``value`` with its tensors replaced by their identities (comparing tensors reads their
+    values) and its lists by tuples (copies: a list edited in place is seen to change)."""
+    if isinstance(value, Tensor):
+        return Tensor, id(value)
+    if isinstance(value, dict):
+        return tuple((k, _comparable(v)) for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return tuple(map(_comparable, value))
+    return value
+
+
 class NonFiniteFirstGradient(ValueError):
     """A first gradient with inf or nan values: nothing is learned or changed."""
 
@@ -54,14 +66,35 @@ class LearnedState:
     """Mixin of a ``torch.optim.Optimizer`` with ``variant``, ``codebook`` and ``_nearest``:
     what the two optimizers do alike, from the first step to their checkpoints. Each provides
     ``_update`` (the step), ``_local_saved`` (a saved state_dict in the single-process layout),
-    ``_load_original`` (the state_dict of the optimizer it replaces), ``_check_saved_groups``
-    (a ValueError for saved param groups it cannot step with) and ``_check_entry``."""
+    ``_saved`` (its state_dict's layout from torch's), ``_load_original`` (the state_dict of
+    the optimizer it replaces), ``_check_saved_groups``
+    (a ValueError for saved param groups it cannot step with), ``_check_entry`` and
+    ``_check_group`` (its constructor's check of a group's values)."""
+
+    _check_group: Callable[[dict[str, Any], str], None]
 
     _name = "Gefen"  # in error messages
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One optimizer step; ``closure`` (re-evaluating the loss) is run first, with grad."""
         return self._update(closure)
+
+    def _check_edited_groups(self) -> None:
+        """Check again, as the constructor did, every group whose values changed since the
+        last eager step: set by hand, beta1 = 1 would NaN every parameter where AdamW's step
+        fails, and an option Gefen refuses (amsgrad) would be ignored. A tensor is compared by
+        identity, so a scheduler's in-place update reads nothing on the host; under
+        torch.compile nothing is compared (it would make a float lr a constant of the
+        graph)."""
+        if torch.compiler.is_compiling():
+            return
+        seen = [_comparable({k: v for k, v in g.items() if k not in ("params", "param_names")})
+                for g in self.param_groups]
+        checked = getattr(self, "_checked_groups", [])
+        for i, (group, values) in enumerate(zip(self.param_groups, seen)):
+            if i >= len(checked) or checked[i] != values:
+                self._check_group(group, f"param group {i}")
+        self._checked_groups = seen
 
     @staticmethod
     def _loss_of(closure: Callable[[], float] | None) -> float | None:
@@ -183,7 +216,9 @@ class LearnedState:
         state_dict = self._local_saved(state_dict)
         self._check_saved_groups(state_dict["param_groups"])
         if "codebook" not in state_dict:
-            with self._load_hooks_held():  # they run here, once, around the migration
+            # The load hooks run here, once, around the migration: not again in torch's load.
+            with self._hooks_held("_optimizer_load_state_dict_pre_hooks",
+                                  "_optimizer_load_state_dict_post_hooks"):
                 self._load_original(state_dict)
         else:
             self._load_own(state_dict)
@@ -191,17 +226,36 @@ class LearnedState:
             post_hook(self)
 
     @contextmanager
-    def _load_hooks_held(self) -> Iterator[None]:
-        """No load_state_dict hooks while ``torch.optim.Optimizer.load_state_dict`` loads the
-        replaced optimizer's state_dict (else its pre-hooks would run twice, its post-hooks
-        before the migration)."""
-        held = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+    def _hooks_held(self, *tables: str) -> Iterator[list[OrderedDict]]:
+        """No hooks in the named hook tables (``_optimizer_load_state_dict_pre_hooks``, ...)
+        while torch.optim.Optimizer's own method runs: they run around Gefen's work instead.
+        Yields the held tables."""
+        held = [getattr(self, table) for table in tables]
+        for table in tables:
+            setattr(self, table, OrderedDict())
         try:
-            yield
+            yield held
         finally:
-            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = held
+            for table, hooks in zip(tables, held):
+                setattr(self, table, hooks)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state_dict, in the layout of the class's ``_saved``. Its post-hooks
+        see it as returned (torch's would run before the codebook and the markers join it)."""
+        for p in self._params():
+            codes = (self.state.get(p) or {}).get("codes")
+            if codes is not None and codes.numel() != distributed.local(p).numel():
+                raise ValueError(
+                    f"{self._name}.state_dict: {self._locate(p)} has {p.numel()} elements, but "
+                    f"its state was built for {codes.numel()} (the parameter was resized after "
+                    "its first step: p.data = ...), so its codes have no shape to be saved in; "
+                    "build the optimizer again after changing the model, or save before")
+        with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
+            state_dict = self._saved(super().state_dict())
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        return state_dict
 
     def _load_own(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict this optimizer's class saved (in the single-process layout)."""

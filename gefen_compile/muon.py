@@ -37,15 +37,14 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from . import distributed, ops
+from . import checkpoint, distributed, ops
 from .eager import eager
 from .kernels import readable
 from .learned_state import LearnedState, place
 from .migrate import check_saved_moments, migrate_muon_state
 from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
 from .state import Bucket, build_bucket, compute_dtype
-from .state_checks import (MOMENTUM_KEYS, check_gradient_layout, check_materialised,
-                           check_plain, entry_problem)
+from .state_checks import MOMENTUM_KEYS, checked_gradient, entry_problem
 from .variant import ROBUST, Variant, variant_named
 
 # Muon's own limit (torch.optim.Muon raises it at the first step; checked here when built).
@@ -64,6 +63,10 @@ class GefenMuon(LearnedState, Optimizer):
     """
 
     _name = "GefenMuon"
+
+    @staticmethod
+    def _check_group(values: dict[str, Any], where: str) -> None:
+        check_muon_hyperparameters(values, where)
 
     def __init__(
         self,
@@ -99,7 +102,7 @@ class GefenMuon(LearnedState, Optimizer):
         """Add a group, as ``torch.optim.Muon.add_param_group``; its values and parameters
         are checked."""
         index = len(self.param_groups)
-        check_muon_hyperparameters({**self.defaults, **param_group}, f"param group {index}")
+        self._check_group({**self.defaults, **param_group}, f"param group {index}")
         params = self._listed_params(param_group, check_matrix)
         super().add_param_group({**param_group, "params": params})
         self._buckets = None
@@ -109,6 +112,7 @@ class GefenMuon(LearnedState, Optimizer):
         # Apart from ``step`` (wrapped with the step hooks), so a converted Muon runs it from
         # its hook.
         loss = self._loss_of(closure)
+        self._check_edited_groups()
         stepping = [
             (group, p, self._checked_grad(p, gi, pi))
             for gi, group in enumerate(self.param_groups)
@@ -202,23 +206,9 @@ class GefenMuon(LearnedState, Optimizer):
     def _checked_grad(self, p: Tensor, gi: int, pi: int) -> Tensor:
         """``p``'s gradient (its local shard for a DTensor), refused with Muon's error where
         Muon refuses it, and where GefenMuon cannot keep state for it."""
-        g = p.grad
         where = place(self.param_groups, gi, pi)
-        check_materialised(p, where)
-        check_plain(p, where, "GefenMuon")
-        check_plain(g, f"the gradient of {where}", "GefenMuon")
-        if g.is_sparse:
-            raise RuntimeError(f"Muon does not support sparse gradients (GefenMuon, {where})")
-        check_gradient_layout(p, g, where, "GefenMuon")
-        if g.dtype != p.dtype:
-            raise TypeError(
-                f"GefenMuon: the gradient of {where} has dtype {g.dtype}, the parameter "
-                f"{p.dtype}; GefenMuon keeps its momentum in the parameter's dtype: give the "
-                "gradient the parameter's dtype (p.grad = p.grad.to(p.dtype)), or cast the "
-                "parameter"
-            )
-        g = distributed.local_grad(p, g, where)
-        return readable(g)
+        return readable(checked_gradient(
+            p, where, "GefenMuon", f"Muon does not support sparse gradients (GefenMuon, {where})"))
 
     def _check_entry(self, entry: dict, p: Tensor, source: str, fix: str,
                      variant: Variant | None = None) -> None:
@@ -230,26 +220,26 @@ class GefenMuon(LearnedState, Optimizer):
         if problem:
             raise ValueError(f"{source} {self._locate(p)} {problem}; {fix}")
 
-    def state_dict(self) -> dict[str, Any]:
-        """Muon's ``state_dict`` layout plus ``"codebook"`` (float32, or None before the
-        first step) and ``"variant"``. Per-parameter entries hold ``codes`` (uint8, in the
-        parameter's shape), ``magnitude`` (one per block, the parameter's dtype) and
-        ``period``, instead of Muon's ``momentum_buffer``. For DTensor (FSDP2) parameters,
-        the layout of ``gefen_compile/distributed.py``."""
-        state_dict = super().state_dict()
+    def _saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The state_dict: Muon's layout (``state_dict``) plus ``"codebook"`` (float32, or
+        None before the first step) and ``"variant"``. Per-parameter entries hold ``codes``
+        (uint8, in the parameter's shape), ``magnitude`` (one per block, the parameter's
+        dtype) and ``period``, and under Muon's ``momentum_buffer`` a marker that makes
+        ``torch.optim.Muon`` fail at its first step (checkpoint.py). For DTensor (FSDP2)
+        parameters, the layout of ``gefen_compile/distributed.py``."""
         params = self._params()
         for key, entry in state_dict["state"].items():
             if entry and not distributed.is_sharded(params[key]):
                 state_dict["state"][key] = {**entry,
                                             "codes": entry["codes"].view(params[key].shape)}
         state_dict = self._with_codebook(state_dict)
-        return distributed.sharded_state_dict(self._params(), state_dict, type(self).__name__,
-                                              with_step=False)
+        return checkpoint.muon_for_saving(distributed.sharded_state_dict(
+            self._params(), state_dict, type(self).__name__, with_step=False))
 
     def _local_saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A saved state_dict in the single-process layout, this rank's state."""
-        return distributed.local_state_dict(self._params(), state_dict, type(self).__name__,
-                                           self.variant.name)
+        return distributed.local_state_dict(self._params(), checkpoint.muon_from_saved(state_dict),
+                                           type(self).__name__, self.variant.name)
 
     def _check_saved_groups(self, saved_groups: list[dict]) -> None:
         """Muon's (GefenMuon's) keys and valid values in every saved group: what the
@@ -297,8 +287,8 @@ def check_muon_hyperparameters(values: dict[str, Any], where: str) -> None:
                          f"supported ({where}: use one of {ADJUST_LR_FNS})")
     if not (isinstance(values["ns_steps"], int) and 0 <= values["ns_steps"] < MAX_NS_STEPS):
         raise ValueError(f"Number of steps must be less than {MAX_NS_STEPS} for computational "
-                         f"efficiency ({where}: ns_steps={values['ns_steps']!r}, a non-negative "
-                         "int; Muon's default is 5)")
+                         f"efficiency ({where}: ns_steps={values['ns_steps']!r}; use an int in "
+                         f"[0, {MAX_NS_STEPS}), Muon's default is 5)")
     if len(tuple(values["ns_coefficients"])) != 3:
         raise ValueError(f"Coefficients must be a tuple of exactly 3 values ({where}: "
                          f"ns_coefficients={values['ns_coefficients']!r})")

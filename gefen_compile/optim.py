@@ -14,12 +14,12 @@ from . import checkpoint, distributed, ops
 from .device_tables import device_table
 from .eager import eager
 from .learned_state import LearnedState, place
-from .hyperparameters import check_hyperparameters, scalar_betas
+from .hyperparameters import beta_pair, check_hyperparameters, scalar_betas
 from .kernels import StepInputs, cpu_step, is_readable, readable
 from .kernels.torch_step import gefen_update
 from .migrate import check_saved_moments, has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
-from .state_checks import check_gradient_layout, check_materialised, check_plain, entry_problem
+from .state_checks import SAVED_ENTRY, checked_gradient, entry_problem
 from .state_table import Changes, tracked
 from .variant import ROBUST, Variant, variant_named
 
@@ -41,6 +41,8 @@ class Gefen(LearnedState, Optimizer):
     Not supported (an error says so): ``amsgrad=True``, ``differentiable=True``, sparse or
     complex gradients, non-floating parameters.
     """
+
+    _check_group = staticmethod(check_hyperparameters)
 
     def __init__(
         self,
@@ -82,7 +84,7 @@ class Gefen(LearnedState, Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, as ``torch.optim.AdamW.add_param_group``; its values are checked."""
         index = len(self.param_groups)
-        check_hyperparameters({**self.defaults, **param_group}, where=f"param group {index}")
+        self._check_group({**self.defaults, **param_group}, f"param group {index}")
         params = self._listed_params(param_group, check_real)
         super().add_param_group({**param_group, "params": params})
         self._buckets = None  # the group table changed
@@ -92,6 +94,7 @@ class Gefen(LearnedState, Optimizer):
         # The step itself, apart from ``step`` (which torch.optim wraps with the step hooks), so
         # that a converted AdamW runs it from a hook.
         loss = self._loss_of(closure)
+        self._check_edited_groups()
         found_inf = _unscaled_for_grad_scaler(self)
         # Parameters without state (all of them before the first step; in steady state usually
         # none): only these are scanned, so a step costs no Python work per stateful tensor here.
@@ -168,6 +171,15 @@ class Gefen(LearnedState, Optimizer):
                 if g is not None:
                     # sparse, complex, shape
                     _checked_grad(owner, place(self.param_groups, *self._index[owner]))
+                    if (g.dtype, p.dtype, g.numel(), p.numel()) != (dtype, dtype, n, n):
+                        raise ValueError(
+                            f"Gefen: {self._locate(owner)} has dtype {p.dtype} and {p.numel()} "
+                            f"elements, its gradient {g.dtype} and {g.numel()}, but its state "
+                            f"was built for {dtype} and {n} (the parameter changed after its "
+                            "first step: model.to(dtype), p.data = ..., or a gradient of "
+                            "another dtype); build the optimizer again after changing the "
+                            "model, or keep parameter and gradient dtypes as they were"
+                        )
                     for tensor, what in ((p, "parameter"), (g, "gradient")):
                         if n and not tensor.data_ptr():
                             raise ValueError(
@@ -178,15 +190,6 @@ class Gefen(LearnedState, Optimizer):
                                 f"it; give it a plain tensor ({'p.data' if what == 'parameter' else 'p.grad'} "
                                 "= torch.zeros_like(...) or a materialised copy)"
                             )
-                    if (g.dtype, p.dtype, g.numel(), p.numel()) != (dtype, dtype, n, n):
-                        raise ValueError(
-                            f"Gefen: {self._locate(owner)} has dtype {p.dtype} and {p.numel()} "
-                            f"elements, its gradient {g.dtype} and {g.numel()}, but its state "
-                            f"was built for {dtype} and {n} (the parameter changed after its "
-                            "first step: model.to(dtype), p.data = ..., or a gradient of "
-                            "another dtype); build the optimizer again after changing the "
-                            "model, or keep parameter and gradient dtypes as they were"
-                        )
         return grads
 
     def _step_bucket(self, bucket: Bucket, grads: list[Tensor | None],
@@ -283,13 +286,16 @@ class Gefen(LearnedState, Optimizer):
                      variant: Variant | None = None) -> None:
         """Raise a ValueError naming ``p`` when ``entry`` is not a valid state for it (laid
         out as ``variant``, by default this optimizer's, lays it out)."""
+        if isinstance(entry.get("step"), bytes):  # checkpoint.py's marker: the fix differs
+            raise ValueError(f"{source} {self._locate(p)} {SAVED_ENTRY}")
         problem = entry_problem(entry, distributed.local(p), variant or self.variant)
         if problem:
             raise ValueError(f"{source} {self._locate(p)} {problem}; {fix}")
 
-    def state_dict(self) -> dict[str, Any]:
-        """AdamW's ``state_dict`` plus ``"codebook"`` (float32, or None before the first step)
-        and ``"variant"`` (its name; a state_dict without one holds published state).
+    def _saved(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The state_dict: AdamW's (``state_dict``) plus ``"codebook"`` (float32, or None
+        before the first step) and ``"variant"`` (its name; a state_dict without one holds
+        published state).
 
         Per-parameter entries hold ``codes`` (in the parameter's shape), ``magnitude``,
         ``vmean``, ``gefen_step`` (the step counter), ``period``, and under ``step`` a marker
@@ -298,7 +304,7 @@ class Gefen(LearnedState, Optimizer):
         ``gefen_compile/distributed.py``, which ``torch.distributed.checkpoint`` saves and
         restores rank by rank.
         """
-        state_dict = self._with_codebook(super().state_dict())
+        state_dict = self._with_codebook(state_dict)
         state_dict = distributed.sharded_state_dict(self._params(), state_dict, type(self).__name__)
         return checkpoint.for_saving(self._params(), state_dict)
 
@@ -320,7 +326,7 @@ class Gefen(LearnedState, Optimizer):
                     "Gefen, torch.optim.AdamW or torch.optim.Adam; load it into the optimizer "
                     "that saved it"
                 )
-            check_hyperparameters(group, where)
+            check_hyperparameters(group, where, saved=True)
 
     def _load_original(self, state_dict: dict[str, Any]) -> None:
         """An AdamW checkpoint: loaded as AdamW loads it, then migrated to Gefen state."""
@@ -362,61 +368,54 @@ def _unscaled_for_grad_scaler(optimizer: Optimizer) -> Tensor | None:
 
 
 def _checked_grad(p: Tensor, where: str) -> Tensor:
-    g = p.grad
-    check_materialised(p, where)
-    check_plain(p, where)
-    check_plain(g, f"the gradient of {where}")
-    if g.is_sparse:
-        raise RuntimeError(
-            f"Gefen does not support sparse gradients ({where}); use torch.optim.SparseAdam for "
-            "that parameter, or a dense gradient (nn.Embedding(sparse=False))"
-        )
-    if g.is_complex():
-        raise RuntimeError(
-            f"Gefen does not support complex gradients ({where}); optimize torch.view_as_real(p)"
-        )
-    check_gradient_layout(p, g, where)
-    if g.dtype != p.dtype:  # refused before the first step builds state in g's dtype
-        raise ValueError(
-            f"Gefen: the gradient of {where} has dtype {g.dtype}, the parameter {p.dtype}; "
-            "Gefen keeps its state in the gradient's dtype and updates the parameter from it in "
-            "place: give the gradient the parameter's dtype (p.grad_dtype = None allows others)"
-        )
-    return distributed.local_grad(p, g, where)
+    return checked_gradient(p, where, "Gefen", (
+        f"Gefen does not support sparse gradients ({where}); use torch.optim.SparseAdam for "
+        "that parameter, or a dense gradient (nn.Embedding(sparse=False))"))
 
 
 def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
     """float64 [groups, 6] on ``device``: lr, beta1, beta2, eps, weight_decay, maximize. A
     tensor lr or beta is copied tensor to tensor into its entry (never read on the host: no
     sync), and under torch.compile it stays an input of the graph rather than a constant."""
-    rows, tensors = [], {}
-    for i, group in enumerate(groups):
-        row = []
-        betas = group["betas"]
-        if len(betas) != 2:  # a row of another length would shift the kernels' columns
-            raise ValueError(f"Gefen: param group {i} has betas {betas!r}; betas must be a pair "
-                             "(beta1, beta2), as for AdamW")
-        values = (group["lr"], *betas, group["eps"], group["weight_decay"], group["maximize"])
-        for column, value in enumerate(values):
-            if isinstance(value, Tensor):  # one element; a shape (1,) lr is AdamW's too
-                tensors[i, column] = value.reshape(()) if value.dim() else value
-                value = 0.0
-            # maximize (column 5): its truth, as AdamW reads it ("0" and None included)
-            row.append(float(bool(value)) if column == 5 else float(value))
-        rows.append(tuple(row))
+    rows = [_hyper_row(i, group) for i, group in enumerate(groups)]
+    if torch.compiler.is_compiling():
+        # Built by traced ops, so that a float that changes (a schedule's lr, OneCycleLR's
+        # beta1) becomes an input of the graph at its first change, as AdamW's does; a table
+        # cached by value would make each value a constant, compiled anew.
+        one = torch.ones((), dtype=torch.float64, device=device)
+        return torch.stack([torch.stack([value.to(device, torch.float64)
+                                         if isinstance(value, Tensor) else one * value
+                                         for value in row]) for row in rows])
+    tensors = {(i, column): value for i, row in enumerate(rows)
+               for column, value in enumerate(row) if isinstance(value, Tensor)}
+    floats = tuple(tuple(0.0 if isinstance(value, Tensor) else float(value) for value in row)
+                   for row in rows)
     # Tables written into are keyed by the tensors' identities too: two optimizers stepping in
     # two threads (the C step releases the GIL) must not write their lrs into one table.
-    table = device_table(tuple(rows), torch.float64, device,
+    table = device_table(floats, torch.float64, device,
                          tag=("tensors", *((*at, id(value)) for at, value in tensors.items())))
     for (i, column), value in tensors.items():  # written on every step: the cache may hold it
         table[i, column].copy_(value, non_blocking=True)
     return table
 
 
+def _hyper_row(i: int, group: dict[str, Any]) -> tuple:
+    """Group i's row of the hyper table: floats, and one-element tensors as scalars."""
+    # A row of another length would shift the kernels' columns (eager steps have refused it
+    # already, in _check_edited_groups; compiled ones do not compare).
+    betas = beta_pair(group["betas"], f"param group {i}")
+    # maximize: its truth, as AdamW reads it ("0" and None included)
+    values = (group["lr"], *betas, group["eps"], group["weight_decay"],
+              float(bool(group["maximize"])))
+    # one element; a shape (1,) lr is AdamW's too
+    return tuple(v.reshape(()) if isinstance(v, Tensor) and v.dim() else v for v in values)
+
+
 def check_real(p: Tensor, where: str) -> None:
     if p.is_complex() or not p.is_floating_point():
+        fix = ("pass torch.view_as_real(p) instead" if p.is_complex()
+               else "leave this tensor out of the optimizer")
         raise TypeError(
             f"Gefen: {where} has dtype {p.dtype}; Gefen updates real floating-point parameters "
-            "only: leave this tensor out of the optimizer (complex ones can be passed as "
-            "torch.view_as_real(p))"
+            f"only: {fix}"
         )

@@ -56,8 +56,8 @@ from torch.optim.optimizer import (
 )
 
 from . import convert_at_load
-from .convert import (ConvertedMuon, GefenAdamW, GefenStep, check_convertible, convert,
-                      gefen_step_above, own_class, overrides_step, set_default_variant)
+from .convert import (ConvertedMuon, GefenAdamW, GefenStep, convert, gefen_step_above,
+                      own_class, overrides_step, refusal, set_default_variant)
 from .distributed import local
 from .eager import eager
 from .learned_state import LearnedState
@@ -130,9 +130,8 @@ def _patched_class(original: type, converted: type, target: str) -> type:
             self.__class__ = cls
             self._patch_step_function()
             return
-        try:
-            check_convertible(self)
-        except (TypeError, ValueError, NotImplementedError) as error:
+        error = refusal(self)
+        if error is not None:
             _leave_alone(self, f"{error}", logging.WARNING)  # the real original, as without
             return
         self.__class__ = converted
@@ -246,13 +245,7 @@ def _converts_at_load(optimizer) -> bool:
     """Whether a Gefen checkpoint loaded into ``optimizer`` converts it first: one the first
     step would convert. A subclass overriding ``step`` is decided by its step, but a Gefen
     checkpoint says that its step reached AdamW's in the run that saved it."""
-    if not isinstance(optimizer, _watched):
-        return False
-    try:
-        check_convertible(optimizer)
-    except (TypeError, ValueError, NotImplementedError):
-        return False
-    return True
+    return isinstance(optimizer, _watched) and refusal(optimizer) is None
 
 
 @eager  # also inside a compiled step, before AdamW allocates
@@ -260,9 +253,8 @@ def _watch_step(optimizer) -> None:
     """Convert ``optimizer`` at its first step, or, where its class overrides ``step``, probe
     this step: GefenStep.step converts it where it reaches AdamW's, or _after_step decides.
     Checked at every probed step: a group added since may hold what Gefen refuses."""
-    try:
-        check_convertible(optimizer)
-    except (TypeError, ValueError, NotImplementedError) as error:
+    error = refusal(optimizer)
+    if error is not None:
         optimizer.__class__ = own_class(optimizer)
         _probe_fingerprints.pop(optimizer, None)
         _leave_alone(optimizer, f"{error}", logging.WARNING)

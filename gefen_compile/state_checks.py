@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .codebook import CODEBOOK_SIZE, NearestCode
-from .distributed import is_sharded
+from .distributed import is_sharded, local_grad
 from .state import STATE_DTYPES, state_sizes
 from .variant import Variant
 
@@ -79,15 +79,18 @@ def entry_problem(entry: dict, param: Tensor, variant: Variant,
     if not second_moments:
         return None
     step = entry["step"]
-    if isinstance(step, bytes):  # checkpoint.py's marker: a saved entry, not loaded
-        return ("is a saved checkpoint entry (its step is Gefen's marker) put into "
-                "optimizer.state directly, not through load_state_dict (as "
-                "ZeroRedundancyOptimizer.load_state_dict puts each rank's entries: Gefen cannot "
-                "resume under it; its state being 1 byte per parameter, train under plain DDP "
-                "and save optimizer.state_dict() from rank 0)")
     if not (isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex()):
         return f"has step {step!r}; it must be a one-element real tensor"
     return None
+
+
+# Why an entry whose step is checkpoint.py's marker is refused, with the fix: no other fix holds.
+SAVED_ENTRY = (
+    "is a saved checkpoint entry (its step is Gefen's marker) put into optimizer.state directly, "
+    "not through load_state_dict, as ZeroRedundancyOptimizer.load_state_dict puts each rank's "
+    "entries: Gefen cannot resume under ZeroRedundancyOptimizer; its state being 1 byte per "
+    "parameter, train under plain DDP and save optimizer.state_dict() from rank 0"
+)
 
 
 def check_materialised(param: Tensor, where: str) -> None:
@@ -110,6 +113,30 @@ def check_plain(tensor: Tensor, what: str, name: str = "Gefen") -> None:
             f"tensors; {name} steps plain tensors (and DTensor shards): leave this parameter to "
             "another optimizer, or give the optimizer the plain tensor it wraps"
         )
+
+
+def checked_gradient(p: Tensor, where: str, name: str, sparse_error: str) -> Tensor:
+    """``p``'s gradient (its local shard for a DTensor), refused where the kernels cannot read
+    it or keep state for it. ``name``: the optimizer's, for messages; ``sparse_error``: the
+    message of the original's own error (a RuntimeError, as AdamW's and Muon's)."""
+    g = p.grad
+    check_materialised(p, where)
+    check_plain(p, where, name)
+    check_plain(g, f"the gradient of {where}", name)
+    if g.is_sparse:
+        raise RuntimeError(sparse_error)
+    if g.is_complex():
+        raise RuntimeError(
+            f"{name} does not support complex gradients ({where}); optimize torch.view_as_real(p)"
+        )
+    check_gradient_layout(p, g, where, name)
+    if g.dtype != p.dtype:  # refused before the first step builds state in g's dtype
+        raise ValueError(
+            f"{name}: the gradient of {where} has dtype {g.dtype}, the parameter {p.dtype}; "
+            f"{name} keeps its state in one dtype and updates the parameter from it in place: "
+            "give the gradient the parameter's dtype (p.grad_dtype = None allows others)"
+        )
+    return local_grad(p, g, where)
 
 
 def check_gradient_layout(param: Tensor, grad: Tensor, where: str, name: str = "Gefen") -> None:

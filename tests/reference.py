@@ -267,11 +267,13 @@ class RefGefen:
                 self._update(i, g)
 
     def period(self, grad: torch.Tensor) -> int:
-        """The inferred period; robust: cut to one row (numel / shape[0]) where it spans several
-        rows of more than 8 elements."""
+        """The inferred period; robust: cut to one row where it spans several rows of more
+        than 8 elements (a row: the last dimension where it has more than 8 elements, else
+        numel / shape[0])."""
         period = ref_period(grad)
         if self.robust and grad.dim() >= 2 and grad.shape[0] > 0:
-            row = grad.numel() // grad.shape[0]
+            last = grad.shape[-1]
+            row = last if last > 8 else grad.numel() // grad.shape[0]
             if row > 8 and period > row:
                 return row
         return period

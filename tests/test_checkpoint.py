@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gefen_compile as gefen
-from gefen_compile import Gefen, adamw_state_dict
+from gefen_compile import Gefen, GefenMuon, adamw_state_dict
 
 SHAPES = ((16, 12), (12,), (3, 4), ())
 LR, BETAS, EPS, WD = 1e-2, (0.8, 0.99), 1e-8, 0.05
@@ -144,6 +144,13 @@ def test_adamw_state_dict_refuses_what_is_not_gefen_state():
     del state_dict["codebook"]
     with pytest.raises(ValueError, match="no 'codebook'"):
         adamw_state_dict(state_dict)
+    weight = torch.nn.Parameter(torch.randn(16, 8))
+    muon = GefenMuon([weight])
+    weight.grad = torch.randn(16, 8)
+    muon.step()
+    for source in (muon, muon.state_dict()):  # a KeyError 'vmean' before
+        with pytest.raises(TypeError, match="GefenMuon .* resume it with gefen_compile.GefenMuon"):
+            adamw_state_dict(source)
 
 
 def test_reading_the_state_of_a_parameter_without_state_keeps_state_dict_working():

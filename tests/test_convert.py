@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gefen_compile import Gefen, convert
+from gefen_compile.convert import is_convertible
 from reference import ref_nearest, ref_period
 
 
@@ -244,3 +245,20 @@ def test_unconvertible_optimizers_are_refused_with_the_fix(make, error, words):
 def test_adam_without_weight_decay_converts():
     opt = convert(torch.optim.Adam(model_params(), lr=1e-3))
     assert isinstance(opt, torch.optim.Adam) and isinstance(opt, Gefen)
+
+
+def test_is_convertible_takes_the_exact_classes_only_also_after_a_subclass_converted():
+    # convert() takes a user's subclass; the backend's and the load's test must not start
+    # taking that subclass once its converted class exists.
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    def subclass():
+        return MyAdamW([torch.nn.Parameter(torch.randn(4, 4))])
+
+    assert is_convertible(torch.optim.AdamW([torch.nn.Parameter(torch.randn(4, 4))]))
+    assert not is_convertible(subclass())
+    convert(subclass())
+    assert not is_convertible(subclass())
+    assert not is_convertible(torch.optim.AdamW([torch.nn.Parameter(torch.randn(4, 4))],
+                                                amsgrad=True))

@@ -382,7 +382,8 @@ def test_muon_fsdp_gathers_each_update_once_and_tracks_a_single_process(ranks):
     # One all-gather of each matrix's bfloat16 update (three weights), nothing else: torch's
     # Muon, whose Newton-Schulz products run on DTensors, needs about a dozen per matrix.
     assert fsdp[0]["collectives"] == {"all_gather_into_tensor": 3}
-    assert fsdp[0]["layout"] == {"codes": "DTensor", "per_rank": "dict", "codebook": "Tensor"}
+    assert fsdp[0]["layout"] == {"codes": "DTensor", "per_rank": "dict", "codebook": "Tensor",
+                                 "momentum_buffer": "bytes"}
     assert torch.equal(fsdp[0]["codebook"], fsdp[1]["codebook"])
     losses = fsdp[0]["losses"] + fsdp[0]["tail"]
     _, _, reference = workers.muon_reference(workers.FSDP_STEPS)

@@ -341,6 +341,43 @@ def test_convert_migrates_a_muons_momentum():
                                                   for p, period in zip(params, periods))
 
 
+def stepped_gefen_muon():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 8))
+    opt = GefenMuon([weight])
+    weight.grad = torch.randn(16, 8)
+    opt.step()
+    return weight, opt
+
+
+def test_a_group_edited_between_steps_is_checked_as_built():
+    weight, opt = stepped_gefen_muon()
+    opt.param_groups[0]["ns_steps"] = 200  # Muon's step refuses it
+    before = weight.detach().clone()
+    with pytest.raises(ValueError, match=r"ns_steps=200; use an int in \[0, 100\)"):
+        opt.step()
+    assert torch.equal(weight, before)
+
+
+def test_a_gefen_muon_checkpoint_fails_torchs_muon_at_its_step_not_silently():
+    # Muon starts a missing momentum buffer from zero: the marker in its place fails instead.
+    weight, opt = stepped_gefen_muon()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    muon = torch.optim.Muon([torch.nn.Parameter(weight.detach().clone())])
+    muon.load_state_dict(saved)
+    muon.param_groups[0]["params"][0].grad = torch.randn(16, 8)
+    with pytest.raises(AttributeError, match="'bytes' object"):
+        muon.step()
+    marker = next(iter(muon.state.values()))["momentum_buffer"]
+    assert b"load it into gefen_compile.GefenMuon" in marker
+    again = GefenMuon([torch.nn.Parameter(weight.detach().clone())])
+    again.load_state_dict(saved)
+    assert sorted(next(iter(again.state.values()))) == ["codes", "magnitude", "period"]
+
+
 def test_muon_checkpoint_loads_into_gefen_muon():
     params, muon = _muon_after(3)
     buffers = [muon.state[p]["momentum_buffer"].clone() for p in params]
@@ -516,7 +553,7 @@ def test_changed_dtypes_and_edited_state_are_refused_by_name():
     w = torch.nn.Parameter(torch.randn(16, 8))
     w.grad_dtype = None
     w.grad = torch.randn(16, 8, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="dtype torch.bfloat16, the parameter torch.float32"):
+    with pytest.raises(ValueError, match="dtype torch.bfloat16, the parameter torch.float32"):
         GefenMuon([w]).step()
     w = torch.nn.Parameter(torch.randn(16, 8))
     opt = GefenMuon([w])

@@ -413,7 +413,7 @@ def test_betas_set_to_another_length_mid_training_are_refused_changing_nothing(b
     run(opt, params, 1)
     before = [p.detach().clone() for p in params]
     opt.param_groups[0]["betas"] = betas
-    with pytest.raises(ValueError, match=r"param group 0 has betas .*must be a pair"):
+    with pytest.raises(ValueError, match=r"betas must be a pair \(beta1, beta2\), got .*group 0"):
         run(opt, params, 1)
     assert_all_equal(params, before)
 
@@ -744,7 +744,8 @@ def test_state_saved_for_a_parameter_of_another_shape_is_refused_at_load():
 @pytest.mark.parametrize(
     "make, needles",
     [
-        (lambda ps: torch.optim.AdamW(ps, amsgrad=True), ["amsgrad=True"]),
+        (lambda ps: torch.optim.AdamW(ps, amsgrad=True),
+         ["amsgrad=True", "load this checkpoint into torch.optim.AdamW(amsgrad=True)"]),
         (lambda ps: torch.optim.Adam(ps, weight_decay=0.1), ["coupled", "weight_decay=0"]),
         (lambda ps: torch.optim.NAdam(ps), ["no 'amsgrad'", "optimizer that saved it"]),
         (lambda ps: torch.optim.Adamax(ps), ["no 'amsgrad'", "optimizer that saved it"]),
@@ -802,6 +803,30 @@ def test_load_state_dict_hooks_run_once_and_the_post_hook_sees_the_loaded_state(
     assert calls == ["pre", ("post", first)]
     assert "codes" in first and "exp_avg" not in first and "momentum_buffer" not in first
     assert loader.param_groups[0]["lr"] == 0.005
+
+
+@pytest.mark.parametrize("kind", ["Gefen", "GefenMuon"])
+def test_state_dict_post_hooks_see_the_state_dict_returned(kind):
+    """As on AdamW, a post-hook gets the state_dict that state_dict() returns (an asynchronous
+    checkpointer keeps it), and what it returns is returned."""
+    muon = kind == "GefenMuon"
+    params = make_params(shapes=[(8, 16), (16, 4)]) if muon else make_params()
+    opt = (GefenMuon if muon else Gefen)(params, lr=0.01)
+    run(opt, params, 2)
+    seen = []
+
+    def keep(optimizer, state_dict):
+        seen.append(state_dict)
+
+    def tag(optimizer, state_dict):
+        return {**state_dict, "tag": sorted(state_dict)}
+
+    opt.register_state_dict_post_hook(keep)
+    opt.register_state_dict_post_hook(tag)
+    returned = opt.state_dict()
+    assert returned["tag"] == sorted(seen[0]) and {"codebook", "variant"} <= set(seen[0])
+    fresh = (GefenMuon if muon else Gefen)(clone_params(params), lr=0.01)
+    fresh.load_state_dict(seen[0])  # loads: the codebook and the saved layout are in it
 
 
 # --------------------------------------------------------------------------------------------
@@ -918,8 +943,9 @@ def test_invalid_hyperparameters_raise_with_a_fix(kwargs, exc_type, needles, whe
 )
 def test_non_real_floating_parameters_rejected_at_construction(dtype, fix):
     params = make_params()[:1] + [torch.zeros(3, dtype=dtype)]
-    with raises_naming(TypeError, "parameter 1 of param group 0", str(dtype), fix):
+    with raises_naming(TypeError, "parameter 1 of param group 0", str(dtype), fix) as info:
         Gefen(params)
+    assert ("view_as_real" in str(info.value)) == dtype.is_complex  # only the fix that holds
 
 
 @pytest.mark.parametrize(

@@ -186,15 +186,26 @@ def rows_in_groups(shape, rows_per_group, seed=0):
     ((64, 8), 64, 64),  # rows of 8: left alone (a moment per row would cost > 1 byte/param)
 ])
 def test_robust_periods_never_span_rows(shape, published, robust):
-    grad = rows_in_groups(shape, 8)
+    assert periods_of(rows_in_groups(shape, 8)) == {"published": published, "robust": robust}
+
+
+def test_robust_periods_never_span_the_rows_of_fused_moe_experts():
+    # transformers' fused experts (experts, out, in): 16 output rows of one expert per
+    # inferred block; a row is the last dimension, as for each expert's own Linear weight.
+    grad = rows_in_groups((8 * 64, 128), 16).view(8, 64, 128)
+    assert periods_of(grad) == {"published": 2048, "robust": 128}
+
+
+def periods_of(grad):
+    """The period each variant gives a parameter whose first gradient is ``grad``."""
     periods = {}
     for variant in ("robust", "published"):
-        p = nn.Parameter(torch.zeros(shape))
+        p = nn.Parameter(torch.zeros(grad.shape))
         opt = Gefen([p], variant=variant)
         p.grad = grad.clone()
         opt.step()
         periods[variant] = opt.state[p]["period"]
-    assert periods == {"published": published, "robust": robust}
+    return periods
 
 
 # ---- thin codebooks: provisional until learned from enough values ----

@@ -26,7 +26,7 @@ def test_a_model_cast_after_the_first_step_is_refused_by_name(dtype):
         opt.step()
 
 
-@pytest.mark.parametrize("numel", [4, 400])
+@pytest.mark.parametrize("numel", [0, 4, 400])  # 0: no memory, but first of all resized
 def test_a_parameter_resized_after_the_first_step_is_refused(numel):
     model, opt = stepped()
     weight = model[0].weight
@@ -35,6 +35,15 @@ def test_a_parameter_resized_after_the_first_step_is_refused(numel):
     with pytest.raises(ValueError, match="parameter 0 of param group 0 has dtype torch.float32 "
                                          f"and {numel} elements"):
         opt.step()
+
+
+def test_state_dict_of_a_parameter_resized_after_its_first_step_names_it():
+    # AdamW's moments save whatever their shape; Gefen's codes are saved in the parameter's.
+    model, opt = stepped()
+    model[1].weight.data = torch.zeros(8, 16)
+    with pytest.raises(ValueError, match=r"Gefen.state_dict: parameter 2 of param group 0 has "
+                                         r"128 elements, but its state was built for 64"):
+        opt.state_dict()
 
 
 def test_the_step_bumps_the_version_of_what_it_writes():
@@ -95,3 +104,34 @@ def test_a_gradient_without_memory_is_refused_by_name():
     with pytest.raises(ValueError, match="gradient of parameter 0 of param group 0 has no memory"):
         opt.step()
 
+
+
+@pytest.mark.parametrize("key, value, error, message", [
+    (("betas",), (1.0, 0.999), ValueError, r"Invalid beta parameter at index 0: 1.0 \(param group"),
+    (("betas", 0), 1.0, ValueError, r"Invalid beta parameter at index 0: 1.0 \(param group"),
+    (("amsgrad",), True, NotImplementedError, r"param group 1: amsgrad=True is not Gefen"),
+    (("lr",), -1.0, ValueError, r"Invalid learning rate: -1.0 \(param group 1"),
+    (("eps",), float("nan"), ValueError, r"Invalid epsilon value: nan \(param group 1"),
+    (("decoupled_weight_decay",), False, ValueError, r"group 1 has weight_decay=0.01 applied as L2"),
+], ids=["betas", "beta1_in_a_list", "amsgrad", "lr", "eps", "coupled_decay"])
+def test_a_group_edited_between_steps_is_checked_as_built_changing_nothing(key, value, error,
+                                                                           message):
+    # AdamW's step fails on beta1 = 1 (a division by zero); Gefen's kernels would NaN every
+    # parameter, and would ignore an option Gefen refuses.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    opt = Gefen([{"params": model[0].parameters()},
+                 {"params": model[1].parameters(), "betas": [0.9, 0.999]}], lr=1e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    for _ in range(3):  # a float lr that changes every step is checked, and passes
+        model(torch.randn(3, 8)).sum().backward()
+        opt.step()
+        schedule.step()
+    target = opt.param_groups[1]
+    for k in key[:-1]:
+        target = target[k]
+    target[key[-1]] = value
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=message):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

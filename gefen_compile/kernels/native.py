@@ -132,9 +132,12 @@ def use_cpu_path(name: str) -> str:
     if library is None:
         raise RuntimeError(f"use_cpu_path({name!r}): the C kernels are not built "
                            f"({_load_error}); install a C compiler and reinstall gefen-compile")
+    if name not in CPU_PATHS:
+        raise ValueError(f"use_cpu_path: {name!r} is no CPU path; the paths are "
+                         f"{', '.join(CPU_PATHS)}, and this CPU runs {', '.join(cpu_paths())}")
     if name not in cpu_paths():
         raise ValueError(f"use_cpu_path: {name!r} is not a path this CPU runs; it runs "
-                         f"{', '.join(cpu_paths())} (of {', '.join(CPU_PATHS)})")
+                         f"{', '.join(cpu_paths())}")
     previous = cpu_path()
     library.gefen_cpu_path(CPU_PATHS.index(name))
     _log.debug("CPU steps take the %s path (%s)", name, processor_name())
