@@ -16,9 +16,8 @@ compare versions.
 from __future__ import annotations
 
 import argparse
-import os
 
-from gefen_compile.kernels.aot import DTYPES, KERNELS, specialisations
+from gefen_compile.kernels.aot import parsed_specialisations
 
 REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64
 
@@ -32,13 +31,7 @@ def occupancy(registers: int, warps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
-    args = parser.parse_args()
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    results = specialisations(args.arch, args.dtype, args.kernel)
+    args, results = parsed_specialisations(parser)
     # The column that tells a kernel's specialisations apart beside the tile and alignment.
     own = {"step": ("per element v", "PER_ELEMENT"), "momentum": ("nesterov", "NESTEROV")}
     for kernel in args.kernel:

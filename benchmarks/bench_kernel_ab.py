@@ -41,7 +41,7 @@ def step_args(shape: tuple[int, int], dtype: torch.dtype, threads: int = 1) -> t
     tensors = (*tables, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean, a.steps,
                a.codebook, a.lut, a.bounds, a.first_index)
     args = native.StepArgs(a.num_rows, a.segments.data_ptr(), 1, *(t.data_ptr() for t in tensors),
-                           a.first_index.numel(), a.lut_half, threads, cpu_step.SHORT_ROW)
+                           a.first_index.numel(), a.lut_half, threads, cpu_step.MAX_BATCHED_ROW)
     return args, (optimizer, p, tensors)
 
 

@@ -56,7 +56,7 @@ def measure(shape: tuple[int, ...], dtype: torch.dtype) -> Measured:
     optimizer = Gefen([param])
     optimizer.step()
     (row,) = memory_report(optimizer).tensors
-    return Measured(row.period, row.gefen_bytes, row.adamw_bytes)
+    return Measured(row.period, row.gefen_bytes, row.baseline_bytes)
 
 
 def measure_model(kinds: list[TensorKind], dtype: torch.dtype) -> dict[tuple[int, ...], Measured]:

@@ -37,16 +37,26 @@ def place(groups: list[dict[str, Any]], gi: int, pi: int) -> str:
     return f"parameter {pi} of param group {gi}{name}"
 
 
-def _comparable(value: Any) -> Any:
-    """``value`` with its tensors replaced by their identities (comparing tensors reads their
-    values) and its lists by tuples (copies: a list edited in place is seen to change)."""
-    if isinstance(value, Tensor):
-        return Tensor, id(value)
-    if isinstance(value, dict):
-        return tuple((k, _comparable(v)) for k, v in value.items())
-    if isinstance(value, (tuple, list)):
-        return tuple(map(_comparable, value))
-    return value
+def _unchanged(value: Any, before: Any) -> bool:
+    """Whether a group's value is what it was (``before``: its :func:`_kept` copy): the same
+    object, an equal Python number or string, or a sequence of such items. Other objects
+    (tensors, arrays) are compared by identity: comparing them reads their elements."""
+    if value is before:
+        return True
+    kind = type(value)
+    if kind in _PLAIN:
+        return kind is type(before) and value == before
+    return ((kind is tuple or kind is list) and type(before) is tuple
+            and len(value) == len(before) and all(map(_unchanged, value, before)))
+
+
+def _kept(value: Any) -> Any:
+    """``value`` as :func:`_unchanged` compares it later: a list copied (as a tuple), so
+    that one edited in place is seen to change."""
+    return tuple(value) if type(value) is list else value
+
+
+_PLAIN = frozenset({float, int, bool, str})
 
 
 class NonFiniteFirstGradient(ValueError):
@@ -82,18 +92,21 @@ class LearnedState:
     def _check_edited_groups(self) -> None:
         """Check again, as the constructor did, every group whose values changed since the
         last eager step: set by hand, beta1 = 1 would NaN every parameter where AdamW's step
-        fails, and an option Gefen refuses (amsgrad) would be ignored. A tensor is compared by
-        identity, so a scheduler's in-place update reads nothing on the host; under
+        fails, and an option Gefen refuses (amsgrad) would be ignored. A tensor (any value but
+        numbers, strings and sequences) is compared by identity, so a scheduler's in-place
+        update reads nothing on the host; under
         torch.compile nothing is compared (it would make a float lr a constant of the
         graph)."""
         if torch.compiler.is_compiling():
             return
-        seen = [_comparable({k: v for k, v in g.items() if k not in ("params", "param_names")})
-                for g in self.param_groups]
+        keys = tuple(self.defaults)  # the values the constructor checks
         checked = getattr(self, "_checked_groups", [])
-        for i, (group, values) in enumerate(zip(self.param_groups, seen)):
-            if i >= len(checked) or checked[i] != values:
+        seen = []
+        for i, group in enumerate(self.param_groups):
+            values = tuple(map(group.get, keys))
+            if i >= len(checked) or not all(map(_unchanged, values, checked[i])):
                 self._check_group(group, f"param group {i}")
+            seen.append(tuple(map(_kept, values)))
         self._checked_groups = seen
 
     @staticmethod

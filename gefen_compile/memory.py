@@ -24,11 +24,6 @@ class TensorMemory:
     gefen_bytes: int
     baseline_bytes: int  # what the baseline optimizer (MemoryReport.baseline) would hold
 
-    @property
-    def adamw_bytes(self) -> int:
-        """``baseline_bytes``: AdamW's, in a report on Gefen."""
-        return self.baseline_bytes
-
 
 @dataclass(frozen=True)
 class MemoryReport:
@@ -53,11 +48,6 @@ class MemoryReport:
     @property
     def baseline_bytes(self) -> int:
         return sum(t.baseline_bytes for t in self.tensors)
-
-    @property
-    def adamw_bytes(self) -> int:
-        """``baseline_bytes``: AdamW's, in a report on Gefen."""
-        return self.baseline_bytes
 
     @property
     def gefen_bytes_per_param(self) -> float:

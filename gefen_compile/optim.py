@@ -264,7 +264,7 @@ class Gefen(LearnedState, Optimizer):
                 state = self.state.get(p)
                 if not state:
                     self._stateless.append((gi, pi, group, p))
-                if state:
+                else:
                     if p not in new_dtypes:
                         self._check_entry(state, p, "Gefen: optimizer.state of",
                                           "if the parameter changed since its state was made "

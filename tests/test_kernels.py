@@ -322,13 +322,14 @@ def test_every_cpu_path_gives_the_portable_bytes(monkeypatch, path, dtype):
     buffer (period 8219), rows with tails past whole vectors of 8 and of 16 elements (75),
     chunk tails, period 1, maximize, NaN and infinite gradients, and a
     padded codebook (the tiny shapes alone: under 256 distinct entries); the short rows in
-    batches, then (SHORT_ROW 0) one by one."""
+    batches, then (MAX_BATCHED_ROW 0) one by one."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
     long_rows = (8, 8219)
-    for short_row, shapes in ((cpu_step.SHORT_ROW, SHAPES + [(6, 75), long_rows]),
-                              (0, SHAPES + [(6, 75)]), (cpu_step.SHORT_ROW, [(3, 4), (5,)])):
-        monkeypatch.setattr(cpu_step, "SHORT_ROW", short_row)
+    batched = cpu_step.MAX_BATCHED_ROW
+    for short_row, shapes in ((batched, SHAPES + [(6, 75), long_rows]),
+                              (0, SHAPES + [(6, 75)]), (batched, [(3, 4), (5,)])):
+        monkeypatch.setattr(cpu_step, "MAX_BATCHED_ROW", short_row)
         values, grads = _row_scaled_run(shapes, dtype)
         params, opt, rows = _train_on_path(path, values, grads, dtype)
         twins, twin_opt, _ = _train_on_path("portable", values, grads, dtype)
@@ -347,8 +348,8 @@ def test_every_cpu_path_gives_the_portable_bytes(monkeypatch, path, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("path", native.CPU_PATHS)
 def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, path, dtype, variant):
-    """Whole rows up to cpu_step.SHORT_ROW elements are stepped in batches of rows (cpu_step.c,
-    "short rows"): on every path, dtype and variant the same bytes as with every row stepped
+    """Whole rows up to cpu_step.MAX_BATCHED_ROW elements are stepped in batches of rows
+    (cpu_step.c, "short rows"): on every path, dtype and variant the same bytes as with every row stepped
     alone, NaNs aside (both give NaN; its sign and payload follow operand orders, which
     compilers choose). Periods 9 to 64 beside a longer one; published period-1 blocks of 1, 2
     and 30 elements (second moments per element); batches cut by BATCH, by parameters and by
@@ -372,9 +373,9 @@ def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, pa
             step[8][t % 3] = math.nan if t % 2 else -math.nan
     grads[1][3] = None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    runs, batched = [], cpu_step.SHORT_ROW
+    runs, batched = [], cpu_step.MAX_BATCHED_ROW
     for short_row in (batched, 0):
-        monkeypatch.setattr(cpu_step, "SHORT_ROW", short_row)
+        monkeypatch.setattr(cpu_step, "MAX_BATCHED_ROW", short_row)
         runs.append(_train_on_path(path, values, grads, dtype, variant)[:2])
     (params, opt), (twins, twin_opt) = runs
     periods = [opt.state[p]["period"] for p in params]

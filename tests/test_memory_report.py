@@ -33,7 +33,7 @@ def test_rows_account_for_every_state_tensor(dtype):
         vmean = n // period if period > 1 else n
         block = period if period > 1 else n // state["magnitude"].numel()
         assert row.gefen_bytes == n + (vmean + n // block) * esize + 4  # codes, vmean, magnitude, step
-        assert row.adamw_bytes == 2 * n * esize + 4
+        assert row.baseline_bytes == 2 * n * esize + 4
     weight = rows["0.weight"]
     assert weight.period == 64  # so 1 + 2 * esize / 64 bytes per element, plus the step
     assert rows["unused"].period is None and rows["unused"].gefen_bytes == 0

@@ -231,16 +231,24 @@ def _unique(results: list[CompiledSpecialisation]) -> list[CompiledSpecialisatio
     return unique
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parsed_specialisations(parser: argparse.ArgumentParser, argv: list[str] | None = None
+                           ) -> tuple[argparse.Namespace, list]:
+    """``parser``'s arguments with --arch, --dtype and --kernel added, and the
+    specialisations they choose, compiled (this module's command line, and
+    benchmarks/bench_gpu_static.py's)."""
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
-    parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    results = specialisations(args.arch, args.dtype, args.kernel)
+    return args, specialisations(args.arch, args.dtype, args.kernel)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the results to this file")
+    args, results = parsed_specialisations(parser, argv)
     import triton
 
     for r in results:

@@ -20,7 +20,7 @@ from .native import StepArgs, _cpu, library as _lib, log_rows, threads
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 # Whole rows (magnitude blocks) up to this long may be stepped in batches of rows (cpu_step.c,
 # "short rows"; each path batches up to its own length, 32 or 64); 0 steps every row alone.
-SHORT_ROW = 64
+MAX_BATCHED_ROW = 64
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -79,7 +79,7 @@ def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: tor
                a.steps, a.codebook, a.lut, a.bounds, a.first_index)
     args = StepArgs(a.num_rows, a.segments.data_ptr(), len(params),
                     *(t.data_ptr() for t in tensors), a.first_index.numel(), a.lut_half,
-                    threads(), SHORT_ROW)
+                    threads(), MAX_BATCHED_ROW)
     if _lib.gefen_step(ctypes.byref(args), DTYPE_CODES[a.vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
     log_rows()

@@ -105,7 +105,7 @@ def lowering_problem(matches: MatchReport) -> str | None:
 
 
 class _Attributes:
-    """Tensors stored on the graph module under ``prefix_name``, with their get_attr nodes."""
+    """Tensors stored on the graph module as ``{prefix}_{name}``, with their get_attr nodes."""
 
     def __init__(self, gm: GraphModule, prefix: str):
         self.gm, self.prefix = gm, prefix
