@@ -33,7 +33,8 @@ from .hyperparameters import check_hyperparameters
 from .learned_state import LearnedState
 from .migrate import migrate_adamw_state, migrate_muon_state
 from .muon import GefenMuon, check_matrix, check_muon_hyperparameters
-from .optim import Gefen, check_real
+from .optim import Gefen
+from .state_checks import check_real
 from .state import adamw_state_nbytes
 from .variant import ROBUST, Variant, variant_named
 

@@ -13,10 +13,13 @@ from typing import Any
 from torch import Tensor
 
 
-def check_hyperparameters(values: dict[str, Any], where: str, saved: bool = False) -> None:
+def check_hyperparameters(values: dict[str, Any], where: str, saved: bool = False,
+                          edited: bool = False) -> None:
     """Raise AdamW's error (ValueError; NotImplementedError for what Gefen does not do) for
     invalid ``values`` (a param group, or the constructor's defaults; ``saved``: a checkpoint's
-    group), naming ``where``."""
+    group), naming ``where``. ``edited``: values set since the group was checked, as AdamW's
+    step takes them: their tensors are not read (a host sync on a GPU), and a pair of a float
+    and a tensor (OneCycleLR's betas over tensor ones) is taken."""
     lr, betas, eps, weight_decay = (values[k] for k in ("lr", "betas", "eps", "weight_decay"))
     if values.get("amsgrad"):
         fix = ("load this checkpoint into torch.optim.AdamW(amsgrad=True): its max of the second "
@@ -42,29 +45,32 @@ def check_hyperparameters(values: dict[str, Any], where: str, saved: bool = Fals
         if lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element ({where}: got shape "
                              f"{tuple(lr.shape)}; use a float or a one-element tensor)")
-    if not 0.0 <= lr:
+    def read(value: Any) -> bool:  # whether the value's sign and range may be read
+        return not (edited and isinstance(value, Tensor))
+
+    if read(lr) and not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr} ({where}: use lr >= 0)")
-    if not 0.0 <= eps:
+    if read(eps) and not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps} ({where}: use eps >= 0)")
     betas = beta_pair(betas, where)
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor) and beta.numel() != 1:  # before comparing it
             raise ValueError(f"Tensor betas[{i}] must be 1-element ({where}: got shape "
                              f"{tuple(beta.shape)})")
-        if not 0.0 <= beta < 1.0:
+        if read(beta) and not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta} ({where}: use "
                              "0 <= beta < 1)")
-    if not 0.0 <= weight_decay:
+    if read(weight_decay) and not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay} ({where}: use "
                          "weight_decay >= 0)")
     # A group without the key (saved by torch before 2.6) is AdamW's, decoupled.
-    if not values.get("decoupled_weight_decay", True) and weight_decay != 0:
+    if not values.get("decoupled_weight_decay", True) and read(weight_decay) and weight_decay != 0:
         raise ValueError(
             f"{where} has weight_decay={weight_decay} applied as L2 (Adam's coupled decay, "
             "decoupled_weight_decay=False), which Gefen does not implement; use decoupled "
             "weight decay (torch.optim.AdamW, or decoupled_weight_decay=True), or weight_decay=0"
         )
-    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+    if not edited and isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
         raise ValueError(f"betas must be either both floats or both Tensors ({where}: got "
                          f"{type(betas[0]).__name__} and {type(betas[1]).__name__})")
     for i, beta in enumerate(betas):

@@ -5,6 +5,7 @@ and the robust variant's rules in variant.py)."""
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,6 +60,14 @@ def _kept(value: Any) -> Any:
 _PLAIN = frozenset({float, int, bool, str})
 
 
+def _only_a_new_lr(keys: tuple, values: tuple, before: tuple) -> bool:
+    """Whether the only value changed is "lr", to a Python float >= 0: a schedule's, at every
+    step, and all that the whole check would read of it."""
+    changed = [(k, v) for k, v, was in zip(keys, values, before) if not _unchanged(v, was)]
+    return (len(changed) == 1 and changed[0][0] == "lr" and type(changed[0][1]) is float
+            and changed[0][1] >= 0)
+
+
 class NonFiniteFirstGradient(ValueError):
     """A first gradient with inf or nan values: nothing is learned or changed."""
 
@@ -79,9 +88,11 @@ class LearnedState:
     ``_saved`` (its state_dict's layout from torch's), ``_load_original`` (the state_dict of
     the optimizer it replaces), ``_check_saved_groups``
     (a ValueError for saved param groups it cannot step with), ``_check_entry`` and
-    ``_check_group`` (its constructor's check of a group's values)."""
+    ``_check_group`` (its constructor's check of a group's values; ``edited=True``: of values
+    set since, reading no tensor) and ``_check_param`` (of a parameter)."""
 
-    _check_group: Callable[[dict[str, Any], str], None]
+    _check_group: Callable[..., None]
+    _check_param: Callable[[Tensor, str], None]
 
     _name = "Gefen"  # in error messages
 
@@ -89,25 +100,42 @@ class LearnedState:
         """One optimizer step; ``closure`` (re-evaluating the loss) is run first, with grad."""
         return self._update(closure)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as the original optimizer's ``add_param_group``; its values and its
+        parameters (``_check_param``) are checked."""
+        index = len(self.param_groups)
+        self._check_group({**self.defaults, **param_group}, f"param group {index}")
+        params = self._listed_params(param_group, self._check_param)
+        super().add_param_group({**param_group, "params": params})
+        self._buckets = None  # the group table changed
+        checked = self.__dict__.setdefault("_checked_groups", [])
+        if len(checked) == index:  # else groups were appended by hand: the step checks them
+            checked.append(self._checked_values(self.param_groups[index]))
+
+    def _checked_values(self, group: dict[str, Any]) -> tuple:
+        """The values of ``group`` that the constructor checks, as _unchanged compares them."""
+        return tuple(map(_kept, map(group.get, self.defaults)))
+
     def _check_edited_groups(self) -> None:
-        """Check again, as the constructor did, every group whose values changed since the
-        last eager step: set by hand, beta1 = 1 would NaN every parameter where AdamW's step
-        fails, and an option Gefen refuses (amsgrad) would be ignored. A tensor (any value but
-        numbers, strings and sequences) is compared by identity, so a scheduler's in-place
-        update reads nothing on the host; under
-        torch.compile nothing is compared (it would make a float lr a constant of the
+        """Check again, as the constructor did, every group whose values changed since they
+        were checked: set by hand, beta1 = 1 would NaN every parameter where AdamW's step
+        fails, and an option Gefen refuses (amsgrad) would be ignored. A tensor (any value
+        but Python's numbers and strings, and sequences of them) is compared by identity and
+        never read on the host (a scheduler's in-place update, a tensor set in its place).
+        Under torch.compile nothing is compared (it would make a float lr a constant of the
         graph)."""
         if torch.compiler.is_compiling():
             return
-        keys = tuple(self.defaults)  # the values the constructor checks
-        checked = getattr(self, "_checked_groups", [])
-        seen = []
+        keys = tuple(self.defaults)
+        checked = self.__dict__.setdefault("_checked_groups", [])
         for i, group in enumerate(self.param_groups):
             values = tuple(map(group.get, keys))
-            if i >= len(checked) or not all(map(_unchanged, values, checked[i])):
-                self._check_group(group, f"param group {i}")
-            seen.append(tuple(map(_kept, values)))
-        self._checked_groups = seen
+            if i < len(checked) and (all(map(operator.is_, values, checked[i]))  # the usual
+                                     or all(map(_unchanged, values, checked[i]))):
+                continue
+            if i == len(checked) or not _only_a_new_lr(keys, values, checked[i]):
+                self._check_group(group, f"param group {i}", edited=True)
+            checked[i:i + 1] = [tuple(map(_kept, values))]  # replaced, or appended
 
     @staticmethod
     def _loss_of(closure: Callable[[], float] | None) -> float | None:
@@ -235,6 +263,7 @@ class LearnedState:
                 self._load_original(state_dict)
         else:
             self._load_own(state_dict)
+        self._checked_groups = [self._checked_values(g) for g in self.param_groups]
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

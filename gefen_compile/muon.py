@@ -65,8 +65,12 @@ class GefenMuon(LearnedState, Optimizer):
     _name = "GefenMuon"
 
     @staticmethod
-    def _check_group(values: dict[str, Any], where: str) -> None:
-        check_muon_hyperparameters(values, where)
+    def _check_group(values: dict[str, Any], where: str, edited: bool = False) -> None:
+        check_muon_hyperparameters(values, where, edited)
+
+    @staticmethod
+    def _check_param(p: Tensor, where: str) -> None:
+        check_matrix(p, where)
 
     def __init__(
         self,
@@ -97,15 +101,6 @@ class GefenMuon(LearnedState, Optimizer):
         self._set_codebook(None)
         self._buckets: list[Bucket] | None = None  # built when a parameter gets state
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as ``torch.optim.Muon.add_param_group``; its values and parameters
-        are checked."""
-        index = len(self.param_groups)
-        self._check_group({**self.defaults, **param_group}, f"param group {index}")
-        params = self._listed_params(param_group, check_matrix)
-        super().add_param_group({**param_group, "params": params})
-        self._buckets = None
 
     @torch.no_grad()
     def _update(self, closure: Callable[[], float] | None) -> float | None:
@@ -269,14 +264,14 @@ class GefenMuon(LearnedState, Optimizer):
         migrate_muon_state(self)
 
 
-def check_muon_hyperparameters(values: dict[str, Any], where: str) -> None:
+def check_muon_hyperparameters(values: dict[str, Any], where: str, edited: bool = False) -> None:
     """Raise ``torch.optim.Muon``'s error for invalid ``values`` (a param group, or the
     constructor's defaults), naming ``where``; also what Muon checks only at its first step
-    (ns_steps, ns_coefficients)."""
+    (ns_steps, ns_coefficients). ``edited``: values set since, whose tensors are not read."""
     lr = values["lr"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element ({where}: got shape {tuple(lr.shape)})")
-    if not 0.0 <= lr:
+    if not (edited and isinstance(lr, Tensor)) and not 0.0 <= lr:
         raise ValueError(f"Learning rate should be >= 0 but is: {lr} ({where})")
     for key in ("momentum", "weight_decay"):
         if not 0.0 <= values[key]:

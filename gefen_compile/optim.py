@@ -14,12 +14,12 @@ from . import checkpoint, distributed, ops
 from .device_tables import device_table
 from .eager import eager
 from .learned_state import LearnedState, place
-from .hyperparameters import beta_pair, check_hyperparameters, scalar_betas
+from .hyperparameters import check_hyperparameters, scalar_betas
 from .kernels import StepInputs, cpu_step, is_readable, readable
 from .kernels.torch_step import gefen_update
 from .migrate import check_saved_moments, has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
-from .state_checks import SAVED_ENTRY, checked_gradient, entry_problem
+from .state_checks import SAVED_ENTRY, check_real, checked_gradient, entry_problem
 from .state_table import Changes, tracked
 from .variant import ROBUST, Variant, variant_named
 
@@ -43,6 +43,7 @@ class Gefen(LearnedState, Optimizer):
     """
 
     _check_group = staticmethod(check_hyperparameters)
+    _check_param = staticmethod(check_real)
 
     def __init__(
         self,
@@ -80,14 +81,6 @@ class Gefen(LearnedState, Optimizer):
         self._index: dict[Tensor, tuple[int, int]] = {}
         self._stateless: list[tuple[int, int, dict, Tensor]] = []  # rebuilt with the buckets
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as ``torch.optim.AdamW.add_param_group``; its values are checked."""
-        index = len(self.param_groups)
-        self._check_group({**self.defaults, **param_group}, f"param group {index}")
-        params = self._listed_params(param_group, check_real)
-        super().add_param_group({**param_group, "params": params})
-        self._buckets = None  # the group table changed
 
     @torch.no_grad()
     def _update(self, closure: Callable[[], float] | None) -> float | None:
@@ -377,22 +370,26 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
     """float64 [groups, 6] on ``device``: lr, beta1, beta2, eps, weight_decay, maximize. A
     tensor lr or beta is copied tensor to tensor into its entry (never read on the host: no
     sync), and under torch.compile it stays an input of the graph rather than a constant."""
-    rows = [_hyper_row(i, group) for i, group in enumerate(groups)]
     if torch.compiler.is_compiling():
         # Built by traced ops, so that a float that changes (a schedule's lr, OneCycleLR's
         # beta1) becomes an input of the graph at its first change, as AdamW's does; a table
         # cached by value would make each value a constant, compiled anew.
         one = torch.ones((), dtype=torch.float64, device=device)
-        return torch.stack([torch.stack([value.to(device, torch.float64)
-                                         if isinstance(value, Tensor) else one * value
-                                         for value in row]) for row in rows])
-    tensors = {(i, column): value for i, row in enumerate(rows)
-               for column, value in enumerate(row) if isinstance(value, Tensor)}
-    floats = tuple(tuple(0.0 if isinstance(value, Tensor) else float(value) for value in row)
-                   for row in rows)
+        return torch.stack([torch.stack([
+            value.reshape(()).to(device, torch.float64) if isinstance(value, Tensor)
+            else one * value for value in _hyper_row(i, group)]) for i, group in enumerate(groups)])
+    rows, tensors = [], {}
+    for i, group in enumerate(groups):
+        row = []
+        for column, value in enumerate(_hyper_row(i, group)):
+            if isinstance(value, Tensor):  # one element; a shape (1,) lr is AdamW's too
+                tensors[i, column] = value.reshape(()) if value.dim() else value
+                value = 0.0
+            row.append(float(value))
+        rows.append(tuple(row))
     # Tables written into are keyed by the tensors' identities too: two optimizers stepping in
     # two threads (the C step releases the GIL) must not write their lrs into one table.
-    table = device_table(floats, torch.float64, device,
+    table = device_table(tuple(rows), torch.float64, device,
                          tag=("tensors", *((*at, id(value)) for at, value in tensors.items())))
     for (i, column), value in tensors.items():  # written on every step: the cache may hold it
         table[i, column].copy_(value, non_blocking=True)
@@ -400,22 +397,10 @@ def hyper_table(groups: list[dict[str, Any]], device: torch.device) -> Tensor:
 
 
 def _hyper_row(i: int, group: dict[str, Any]) -> tuple:
-    """Group i's row of the hyper table: floats, and one-element tensors as scalars."""
-    # A row of another length would shift the kernels' columns (eager steps have refused it
-    # already, in _check_edited_groups; compiled ones do not compare).
-    betas = beta_pair(group["betas"], f"param group {i}")
+    """Group i's row of the hyper table, as the group holds it (floats or tensors)."""
+    betas = group["betas"]
+    if len(betas) != 2:  # a row of another length would shift the kernels' columns
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r} (param group {i})")
     # maximize: its truth, as AdamW reads it ("0" and None included)
-    values = (group["lr"], *betas, group["eps"], group["weight_decay"],
-              float(bool(group["maximize"])))
-    # one element; a shape (1,) lr is AdamW's too
-    return tuple(v.reshape(()) if isinstance(v, Tensor) and v.dim() else v for v in values)
-
-
-def check_real(p: Tensor, where: str) -> None:
-    if p.is_complex() or not p.is_floating_point():
-        fix = ("pass torch.view_as_real(p) instead" if p.is_complex()
-               else "leave this tensor out of the optimizer")
-        raise TypeError(
-            f"Gefen: {where} has dtype {p.dtype}; Gefen updates real floating-point parameters "
-            f"only: {fix}"
-        )
+    return (group["lr"], betas[0], betas[1], group["eps"], group["weight_decay"],
+            float(bool(group["maximize"])))

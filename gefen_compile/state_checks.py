@@ -93,6 +93,16 @@ SAVED_ENTRY = (
 )
 
 
+def check_real(p: Tensor, where: str) -> None:
+    if p.is_complex() or not p.is_floating_point():
+        fix = ("pass torch.view_as_real(p) instead" if p.is_complex()
+               else "leave this tensor out of the optimizer")
+        raise TypeError(
+            f"Gefen: {where} has dtype {p.dtype}; Gefen updates real floating-point parameters "
+            f"only: {fix}"
+        )
+
+
 def check_materialised(param: Tensor, where: str) -> None:
     """Refuse a parameter on the meta device (no data to update), with the fix."""
     if param.is_meta:
@@ -134,7 +144,8 @@ def checked_gradient(p: Tensor, where: str, name: str, sparse_error: str) -> Ten
         raise ValueError(
             f"{name}: the gradient of {where} has dtype {g.dtype}, the parameter {p.dtype}; "
             f"{name} keeps its state in one dtype and updates the parameter from it in place: "
-            "give the gradient the parameter's dtype (p.grad_dtype = None allows others)"
+            "give the gradient the parameter's dtype (p.grad = p.grad.to(p.dtype); autograd "
+            "makes one of another dtype only where p.grad_dtype allows it)"
         )
     return local_grad(p, g, where)
 

@@ -13,10 +13,11 @@ every other module runs both, reading these rules.
   they teach nothing: the parameter's period, and the codebook while none exists, wait for a
   non-zero gradient, and decoupled weight decay still applies meanwhile.
 - Periods of tensors of 2 or more dimensions: published, as inferred; robust, a block never
-  spans rows (a row: the last dimension where it holds more than 8 elements, as a Linear
-  weight's input features or each expert's in a fused MoE tensor (experts, out, in); else the
-  elements of one index of the first dimension, numel / shape[0], as a 3x3 convolution's
-  filter): an inferred period longer than a row of more than 8 elements becomes the row. Evidence
+  spans rows (a row: the elements of one index of the first dimension, numel / shape[0], as a
+  Linear weight's input features or a convolution's filter; of a 3-D tensor, its last
+  dimension where that holds more than 8 elements, as each expert's input features in a
+  fused MoE tensor (experts, out, in), and a 1-D convolution's kernel if longer than 8): an
+  inferred period longer than a row of more than 8 elements becomes the row. Evidence
   (benchmarks/results/embedding_periods.md): on examples/train_gpt.py the tied 256x256 byte
   embedding is inferred at period 2048, so 8 tokens' rows, whose gradients differ up to 121x,
   share a second moment; one per row brings Gefen from +2.67% to +1.81% over AdamW's validation
@@ -26,7 +27,10 @@ every other module runs both, reading these rules.
   tensor (<= 0.031 for rows of 256 or more). A tiny Mixtral (transformers' fused experts,
   8x64x128, 200 steps) had its experts' down projection inferred at period 2048, 16 rows whose
   AdamW second moments differ up to 8.8x: +1.6% and +6.4% over AdamW's loss on two seeds, and
-  -0.2% and -0.2% with a block per row. Rows of 8 elements or fewer are left alone: a
+  -0.2% and -0.2% with a block per row. A 1-D convolution (out, in, k) with k > 8 pays for the
+  3-D rule, which cannot tell it from experts by shape: wav2vec2's positional convolution
+  (768, 48, 128) gets period 128 where its filter, 6144, holds the inferred 1536 (1.063 bytes/
+  param against 1.005); 4-D convolutions keep their filters as rows. Rows of 8 elements or fewer are left alone: a
   second moment per row would cost more than a byte per parameter.
 - Thin codebooks: published, the codebook learned at the first step is final, whatever it was
   learned from; robust, one learned from too few values for 256 distinct entries (fewer
@@ -69,7 +73,8 @@ class Variant:
     def period(self, shape: tuple[int, ...], inferred: int) -> int:
         """The period of a tensor of ``shape`` whose first gradient gave ``inferred``."""
         if self.rows_bound_periods and len(shape) >= 2 and shape[0] > 0:
-            row = shape[-1] if shape[-1] > MAX_ROW_LEFT_ALONE else math.prod(shape) // shape[0]
+            fused = len(shape) == 3 and shape[-1] > MAX_ROW_LEFT_ALONE  # (experts, out, in)
+            row = shape[-1] if fused else math.prod(shape) // shape[0]
             if row > MAX_ROW_LEFT_ALONE and inferred > row:
                 return row
         return inferred

@@ -268,12 +268,12 @@ class RefGefen:
 
     def period(self, grad: torch.Tensor) -> int:
         """The inferred period; robust: cut to one row where it spans several rows of more
-        than 8 elements (a row: the last dimension where it has more than 8 elements, else
-        numel / shape[0])."""
+        than 8 elements (a row: numel / shape[0]; of a 3-D tensor, the last dimension where it
+        has more than 8 elements)."""
         period = ref_period(grad)
         if self.robust and grad.dim() >= 2 and grad.shape[0] > 0:
             last = grad.shape[-1]
-            row = last if last > 8 else grad.numel() // grad.shape[0]
+            row = last if grad.dim() == 3 and last > 8 else grad.numel() // grad.shape[0]
             if row > 8 and period > row:
                 return row
         return period

@@ -183,6 +183,7 @@ def rows_in_groups(shape, rows_per_group, seed=0):
 @pytest.mark.parametrize(("shape", "published", "robust"), [
     ((64, 256), 2048, 256),  # 8 rows per inferred block: one second moment per row
     ((64, 4, 3, 3), 288, 36),  # a conv weight: rows of in * kh * kw
+    ((64, 8, 1, 9), 576, 72),  # also where the kernel's width is over 8
     ((64, 8), 64, 64),  # rows of 8: left alone (a moment per row would cost > 1 byte/param)
 ])
 def test_robust_periods_never_span_rows(shape, published, robust):

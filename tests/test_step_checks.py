@@ -135,3 +135,27 @@ def test_a_group_edited_between_steps_is_checked_as_built_changing_nothing(key, 
     with pytest.raises(error, match=message):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_edited_tensor_values_are_checked_without_host_reads(monkeypatch):
+    # On a GPU each read of a tensor's value is a sync: a tensor lr set in place of another,
+    # and OneCycleLR's betas (a float beta1 beside a tensor beta2), step without one.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = Gefen([p], lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    p.grad = torch.randn(8, 8)
+    opt.step()
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    reads = []
+    for name in ("__bool__", "__float__", "item"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            reads.append(self)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    opt.param_groups[0]["lr"] = torch.tensor(2e-3)
+    for _ in range(3):
+        p.grad = torch.randn(8, 8)
+        opt.step()
+        schedule.step()
+    assert reads == []
+    assert [type(b) for b in opt.param_groups[0]["betas"]] == [float, torch.Tensor]
