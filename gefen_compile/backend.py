@@ -219,8 +219,12 @@ def _remember(tensors, table: dict[int, weakref.ref] = _PARAMETERS) -> None:
 
 def _convert_before_step(optimizer: Optimizer, args, kwargs):
     # Exactly AdamW, Adam or Muon: a subclass may change the update, and is left alone. This
-    # test traces (guarded on the type), so other optimizers' compiled steps keep a single graph.
-    if type(optimizer) in (AdamW, Adam, Muon):
+    # test traces (guarded on the type and on whether the state is empty), so other optimizers'
+    # compiled steps keep a single graph; and so does a compiled step of one that has state
+    # (fullgraph=True works after an eager first step, as without the backend): what the hook
+    # must come before, dynamo allocating the original's state as it traces, is done.
+    if type(optimizer) in (AdamW, Adam, Muon) and not (torch.compiler.is_compiling()
+                                                       and optimizer.state):
         return _convert_if_compiled(optimizer, args, kwargs)
     return None
 

@@ -157,11 +157,18 @@ def is_state_materialising_step(groups: Sequence[dict], grads: Sequence[Tensor])
     That step exists to make AdamW allocate its state and changes no parameter; Gefen would
     read every period as 1 and a codebook from zeros, and keep them. Gefen leaves those
     parameters without state instead. The lr test comes first, so the gradients are only read
-    (a host sync) when every lr is 0.
+    (a host sync) when every lr is 0. A tensor lr is read only in an eager step (the helpers
+    step eagerly; in a traced step, reading it would break the graph, with dynamo's warning).
     """
-    return all(float(group["lr"]) == 0.0 for group in groups) and not any(
+    return all(_is_zero_lr(group["lr"]) for group in groups) and not any(
         bool(g.any()) for g in grads
     )
+
+
+def _is_zero_lr(lr: Any) -> bool:
+    if isinstance(lr, Tensor):
+        return not torch.compiler.is_compiling() and bool(lr == 0)
+    return float(lr) == 0.0
 
 
 def warn_unloadable(params: Sequence[Tensor], owner: str) -> None:

@@ -25,12 +25,13 @@ every other module runs both, reading these rules.
   model and a ResNet-18-shaped CNN no inferred period spans rows, so the rule changes nothing
   there; where it applies it costs at most 2 * itemsize * (1/row - 1/P) bytes/param on that
   tensor (<= 0.031 for rows of 256 or more). A tiny Mixtral (transformers' fused experts,
-  8x64x128, 200 steps) had its experts' down projection inferred at period 2048, 16 rows whose
-  AdamW second moments differ up to 8.8x: +1.6% and +6.4% over AdamW's loss on two seeds, and
-  -0.2% and -0.2% with a block per row. A 1-D convolution (out, in, k) with k > 8 pays for the
-  3-D rule, which cannot tell it from experts by shape: wav2vec2's positional convolution
-  (768, 48, 128) gets period 128 where its filter, 6144, holds the inferred 1536 (1.063 bytes/
-  param against 1.005); 4-D convolutions keep their filters as rows. Rows of 8 elements or fewer are left alone: a
+  8x64x128, 200 steps; benchmarks/moe_expert_rows.py) had its experts' down projection
+  inferred at period 2048, 16 rows whose AdamW second moments differ up to 8.8x: +1.6% and
+  +6.4% over AdamW's loss on two seeds, and -0.2% and -0.2% with a block per row. A 1-D
+  convolution (out, in, k) with k > 8 pays for the 3-D rule, which cannot tell it from experts
+  by shape: wav2vec2's positional convolution (768, 48, 128) gets period 128 where its
+  filter, 6144, holds the inferred 1536 (1.063 bytes/param against 1.005); 4-D convolutions
+  keep their filters as rows. Rows of 8 elements or fewer are left alone: a
   second moment per row would cost more than a byte per parameter.
 - Thin codebooks: published, the codebook learned at the first step is final, whatever it was
   learned from; robust, one learned from too few values for 256 distinct entries (fewer

@@ -545,3 +545,32 @@ def test_compiled_step_with_a_zero_first_gradient_and_an_empty_parameter():
     assert isinstance(opt, Gefen) and "exp_avg" not in opt.state[params[0]]
     for p, q in zip(params, expected):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_an_unrelated_optimizers_fullgraph_step_compiles_as_without_the_backend():
+    # The backend's step pre-hook runs eagerly inside compiled steps (a graph break) only where
+    # the optimizer has no state yet: a Muon's fullgraph step after an eager first step compiles
+    # under inductor once a model has compiled with backend="gefen" in the process, as before.
+    other = torch.compile(torch.nn.Linear(4, 4), backend="gefen")
+    other(torch.randn(2, 4)).sum().backward()
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8, bias=False)
+    opt = torch.optim.Muon(layer.parameters(), lr=1e-2)
+    step = torch.compile(opt.step, fullgraph=True, backend="inductor")
+    for i in range(3):
+        layer(torch.randn(4, 16)).square().sum().backward()
+        opt.step() if i == 0 else step()
+        opt.zero_grad()
+    assert type(opt) is torch.optim.Muon
+
+
+def test_a_compiled_first_step_with_a_tensor_lr_breaks_no_graph_to_read_it():
+    # Reading the lr (is it torch's zero-lr state-allocating step?) broke the graph with
+    # dynamo's Tensor.item() warning.
+    from torch._dynamo.utils import counters
+    model = mlp()
+    opt = Gefen(model.parameters(), lr=torch.tensor(1e-3))
+    step = torch.compile(opt.step)
+    model(batch(0)).square().mean().backward()
+    step()
+    assert not [reason for reason in counters["graph_break"] if "item()" in reason]
