@@ -60,10 +60,9 @@ def _kept(value: Any) -> Any:
 _PLAIN = frozenset({float, int, bool, str})
 
 
-def _only_a_new_lr(keys: tuple, values: tuple, before: tuple) -> bool:
-    """Whether the only value changed is "lr", to a Python float >= 0: a schedule's, at every
-    step, and all that the whole check would read of it."""
-    changed = [(k, v) for k, v, was in zip(keys, values, before) if not _unchanged(v, was)]
+def _only_a_new_lr(changed: list[tuple[str, Any]]) -> bool:
+    """Whether the only value changed (key, value) is "lr", to a Python float >= 0: a
+    schedule's, at every step, and all that the whole check would read of it."""
     return (len(changed) == 1 and changed[0][0] == "lr" and type(changed[0][1]) is float
             and changed[0][1] >= 0)
 
@@ -130,12 +129,18 @@ class LearnedState:
         checked = self.__dict__.setdefault("_checked_groups", [])
         for i, group in enumerate(self.param_groups):
             values = tuple(map(group.get, keys))
-            if i < len(checked) and (all(map(operator.is_, values, checked[i]))  # the usual
-                                     or all(map(_unchanged, values, checked[i]))):
-                continue
-            if i == len(checked) or not _only_a_new_lr(keys, values, checked[i]):
+            if i < len(checked):
+                before = checked[i]
+                if all(map(operator.is_, values, before)):  # the usual step
+                    continue
+                changed = [(k, v) for k, v, was in zip(keys, values, before)
+                           if v is not was and not _unchanged(v, was)]
+                if changed and not _only_a_new_lr(changed):
+                    self._check_group(group, f"param group {i}", edited=True)
+            else:
                 self._check_group(group, f"param group {i}", edited=True)
-            checked[i:i + 1] = [tuple(map(_kept, values))]  # replaced, or appended
+            # replaced, or appended; lists copied, so that one edited in place is seen
+            checked[i:i + 1] = [tuple(map(_kept, values)) if list in map(type, values) else values]
 
     @staticmethod
     def _loss_of(closure: Callable[[], float] | None) -> float | None:
