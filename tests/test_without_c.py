@@ -39,31 +39,40 @@ RUN = textwrap.dedent(
         warnings.simplefilter("always")
         import gefen_compile
         from gefen_compile.codebook import learn_codebook
+        from gefen_compile.first_step import first_histogram
         from gefen_compile.kernels import native
         # The host part of a CUDA run's first step: the codebook's dynamic program.
         learn_codebook(torch.from_numpy(np.random.default_rng(0).integers(0, 50, 4096)))
 
-    torch.manual_seed(0)
+    # Both runs step on the same stored gradients, so that only the optimizer's two paths are
+    # compared, not two backward passes (CI's machine once learned two codebooks from two runs
+    # of one script, where every run here agreed).
+    saved = torch.load(sys.argv[3])
     model = torch.nn.Sequential(
         torch.nn.Linear(12, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48), torch.nn.Tanh(),
         torch.nn.Linear(48, 3),
     )
-    x, y = torch.randn(64, 12), torch.randn(64, 3)
+    model.load_state_dict(saved["model"])
     optimizer = gefen_compile.Gefen(model.parameters(), lr=1e-2, weight_decay=0.1)
     with warnings.catch_warnings(record=True) as at_steps:
         warnings.simplefilter("always")
-        for _ in range(6):
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(model(x), y).backward()
+        for grads in saved["grads"]:
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
             optimizer.step()
 
     states = [optimizer.state[p] for p in model.parameters()]
+    periods = [s["period"] for s in states]
+    first = saved["grads"][0]
     torch.save(
         {
+            # What the first step learned the codebook from, to tell a failure's stage.
+            "histogram": first_histogram(first, first, periods, [False] * len(first),
+                                         optimizer.variant),
             "params": [p.detach().clone() for p in model.parameters()],
             "codebook": optimizer.codebook,
             "codes": [s["codes"].clone() for s in states],
-            "periods": [s["period"] for s in states],
+            "periods": periods,
         },
         sys.argv[2],
     )
@@ -76,9 +85,26 @@ RUN = textwrap.dedent(
 )
 
 
-def run(variant: str, out: Path) -> dict:
+def model_and_gradients(path: Path) -> Path:
+    """A small MLP's weights and the gradients of six batches (with rows for periods > 1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 48), torch.nn.Tanh(), torch.nn.Linear(48, 48), torch.nn.Tanh(),
+        torch.nn.Linear(48, 3),
+    )
+    grads = []
+    for _ in range(6):
+        model.zero_grad()
+        x, y = torch.randn(64, 12), torch.randn(64, 3)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.save({"model": model.state_dict(), "grads": grads}, path)
+    return path
+
+
+def run(variant: str, out: Path, gradients: Path) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", RUN, variant, str(out)],
+        [sys.executable, "-c", RUN, variant, str(out), str(gradients)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -88,8 +114,9 @@ def run(variant: str, out: Path) -> dict:
 
 @pytest.mark.skipif(native.library is None, reason="compares against the C extension")
 def test_without_the_c_extension_import_is_silent_and_steps_match(tmp_path):
-    with_c = run("with", tmp_path / "with.pt")
-    without_c = run("without", tmp_path / "without.pt")
+    gradients = model_and_gradients(tmp_path / "gradients.pt")
+    with_c = run("with", tmp_path / "with.pt", gradients)
+    without_c = run("without", tmp_path / "without.pt", gradients)
     assert with_c["library"] and not without_c["library"]
     # Importing, and the codebook a CUDA run learns on the host, need no warning.
     assert with_c["at_import"] == [] and without_c["at_import"] == []
@@ -101,10 +128,11 @@ def test_without_the_c_extension_import_is_silent_and_steps_match(tmp_path):
         assert words in message
 
     a, b = (torch.load(tmp_path / f"{v}.pt") for v in ("with", "without"))
-    # The histogram (integers) and the dynamic program (the same float64 operations): the
-    # same codebook, bit for bit; the period scores choose the same periods.
-    assert torch.equal(a["codebook"], b["codebook"])
+    # The period scores choose the same periods; the histogram (integers) and the dynamic
+    # program (the same float64 operations) give the same codebook, bit for bit.
     assert a["periods"] == b["periods"] and max(a["periods"]) > 1 and min(a["periods"]) == 1
+    assert torch.equal(a["histogram"], b["histogram"])
+    assert torch.equal(a["codebook"], b["codebook"])
     # Every quantisation decision is exact on both paths: the same codes. The C kernel sums a
     # row's squared gradients in its own order, so parameters agree to fp32 rounding.
     for codes_a, codes_b in zip(a["codes"], b["codes"]):
