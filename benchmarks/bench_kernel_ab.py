@@ -23,7 +23,7 @@ import time
 import torch
 
 from gefen_compile import Gefen
-from gefen_compile.kernels import cpu_step, native
+from gefen_compile.kernels import cpu_step, native, prepared
 from gefen_compile.kernels.cpu_step import DTYPE_CODES
 
 
@@ -36,7 +36,7 @@ def step_args(shape: tuple[int, int], dtype: torch.dtype, threads: int = 1) -> t
     optimizer.step()
     bucket = optimizer._buckets[0]
     tables = bucket.host_tables()
-    cpu_step.fill_tables(bucket)
+    prepared.fill_tables(bucket)
     a = optimizer._kernel_args(bucket, [])
     tensors = (*tables, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean, a.steps,
                a.codebook, a.lut, a.bounds, a.first_index)

@@ -25,7 +25,7 @@ import time
 import torch
 
 from gefen_compile import Gefen
-from gefen_compile.kernels import cpu_step, native
+from gefen_compile.kernels import cpu_step, native, prepared
 
 OPTIMIZERS = {"Gefen": Gefen, "AdamW (fused)": lambda p: torch.optim.AdamW(p, fused=True)}
 
@@ -100,7 +100,7 @@ def kernel_times(optimizers: list[Gefen], steps: int) -> list[float]:
     calls = []
     for optimizer in optimizers:
         (bucket,) = optimizer._buckets
-        cpu_step.fill_tables(bucket)
+        prepared.fill_tables(bucket)
         calls.append((optimizer._kernel_args(bucket, []), bucket.host_tables()))
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(steps):
@@ -113,7 +113,7 @@ def kernel_times(optimizers: list[Gefen], steps: int) -> list[float]:
 
 def step_parts(optimizer: Gefen, weights: list[torch.Tensor] | None,
                steps: int) -> dict[str, float]:
-    """Median seconds of each part of the optimizer's steady CPU step (cpu_step.prepare, run_prepared),
+    """Median seconds of each part of the optimizer's steady CPU step (prepared.prepare, run_prepared),
     each step after a backward where ``weights`` are given."""
     (bucket,) = optimizer._buckets
     times: dict[str, list[float]] = {"tables": [], "kernel": [], "version bump": [], "release": []}
@@ -121,7 +121,7 @@ def step_parts(optimizer: Gefen, weights: list[torch.Tensor] | None,
         if weights is not None:
             backward(optimizer, weights)
         start = time.perf_counter()
-        status, held = cpu_step.fill_tables(bucket)
+        status, held = prepared.fill_tables(bucket)
         filled = time.perf_counter()
         cpu_step._run(optimizer._kernel_args(bucket, []), *bucket.host_tables())
         stepped = time.perf_counter()

@@ -15,7 +15,7 @@ from .device_tables import device_table
 from .eager import eager
 from .learned_state import LearnedState, place
 from .hyperparameters import check_hyperparameters, scalar_betas
-from .kernels import StepInputs, cpu_step, is_readable, readable
+from .kernels import StepInputs, is_readable, prepared, readable
 from .kernels.torch_step import gefen_update
 from .migrate import check_saved_moments, has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
@@ -123,7 +123,7 @@ class Gefen(LearnedState, Optimizer):
         # for one gradient changes nothing.
         steps = []
         for bucket in self._buckets:
-            held = cpu_step.prepare(bucket)
+            held = prepared.prepare(bucket)
             if held is None:
                 grads = [p.grad for p in bucket.owners]
                 if any(g is not None for g in grads):
@@ -134,7 +134,7 @@ class Gefen(LearnedState, Optimizer):
             if held is None:
                 self._step_bucket(bucket, grads, found_inf)
             else:
-                cpu_step.run_prepared(bucket, self._kernel_args(bucket, [], found_inf))
+                prepared.run_prepared(bucket, self._kernel_args(bucket, [], found_inf))
         return loss
 
     def _groups_changed(self) -> bool:

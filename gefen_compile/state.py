@@ -84,7 +84,7 @@ class Bucket:
         return self._work
 
     def host_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The CPU step's tables, refilled each step (kernels/cpu_step.prepare): data
+        """The steady step's host tables, refilled each step (kernels/prepared.py): data
         pointers of the parameters and of their gradients (int64), which have one (uint8)."""
         if self._host is None:
             n = len(self.params)

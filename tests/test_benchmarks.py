@@ -19,3 +19,22 @@ def test_embedding_periods_installs_its_rule_where_the_optimizer_reads_periods()
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # train_gpt's tied 256x256 byte embedding: inferred at 2048, one row under the rule
     assert result["changed"] == [[[256, 256], 2048, 256]]
+
+
+def test_bench_host_times_every_path_it_names():
+    """benchmarks/bench_host.py swaps the prepared step's runner and the general path's kernel:
+    each row it prints is a real per-tensor time, and it puts back what it swapped."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         "import runpy, sys; sys.argv = ['bench_host', '--tensors', '40', '--repeats', '1'];"
+         "runpy.run_path('benchmarks/bench_host.py', run_name='__main__');"
+         "from gefen_compile import ops; from gefen_compile.kernels import cpu_step, prepared;"
+         "assert prepared.RUNNERS['cpu'] is cpu_step._run, 'runner not restored';"
+         "assert prepared.prepare.__module__ == 'gefen_compile.kernels.prepared'"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if "us per tensor" in line]
+    names = ["CPU path", "CUDA launcher, prepared tables", "CUDA launcher, general path"]
+    assert [row.split(" (")[0] for row in rows] == names
+    assert all(float(row.split(": ")[1].split()[0]) > 0 for row in rows)

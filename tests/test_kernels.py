@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gefen_compile import Gefen, memory_report
+from gefen_compile import Gefen, memory_report, ops, optim
 from gefen_compile.codebook import NearestCode
-from gefen_compile.kernels import cpu_step, momentum, native, tensor_shim, torch_step, triton_step
+from gefen_compile.kernels import (cpu_step, momentum, native, prepared, tensor_shim, torch_step,
+                                   triton_step)
 from gefen_compile.partition import candidate_periods, period_scores
 from gefen_compile.state import compute_dtype
 
@@ -468,7 +469,7 @@ def test_the_environment_picks_the_cpu_path(value, error):
 
 def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monkeypatch):
     """In steady state a CPU step reads gradients and fills its pointer tables in one C call
-    (cpu_step.prepare), never the per-tensor Python checks; a tensor that call cannot
+    (kernels/prepared.py), never the per-tensor Python checks; a tensor that call cannot
     vouch for (a gradient of another dtype, a non-contiguous gradient) goes to the general
     path, which raises the error naming it or converts it. The C kernel reads gradients
     without the GIL: the call holds each gradient it read, so that another thread replacing a
@@ -480,7 +481,7 @@ def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monke
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    status, held = cpu_step.fill_tables(opt._buckets[0])
+    status, held = prepared.fill_tables(opt._buckets[0])
     assert status == -1 and all(h is p.grad for h, p in zip(held, params))
     general = []
     original = Gefen._checked_grads
@@ -499,6 +500,48 @@ def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monke
         opt.step()
 
 
+def test_steady_cuda_steps_launch_from_the_prepared_tables(monkeypatch):
+    """On CUDA too, a steady step reads gradients and fills its pointer tables in the one C
+    call, and the Triton launcher makes its device tables from them (no per-tensor Python
+    checks): bit for bit the launcher's general path, gradients absent or present, also for a
+    step that GradScaler's found-inf flag skips. Run here on CPU tensors, as the CUDA runner
+    (the interpreter takes the launches)."""
+    if native.library is None:
+        pytest.skip("no C library")
+    runs = []
+    for path in ("general", "prepared"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 40), (64,), (3, 2048), (5,)]]
+        opt = Gefen(params, lr=0.01, weight_decay=0.1)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # the first step: state learned on the C path
+        with monkeypatch.context() as m:
+            m.setitem(ops._STEP_KERNELS, "cpu", triton_step.step)
+            if path == "prepared":
+                m.setitem(prepared.RUNNERS, "cpu", prepared.RUNNERS["cuda"])
+            else:
+                m.setattr(prepared, "prepare", lambda bucket: None)
+            general = []
+            original = Gefen._checked_grads
+            m.setattr(Gefen, "_checked_grads",
+                      lambda self, *a: general.append(1) or original(self, *a))
+            for t in range(3):
+                for i, p in enumerate(params):
+                    p.grad = None if (i + t) % 3 == 0 else torch.randn_like(p)
+                opt.step()
+            before = [p.detach().clone() for p in params]
+            m.setattr(optim, "_unscaled_for_grad_scaler", lambda optimizer: torch.ones(1))
+            opt.step()
+            assert all(map(torch.equal, params, before))
+        assert (general == []) == (path == "prepared")
+        state = opt.state_dict()["state"]
+        runs.append(([p.detach().clone() for p in params],
+                     [state[i]["codes"] for i in range(len(params))]))
+    for (a, codes_a), (b, codes_b) in zip(*[zip(*run) for run in runs]):
+        assert torch.equal(a, b) and torch.equal(codes_a, codes_b)
+
+
 class OwnParameter(torch.nn.Parameter):
     """A Parameter subclass: read through method calls, never the shim."""
 
@@ -512,7 +555,7 @@ def _tables_both_ways(bucket):
         try:
             for t in bucket.host_tables():
                 t.zero_()
-            status, _ = cpu_step.fill_tables(bucket)
+            status, _ = prepared.fill_tables(bucket)
             results.append((status, *(t.tolist() for t in bucket.host_tables())))
         finally:
             tensor_shim.bind(native._cpu.bind_shim)

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from ..codebook import NUM_BINS
-from . import StepInputs, readable, tensor_shim
-from ..state import Bucket
-from .native import StepArgs, _cpu, library as _lib, log_rows, threads
+from . import StepInputs, readable
+from .native import StepArgs, library as _lib, log_rows, threads
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 # Whole rows (magnitude blocks) up to this long may be stepped in batches of rows (cpu_step.c,
@@ -32,42 +31,6 @@ def step(*args) -> None:
     a = StepInputs(*args)
     _run(a, _pointers(a.params), _pointers(a.grads),
          torch.tensor([g is not None for g in a.grads], dtype=torch.uint8))
-
-
-def prepare(bucket: Bucket) -> list[torch.Tensor | None] | None:
-    """The eager CPU step's per-tensor host work for ``bucket`` (gradients read, checked,
-    pointer tables filled) in one C call, ~0.3 us per tensor instead of ~2 in Python. Returns
-    the gradients read, which the caller holds until :func:`run_prepared` is done with them
-    (empty where no parameter has a gradient); or None, having done nothing, where the general
-    path must run: no C library, not on the CPU, DTensor shards, under torch.compile (which
-    traces ops.step_), or a tensor the general path must convert or name in an error."""
-    if (_lib is None or bucket.sharded or bucket.codes.device.type != "cpu"
-            or torch.compiler.is_compiling()):
-        return None
-    status, grads = fill_tables(bucket)
-    if status >= 0:
-        return None
-    return grads if status == -1 else []
-
-
-def run_prepared(bucket: Bucket, args: StepInputs) -> None:
-    """The C step of a bucket whose tables :func:`prepare` filled; ``args``: its ops.step_
-    arguments (their lists of params and grads are not read)."""
-    _run(args, *bucket.host_tables())
-    torch.autograd.graph.increment_version(bucket.written())
-
-
-def fill_tables(bucket: Bucket) -> tuple[int, list[torch.Tensor | None]]:
-    """Fill the bucket's host tables (``Bucket.host_tables``) from its parameters and their
-    gradients in one C call (``step_tables`` in cpu_step.c). Returns its status (-1 when they
-    are ready, -2 when no parameter has a gradient, else the index of the first parameter the
-    general path must look at) and the gradients it read, which the caller holds while a
-    kernel reads their memory."""
-    grads: list[torch.Tensor | None] = [None] * len(bucket.params)
-    status = _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
-                              tensor_shim.codes.get(bucket.dtype, -1), bucket.dtype.itemsize, grads,
-                              *(t.data_ptr() for t in bucket.host_tables()))
-    return status, grads
 
 
 def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor) -> None:

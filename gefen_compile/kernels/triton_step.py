@@ -133,6 +133,18 @@ def _quantise_and_update(m, mask, offs, code_ptr, param_ptr, stored, scale, deca
 
 
 @triton.jit
+def _scale(v, mask, mean, beta2, keep2, eps, step_size, bias2, DTYPE: tl.constexpr,
+           COMPUTE: tl.constexpr):
+    """Stores the second moment at ``v`` moved by ``mean`` (a row's mean square gradient, or an
+    element's square) and returns the update's scale, step_size / (sqrt(v / bias2) + eps)."""
+    v_new = _to_state(tl.load(v, mask=mask, other=0.0).to(COMPUTE) * beta2 + mean * keep2,
+                      DTYPE)
+    tl.store(v, v_new, mask=mask)
+    denom = _sqrt(_div(v_new.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
+    return _div(step_size, denom, COMPUTE)
+
+
+@triton.jit
 def _gefen_step_kernel(
     work_ptr, pointers_ptr, has_grad_ptr, param_group_ptr, hyper_ptr, scalars_ptr,
     codes_ptr, mag_ptr, v_ptr, codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half,
@@ -188,13 +200,9 @@ def _gefen_step_kernel(
                 stored = _to_state(peak, DTYPE)
                 tl.store(mag, stored, mask=row_ok)
                 stored = stored.to(COMPUTE)[:, None]
-                v = v_row_ptr + rows
                 mean = _div(square_sum, length.to(COMPUTE), COMPUTE)
-                v_new = _to_state(tl.load(v, mask=row_ok, other=0.0).to(COMPUTE) * beta2
-                                  + mean * keep2, DTYPE)
-                tl.store(v, v_new, mask=row_ok)
-                denom = _sqrt(_div(v_new.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
-                scale = _div(step_size, denom, COMPUTE)[:, None]
+                scale = _scale(v_row_ptr + rows, row_ok, mean, beta2, keep2, eps, step_size,
+                               bias2, DTYPE, COMPUTE)[:, None]
                 for c in range(0, length, COLS):
                     offs = (rows * length + c)[:, None] + cols[None, :]
                     mask = row_ok[:, None] & (c + cols < length)[None, :]
@@ -212,20 +220,12 @@ def _gefen_step_kernel(
                 tl.store(mag, stored, mask=row_ok)
                 stored = stored.to(COMPUTE)[:, None]
                 if PER_ELEMENT:
-                    v = v_row_ptr + offs
-                    v_new = _to_state(tl.load(v, mask=mask, other=0.0).to(COMPUTE) * beta2
-                                      + g * g * keep2, DTYPE)
-                    tl.store(v, v_new, mask=mask)
-                    denom = _sqrt(_div(v_new.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
-                    scale = _div(step_size, denom, COMPUTE)
+                    scale = _scale(v_row_ptr + offs, mask, g * g, beta2, keep2, eps, step_size,
+                                   bias2, DTYPE, COMPUTE)
                 else:
-                    v = v_row_ptr + rows
                     mean = _div(tl.sum(g * g, axis=1), length.to(COMPUTE), COMPUTE)
-                    v_new = _to_state(tl.load(v, mask=row_ok, other=0.0).to(COMPUTE) * beta2
-                                      + mean * keep2, DTYPE)
-                    tl.store(v, v_new, mask=row_ok)
-                    denom = _sqrt(_div(v_new.to(COMPUTE), bias2, COMPUTE), COMPUTE) + eps
-                    scale = _div(step_size, denom, COMPUTE)[:, None]
+                    scale = _scale(v_row_ptr + rows, row_ok, mean, beta2, keep2, eps,
+                                   step_size, bias2, DTYPE, COMPUTE)[:, None]
                 _quantise_and_update(m, mask, offs, code_ptr, param_ptr, stored, scale, decay,
                                      codebook_ptr, lut_ptr, bounds_ptr, first_ptr, half,
                                      DTYPE, COMPUTE)
@@ -235,15 +235,28 @@ def step(*args) -> None:
     """One Gefen step of every row of a bucket: one launch per work class (the arguments of
     ops.step_)."""
     a = StepInputs(*args)
-    device = a.codes.device
     # List comprehensions, not generators: this is the host work that grows with the number
     # of tensors (DESIGN: host time per tensor small beside the kernel).
     addresses = [0] * (2 * len(a.params))
     addresses[0::2] = [p.data_ptr() for p in a.params]
     addresses[1::2] = [0 if g is None else g.data_ptr() for g in a.grads]
+    _step(a, addresses, [g is not None for g in a.grads])
+
+
+def step_from_tables(a: StepInputs, params: torch.Tensor, grads: torch.Tensor,
+                     has_grad: torch.Tensor) -> None:
+    """:func:`step` with the parameters' and gradients' data pointers (int64) and which have a
+    gradient (uint8) in host tables (kernels/prepared.py fills them); ``a``'s lists of params
+    and grads are not read."""
+    _step(a, torch.stack([params, grads], dim=1).view(-1).tolist(), has_grad.tolist())
+
+
+def _step(a: StepInputs, addresses: list[int], has_grad: list) -> None:
+    """The launches of :func:`step`, given each parameter's and then its gradient's data
+    pointer (0: none) and which have a gradient."""
+    device = a.codes.device
     bucket = (device, a.codes.data_ptr())  # the same slot every step of this bucket
-    has_grad = slot_table((*bucket, "has_grad"), [g is not None for g in a.grads], torch.uint8,
-                          device)
+    has_grad = slot_table((*bucket, "has_grad"), has_grad, torch.uint8, device)
     if a.skip is not None:  # every parameter sits the step out, decided on the device
         has_grad = has_grad * (a.skip == 0)
     pointers = slot_table((*bucket, "pointers"), addresses, torch.int64, device)

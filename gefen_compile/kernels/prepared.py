@@ -1,0 +1,58 @@
+"""The steady-state eager step's per-tensor host work, for CPU and CUDA buckets alike, in one C
+call (``step_tables`` in cpu_step.c): each parameter's gradient read and checked, and the
+pointer tables filled, where Python would make about twenty method calls per tensor. On the
+CPU the C step reads those tables; on CUDA the Triton launcher makes its device tables from
+them. Buckets the C call cannot vouch for take the general path (``ops.run_step``)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import StepInputs, cpu_step, tensor_shim
+from ..state import Bucket
+from .native import _cpu, library as _lib
+
+
+def prepare(bucket: Bucket) -> list[torch.Tensor | None] | None:
+    """Fills ``bucket``'s host tables. Returns the gradients read, which the caller holds until
+    :func:`run_prepared` is done with them (empty where no parameter has a gradient); or None,
+    having done nothing, where the general path must run: no C library, neither on the CPU
+    nor on CUDA, DTensor shards, under torch.compile (which traces ops.step_), or a tensor the
+    general path must convert or name in an error."""
+    if (_lib is None or bucket.sharded or bucket.codes.device.type not in RUNNERS
+            or torch.compiler.is_compiling()):
+        return None
+    status, grads = fill_tables(bucket)
+    if status >= 0:
+        return None
+    return grads if status == -1 else []
+
+
+def run_prepared(bucket: Bucket, args: StepInputs) -> None:
+    """The step of a bucket whose tables :func:`prepare` filled; ``args``: its ops.step_
+    arguments (their lists of params and grads are not read)."""
+    RUNNERS[bucket.codes.device.type](args, *bucket.host_tables())
+    torch.autograd.graph.increment_version(bucket.written())
+
+
+def fill_tables(bucket: Bucket) -> tuple[int, list[torch.Tensor | None]]:
+    """Fill the bucket's host tables (``Bucket.host_tables``) from its parameters and their
+    gradients in one C call. Returns its status (-1 when they are ready, -2 when no parameter
+    has a gradient, else the index of the first parameter the general path must look at) and
+    the gradients it read, which the caller holds while a kernel reads their memory."""
+    grads: list[torch.Tensor | None] = [None] * len(bucket.params)
+    status = _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
+                              tensor_shim.codes.get(bucket.dtype, -1), bucket.dtype.itemsize, grads,
+                              *(t.data_ptr() for t in bucket.host_tables()))
+    return status, grads
+
+
+def _run_cuda(args: StepInputs, params: torch.Tensor, grads: torch.Tensor,
+              has_grad: torch.Tensor) -> None:
+    from . import triton_step  # triton is only needed where CUDA is
+
+    triton_step.step_from_tables(args, params, grads, has_grad)
+
+
+# The step on filled tables, by device type (the C step on the CPU, the Triton launcher on CUDA).
+RUNNERS = {"cpu": cpu_step._run, "cuda": _run_cuda}
