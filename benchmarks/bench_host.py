@@ -59,7 +59,7 @@ def main() -> None:
     if triton_step is None:
         print("triton is not installed (pip install triton): the CUDA launcher's row is left out")
     else:
-        triton_step._launch = stubbed
+        launch, triton_step._launch = triton_step._launch, stubbed
     times: dict[str, list[float]] = {name: [] for name in PATHS}
     try:
         for _ in range(args.repeats):
@@ -73,6 +73,8 @@ def main() -> None:
     finally:
         prepared.prepare, ops._STEP_KERNELS["cpu"] = prepare, kernel
         prepared.RUNNERS["cpu"] = cpu_runner
+        if triton_step is not None:
+            triton_step._launch = launch
     print(f"{native.processor_name()}, torch {torch.__version__}, "
           f"{args.tensors} tensors of 256 elements, {torch.get_num_threads()} threads")
     for name, values in times.items():

@@ -155,13 +155,22 @@ class Gefen(LearnedState, Optimizer):
             groups = self.param_groups
             grads = [None if g is None else _checked_grad(p, place(groups, *self._index[p]))
                      for p, g in zip(bucket.owners, grads)]
-        dtype, strided = bucket.dtype, torch.strided
+        dtype, strided, device = bucket.dtype, torch.strided, bucket.codes.device
         if [1 for p, g, n in zip(bucket.params, grads, bucket.numels)
                 if g is not None and (g.dtype != dtype or p.dtype != dtype or g.layout != strided
                                       or g.numel() != n or p.numel() != n
+                                      or p.device != device
                                       or n and not (g.data_ptr() and p.data_ptr()))]:
             for p, owner, g, n in zip(bucket.params, bucket.owners, grads, bucket.numels):
                 if g is not None:
+                    if p.device != device:  # its gradient is on its device: .grad checks that
+                        raise ValueError(
+                            f"Gefen: {self._locate(owner)} is on {p.device}, but its state is "
+                            f"on {device}, where its first step found it (the model moved "
+                            "after the optimizer stepped: model.to(device) moves parameters, "
+                            "not optimizer state); build the optimizer again after moving the "
+                            "model, or load its state_dict into one built after the move"
+                        )
                     # sparse, complex, shape
                     _checked_grad(owner, place(self.param_groups, *self._index[owner]))
                     if (g.dtype, p.dtype, g.numel(), p.numel()) != (dtype, dtype, n, n):

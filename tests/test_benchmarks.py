@@ -29,9 +29,12 @@ def test_bench_host_times_every_path_it_names():
         [sys.executable, "-c",
          "import runpy, sys; sys.argv = ['bench_host', '--tensors', '40', '--repeats', '1'];"
          "runpy.run_path('benchmarks/bench_host.py', run_name='__main__');"
-         "from gefen_compile import ops; from gefen_compile.kernels import cpu_step, prepared;"
+         "from gefen_compile import ops;"
+         "from gefen_compile.kernels import cpu_step, prepared, triton_step;"
          "assert prepared.RUNNERS['cpu'] is cpu_step._run, 'runner not restored';"
-         "assert prepared.prepare.__module__ == 'gefen_compile.kernels.prepared'"],
+         "assert prepared.prepare.__module__ == 'gefen_compile.kernels.prepared';"
+         "assert ops._STEP_KERNELS['cpu'] is cpu_step.step;"
+         "assert triton_step._launch.__module__ == 'gefen_compile.kernels.triton_step'"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if "us per tensor" in line]

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import types
 from pathlib import Path
 
 import pytest
@@ -467,13 +468,9 @@ def test_the_environment_picks_the_cpu_path(value, error):
         assert child.returncode == 0 and child.stdout.strip() == value
 
 
-def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monkeypatch):
-    """In steady state a CPU step reads gradients and fills its pointer tables in one C call
-    (kernels/prepared.py), never the per-tensor Python checks; a tensor that call cannot
-    vouch for (a gradient of another dtype, a non-contiguous gradient) goes to the general
-    path, which raises the error naming it or converts it. The C kernel reads gradients
-    without the GIL: the call holds each gradient it read, so that another thread replacing a
-    .grad meanwhile frees nothing the kernel reads."""
+def stepped_once() -> tuple[list[torch.nn.Parameter], Gefen]:
+    """Three parameters with gradients, and a Gefen that stepped them once (skips the test
+    where the C library, which the prepared step is, is not built)."""
     if native.library is None:
         pytest.skip("no C library")
     params = [torch.nn.Parameter(torch.randn(6, 10)) for _ in range(3)]
@@ -481,6 +478,17 @@ def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monke
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
+    return params, opt
+
+
+def test_steady_cpu_steps_take_the_prepared_tables_and_hand_odd_tensors_on(monkeypatch):
+    """In steady state a CPU step reads gradients and fills its pointer tables in one C call
+    (kernels/prepared.py), never the per-tensor Python checks; a tensor that call cannot
+    vouch for (a gradient of another dtype, a non-contiguous gradient) goes to the general
+    path, which raises the error naming it or converts it. The C kernel reads gradients
+    without the GIL: the call holds each gradient it read, so that another thread replacing a
+    .grad meanwhile frees nothing the kernel reads."""
+    params, opt = stepped_once()
     status, held = prepared.fill_tables(opt._buckets[0])
     assert status == -1 and all(h is p.grad for h, p in zip(held, params))
     general = []
@@ -551,7 +559,7 @@ def _tables_both_ways(bucket):
     results = []
     for shim in (True, False):
         if not shim:
-            native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0, 0, 0)
+            native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         try:
             for t in bucket.host_tables():
                 t.zero_()
@@ -603,6 +611,29 @@ def test_the_steady_step_reads_tensors_through_torchs_c_shim_as_python_would():
     for p in params:
         p.grad = None
     assert _tables_both_ways(bucket)[0][0] == -2
+
+
+def test_the_prepared_step_hands_on_tensors_of_another_device(monkeypatch):
+    """A model moved after its first step keeps its buckets: the C call compares each tensor's
+    device with its bucket's, through the shim and through method calls, and hands the first
+    one on (the kernels would follow another device's pointers); the general path then names
+    the parameter and the fix. A bucket told it lives on cuda:0 (no GPU here) stands in for a
+    CPU model moved there, and the meta device for a model moved away."""
+    params, opt = stepped_once()
+    bucket = opt._buckets[0]
+    assert [run[0] for run in _tables_both_ways(bucket)] == [-1, -1]
+    with monkeypatch.context() as m:
+        m.setattr(bucket, "codes", bucket.codes.to("meta"))  # its .device: meta
+        assert [run[0] for run in _tables_both_ways(bucket)] == [0, 0]
+        cuda = types.SimpleNamespace(device=torch.device("cuda", 0))
+        m.setattr(bucket, "codes", cuda)
+        assert [run[0] for run in _tables_both_ways(bucket)] == [0, 0]
+    moved = torch.nn.Parameter(params[1].detach().to("meta"))
+    torch.utils.swap_tensors(params[1], moved)  # as Module.to does for another tensor type
+    params[1].grad = torch.randn(params[1].shape, device="meta")
+    with pytest.raises(ValueError, match=r"parameter 1 of param group 0 is on meta, but its "
+                                         r"state is on cpu.*build the optimizer again"):
+        opt.step()
 
 
 def test_a_shim_that_answers_unlike_python_is_not_used(monkeypatch):
@@ -763,7 +794,7 @@ def test_negated_views_step_as_their_values(shim):
     state) or as parameter it steps as a plain tensor of the same values, read through the
     shim or through method calls."""
     if not shim and native._cpu is not None:
-        native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0, 0, 0)
+        native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     try:
         gen = torch.Generator().manual_seed(7)
         values = torch.randn(12, 40, generator=gen)

@@ -1825,14 +1825,14 @@ int gefen_period_scores(int64_t num_tensors, const void *const *data, const int6
 
 /* torch.Tensor's descriptors (set by bind(), kernels/native.py): reading them straight skips
  * the attribute lookup through a Parameter's class and instance dict, most of the cost. */
-enum { GRAD, DTYPE, NUMEL, CONTIGUOUS, DATA_PTR, IS_NEG, DESCRIPTORS };
+enum { GRAD, DTYPE, NUMEL, CONTIGUOUS, DATA_PTR, IS_NEG, DEVICE, DESCRIPTORS };
 static PyObject *descriptors[DESCRIPTORS];
 
 static PyObject *bind(PyObject *self, PyObject *args) {
     PyObject *given[DESCRIPTORS];
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOOO", &given[GRAD], &given[DTYPE], &given[NUMEL],
-                          &given[CONTIGUOUS], &given[DATA_PTR], &given[IS_NEG]))
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &given[GRAD], &given[DTYPE], &given[NUMEL],
+                          &given[CONTIGUOUS], &given[DATA_PTR], &given[IS_NEG], &given[DEVICE]))
         return NULL;
     for (int k = 0; k < DESCRIPTORS; k++) {
         Py_INCREF(given[k]);
@@ -1855,16 +1855,18 @@ static struct {
     int32_t (*layout)(void *, int32_t *), (*dtype)(void *, int32_t *);
     int32_t (*contiguous)(void *, _Bool *), (*numel)(void *, int64_t *);
     int32_t (*data_ptr)(void *, void **);
+    int32_t (*device_type)(void *, int32_t *), (*device_index)(void *, int32_t *);
 } shim;
 
 static PyObject *bind_shim(PyObject *self, PyObject *args) {
     Py_ssize_t offset, neg_offset;
     PyObject *types;
     int strided;
-    unsigned long long neg_bit, fn[5];
+    unsigned long long neg_bit, fn[7];
     (void)self;
-    if (!PyArg_ParseTuple(args, "nO!inKKKKKK", &offset, &PyTuple_Type, &types, &strided,
-                          &neg_offset, &neg_bit, &fn[0], &fn[1], &fn[2], &fn[3], &fn[4]))
+    if (!PyArg_ParseTuple(args, "nO!inKKKKKKKK", &offset, &PyTuple_Type, &types, &strided,
+                          &neg_offset, &neg_bit, &fn[0], &fn[1], &fn[2], &fn[3], &fn[4], &fn[5],
+                          &fn[6]))
         return NULL;
     Py_INCREF(types);
     Py_XSETREF(shim.types, types);
@@ -1876,6 +1878,8 @@ static PyObject *bind_shim(PyObject *self, PyObject *args) {
     shim.contiguous = (int32_t(*)(void *, _Bool *))(uintptr_t)fn[2];
     shim.numel = (int32_t(*)(void *, int64_t *))(uintptr_t)fn[3];
     shim.data_ptr = (int32_t(*)(void *, void **))(uintptr_t)fn[4];
+    shim.device_type = (int32_t(*)(void *, int32_t *))(uintptr_t)fn[5];
+    shim.device_index = (int32_t(*)(void *, int32_t *))(uintptr_t)fn[6];
     shim.offset = offset;
     Py_RETURN_NONE;
 }
@@ -1905,29 +1909,43 @@ static int64_t call_int(PyObject *t, int k) {
     return value;
 }
 
-/* Whether tensor t is as the bucket's state was built: strided, not negated (a neg view's
- * memory holds -t), of dtype `dtype` (the shim's code for it: `code`; `size` bytes an
- * element), contiguous, of `numel` elements and with memory of its own (a storage-less
- * subclass or an efficient zero tensor has data pointer 0) aligned to its elements (a
- * torch.frombuffer at an odd offset is not; the kernels load whole elements); then its data
- * pointer into *ptr. 1 yes, 0 no (the Python side then converts it or raises the error that
- * names it), -1 error (set). */
-static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t size, int64_t numel,
-                  int64_t *ptr) {
+/* The bucket's device: the torch.device object, and the shim's codes for it. */
+typedef struct {
+    PyObject *object;
+    int32_t type, index;
+} Device;
+
+/* Whether tensor t is as the bucket's state was built: on its device (a model moved after
+ * its first step is not: the kernels would follow another device's pointers), strided, not
+ * negated (a neg view's memory holds -t), of dtype `dtype` (the shim's code for it: `code`;
+ * `size` bytes an element), contiguous, of `numel` elements and with memory of its own (a
+ * storage-less subclass or an efficient zero tensor has data pointer 0) aligned to its
+ * elements (a torch.frombuffer at an odd offset is not; the kernels load whole elements);
+ * then its data pointer into *ptr. 1 yes, 0 no (the Python side then converts it or raises
+ * the error that names it), -1 error (set). */
+static int usable(PyObject *t, const Device *device, PyObject *dtype, int32_t code, int64_t size,
+                  int64_t numel, int64_t *ptr) {
     if (shimmed(t)) {
         void *h = (char *)t + shim.offset, *data;
         const char *impl = *(char *const *)h; /* the at::Tensor's TensorImpl */
-        int32_t layout, d;
+        int32_t layout, d, type, index;
         _Bool contiguous;
         int64_t n;
         if (*(const uint64_t *)(impl + shim.neg_offset) & shim.neg_bit) return 0;
-        if (shim.layout(h, &layout) || layout != shim.strided || shim.dtype(h, &d) || d != code ||
-            shim.contiguous(h, &contiguous) || !contiguous || shim.numel(h, &n) || n != numel ||
-            shim.data_ptr(h, &data) || (!data && numel) || (uintptr_t)data % size)
+        if (shim.device_type(h, &type) || type != device->type || shim.device_index(h, &index) ||
+            index != device->index || shim.layout(h, &layout) || layout != shim.strided ||
+            shim.dtype(h, &d) || d != code || shim.contiguous(h, &contiguous) || !contiguous ||
+            shim.numel(h, &n) || n != numel || shim.data_ptr(h, &data) || (!data && numel) ||
+            (uintptr_t)data % size)
             return 0;
         *ptr = (int64_t)(intptr_t)data;
         return 1;
     }
+    PyObject *where = get(t, DEVICE);
+    if (!where) return -1;
+    const int same = PyObject_RichCompareBool(where, device->object, Py_EQ);
+    Py_DECREF(where);
+    if (same <= 0) return same;
     PyObject *d = get(t, DTYPE);
     if (!d) return -1;
     Py_DECREF(d);
@@ -1949,25 +1967,29 @@ static int usable(PyObject *t, PyObject *dtype, int32_t code, int64_t size, int6
     return PyErr_Occurred() ? -1 : (*ptr != 0 || !numel) && *ptr % size == 0;
 }
 
-/* step_tables(params, numels, dtype, code, size, grads, param_ptrs, grad_ptrs, has_grad): for every
- * parameter (a plain tensor: its .grad is read here), its gradient's and its own data pointers
+/* step_tables(params, numels, device, device_type, device_index, dtype, code, size, grads,
+ * param_ptrs, grad_ptrs, has_grad): for every parameter (a plain tensor: its .grad is read
+ * here) on `device` (the shim's codes: device_type, device_index), its gradient's and its own
+ * data pointers
  * into the int64 tables at param_ptrs and grad_ptrs (addresses), and whether it has a gradient
  * into the uint8 table at has_grad: the attribute reads and method calls Python would make per
  * tensor, without the interpreter. `code`: dtype's code in the shim. The gradients go into the
- * list `grads` (as long as params), which the caller holds while the kernel reads them: another
- * thread replacing a .grad meanwhile must not free its memory. Returns -1 when the
+ * list `grads` (as long as params), which the caller holds while the kernel reads them (on CUDA,
+ * until it is queued): another thread replacing a .grad meanwhile must not free its memory.
+ * Returns -1 when the
  * tables are ready, -2 when no parameter has a gradient, else the index of the first parameter
  * the Python side must look at (its gradient or itself not as the state was built: it
  * converts, or raises the error that names it). */
 static PyObject *step_tables(PyObject *self, PyObject *args) {
     PyObject *params, *numels, *dtype, *grads;
+    Device device;
     int code;
     Py_ssize_t size;
     unsigned long long param_address, grad_address, has_address;
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!OinO!KKK", &PyList_Type, &params, &PyList_Type, &numels,
-                          &dtype, &code, &size, &PyList_Type, &grads, &param_address,
-                          &grad_address, &has_address))
+    if (!PyArg_ParseTuple(args, "O!O!OiiOinO!KKK", &PyList_Type, &params, &PyList_Type, &numels,
+                          &device.object, &device.type, &device.index, &dtype, &code, &size,
+                          &PyList_Type, &grads, &param_address, &grad_address, &has_address))
         return NULL;
     if (!descriptors[GRAD]) {
         PyErr_SetString(PyExc_RuntimeError, "step_tables: bind() torch.Tensor's descriptors first");
@@ -1992,8 +2014,9 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
             continue;
         }
         const int64_t numel = PyLong_AsLongLong(PyList_GET_ITEM(numels, i));
-        int ok = numel < 0 && PyErr_Occurred() ? -1 : usable(g, dtype, code, size, numel, grad_ptrs + i);
-        if (ok == 1) ok = usable(p, dtype, code, size, numel, param_ptrs + i);
+        int ok = numel < 0 && PyErr_Occurred()
+                     ? -1 : usable(g, &device, dtype, code, size, numel, grad_ptrs + i);
+        if (ok == 1) ok = usable(p, &device, dtype, code, size, numel, param_ptrs + i);
         PyList_SetItem(grads, i, g); /* takes the reference */
         if (ok < 0) return NULL;
         if (ok == 0) return PyLong_FromSsize_t(i);

@@ -2,8 +2,9 @@
 
 The library is optional (setup.py builds it only where a C compiler works). Without it
 ``library`` is None: CPU steps take the plain-torch path and the codebook's dynamic program runs
-in numpy. Importing stays silent, since CUDA steps never need the library; the first CPU step
-warns once (:func:`warn_missing`).
+in numpy. Importing stays silent, since CUDA steps do not need the library (they use its one C call
+for their host work where it is built, kernels/prepared.py); the first CPU step warns once
+(:func:`warn_missing`).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ if _cpu is not None:  # the descriptors kernels/cpu_step.c reads tensors through
     from . import tensor_shim
 
     _cpu.bind(*(torch._C.TensorBase.__dict__[name]
-                for name in ("grad", "dtype", "numel", "is_contiguous", "data_ptr", "is_neg")))
+                for name in ("grad", "dtype", "numel", "is_contiguous", "data_ptr", "is_neg",
+                             "device")))
     tensor_shim.bind(_cpu.bind_shim)
 _warned = False
 

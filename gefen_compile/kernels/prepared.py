@@ -39,9 +39,14 @@ def fill_tables(bucket: Bucket) -> tuple[int, list[torch.Tensor | None]]:
     """Fill the bucket's host tables (``Bucket.host_tables``) from its parameters and their
     gradients in one C call. Returns its status (-1 when they are ready, -2 when no parameter
     has a gradient, else the index of the first parameter the general path must look at) and
-    the gradients it read, which the caller holds while a kernel reads their memory."""
+    the gradients it read, which the caller holds until the kernel has read their memory (on
+    CUDA, until the launch is queued: the caching allocator reuses freed memory on its stream
+    only after the kernels queued there)."""
     grads: list[torch.Tensor | None] = [None] * len(bucket.params)
-    status = _cpu.step_tables(bucket.params, bucket.numels, bucket.dtype,
+    device = bucket.codes.device
+    index = -1 if device.index is None else device.index
+    status = _cpu.step_tables(bucket.params, bucket.numels, device,
+                              tensor_shim.device_codes.get(device.type, -1), index, bucket.dtype,
                               tensor_shim.codes.get(bucket.dtype, -1), bucket.dtype.itemsize, grads,
                               *(t.data_ptr() for t in bucket.host_tables()))
     return status, grads

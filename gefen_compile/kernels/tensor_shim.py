@@ -1,4 +1,5 @@
-"""The CPU step's per-tensor reads through torch's stable C shim, where it can be trusted.
+"""The steady step's per-tensor reads (kernels/prepared.py) through torch's stable C shim, where
+it can be trusted.
 
 Each step reads, for every parameter and its gradient, dtype, layout, memory order, size and
 data pointer. As method calls these cost ~80 ns each, ~0.5 us per parameter; the functions of
@@ -31,6 +32,8 @@ FUNCTIONS = {
     "aoti_torch_is_contiguous": ctypes.c_bool,
     "aoti_torch_get_numel": ctypes.c_int64,
     "aoti_torch_get_data_ptr": ctypes.c_void_p,
+    "aoti_torch_get_device_type": ctypes.c_int32,
+    "aoti_torch_get_device_index": ctypes.c_int32,
 }
 # The types whose objects are read through the shim: the plain ones (subclasses may override
 # what the shim bypasses).
@@ -39,6 +42,8 @@ DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "
           torch.float64: "float64"}
 # dtype -> its code in the shim, for step_tables; empty while the shim is not bound.
 codes: dict[torch.dtype, int] = {}
+# device type -> its code in the shim (the types a bucket's step takes the C call on).
+device_codes: dict[str, int] = {}
 
 
 def _library() -> ctypes.CDLL | None:
@@ -96,7 +101,8 @@ def _negation_bit(probes: list[torch.Tensor]) -> tuple[int, int] | None:
 
 
 def _answers(library: ctypes.CDLL, t: torch.Tensor, offset: int) -> tuple:
-    """What the shim says of t: layout, dtype, contiguous, numel, data pointer."""
+    """What the shim says of t: layout, dtype, contiguous, numel, data pointer, device type
+    and index."""
     results = []
     for name, kind in FUNCTIONS.items():
         value = kind()
@@ -113,6 +119,7 @@ def bind(bind_shim) -> bool:
         if library is None:
             raise RuntimeError("no libtorch_cpu library found")
         dtype_codes = {d: getattr(library, f"aoti_torch_dtype_{name}")() for d, name in DTYPES.items()}
+        types = {kind: getattr(library, f"aoti_torch_device_type_{kind}")() for kind in ("cpu", "cuda")}
         strided = library.aoti_torch_layout_strided()
         for name, kind in FUNCTIONS.items():
             getattr(library, name).restype = ctypes.c_int32
@@ -124,13 +131,15 @@ def bind(bind_shim) -> bool:
         if negation is None:
             raise RuntimeError("no one TensorImpl bit marks every probe's negated view")
         for t in probes:
-            expected = (strided, dtype_codes[t.dtype], t.is_contiguous(), t.numel(), t.data_ptr())
+            expected = (strided, dtype_codes[t.dtype], t.is_contiguous(), t.numel(), t.data_ptr(),
+                        types["cpu"], -1 if t.device.index is None else t.device.index)
             if _answers(library, t, offset) != expected:
                 raise RuntimeError(f"the shim's answers for a {t.dtype} tensor differ from Python's")
     except (AttributeError, RuntimeError) as error:  # a torch without the shim, or changed
-        _log.debug("the CPU step reads tensors through method calls: %s", error)
+        _log.debug("the prepared step reads tensors through method calls: %s", error)
         return False
     bind_shim(offset, TYPES, strided, *negation, *(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
                                         for name in FUNCTIONS))
     codes.update(dtype_codes)
+    device_codes.update(types)
     return True
