@@ -44,7 +44,7 @@ from .learned_state import LearnedState, place
 from .migrate import check_saved_moments, migrate_muon_state
 from .orthogonalise import ADJUST_LR_FNS, EPS, NS_COEFFICIENTS, NS_STEPS, lr_ratio, newton_schulz
 from .state import Bucket, build_bucket, compute_dtype
-from .state_checks import MOMENTUM_KEYS, checked_gradient, entry_problem
+from .state_checks import MOMENTUM_KEYS, checked_gradient, entry_problem, moved
 from .variant import ROBUST, Variant, variant_named
 
 # Muon's own limit (torch.optim.Muon raises it at the first step; checked here when built).
@@ -172,6 +172,8 @@ class GefenMuon(LearnedState, Optimizer):
                 "model.to(dtype), p.data = ...); build the optimizer again after changing the "
                 "model, or keep the gradients' dtype and size as they were"
             )
+        if grad.device != state["codes"].device:
+            raise moved(f"GefenMuon: {self._locate(p)}", grad.device, state["codes"].device)
         n = state["codes"].numel()
         block = self.variant.magnitude_block(n, state["period"])
         if state["magnitude"].numel() != -(-n // block) or state["codes"].dtype != torch.uint8:

@@ -19,7 +19,7 @@ from .kernels import StepInputs, is_readable, prepared, readable
 from .kernels.torch_step import gefen_update
 from .migrate import check_saved_moments, has_adamw_state, migrate_adamw_state
 from .state import Bucket, build_bucket, compute_dtype
-from .state_checks import SAVED_ENTRY, check_real, checked_gradient, entry_problem
+from .state_checks import SAVED_ENTRY, check_real, checked_gradient, entry_problem, moved
 from .state_table import Changes, tracked
 from .variant import ROBUST, Variant, variant_named
 
@@ -164,13 +164,7 @@ class Gefen(LearnedState, Optimizer):
             for p, owner, g, n in zip(bucket.params, bucket.owners, grads, bucket.numels):
                 if g is not None:
                     if p.device != device:  # its gradient is on its device: .grad checks that
-                        raise ValueError(
-                            f"Gefen: {self._locate(owner)} is on {p.device}, but its state is "
-                            f"on {device}, where its first step found it (the model moved "
-                            "after the optimizer stepped: model.to(device) moves parameters, "
-                            "not optimizer state); build the optimizer again after moving the "
-                            "model, or load its state_dict into one built after the move"
-                        )
+                        raise moved(f"Gefen: {self._locate(owner)}", p.device, device)
                     # sparse, complex, shape
                     _checked_grad(owner, place(self.param_groups, *self._index[owner]))
                     if (g.dtype, p.dtype, g.numel(), p.numel()) != (dtype, dtype, n, n):

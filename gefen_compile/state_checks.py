@@ -103,14 +103,14 @@ def check_real(p: Tensor, where: str) -> None:
         )
 
 
-def check_materialised(param: Tensor, where: str) -> None:
+def check_materialised(param: Tensor, where: str, name: str = "Gefen") -> None:
     """Refuse a parameter on the meta device (no data to update), with the fix."""
     if param.is_meta:
         raise ValueError(
-            f"Gefen: {where} is on the meta device (it has a shape but no data), so there is "
+            f"{name}: {where} is on the meta device (it has a shape but no data), so there is "
             "nothing to update; materialise the model first, then build the optimizer over "
             "its parameters: model.to_empty(device=...), initialise the weights (or load a "
-            "checkpoint), then Gefen(model.parameters(), ...) (to_empty makes new parameters)"
+            f"checkpoint), then {name}(model.parameters(), ...) (to_empty makes new parameters)"
         )
 
 
@@ -130,7 +130,7 @@ def checked_gradient(p: Tensor, where: str, name: str, sparse_error: str) -> Ten
     it or keep state for it. ``name``: the optimizer's, for messages; ``sparse_error``: the
     message of the original's own error (a RuntimeError, as AdamW's and Muon's)."""
     g = p.grad
-    check_materialised(p, where)
+    check_materialised(p, where, name)
     check_plain(p, where, name)
     check_plain(g, f"the gradient of {where}", name)
     if g.is_sparse:
@@ -163,3 +163,14 @@ def check_gradient_layout(param: Tensor, grad: Tensor, where: str, name: str = "
             f"{name}: the gradient of {where} has shape {tuple(grad.shape)}, the parameter "
             f"{tuple(param.shape)}; the gradient must have the parameter's shape"
         )
+
+
+def moved(what: str, device: torch.device, state_device: torch.device) -> ValueError:
+    """The error for a parameter (``what``: the optimizer and the parameter) found on
+    ``device`` while its state is on ``state_device``."""
+    return ValueError(
+        f"{what} is on {device}, but its state is on {state_device}, where its first step "
+        "found it (the model moved after the optimizer stepped: model.to(device) moves "
+        "parameters, not optimizer state); build the optimizer again after moving the model, "
+        "or load its state_dict into one built after the move"
+    )

@@ -581,3 +581,26 @@ def test_patches_keep_their_own_variants():
     finally:
         gefen_compile.unpatch_muon()
         gefen_compile.unpatch_adamw()
+
+
+def test_a_parameter_moved_to_another_device_after_its_first_step_is_named():
+    """model.to(device) after a step moves parameters, not the optimizer's state: the next step
+    names the parameter and the fix, where the momentum kernel would read another device's
+    memory (state moved to the meta device stands in for a model moved to another GPU; a
+    parameter on the meta device gets its own error, with GefenMuon's name)."""
+    params = [torch.nn.Parameter(torch.randn(8, 16)) for _ in range(2)]
+    opt = GefenMuon(params, lr=0.02)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    state = opt.state[params[1]]
+    codes, state["codes"] = state["codes"], state["codes"].to("meta")
+    with pytest.raises(ValueError, match=r"GefenMuon: parameter 1 of param group 0 is on cpu, "
+                                         r"but its state is on meta.*build the optimizer again"):
+        opt.step()
+    state["codes"] = codes
+    torch.utils.swap_tensors(params[1], torch.nn.Parameter(params[1].detach().to("meta")))
+    params[1].grad = torch.randn(params[1].shape, device="meta")
+    with pytest.raises(ValueError, match=r"GefenMuon: parameter 1 .* on the meta device.*"
+                                         r"then GefenMuon\(model.parameters"):
+        opt.step()

@@ -227,6 +227,6 @@ def warn_missing() -> None:
         "times slower per step. To build the kernels, install a C compiler (gcc: "
         "apt-get install gcc, or conda install gcc) and reinstall gefen-compile (pip install "
         "--force-reinstall --no-deps gefen-compile; from a checkout, pip install -e .). CUDA "
-        "steps never use them.",
+        "steps do not need them.",
         MissingCompilerWarning,
     )
