@@ -367,12 +367,12 @@ _MAX_LUT_LOG2 = 22
 
 def _lookup_tables(entries: torch.Tensor, mids: torch.Tensor, first_index) -> LookupTables:
     """The coarsest grid with at most one boundary per cell, and its table."""
-    inf = torch.full((1,), float("inf"), dtype=mids.dtype)
+    inf = torch.full((1,), float("inf"), dtype=mids.dtype, device=mids.device)
     for log2 in range(12, _MAX_LUT_LOG2 + 1):
         half = 2**log2
         cells = (mids.double() * half).floor()
         if bool((cells[1:] > cells[:-1]).all()):
-            edges = torch.arange(-half, half, dtype=torch.float64) / half
+            edges = torch.arange(-half, half, dtype=torch.float64, device=mids.device) / half
             lut = torch.searchsorted(mids.double(), edges, side="left").to(torch.int32)
             return LookupTables(entries, lut, torch.cat([mids, inf]), first_index, half)
     raise ValueError(

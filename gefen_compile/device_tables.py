@@ -27,7 +27,7 @@ def device_table(
     key = (torch.device(device), dtype, values, tag)
     table = _CACHE.get(key)
     if table is None:
-        host = torch.tensor(values, dtype=dtype)
+        host = torch.tensor(values, dtype=dtype, device="cpu")  # whatever the default device
         if key[0].type == "cpu":
             table = host
         else:

@@ -88,8 +88,8 @@ class Bucket:
         pointers of the parameters and of their gradients (int64), which have one (uint8)."""
         if self._host is None:
             n = len(self.params)
-            self._host = (torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64),
-                          torch.zeros(n, dtype=torch.uint8))
+            self._host = tuple(torch.zeros(n, dtype=d, device="cpu")
+                               for d in (torch.int64, torch.int64, torch.uint8))
         return self._host
 
     def written(self) -> list[torch.Tensor]:
@@ -120,7 +120,7 @@ def build_bucket(
     magnitude = torch.zeros(sum(m for _, m, _ in lengths), dtype=dtype, device=device)
     vmean = torch.zeros(sum(_aligned(v) for _, _, v in lengths), dtype=dtype, device=device)
     steps = torch.zeros(len(params) if second_moments else 0, dtype=torch.float32, device=device)
-    segments = torch.zeros(len(params), SEG_FIELDS, dtype=torch.int64)
+    segments = torch.zeros(len(params), SEG_FIELDS, dtype=torch.int64, device="cpu")
     c0 = m0 = v0 = 0
     for i, (state, (n, m, v), (_, period)) in enumerate(zip(states, lengths, sizes)):
         views = {"codes": codes[c0 : c0 + n], "magnitude": magnitude[m0 : m0 + m]}
@@ -131,7 +131,7 @@ def build_bucket(
                 view.copy_(state[key].reshape(view.shape))
             dict.__setitem__(state, key, view)  # the bucket's own views: no change to report
         block = variant.magnitude_block(n, period)
-        segments[i] = torch.tensor([m0, block, c0, v0, int(period == 1), n])
+        segments[i] = torch.tensor([m0, block, c0, v0, int(period == 1), n], device="cpu")
         c0, m0, v0 = c0 + _aligned(n), m0 + m, v0 + _aligned(v)
     return Bucket(
         params=list(params),

@@ -1179,3 +1179,32 @@ def test_zero_element_parameter_is_stepped_like_adamw():
     run(opt_without, without, 2)
     assert_all_equal(with_empty[:2], without)
     assert with_empty[2].shape == (0, 4)
+
+
+@pytest.mark.parametrize("name", ["Gefen", "GefenMuon"])
+def test_another_default_device_changes_nothing(name):
+    """torch.set_default_device (some scripts set "cuda") leaves the tables the optimizer builds
+    on the host where they belong: first steps, steady steps and a state_dict round trip give
+    the same parameters as without it (the meta device stands in, CPU parameters)."""
+    import gefen_compile
+
+    def run(default):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cpu"))
+                  for s in [(8, 16), (32, 8), (4, 40)]]
+        opt = getattr(gefen_compile, name)(params, lr=0.01)
+        previous = torch.get_default_device()
+        torch.set_default_device(default)
+        try:
+            for i in range(3):
+                gen = torch.Generator().manual_seed(i)
+                for p in params:
+                    p.grad = torch.randn(p.shape, device="cpu", generator=gen)
+                opt.step()
+            opt.load_state_dict(opt.state_dict())
+            opt.step()
+        finally:
+            torch.set_default_device(previous)
+        return params
+
+    assert all(map(torch.equal, run("cpu"), run("meta")))

@@ -84,7 +84,8 @@ def work_plan(segments: torch.Tensor, numels: list[int]) -> tuple[list[torch.Ten
                      seg[SEG_CODE] + elem, v, elem]
                 )
     classes = sorted(items)
-    tables = [torch.tensor(items[c], dtype=torch.int64).to(segments.device) for c in classes]
+    tables = [torch.tensor(items[c], dtype=torch.int64, device="cpu").to(segments.device)
+              for c in classes]
     return tables, [int(x) for c in classes for x in c]
 
 
