@@ -361,7 +361,7 @@ class NearestCode:
         return self.tables(x.device, x.dtype).codes(x)
 
 
-_INF32 = torch.tensor(float("inf"))
+_INF32 = torch.tensor(float("inf"), device="cpu")  # whatever the default device at import
 _MAX_LUT_LOG2 = 22
 
 

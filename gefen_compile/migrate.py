@@ -65,7 +65,8 @@ def migrate_adamw_state(optimizer) -> None:
     ]
     if not entries:
         return
-    steps = torch.stack([torch.as_tensor(s["step"], dtype=torch.float64).cpu() for _, s in entries])
+    steps = torch.stack([torch.as_tensor(s["step"], dtype=torch.float64, device="cpu")
+                         for _, s in entries])
     stepped = [(p, s) for (p, s), n in zip(entries, steps.tolist()) if n > 0]
     if optimizer.variant.zero_gradients_wait and stepped:
         # Entries whose gradients were all zero so far teach nothing: set up at a later step.
@@ -120,7 +121,7 @@ def _gefen_entry(optimizer, saved: dict[str, Any], period: int) -> dict[str, Any
         "codes": codes,
         "magnitude": magnitude,
         "vmean": vmean.to(exp_avg.dtype),
-        "step": torch.as_tensor(saved["step"], dtype=torch.float32).to(exp_avg.device),
+        "step": torch.as_tensor(saved["step"], dtype=torch.float32, device=exp_avg.device),
     }
 
 

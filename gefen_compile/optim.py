@@ -159,12 +159,13 @@ class Gefen(LearnedState, Optimizer):
         if [1 for p, g, n in zip(bucket.params, grads, bucket.numels)
                 if g is not None and (g.dtype != dtype or p.dtype != dtype or g.layout != strided
                                       or g.numel() != n or p.numel() != n
-                                      or p.device != device
+                                      or p.device != device or g.device != device
                                       or n and not (g.data_ptr() and p.data_ptr()))]:
             for p, owner, g, n in zip(bucket.params, bucket.owners, grads, bucket.numels):
                 if g is not None:
-                    if p.device != device:  # its gradient is on its device: .grad checks that
-                        raise moved(f"Gefen: {self._locate(owner)}", p.device, device)
+                    for tensor in (p, g):  # a gradient moved with .grad.data, say
+                        if tensor.device != device:
+                            raise moved(f"Gefen: {self._locate(owner)}", tensor.device, device)
                     # sparse, complex, shape
                     _checked_grad(owner, place(self.param_groups, *self._index[owner]))
                     if (g.dtype, p.dtype, g.numel(), p.numel()) != (dtype, dtype, n, n):

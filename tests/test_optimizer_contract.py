@@ -15,8 +15,12 @@ import copy
 import inspect
 import io
 import pickle
+import subprocess
+import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1184,7 +1188,8 @@ def test_zero_element_parameter_is_stepped_like_adamw():
 @pytest.mark.parametrize("name", ["Gefen", "GefenMuon"])
 def test_another_default_device_changes_nothing(name):
     """torch.set_default_device (some scripts set "cuda") leaves the tables the optimizer builds
-    on the host where they belong: first steps, steady steps and a state_dict round trip give
+    on the host where they belong: AdamW's state taken over, first steps, steady steps (one
+    with a transposed gradient, which takes the general path) and a state_dict round trip give
     the same parameters as without it (the meta device stands in, CPU parameters)."""
     import gefen_compile
 
@@ -1192,14 +1197,22 @@ def test_another_default_device_changes_nothing(name):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, device="cpu"))
                   for s in [(8, 16), (32, 8), (4, 40)]]
+        adamw = torch.optim.AdamW(params, lr=0.01)
+        for p in params:
+            p.grad = torch.randn(p.shape, device="cpu")
+        adamw.step()
         opt = getattr(gefen_compile, name)(params, lr=0.01)
         previous = torch.get_default_device()
         torch.set_default_device(default)
         try:
-            for i in range(3):
+            if name == "Gefen":
+                opt.load_state_dict(adamw.state_dict())
+            for i in range(4):
                 gen = torch.Generator().manual_seed(i)
                 for p in params:
                     p.grad = torch.randn(p.shape, device="cpu", generator=gen)
+                if i == 3:
+                    params[0].grad = params[0].grad.T.contiguous().T
                 opt.step()
             opt.load_state_dict(opt.state_dict())
             opt.step()
@@ -1208,3 +1221,21 @@ def test_another_default_device_changes_nothing(name):
         return params
 
     assert all(map(torch.equal, run("cpu"), run("meta")))
+
+
+def test_a_default_device_set_before_the_import_changes_nothing():
+    """The package's own host constants are made on the host whatever the default device was
+    when it was imported."""
+    code = textwrap.dedent("""
+        import torch
+        torch.set_default_device("meta")
+        import gefen_compile
+        torch.set_default_device("cpu")
+        params = [torch.nn.Parameter(torch.randn(8, 16))]
+        params[0].grad = torch.randn(8, 16)
+        gefen_compile.Gefen(params).step()
+        print("stepped")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0 and run.stdout.strip() == "stepped", run.stderr[-2000:]

@@ -23,14 +23,15 @@ MAX_BATCHED_ROW = 64
 
 
 def _pointers(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64)
+    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors], dtype=torch.int64,
+                        device="cpu")
 
 
 def step(*args) -> None:
     """One Gefen step of every row of a bucket, in place (the arguments of ops.step_)."""
     a = StepInputs(*args)
     _run(a, _pointers(a.params), _pointers(a.grads),
-         torch.tensor([g is not None for g in a.grads], dtype=torch.uint8))
+         torch.tensor([g is not None for g in a.grads], dtype=torch.uint8, device="cpu"))
 
 
 def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor) -> None:
@@ -52,9 +53,9 @@ def _gradient_tables(grads: Sequence[torch.Tensor], *more: Sequence[int]) -> tup
     """Data pointers, dtype codes and sizes of ``grads``, then each of ``more``, as int64."""
     return (
         _pointers(grads),
-        torch.tensor([DTYPE_CODES[g.dtype] for g in grads], dtype=torch.int64),
-        torch.tensor([g.numel() for g in grads], dtype=torch.int64),
-        *(torch.tensor(list(m), dtype=torch.int64) for m in more),
+        torch.tensor([DTYPE_CODES[g.dtype] for g in grads], dtype=torch.int64, device="cpu"),
+        torch.tensor([g.numel() for g in grads], dtype=torch.int64, device="cpu"),
+        *(torch.tensor(list(m), dtype=torch.int64, device="cpu") for m in more),
     )
 
 
@@ -63,7 +64,7 @@ def histogram(
 ) -> torch.Tensor:
     """int64 counts of every gradient's normalised rows (see codebook.gradient_histogram)."""
     grads = [readable(g) for g in grads]
-    counts = torch.zeros(NUM_BINS, dtype=torch.int64)
+    counts = torch.zeros(NUM_BINS, dtype=torch.int64, device="cpu")
     tables = _gradient_tables(grads, rows, negate)
     _lib.gefen_histogram(
         len(grads), *(t.data_ptr() for t in tables), counts.data_ptr(), threads()
@@ -76,7 +77,7 @@ def period_scores(
 ) -> torch.Tensor:
     """float64 scores of every gradient's candidate periods (see ops.period_scores)."""
     grads = [readable(g) for g in grads]
-    scores = torch.empty(offsets[-1], dtype=torch.float64)
+    scores = torch.empty(offsets[-1], dtype=torch.float64, device="cpu")
     tables = _gradient_tables(grads, offsets, candidates)
     status = _lib.gefen_period_scores(
         len(grads), *(t.data_ptr() for t in tables), scores.data_ptr(), threads()

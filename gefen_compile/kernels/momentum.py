@@ -25,7 +25,7 @@ def momentum_step(grad: torch.Tensor, codes: torch.Tensor, magnitude: torch.Tens
     (``NearestCode.tables``). Called through ``ops.momentum_``, which torch.compile traces."""
     if grad.device.type == "cpu" and native.library is not None:
         _check(grad, codes, magnitude, block)
-        update = torch.empty(grad.shape, dtype=torch.bfloat16)
+        update = torch.empty(grad.shape, dtype=torch.bfloat16, device="cpu")
         args = native.MomentumArgs(
             grad.numel(), block, grad.data_ptr(), codes.data_ptr(), magnitude.data_ptr(),
             update.data_ptr(), momentum, int(nesterov), tables.codebook.data_ptr(),
