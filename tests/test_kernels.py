@@ -308,7 +308,7 @@ def _row_scaled_run(shapes, dtype):
 # The rows each path runs per dtype: its own where it has them, else its vectoriser's.
 PATH_ROWS = {
     "avx2": {torch.float32: "avx2", torch.bfloat16: "avx2"},
-    "avx512": {torch.float32: "avx2"},
+    "avx512": {torch.float32: "avx512", torch.bfloat16: "avx512"},
     "vbmi": {torch.float32: "vbmi", torch.bfloat16: "vbmi"},
 }
 VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
@@ -319,7 +319,8 @@ VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
 @pytest.mark.parametrize("path", [p for p in native.CPU_PATHS if p != "portable"])
 def test_every_cpu_path_gives_the_portable_bytes(monkeypatch, path, dtype):
     """Each instruction-set path of the C step (the vectoriser's rows for AVX2 and AVX-512,
-    the written AVX2 and VBMI rows) gives the same bytes as the portable rows: codes,
+    the written AVX2 rows, the byte-plane rows with AVX-512BW's lookups and with VBMI's) gives
+    the same bytes as the portable rows: codes,
     magnitudes, second moments and parameters. Shapes cover a row longer than the kernels'
     buffer (period 8219), rows with tails past whole vectors of 8 and of 16 elements (75),
     chunk tails, period 1, maximize, NaN and infinite gradients, and a

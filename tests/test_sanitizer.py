@@ -71,6 +71,7 @@ def best_path() -> str:
     "dtype, path, row",
     [("float32", "portable", "row_f32_portable"), ("bfloat16", "portable", "row_bf16_portable"),
      ("float32", "avx2", "row_f32_avx2"), ("bfloat16", "avx2", "row_bf16_avx2"),
+     ("float32", "avx512", "row_f32_avx512"), ("bfloat16", "avx512", "row_bf16_avx512"),
      ("float16", "avx512", "row_f16_vec_avx512"), ("float32", "vbmi", "row_f32_vbmi"),
      ("bfloat16", "vbmi", "row_bf16_vbmi")],
 )

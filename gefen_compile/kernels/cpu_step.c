@@ -99,20 +99,20 @@ static void count_steps(const StepArgs *a, double *bias1, double *bias2) {
     }
 }
 
-typedef struct BytePlanes BytePlanes; /* the VBMI rows' tables, below */
+typedef struct BytePlanes BytePlanes; /* the byte-plane rows' tables, below */
 
 /* What every row of one call shares. */
 typedef struct {
     const StepArgs *a;
     const double *bias1, *bias2; /* per parameter */
-    const BytePlanes *planes;    /* the VBMI rows' tables */
+    const BytePlanes *planes;    /* the byte-plane rows' tables */
     const struct CellTable *cells; /* the AVX2 rows' table */
     const int64_t (*chunks)[2];  /* the threads' chunks of rows (row_chunks) */
     int64_t num_chunks;
 } Step;
 
 /* Rows up to this long keep their first moments from the first pass; longer ones recompute.
- * A multiple of 64, the VBMI rows' chunk; large enough for the rows of common LLM matrices
+ * A multiple of 64, the byte-plane rows' chunk; large enough for the rows of common LLM matrices
  * (8192: Llama's MLP), small enough for a thread's stack. */
 #define TILE 8192
 
@@ -175,8 +175,8 @@ typedef struct {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(GEFEN_PORTABLE_ONLY)
 #define X86_PATHS 1
 #define ISA_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")))
-#define ISA_AVX512 \
-    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")))
+#define AVX512_FEATURES "avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"
+#define ISA_AVX512 __attribute__((target(AVX512_FEATURES)))
 #else
 #define X86_PATHS 0
 #endif
@@ -309,9 +309,9 @@ typedef struct {
  * them; each row's peak and sum of g^2, then its new magnitude, in loops across rows (the
  * sum's lanes as columns), short chains the core overlaps; the codes and updates of all, each
  * element reading its row's stored magnitude and scale from a per-element copy. The element
- * phases are each path's own (DEFINE_BATCH here, DEFINE_VBMI_BATCH, DEFINE_AVX2_BATCH), the
+ * phases are each path's own (DEFINE_BATCH here, DEFINE_PLANE_BATCH, DEFINE_AVX2_BATCH), the
  * arithmetic the rows', operation for operation: the same bits. Each path batches rows up to
- * its own length (SHORT_ROW_VBMI, SHORT_ROW_AVX2, SHORT_ROW, at run_rows), never past
+ * its own length (SHORT_ROW_PLANES, SHORT_ROW_AVX2, SHORT_ROW, at run_rows), never past
  * StepArgs.short_row. */
 #define BATCH 1024
 
@@ -536,7 +536,7 @@ DEFINE_MOMENTUM_ROWS(_avx2, ISA_AVX2)
 DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
 #endif
 
-/* ---- the AVX-512 VBMI rows (fp32 and bf16 state) ----
+/* ---- the byte-plane rows (fp32 and bf16 state): AVX-512 VBMI, or AVX-512BW ----
  *
  * The portable rows spend most of their time in table lookups, which the vectoriser turns into
  * gathers, about 1 cycle per element each on the cores measured (Zen 4). Codes are bytes, so a
@@ -551,15 +551,26 @@ DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
  * own steps lie at or below fine: one byte table and one byte compare per step, and a coarse
  * cell of a learned codebook holds a few steps (at most one per cell).
  *
+ * AVX-512 CPUs without VBMI (Skylake-SP to Cooper Lake) run the same rows with each byte
+ * lookup made of four AVX-512BW word permutes (vpermt2w, 32 lanes of a 64-word table) and
+ * shifts: several times VBMI's cost, but far below gathers there. Under the microcode against
+ * Downfall (GDS), which cloud hosts of those CPUs carry, a gather of 8 lanes takes ~23 cycles
+ * (measured on an Ice Lake server, 2026-12-07: 8.3 ns). Forcing each path there (one 8M-element
+ * fp32 tensor, one thread): these rows with the word permutes 1.6 ns per element, with VBMI
+ * 1.5, the AVX2 rows (three gathers per 8 elements) 4.6, the AVX-512 vectoriser's rows 5.0, the
+ * portable rows (scalar loads) 3.0.
+ *
  * The arithmetic is the portable rows', operation for operation, so both give the same bits. */
 #if X86_PATHS
 #include <immintrin.h>
 
-#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,bmi2")))
+/* ISA_AVX512's features and VBMI: helpers of ISA_AVX512 inline into the VBMI rows */
+#define ISA_VBMI __attribute__((target("avx512vbmi," AVX512_FEATURES)))
 
 /* ASan instruments plain loads and stores, not intrinsics: in sanitized builds (setup.py,
- * GEFEN_SANITIZE=1) a VBMI or AVX2 row or batch first reads the first poisoned byte, if any, of each
- * range it touches, so that ASan reports what the vector accesses would have read or written. */
+ * GEFEN_SANITIZE=1) a byte-plane or AVX2 row or batch first reads the first poisoned byte, if
+ * any, of each range it touches, so that ASan reports what the vector accesses would have read
+ * or written. */
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 static void touch_poisoned(const void *ptr, int64_t count, size_t size) {
@@ -588,7 +599,7 @@ struct BytePlanes {
 };
 
 /* Fine offsets fit a byte while 2 * half <= 2^16. */
-#define MAX_VBMI_CELLS (1 << 16)
+#define MAX_PLANE_CELLS (1 << 16)
 
 static void split_bytes(uint8_t planes[4][256], const float *table, int64_t count) {
     for (int i = 0; i < 256; i++) {
@@ -630,44 +641,52 @@ static int build_planes(BytePlanes *t, const StepArgs *a) {
  * 4L + j (element 16k + 4L + j of a chunk) comes from byte 16L + 4k + j of the planes. Index
  * bytes are therefore kept in that order, a transpose of 4x4 groups of 4 bytes, which is its
  * own inverse: the same permutation takes element order there and back. */
-VBMI static inline __m512i transpose_groups(__m512i bytes) {
-    const __m512i order = _mm512_set_epi32(
-        0x3f3e3d3c, 0x2f2e2d2c, 0x1f1e1d1c, 0x0f0e0d0c, 0x3b3a3938, 0x2b2a2928, 0x1b1a1918,
-        0x0b0a0908, 0x37363534, 0x27262524, 0x17161514, 0x07060504, 0x33323130, 0x23222120,
-        0x13121110, 0x03020100);
-    return _mm512_permutexvar_epi8(order, bytes);
+ISA_AVX512 static inline __m512i transpose_groups(__m512i bytes) {
+    /* dword 4a + b of the result is dword 4b + a of bytes */
+    return _mm512_permutexvar_epi32(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
 }
 
 /* table[index] for 64 byte indices. */
-VBMI static inline __m512i lookup_byte(const uint8_t table[256], __m512i index) {
+ISA_VBMI static inline __m512i lookup_byte_vbmi(const uint8_t table[256], __m512i index) {
     const __m512i *t = (const __m512i *)table;
     const __m512i low = _mm512_permutex2var_epi8(t[0], index, t[1]);
     const __m512i high = _mm512_permutex2var_epi8(t[2], index, t[3]);
     return _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), low, high);
 }
 
-/* The fp32 table entries of 64 indices (in transposed order), as four vectors in element
- * order. */
-VBMI static inline void lookup_f32(const uint8_t planes[4][256], __m512i index, __m512 out[4]) {
-    const __m512i b0 = lookup_byte(planes[0], index), b1 = lookup_byte(planes[1], index);
-    const __m512i b2 = lookup_byte(planes[2], index), b3 = lookup_byte(planes[3], index);
-    const __m512i low01 = _mm512_unpacklo_epi8(b0, b1), high01 = _mm512_unpackhi_epi8(b0, b1);
-    const __m512i low23 = _mm512_unpacklo_epi8(b2, b3), high23 = _mm512_unpackhi_epi8(b2, b3);
-    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(low01, low23));
-    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(low01, low23));
-    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(high01, high23));
-    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23));
+/* lookup_byte_vbmi without VBMI: the table as 128 words, word w holding entries 2w and 2w + 1.
+ * Each word lane looks up the word of its even byte's index, then of its odd byte's (two
+ * permutes each, over words 0-63 and 64-127, blended on the index's top bit), and keeps the
+ * entry's byte of each: the even one shifted down to the low byte, the odd one up to the high. */
+ISA_AVX512 static inline __m512i lookup_byte_avx512(const uint8_t table[256], __m512i index) {
+    const __m512i *t = (const __m512i *)table;
+    const __m512i even = _mm512_and_si512(index, _mm512_set1_epi16(0xff));
+    const __m512i odd = _mm512_srli_epi16(index, 8);
+    const __m512i even_word = _mm512_srli_epi16(even, 1), odd_word = _mm512_srli_epi16(odd, 1);
+    const __m512i top = _mm512_set1_epi16(0x80), one = _mm512_set1_epi16(1);
+    const __m512i at_even = _mm512_mask_blend_epi16(
+        _mm512_test_epi16_mask(even, top), _mm512_permutex2var_epi16(t[0], even_word, t[1]),
+        _mm512_permutex2var_epi16(t[2], even_word, t[3]));
+    const __m512i at_odd = _mm512_mask_blend_epi16(
+        _mm512_test_epi16_mask(odd, top), _mm512_permutex2var_epi16(t[0], odd_word, t[1]),
+        _mm512_permutex2var_epi16(t[2], odd_word, t[3]));
+    const __m512i low =
+        _mm512_srlv_epi16(at_even, _mm512_slli_epi16(_mm512_and_si512(even, one), 3));
+    const __m512i high =
+        _mm512_sllv_epi16(at_odd, _mm512_slli_epi16(_mm512_andnot_si512(odd, one), 3));
+    return _mm512_mask_blend_epi8(0xaaaaaaaaaaaaaaaaull, low, high);
 }
 
 /* 16 lanes of fp32 from storage at p (bf16: widened), those past `lanes` zero; and back, bf16
  * rounded as f32_to_bf16 rounds (NaN: 0x7fc0). */
-VBMI static inline __m512 load16(const void *p, __mmask16 lanes, int bf16) {
+ISA_AVX512 static inline __m512 load16(const void *p, __mmask16 lanes, int bf16) {
     if (!bf16) return _mm512_maskz_loadu_ps(lanes, p);
     const __m256i half = _mm256_maskz_loadu_epi16(lanes, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-VBMI static inline void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
+ISA_AVX512 static inline void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
     if (!bf16) {
         _mm512_mask_storeu_ps(p, lanes, x);
         return;
@@ -681,23 +700,6 @@ VBMI static inline void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
     _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(rounded));
 }
 
-/* First moments (FIRST_MOMENT) of the n <= 64 elements from i, of old magnitudes old_mag[k]
- * (elements i + 16k to i + 16k + 15), and their sign-corrected gradients; lanes past n hold
- * what zero codes and gradients give. */
-VBMI static inline void first_moments(const BytePlanes *t, const uint8_t *codes, const void *g,
-                                      int bf16, int64_t i, __mmask64 n, const __m512 old_mag[4],
-                                      __m512 beta1, __m512 sign, __m512 keep1, __m512 m[4],
-                                      __m512 gi[4]) {
-    __m512 dequantised[4];
-    lookup_f32(t->codebook, transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i)), dequantised);
-    for (int k = 0; k < 4; k++) {
-        const int64_t at = (i + 16 * k) * (bf16 ? 2 : 4);
-        gi[k] = _mm512_mul_ps(sign, load16((const char *)g + at, (__mmask16)(n >> 16 * k), bf16));
-        m[k] = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(dequantised[k], old_mag[k]), beta1),
-                             _mm512_mul_ps(gi[k], keep1));
-    }
-}
-
 /* What quantising a row's chunks needs, as vectors. */
 typedef struct {
     __m512 stored, half, low_cell, high_cell;
@@ -706,50 +708,92 @@ typedef struct {
     int identity;
 } Quantiser;
 
-/* The number of boundaries at or below the cell of each of 64 quotients x (four vectors), in
- * the lookups' byte order. */
-VBMI static inline __m512i boundaries_below(const BytePlanes *t, const Quantiser *q,
-                                            const __m512 x[4]) {
-    __m512i cell[4];
-    for (int k = 0; k < 4; k++) {
-        /* clamped as the portable rows clamp: max/min return their second operand for NaN */
-        const __m512 scaled = _mm512_min_ps(
-            _mm512_max_ps(_mm512_mul_ps(x[k], q->half), q->low_cell), q->high_cell);
-        cell[k] = _mm512_add_epi32(
-            _mm512_cvt_roundps_epi32(scaled, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
-            q->half_i);
-    }
-    /* Cells (under 2^16) to words, then coarse cells and fine offsets to bytes: the in-lane
-     * packs put dword 4L + j of vector k at byte 16L + 4k + j, the lookups' order. */
-    const __m512i words01 = _mm512_packus_epi32(cell[0], cell[1]);
-    const __m512i words23 = _mm512_packus_epi32(cell[2], cell[3]);
-    const __m512i coarse = _mm512_packus_epi16(_mm512_srl_epi16(words01, q->shift),
-                                               _mm512_srl_epi16(words23, q->shift));
-    const __m512i fine = _mm512_packus_epi16(_mm512_and_si512(words01, q->fine_mask),
-                                             _mm512_and_si512(words23, q->fine_mask));
-    const __m512i one = _mm512_set1_epi8(1);
-    __m512i below = lookup_byte(t->coarse, coarse);
-    for (int j = 0; j < t->num_steps; j++) {
-        const __mmask64 past = _mm512_cmplt_epu8_mask(lookup_byte(t->steps[j], coarse), fine);
-        below = _mm512_mask_add_epi8(below, past, below, one);
-    }
-    return below;
+/* The helpers of the byte-plane rows at one instruction-set level (ISA), their names ending
+ * in SUFFIX, over that level's lookup_byte##SUFFIX. */
+#define DEFINE_PLANE_LOOKUPS(SUFFIX, ISA)                                                       \
+/* The fp32 table entries of 64 indices (in transposed order), as four vectors in element       \
+ * order. */                                                                                    \
+ISA static inline void lookup_f32##SUFFIX(const uint8_t planes[4][256], __m512i index,          \
+                                         __m512 out[4]) {                                       \
+    const __m512i b0 = lookup_byte##SUFFIX(planes[0], index);                                   \
+    const __m512i b1 = lookup_byte##SUFFIX(planes[1], index);                                   \
+    const __m512i b2 = lookup_byte##SUFFIX(planes[2], index);                                   \
+    const __m512i b3 = lookup_byte##SUFFIX(planes[3], index);                                   \
+    const __m512i low01 = _mm512_unpacklo_epi8(b0, b1), high01 = _mm512_unpackhi_epi8(b0, b1);  \
+    const __m512i low23 = _mm512_unpacklo_epi8(b2, b3), high23 = _mm512_unpackhi_epi8(b2, b3);  \
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(low01, low23));                          \
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(low01, low23));                          \
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(high01, high23));                        \
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23));                        \
+}                                                                                               \
+                                                                                                \
+/* First moments (FIRST_MOMENT) of the n <= 64 elements from i, of old magnitudes old_mag[k]    \
+ * (elements i + 16k to i + 16k + 15), and their sign-corrected gradients; lanes past n hold    \
+ * what zero codes and gradients give. */                                                       \
+ISA static inline void first_moments##SUFFIX(                                                   \
+    const BytePlanes *t, const uint8_t *codes, const void *g, int bf16, int64_t i, __mmask64 n, \
+    const __m512 old_mag[4], __m512 beta1, __m512 sign, __m512 keep1, __m512 m[4],              \
+    __m512 gi[4]) {                                                                             \
+    __m512 dequantised[4];                                                                      \
+    lookup_f32##SUFFIX(t->codebook, transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i)),    \
+                       dequantised);                                                            \
+    for (int k = 0; k < 4; k++) {                                                               \
+        const int64_t at = (i + 16 * k) * (bf16 ? 2 : 4);                                       \
+        const __mmask16 lanes = (__mmask16)(n >> 16 * k);                                       \
+        gi[k] = _mm512_mul_ps(sign, load16((const char *)g + at, lanes, bf16));                 \
+        m[k] = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(dequantised[k], old_mag[k]), beta1),   \
+                             _mm512_mul_ps(gi[k], keep1));                                      \
+    }                                                                                           \
+}                                                                                               \
+                                                                                                \
+/* The number of boundaries at or below the cell of each of 64 quotients x (four vectors), in   \
+ * the lookups' byte order. */                                                                  \
+ISA static inline __m512i boundaries_below##SUFFIX(const BytePlanes *t, const Quantiser *q,     \
+                                                   const __m512 x[4]) {                         \
+    __m512i cell[4];                                                                            \
+    for (int k = 0; k < 4; k++) {                                                               \
+        /* clamped as the portable rows clamp: max/min return their second operand for NaN */   \
+        const __m512 scaled = _mm512_min_ps(                                                    \
+            _mm512_max_ps(_mm512_mul_ps(x[k], q->half), q->low_cell), q->high_cell);            \
+        cell[k] = _mm512_add_epi32(                                                             \
+            _mm512_cvt_roundps_epi32(scaled, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),        \
+            q->half_i);                                                                         \
+    }                                                                                           \
+    /* Cells (under 2^16) to words, then coarse cells and fine offsets to bytes: the in-lane    \
+     * packs put dword 4L + j of vector k at byte 16L + 4k + j, the lookups' order. */          \
+    const __m512i words01 = _mm512_packus_epi32(cell[0], cell[1]);                              \
+    const __m512i words23 = _mm512_packus_epi32(cell[2], cell[3]);                              \
+    const __m512i coarse = _mm512_packus_epi16(_mm512_srl_epi16(words01, q->shift),             \
+                                               _mm512_srl_epi16(words23, q->shift));            \
+    const __m512i fine = _mm512_packus_epi16(_mm512_and_si512(words01, q->fine_mask),           \
+                                             _mm512_and_si512(words23, q->fine_mask));          \
+    const __m512i one = _mm512_set1_epi8(1);                                                    \
+    __m512i below = lookup_byte##SUFFIX(t->coarse, coarse);                                     \
+    for (int j = 0; j < t->num_steps; j++) {                                                    \
+        const __mmask64 past =                                                                  \
+            _mm512_cmplt_epu8_mask(lookup_byte##SUFFIX(t->steps[j], coarse), fine);             \
+        below = _mm512_mask_add_epi8(below, past, below, one);                                  \
+    }                                                                                           \
+    return below;                                                                               \
+}                                                                                               \
+                                                                                                \
+/* The codes of 64 quotients x from their boundary counts (lookups' byte order). */             \
+ISA static inline __m512i nearest_codes##SUFFIX(const BytePlanes *t, const Quantiser *q,        \
+                                                const __m512 x[4], __m512i below) {             \
+    __m512 bound[4];                                                                            \
+    lookup_f32##SUFFIX(t->bounds, below, bound);                                                \
+    /* below + (x > bound): the compares' bits moved to the same order */                       \
+    uint64_t above = 0;                                                                         \
+    for (int k = 0; k < 4; k++)                                                                 \
+        above |= _pdep_u64(_mm512_cmp_ps_mask(x[k], bound[k], _CMP_GT_OQ),                      \
+                           0x000f000f000f000full << 4 * k);                                     \
+    __m512i code = _mm512_mask_add_epi8(below, above, below, _mm512_set1_epi8(1));              \
+    if (!q->identity) code = lookup_byte##SUFFIX(t->first, code);                               \
+    return _mm512_and_si512(code, q->live);                                                     \
 }
 
-/* The codes of 64 quotients x from their boundary counts (lookups' byte order). */
-VBMI static inline __m512i nearest_codes(const BytePlanes *t, const Quantiser *q,
-                                         const __m512 x[4], __m512i below) {
-    __m512 bound[4];
-    lookup_f32(t->bounds, below, bound);
-    /* below + (x > bound): the compares' bits moved to the same order */
-    uint64_t above = 0;
-    for (int k = 0; k < 4; k++)
-        above |= _pdep_u64(_mm512_cmp_ps_mask(x[k], bound[k], _CMP_GT_OQ),
-                           0x000f000f000f000full << 4 * k);
-    __m512i code = _mm512_mask_add_epi8(below, above, below, _mm512_set1_epi8(1));
-    if (!q->identity) code = lookup_byte(t->first, code);
-    return _mm512_and_si512(code, q->live);
-}
+DEFINE_PLANE_LOOKUPS(_vbmi, ISA_VBMI)
+DEFINE_PLANE_LOOKUPS(_avx512, ISA_AVX512)
 
 /* Elements ahead of the one being read that the first pass asks the caches for, and the
  * parameter row the second pass will read: without it the loads wait on memory (measured: 1.23x
@@ -758,8 +802,8 @@ VBMI static inline __m512i nearest_codes(const BytePlanes *t, const Quantiser *q
 
 /* One row; ST, LOAD/STORE: the storage type and its one-element conversions (for ROW_SETUP);
  * BF16: whether ST is bf16, for load16/store16. */
-#define DEFINE_VBMI_ROW(NAME, ST, LOAD, STORE, BF16)                                            \
-VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                                \
+#define DEFINE_PLANE_ROW(NAME, ISA, SUFFIX, ST, LOAD, STORE, BF16)                              \
+ISA static void NAME(const Step *s, int64_t r, int64_t owner) {                                 \
     ROW_SETUP(float, ST, LOAD)                                                                  \
     TOUCH_ROWS(ST, len, 1)                                                                      \
     const BytePlanes *t = s->planes;                                                            \
@@ -776,7 +820,7 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
             _mm_prefetch((const char *)(g + i + 16 * k + PREFETCH_AHEAD), _MM_HINT_T0);         \
             _mm_prefetch((const char *)(param + i + 16 * k), _MM_HINT_T0);                      \
         }                                                                                       \
-        first_moments(t, codes, g, BF16, i, n, old_mags, beta1_v, sign_v, keep1_v, m, gi);      \
+        first_moments##SUFFIX(t, codes, g, BF16, i, n, old_mags, beta1_v, sign_v, keep1_v, m, gi); \
         for (int k = 0; k < 4; k++) {                                                           \
             const __mmask16 lanes = (__mmask16)(n >> 16 * k);                                   \
             const __m512 square = _mm512_mul_ps(gi[k], gi[k]);                                  \
@@ -819,23 +863,25 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
         if (buffered) {                                                                         \
             for (int k = 0; k < 4; k++) m[k] = _mm512_load_ps(kept + i + 16 * k);               \
         } else {                                                                                \
-            first_moments(t, codes, g, BF16, i, n, old_mags, beta1_v, sign_v, keep1_v, m, gi);  \
+            first_moments##SUFFIX(t, codes, g, BF16, i, n, old_mags, beta1_v, sign_v, keep1_v,  \
+                                  m, gi);                                                       \
         }                                                                                       \
         __m512 x[4];                                                                            \
         for (int k = 0; k < 4; k++) x[k] = _mm512_div_ps(m[k], q.stored);                       \
-        const __m512i below = boundaries_below(t, &q, x);                                       \
+        const __m512i below = boundaries_below##SUFFIX(t, &q, x);                               \
         if (buffered) {                                                                         \
             for (int k = 0; k < 4; k++) _mm512_store_ps(kept + i + 16 * k, x[k]);               \
             _mm512_store_si512(below_buffer + i, below);                                        \
         } else {                                                                                \
-            _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(nearest_codes(t, &q, x, below))); \
+            const __m512i code = nearest_codes##SUFFIX(t, &q, x, below);                        \
+            _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(code));                      \
         }                                                                                       \
     }                                                                                           \
     for (int64_t i = 0; buffered && i < len; i += 64) {                                         \
         const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;                    \
         __m512 x[4];                                                                            \
         for (int k = 0; k < 4; k++) x[k] = _mm512_load_ps(kept + i + 16 * k);                   \
-        const __m512i code = nearest_codes(t, &q, x, _mm512_load_si512(below_buffer + i));      \
+        const __m512i code = nearest_codes##SUFFIX(t, &q, x, _mm512_load_si512(below_buffer + i)); \
         _mm512_mask_storeu_epi8(codes + i, n, transpose_groups(code));                          \
     }                                                                                           \
     const __m512 decay_v = _mm512_set1_ps(decay), step_v = _mm512_set1_ps(step_size);           \
@@ -845,7 +891,7 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
         const __mmask64 n = len - i >= 64 ? ~0ull : (1ull << (len - i)) - 1;                    \
         __m512 dequantised[4];                                                                  \
         const __m512i code = transpose_groups(_mm512_maskz_loadu_epi8(n, codes + i));           \
-        lookup_f32(t->codebook, code, dequantised);                                             \
+        lookup_f32##SUFFIX(t->codebook, code, dequantised);                                     \
         for (int k = 0; k < 4; k++) {                                                           \
             const __mmask16 lanes = (__mmask16)(n >> 16 * k);                                   \
             ST *pk = param + i + 16 * k;                                                        \
@@ -862,15 +908,17 @@ VBMI static void NAME(const Step *s, int64_t r, int64_t owner) {                
     }                                                                                           \
 }
 
-DEFINE_VBMI_ROW(row_f32_vbmi, float, LOAD_F32, STORE_F32, 0)
-DEFINE_VBMI_ROW(row_bf16_vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
+DEFINE_PLANE_ROW(row_f32_vbmi, ISA_VBMI, _vbmi, float, LOAD_F32, STORE_F32, 0)
+DEFINE_PLANE_ROW(row_bf16_vbmi, ISA_VBMI, _vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
+DEFINE_PLANE_ROW(row_f32_avx512, ISA_AVX512, _avx512, float, LOAD_F32, STORE_F32, 0)
+DEFINE_PLANE_ROW(row_bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, STORE_BF16, 1)
 
-/* A batch of short rows (see DEFINE_BATCH) in the VBMI rows' lookups, 64 elements at a time,
+/* A batch of short rows (see DEFINE_BATCH) in the byte-plane rows' lookups, 64 elements at a time,
  * each element with its own old magnitude, stored magnitude and scale; each row's peak and
  * sum of g^2 in 16-lane vectors, its lanes those of SUM_LANES (faster than the vectoriser's
  * loops across rows: 0.90x the time at 9 elements, 0.78x at 16, 0.71x at 32). */
-#define DEFINE_VBMI_BATCH(NAME, ST, LOAD, STORE, BF16)                                          \
-VBMI static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {                     \
+#define DEFINE_PLANE_BATCH(NAME, ISA, SUFFIX, ST, LOAD, STORE, BF16)                            \
+ISA static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {                      \
     BATCH_SETUP(float, ST, LOAD)                                                                \
     TOUCH_ROWS(ST, n, rows)                                                                     \
     const BytePlanes *t = s->planes;                                                            \
@@ -882,7 +930,7 @@ VBMI static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {     
         __m512 old[4], m[4], gi[4];                                                             \
         for (int k = 0; k < 4; k++)                                                             \
             old[k] = _mm512_maskz_loadu_ps((__mmask16)(in >> 16 * k), spread + i + 16 * k);     \
-        first_moments(t, codes, g, BF16, i, in, old, beta1_v, sign_v, keep1_v, m, gi);          \
+        first_moments##SUFFIX(t, codes, g, BF16, i, in, old, beta1_v, sign_v, keep1_v, m, gi);  \
         for (int k = 0; k < 4; k++) {                                                           \
             const __mmask16 lanes = (__mmask16)(in >> 16 * k);                                  \
             _mm512_mask_storeu_ps(kept + i + 16 * k, lanes, m[k]);                              \
@@ -943,9 +991,10 @@ VBMI static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {     
                               0x000f000f000f000full << 4 * k);                                  \
         }                                                                                       \
         const __m512i code =                                                                    \
-            _mm512_maskz_mov_epi8(live, nearest_codes(t, &q, x, boundaries_below(t, &q, x)));   \
+            _mm512_maskz_mov_epi8(live, nearest_codes##SUFFIX(t, &q, x,                         \
+                                                          boundaries_below##SUFFIX(t, &q, x))); \
         _mm512_mask_storeu_epi8(codes + i, in, transpose_groups(code));                         \
-        lookup_f32(t->codebook, code, dequantised);                                             \
+        lookup_f32##SUFFIX(t->codebook, code, dequantised);                                     \
         for (int k = 0; k < 4; k++) {                                                           \
             const __mmask16 lanes = (__mmask16)(in >> 16 * k);                                  \
             ST *pk = param + i + 16 * k;                                                        \
@@ -960,8 +1009,10 @@ VBMI static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {     
     }                                                                                           \
 }
 
-DEFINE_VBMI_BATCH(batch_f32_vbmi, float, LOAD_F32, STORE_F32, 0)
-DEFINE_VBMI_BATCH(batch_bf16_vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
+DEFINE_PLANE_BATCH(batch_f32_vbmi, ISA_VBMI, _vbmi, float, LOAD_F32, STORE_F32, 0)
+DEFINE_PLANE_BATCH(batch_bf16_vbmi, ISA_VBMI, _vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
+DEFINE_PLANE_BATCH(batch_f32_avx512, ISA_AVX512, _avx512, float, LOAD_F32, STORE_F32, 0)
+DEFINE_PLANE_BATCH(batch_bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, STORE_BF16, 1)
 
 
 /* ---- the AVX2 rows (fp32 and bf16 state) ----
@@ -1465,7 +1516,7 @@ typedef void (*BatchFn)(const Step *, int64_t, int64_t, int64_t);
 
 /* The rows a step ran, for reports (kernels/native.py names them): the path's own, or the
  * vectoriser's where its tables do not fit (a fine-grained codebook, fp16 or fp64 state). */
-enum { ROWS_NONE, ROWS_PORTABLE, ROWS_VEC_AVX2, ROWS_AVX2, ROWS_VEC_AVX512, ROWS_VBMI };
+enum { ROWS_NONE, ROWS_PORTABLE, ROWS_VEC_AVX2, ROWS_AVX2, ROWS_VEC_AVX512, ROWS_VBMI, ROWS_AVX512 };
 static int last_rows = ROWS_NONE;
 
 int gefen_last_rows(void) { return __atomic_load_n(&last_rows, __ATOMIC_RELAXED); }
@@ -1518,7 +1569,7 @@ static int64_t chunk_size(const StepArgs *a) {
  * the time at 9 elements, 0.39-0.45x at 32, 0.57-0.64x at 48, 0.74-0.76x at 64 (fp32, bf16);
  * the AVX2 ones 0.84-0.89x at 48, 0.98-0.99x at 64; the vectoriser's 0.25-0.47x at 9,
  * 0.93-1.06x at 32, 1.0-1.5x at 64. */
-#define SHORT_ROW_VBMI 64
+#define SHORT_ROW_PLANES 64
 #define SHORT_ROW_AVX2 64
 #define SHORT_ROW 32
 
@@ -1567,12 +1618,18 @@ int gefen_step(const StepArgs *a, int dtype) {
     (void)path;
     if (dtype < DT_F32 || dtype > DT_F64) status = -1;
 #if X86_PATHS
-    else if (path == PATH_VBMI && dtype <= DT_BF16 && 2 * a->lut_half <= MAX_VBMI_CELLS) {
+    else if (path >= PATH_AVX512 && dtype <= DT_BF16 && 2 * a->lut_half <= MAX_PLANE_CELLS) {
+        /* the byte-plane rows, their lookups VBMI's or AVX-512BW's */
+        static const RowFn rows[2][2] = {{row_f32_avx512, row_bf16_avx512},
+                                         {row_f32_vbmi, row_bf16_vbmi}};
+        static const BatchFn batches[2][2] = {{batch_f32_avx512, batch_bf16_avx512},
+                                              {batch_f32_vbmi, batch_bf16_vbmi}};
+        const int vbmi = path == PATH_VBMI;
         BytePlanes planes;
         if (build_planes(&planes, a) == 0) {
             s.planes = &planes;
-            run_rows(&s, dtype == DT_F32 ? row_f32_vbmi : row_bf16_vbmi,
-                     dtype == DT_F32 ? batch_f32_vbmi : batch_bf16_vbmi, SHORT_ROW_VBMI, ROWS_VBMI);
+            run_rows(&s, rows[vbmi][dtype], batches[vbmi][dtype], SHORT_ROW_PLANES,
+                     vbmi ? ROWS_VBMI : ROWS_AVX512);
         } else {
             status = -1;
         }
@@ -1580,7 +1637,8 @@ int gefen_step(const StepArgs *a, int dtype) {
     } else if (path >= PATH_AVX2 && (dtype == DT_F32 || (dtype == DT_BF16 && path == PATH_AVX2)) &&
                (s.cells = cell_table(a))) {
         /* the written AVX2 rows: faster than the vectoriser's at AVX2, and at AVX-512 for fp32
-         * (not for bf16: its conversions use the vectoriser's 16 lanes better) */
+         * where the codebook is too fine for the byte planes (not for bf16: its conversions use
+         * the vectoriser's 16 lanes better) */
         run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2,
                  dtype == DT_F32 ? batch_f32_avx2 : batch_bf16_avx2, SHORT_ROW_AVX2, ROWS_AVX2);
     } else if (path >= PATH_AVX512) {

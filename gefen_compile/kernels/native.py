@@ -109,8 +109,9 @@ _warned = False
 
 # The C step's instruction-set paths, in the order of cpu_step.c's PATH_* (each faster than the
 # one before where the CPU runs it): plain vectorised C at the x86-64 (or AArch64 NEON)
-# baseline, the same C compiled for AVX2 and for AVX-512, and fp32 rows written for AVX-512
-# VBMI. All give the same bits.
+# baseline; AVX2, with fp32 and bf16 rows written for it; AVX-512, with the byte-plane rows
+# (table lookups as AVX-512BW permutes, not gathers); and those rows with VBMI's byte permutes.
+# All give the same bits.
 CPU_PATHS = ("portable", "avx2", "avx512", "vbmi")
 PATH_VARIABLE = "GEFEN_COMPILE_CPU_PATH"
 _log = logging.getLogger("gefen_compile")
@@ -160,7 +161,7 @@ def processor_name() -> str:
 
 # The rows of cpu_step.c's ROWS_*: a path's own rows, or the vectoriser's rows of its instruction
 # set where the path has none (fp16, fp64) or its tables do not fit the codebook.
-ROWS = (None, "portable", "avx2 (vectorised)", "avx2", "avx512 (vectorised)", "vbmi")
+ROWS = (None, "portable", "avx2 (vectorised)", "avx2", "avx512 (vectorised)", "vbmi", "avx512")
 _logged_rows = None
 
 
