@@ -5,6 +5,7 @@ against the slow reference)."""
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -703,6 +704,67 @@ def test_the_kernels_compile_without_the_x86_paths():
          "-DGEFEN_PORTABLE_ONLY", f"-I{include}", str(source)],
         capture_output=True, text=True, timeout=120)
     assert child.returncode == 0, child.stderr
+
+
+@pytest.mark.parametrize("path", native.CPU_PATHS)
+def test_a_step_call_the_kernel_refuses_changes_nothing(monkeypatch, path):
+    """The C step refuses what it must (here an unknown dtype code) and allocates its scratch,
+    the byte planes' tables included, before any step count moves: a refused call leaves the
+    parameter and its state as they were."""
+    if path not in native.cpu_paths():
+        pytest.skip(f"this CPU does not run the {path} path")
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 32))
+    opt = Gefen([p])
+    p.grad = torch.randn(64, 32) * torch.randn(64, 1).exp()
+    opt.step()
+    before = p.detach().clone()
+    state = {key: value.clone() for key, value in opt.state[p].items() if torch.is_tensor(value)}
+    monkeypatch.setitem(cpu_step.DTYPE_CODES, torch.float32, 7)
+    previous = native.use_cpu_path(path)
+    try:
+        with pytest.raises(MemoryError, match="gefen_step"):
+            opt.step()
+    finally:
+        native.use_cpu_path(previous)
+    assert torch.equal(p, before)
+    for key, value in state.items():
+        assert torch.equal(opt.state[p][key], value), key
+
+
+# What a path's rows must not hold, for the CPUs that take that path lack it: the avx512 path
+# is for AVX-512 CPUs without VBMI (Skylake-SP, Cascade Lake): no VBMI byte permute, nor a call
+# into the VBMI rows' code; the avx2 path for CPUs without AVX-512: no 512-bit register or mask
+# register; the portable rows for the x86-64 baseline: no 256- or 512-bit register.
+FOREIGN = {
+    "avx512": re.compile(r"\b(vpermb|vpermi2b|vpermt2b|vpmultishiftqb)\b|call.*<\w*vbmi"),
+    "avx2": re.compile(r"%zmm|%k[0-7]"),
+    "portable": re.compile(r"%[yz]mm"),
+}
+
+
+def test_each_paths_rows_hold_only_instructions_their_cpus_run():
+    """A path's rows compiled with another level's instructions would pass every test on this
+    machine and stop the process (SIGILL) on the CPUs that path is for. In the built library's
+    disassembly, the rows and batches of each path hold none of FOREIGN's signs of such
+    instructions (for avx512: VBMI's byte permutes, which the byte-plane rows there do
+    without)."""
+    objdump = shutil.which("objdump")
+    if objdump is None or native.library is None or "avx2" not in native.cpu_paths():
+        pytest.skip("needs objdump and the C kernels built for x86-64")
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", native.library._name],
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+    bodies = {match[1]: match[2] for match in re.finditer(
+        r"^[0-9a-f]+ <((?:row|batch)_\w+?)(?:\.\w+)*>:\n(.*?)(?:\n\n|\Z)", listing, re.M | re.S)}
+    checked = {path: [name for name in bodies if name.endswith("_" + path)] for path in FOREIGN}
+    assert {"row_f32_avx512", "row_bf16_avx512", "batch_f32_avx512",
+            "batch_bf16_avx512"} <= set(checked["avx512"])
+    assert "row_f32_avx2" in checked["avx2"] and "row_f32_portable" in checked["portable"]
+    assert FOREIGN["avx512"].search(bodies["row_f32_vbmi"])  # the pattern finds what it seeks
+    for path, names in checked.items():
+        for name in names:
+            found = FOREIGN[path].search(bodies[name])
+            assert found is None, f"{name} holds {found[0]!r}, which {path} CPUs lack"
 
 
 def _momentum_step(path, dtype, nesterov, block, numel, finite):

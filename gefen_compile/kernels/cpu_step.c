@@ -553,12 +553,12 @@ DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
  *
  * AVX-512 CPUs without VBMI (Skylake-SP to Cooper Lake) run the same rows with each byte
  * lookup made of four AVX-512BW word permutes (vpermt2w, 32 lanes of a 64-word table) and
- * shifts: several times VBMI's cost, but far below gathers there. Under the microcode against
- * Downfall (GDS), which cloud hosts of those CPUs carry, a gather of 8 lanes takes ~23 cycles
- * (measured on an Ice Lake server, 2026-12-07: 8.3 ns). Forcing each path there (one 8M-element
- * fp32 tensor, one thread): these rows with the word permutes 1.6 ns per element, with VBMI
- * 1.5, the AVX2 rows (three gathers per 8 elements) 4.6, the AVX-512 vectoriser's rows 5.0, the
- * portable rows (scalar loads) 3.0.
+ * shifts. That is several times VBMI's cost, but gathers cost more on these CPUs: under the
+ * microcode against Downfall (GDS), which their cloud hosts carry, an 8-lane gather takes ~23
+ * cycles (an Ice Lake server, 2026-12-07). There, on one thread (benchmarks/bench_kernel_ab.py),
+ * these rows took 0.35-0.50x the time of the gathering rows they replace in fp32 (the AVX2
+ * rows), 0.51-0.58x in bf16 (the vectoriser's), and 1.15-1.44x the time of the same rows with
+ * VBMI's lookups (periods 9 to 768, calls of both interleaved).
  *
  * The arithmetic is the portable rows', operation for operation, so both give the same bits. */
 #if X86_PATHS
@@ -566,6 +566,11 @@ DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
 
 /* ISA_AVX512's features and VBMI: helpers of ISA_AVX512 inline into the VBMI rows */
 #define ISA_VBMI __attribute__((target("avx512vbmi," AVX512_FEATURES)))
+
+/* The byte-plane rows' helpers must inline: a helper the compiler declines to inline is called
+ * instead, silently, and a VBMI helper so called from a row for CPUs without VBMI would stop
+ * the process there. Forced, the mismatch of instruction sets is a compile error. */
+#define HELPER static inline __attribute__((always_inline))
 
 /* ASan instruments plain loads and stores, not intrinsics: in sanitized builds (setup.py,
  * GEFEN_SANITIZE=1) a byte-plane or AVX2 row or batch first reads the first poisoned byte, if
@@ -641,14 +646,14 @@ static int build_planes(BytePlanes *t, const StepArgs *a) {
  * 4L + j (element 16k + 4L + j of a chunk) comes from byte 16L + 4k + j of the planes. Index
  * bytes are therefore kept in that order, a transpose of 4x4 groups of 4 bytes, which is its
  * own inverse: the same permutation takes element order there and back. */
-ISA_AVX512 static inline __m512i transpose_groups(__m512i bytes) {
+ISA_AVX512 HELPER __m512i transpose_groups(__m512i bytes) {
     /* dword 4a + b of the result is dword 4b + a of bytes */
     return _mm512_permutexvar_epi32(
         _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
 }
 
 /* table[index] for 64 byte indices. */
-ISA_VBMI static inline __m512i lookup_byte_vbmi(const uint8_t table[256], __m512i index) {
+ISA_VBMI HELPER __m512i lookup_byte_vbmi(const uint8_t table[256], __m512i index) {
     const __m512i *t = (const __m512i *)table;
     const __m512i low = _mm512_permutex2var_epi8(t[0], index, t[1]);
     const __m512i high = _mm512_permutex2var_epi8(t[2], index, t[3]);
@@ -659,7 +664,7 @@ ISA_VBMI static inline __m512i lookup_byte_vbmi(const uint8_t table[256], __m512
  * Each word lane looks up the word of its even byte's index, then of its odd byte's (two
  * permutes each, over words 0-63 and 64-127, blended on the index's top bit), and keeps the
  * entry's byte of each: the even one shifted down to the low byte, the odd one up to the high. */
-ISA_AVX512 static inline __m512i lookup_byte_avx512(const uint8_t table[256], __m512i index) {
+ISA_AVX512 HELPER __m512i lookup_byte_avx512(const uint8_t table[256], __m512i index) {
     const __m512i *t = (const __m512i *)table;
     const __m512i even = _mm512_and_si512(index, _mm512_set1_epi16(0xff));
     const __m512i odd = _mm512_srli_epi16(index, 8);
@@ -680,13 +685,13 @@ ISA_AVX512 static inline __m512i lookup_byte_avx512(const uint8_t table[256], __
 
 /* 16 lanes of fp32 from storage at p (bf16: widened), those past `lanes` zero; and back, bf16
  * rounded as f32_to_bf16 rounds (NaN: 0x7fc0). */
-ISA_AVX512 static inline __m512 load16(const void *p, __mmask16 lanes, int bf16) {
+ISA_AVX512 HELPER __m512 load16(const void *p, __mmask16 lanes, int bf16) {
     if (!bf16) return _mm512_maskz_loadu_ps(lanes, p);
     const __m256i half = _mm256_maskz_loadu_epi16(lanes, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-ISA_AVX512 static inline void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
+ISA_AVX512 HELPER void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
     if (!bf16) {
         _mm512_mask_storeu_ps(p, lanes, x);
         return;
@@ -713,8 +718,8 @@ typedef struct {
 #define DEFINE_PLANE_LOOKUPS(SUFFIX, ISA)                                                       \
 /* The fp32 table entries of 64 indices (in transposed order), as four vectors in element       \
  * order. */                                                                                    \
-ISA static inline void lookup_f32##SUFFIX(const uint8_t planes[4][256], __m512i index,          \
-                                         __m512 out[4]) {                                       \
+ISA HELPER void lookup_f32##SUFFIX(const uint8_t planes[4][256], __m512i index,                 \
+                            __m512 out[4]) {                                                    \
     const __m512i b0 = lookup_byte##SUFFIX(planes[0], index);                                   \
     const __m512i b1 = lookup_byte##SUFFIX(planes[1], index);                                   \
     const __m512i b2 = lookup_byte##SUFFIX(planes[2], index);                                   \
@@ -730,7 +735,7 @@ ISA static inline void lookup_f32##SUFFIX(const uint8_t planes[4][256], __m512i 
 /* First moments (FIRST_MOMENT) of the n <= 64 elements from i, of old magnitudes old_mag[k]    \
  * (elements i + 16k to i + 16k + 15), and their sign-corrected gradients; lanes past n hold    \
  * what zero codes and gradients give. */                                                       \
-ISA static inline void first_moments##SUFFIX(                                                   \
+ISA HELPER void first_moments##SUFFIX(                                                          \
     const BytePlanes *t, const uint8_t *codes, const void *g, int bf16, int64_t i, __mmask64 n, \
     const __m512 old_mag[4], __m512 beta1, __m512 sign, __m512 keep1, __m512 m[4],              \
     __m512 gi[4]) {                                                                             \
@@ -748,8 +753,8 @@ ISA static inline void first_moments##SUFFIX(                                   
                                                                                                 \
 /* The number of boundaries at or below the cell of each of 64 quotients x (four vectors), in   \
  * the lookups' byte order. */                                                                  \
-ISA static inline __m512i boundaries_below##SUFFIX(const BytePlanes *t, const Quantiser *q,     \
-                                                   const __m512 x[4]) {                         \
+ISA HELPER __m512i boundaries_below##SUFFIX(const BytePlanes *t, const Quantiser *q,            \
+                                          const __m512 x[4]) {                                  \
     __m512i cell[4];                                                                            \
     for (int k = 0; k < 4; k++) {                                                               \
         /* clamped as the portable rows clamp: max/min return their second operand for NaN */   \
@@ -778,8 +783,8 @@ ISA static inline __m512i boundaries_below##SUFFIX(const BytePlanes *t, const Qu
 }                                                                                               \
                                                                                                 \
 /* The codes of 64 quotients x from their boundary counts (lookups' byte order). */             \
-ISA static inline __m512i nearest_codes##SUFFIX(const BytePlanes *t, const Quantiser *q,        \
-                                                const __m512 x[4], __m512i below) {             \
+ISA HELPER __m512i nearest_codes##SUFFIX(const BytePlanes *t, const Quantiser *q,               \
+                                       const __m512 x[4], __m512i below) {                      \
     __m512 bound[4];                                                                            \
     lookup_f32##SUFFIX(t->bounds, below, bound);                                                \
     /* below + (x > bound): the compares' bits moved to the same order */                       \
@@ -1017,8 +1022,9 @@ DEFINE_PLANE_BATCH(batch_bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, 
 
 /* ---- the AVX2 rows (fp32 and bf16 state) ----
  *
- * Without VBMI's byte permutes, table lookups are gathers (about 5 cycles per 8 lanes on the
- * cores measured), and the vectoriser's rows need four per element: the old code's entry, the
+ * Without AVX-512's permutes, table lookups are gathers (about 5 cycles per 8 lanes on the
+ * EPYC and Sapphire Rapids cores measured, ~23 under the microcode against Downfall on an Ice
+ * Lake server), and the vectoriser's rows need four per element: the old code's entry, the
  * cell's boundary count, the boundary, the new code's entry. These rows need three. The code of
  * x is the number of boundaries b < x, and on the unsigned integers that order fp32 values
  * (unsigned_key()), b < x compares the cells (the top bits) and then, within a cell, the
@@ -1568,7 +1574,8 @@ static int64_t chunk_size(const StepArgs *a) {
  * (benchmarks/bench_kernel_ab.py, 1M elements, one thread): the VBMI batches took 0.15-0.16x
  * the time at 9 elements, 0.39-0.45x at 32, 0.57-0.64x at 48, 0.74-0.76x at 64 (fp32, bf16);
  * the AVX2 ones 0.84-0.89x at 48, 0.98-0.99x at 64; the vectoriser's 0.25-0.47x at 9,
- * 0.93-1.06x at 32, 1.0-1.5x at 64. */
+ * 0.93-1.06x at 32, 1.0-1.5x at 64. The byte-plane batches with AVX-512BW's lookups (an Ice Lake
+ * server, 2026-12-07): 0.17-0.18x at 9, 0.45-0.51x at 32, 0.66-0.68x at 48, 0.86-0.89x at 64. */
 #define SHORT_ROW_PLANES 64
 #define SHORT_ROW_AVX2 64
 #define SHORT_ROW 32
@@ -1599,55 +1606,67 @@ static void run_rows(const Step *s, RowFn row, BatchFn batch, int64_t longest, i
     }
 }
 
+/* Every chunk's rows on `path` for `dtype`: the byte-plane rows where `planes` (their tables)
+ * are given; else the written AVX2 rows where their cell table fits the codebook; else the
+ * vectoriser's rows of the path's instruction set. */
+static void step_rows(Step *s, int path, int dtype, const BytePlanes *planes) {
+#if X86_PATHS
+    static const RowFn plane_rows[2][2] = {{row_f32_avx512, row_bf16_avx512},
+                                           {row_f32_vbmi, row_bf16_vbmi}};
+    static const BatchFn plane_batches[2][2] = {{batch_f32_avx512, batch_bf16_avx512},
+                                                {batch_f32_vbmi, batch_bf16_vbmi}};
+    const int vbmi = path == PATH_VBMI;
+    if (planes) {
+        s->planes = planes;
+        run_rows(s, plane_rows[vbmi][dtype], plane_batches[vbmi][dtype], SHORT_ROW_PLANES,
+                 vbmi ? ROWS_VBMI : ROWS_AVX512);
+    } else if (path >= PATH_AVX2 && (dtype == DT_F32 || (dtype == DT_BF16 && path == PATH_AVX2)) &&
+               (s->cells = cell_table(s->a))) {
+        /* the written AVX2 rows: faster than the vectoriser's at AVX2, and at AVX-512 for fp32
+         * where the codebook is too fine for the byte planes (not for bf16: its conversions use
+         * the vectoriser's 16 lanes better) */
+        run_rows(s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2,
+                 dtype == DT_F32 ? batch_f32_avx2 : batch_bf16_avx2, SHORT_ROW_AVX2, ROWS_AVX2);
+    } else if (path >= PATH_AVX512) {
+        run_rows(s, rows_vec_avx512[dtype], batches_vec_avx512[dtype], SHORT_ROW, ROWS_VEC_AVX512);
+    } else if (path == PATH_AVX2) {
+        run_rows(s, rows_vec_avx2[dtype], batches_vec_avx2[dtype], SHORT_ROW, ROWS_VEC_AVX2);
+    } else
+#else
+    (void)path, (void)planes;
+#endif
+        run_rows(s, rows_portable[dtype], batches_portable[dtype], SHORT_ROW, ROWS_PORTABLE);
+}
+
 /* Returns 0, or -1 for an unknown dtype or a failed allocation. */
 int gefen_step(const StepArgs *a, int dtype) {
+    if (dtype < DT_F32 || dtype > DT_F64) return -1;
+    const int path = gefen_cpu_path(-1);
     /* everything allocated before the step counts move: a failure leaves the state as it was */
     double *bias = malloc(2 * (size_t)(a->num_params > 0 ? a->num_params : 1) * sizeof(double));
     const int64_t size = chunk_size(a), count = row_chunks(a, size, NULL);
     int64_t (*chunks)[2] = malloc((size_t)(count + 1) * sizeof *chunks);
-    if (!bias || !chunks) {
-        free(bias);
-        free(chunks);
-        return -1;
-    }
-    row_chunks(a, size, chunks);
-    count_steps(a, bias, bias + a->num_params);
-    Step s = {a, bias, bias + a->num_params, NULL, NULL, (const int64_t(*)[2])chunks, count};
-    int status = 0;
-    const int path = gefen_cpu_path(-1);
-    (void)path;
-    if (dtype < DT_F32 || dtype > DT_F64) status = -1;
+    int status = bias && chunks ? 0 : -1;
+    const BytePlanes *tables = NULL;
 #if X86_PATHS
-    else if (path >= PATH_AVX512 && dtype <= DT_BF16 && 2 * a->lut_half <= MAX_PLANE_CELLS) {
-        /* the byte-plane rows, their lookups VBMI's or AVX-512BW's */
-        static const RowFn rows[2][2] = {{row_f32_avx512, row_bf16_avx512},
-                                         {row_f32_vbmi, row_bf16_vbmi}};
-        static const BatchFn batches[2][2] = {{batch_f32_avx512, batch_bf16_avx512},
-                                              {batch_f32_vbmi, batch_bf16_vbmi}};
-        const int vbmi = path == PATH_VBMI;
-        BytePlanes planes;
-        if (build_planes(&planes, a) == 0) {
-            s.planes = &planes;
-            run_rows(&s, rows[vbmi][dtype], batches[vbmi][dtype], SHORT_ROW_PLANES,
-                     vbmi ? ROWS_VBMI : ROWS_AVX512);
-        } else {
-            status = -1;
-        }
-        free(planes.steps);
-    } else if (path >= PATH_AVX2 && (dtype == DT_F32 || (dtype == DT_BF16 && path == PATH_AVX2)) &&
-               (s.cells = cell_table(a))) {
-        /* the written AVX2 rows: faster than the vectoriser's at AVX2, and at AVX-512 for fp32
-         * where the codebook is too fine for the byte planes (not for bf16: its conversions use
-         * the vectoriser's 16 lanes better) */
-        run_rows(&s, dtype == DT_F32 ? row_f32_avx2 : row_bf16_avx2,
-                 dtype == DT_F32 ? batch_f32_avx2 : batch_bf16_avx2, SHORT_ROW_AVX2, ROWS_AVX2);
-    } else if (path >= PATH_AVX512) {
-        run_rows(&s, rows_vec_avx512[dtype], batches_vec_avx512[dtype], SHORT_ROW, ROWS_VEC_AVX512);
-    } else if (path == PATH_AVX2) {
-        run_rows(&s, rows_vec_avx2[dtype], batches_vec_avx2[dtype], SHORT_ROW, ROWS_VEC_AVX2);
+    /* the byte-plane rows' tables, where the path has those rows and their bytes hold the
+     * codebook's cells */
+    BytePlanes planes = {.steps = NULL};
+    if (status == 0 && path >= PATH_AVX512 && dtype <= DT_BF16 &&
+        2 * a->lut_half <= MAX_PLANE_CELLS) {
+        status = build_planes(&planes, a);
+        tables = &planes;
     }
 #endif
-    else run_rows(&s, rows_portable[dtype], batches_portable[dtype], SHORT_ROW, ROWS_PORTABLE);
+    if (status == 0) {
+        row_chunks(a, size, chunks);
+        count_steps(a, bias, bias + a->num_params);
+        Step s = {a, bias, bias + a->num_params, NULL, NULL, (const int64_t(*)[2])chunks, count};
+        step_rows(&s, path, dtype, tables);
+    }
+#if X86_PATHS
+    free(planes.steps);
+#endif
     free(bias);
     free(chunks);
     return status;
