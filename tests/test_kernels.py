@@ -743,17 +743,22 @@ FOREIGN = {
 }
 
 
+def _disassembly() -> str:
+    """The built C library's disassembly (skips without objdump or an x86-64 build)."""
+    objdump = shutil.which("objdump")
+    if objdump is None or native.library is None or "avx2" not in native.cpu_paths():
+        pytest.skip("needs objdump and the C kernels built for x86-64")
+    return subprocess.run([objdump, "-d", "--no-show-raw-insn", native.library._name],
+                          capture_output=True, text=True, timeout=300, check=True).stdout
+
+
 def test_each_paths_rows_hold_only_instructions_their_cpus_run():
     """A path's rows compiled with another level's instructions would pass every test on this
     machine and stop the process (SIGILL) on the CPUs that path is for. In the built library's
     disassembly, the rows and batches of each path hold none of FOREIGN's signs of such
     instructions (for avx512: VBMI's byte permutes, which the byte-plane rows there do
     without)."""
-    objdump = shutil.which("objdump")
-    if objdump is None or native.library is None or "avx2" not in native.cpu_paths():
-        pytest.skip("needs objdump and the C kernels built for x86-64")
-    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", native.library._name],
-                             capture_output=True, text=True, timeout=300, check=True).stdout
+    listing = _disassembly()
     bodies = {match[1]: match[2] for match in re.finditer(
         r"^[0-9a-f]+ <((?:row|batch)_\w+?)(?:\.\w+)*>:\n(.*?)(?:\n\n|\Z)", listing, re.M | re.S)}
     checked = {path: [name for name in bodies if name.endswith("_" + path)] for path in FOREIGN}
@@ -765,6 +770,17 @@ def test_each_paths_rows_hold_only_instructions_their_cpus_run():
         for name in names:
             found = FOREIGN[path].search(bodies[name])
             assert found is None, f"{name} holds {found[0]!r}, which {path} CPUs lack"
+
+
+def test_the_kernels_make_no_gathers():
+    """Table lookups are scalar loads or byte permutes, never gather instructions: under the
+    microcode against Downfall (GDS), on Intel's Skylake to Ice Lake CPUs, a gather takes
+    ~23 cycles and the steps took 2-3x as long with them (cpu_step.c, the AVX2 rows; setup.py).
+    Neither the written rows nor the vectoriser's loops hold one."""
+    listing = _disassembly()
+    assert re.search(r"\bvmulps\b", listing)  # a vector listing, the pattern's kind
+    found = re.search(r"^\s*[0-9a-f]+:\s+(v\w*gather\w*)\b", listing, re.M)
+    assert found is None, f"the library holds {found[1]!r}"
 
 
 def _momentum_step(path, dtype, nesterov, block, numel, finite):

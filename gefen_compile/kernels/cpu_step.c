@@ -1022,17 +1022,23 @@ DEFINE_PLANE_BATCH(batch_bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, 
 
 /* ---- the AVX2 rows (fp32 and bf16 state) ----
  *
- * Without AVX-512's permutes, table lookups are gathers (about 5 cycles per 8 lanes on the
- * EPYC and Sapphire Rapids cores measured, ~23 under the microcode against Downfall on an Ice
- * Lake server), and the vectoriser's rows need four per element: the old code's entry, the
- * cell's boundary count, the boundary, the new code's entry. These rows need three. The code of
- * x is the number of boundaries b < x, and on the unsigned integers that order fp32 values
- * (unsigned_key()), b < x compares the cells (the top bits) and then, within a cell, the
- * offsets (the low bits). With cells so fine that each holds at most one boundary, one 32-bit
- * entry per cell gives the codes below and above its boundary and the boundary's offset: one
- * gather, one integer compare. The cells follow the floating-point spacing, fine near 0 where
- * the codebook is dense, and cover every fp32 value, NaN (code 0, as in the portable rows) and
- * infinities included, so that no key needs clamping. */
+ * Without AVX-512's permutes, table lookups go element by element, and the vectoriser's rows
+ * make four per element: the old code's entry, the cell's boundary count, the boundary, the new
+ * code's entry. These rows make three. The code of x is the number of boundaries b < x, and on
+ * the unsigned integers that order fp32 values (unsigned_key()), b < x compares the cells (the
+ * top bits) and then, within a cell, the offsets (the low bits). With cells so fine that each
+ * holds at most one boundary, one 32-bit entry per cell gives the codes below and above its
+ * boundary and the boundary's offset: one lookup, one integer compare. The cells follow the
+ * floating-point spacing, fine near 0 where the codebook is dense, and cover every fp32 value,
+ * NaN (code 0, as in the portable rows) and infinities included, so that no key needs clamping.
+ *
+ * The lookups are scalar loads put together into vectors (entries8, cells8), not gathers.
+ * Under the microcode against Downfall (GDS), which Intel's Skylake to Ice Lake CPUs and their
+ * cloud hosts carry, an 8-lane gather takes ~23 cycles (an Ice Lake server, 2026-12-07), where
+ * the EPYC and Sapphire Rapids cores measured before took ~5; there these rows took 0.32-0.33x
+ * the time of the same rows with gathers (4096x768, fp32 and bf16, 1 and 2 threads), 0.45-0.46x
+ * in rows of 64 and 0.52-0.53x in batches of rows of 9. Where gathers are fast the loads may
+ * cost a little more: not measured (no such CPU was at hand since). */
 
 #define OFFSET_NONE 0xffffu /* no offset is above it: the cell holds no boundary */
 
@@ -1156,13 +1162,31 @@ ISA_AVX2 static inline __m128i bf16_of(__m256 x) {
     _mm256_storeu_si256((__m256i *)(ptr), _mm256_permute4x64_epi64(                            \
         _mm256_packus_epi32(bf16_lanes(first), bf16_lanes(second)), 0xd8))
 
+/* The codebook entries of the 8 codes at `codes` (see the lookups above). */
+ISA_AVX2 static inline __m256 entries8(const float *codebook, const uint8_t *codes) {
+    return _mm256_setr_ps(codebook[codes[0]], codebook[codes[1]], codebook[codes[2]],
+                          codebook[codes[3]], codebook[codes[4]], codebook[codes[5]],
+                          codebook[codes[6]], codebook[codes[7]]);
+}
+
+/* cells[index] of 8 lanes (see the lookups above). The indices are stored and read back as
+ * scalars: left to itself, the compiler extracts them from the vector one by one, on the port
+ * that also puts the entries together (0.9x the time this way, fp32, 4096x768). */
+ISA_AVX2 static inline __m256i cells8(const uint32_t *cells, __m256i index) {
+    _Alignas(32) uint32_t at[8];
+    _mm256_store_si256((__m256i *)at, index);
+    __asm__("" : "+m"(at)); /* the compiler no longer knows at's contents */
+    return _mm256_setr_epi32((int)cells[at[0]], (int)cells[at[1]], (int)cells[at[2]],
+                             (int)cells[at[3]], (int)cells[at[4]], (int)cells[at[5]],
+                             (int)cells[at[6]], (int)cells[at[7]]);
+}
+
 /* FIRST_MOMENT of 8 elements from their 8 code bytes; keep1 carries the sign of maximize
  * ((sign g) keep1 and g (sign keep1) are the same bits: negation is exact). */
 ISA_AVX2 static inline __m256 first_moment8(const float *codebook, const uint8_t *codes,
                                             __m256 g, __m256 old_mag, __m256 beta1,
                                             __m256 signed_keep1) {
-    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)codes));
-    const __m256 entry = _mm256_i32gather_ps(codebook, code, 4);
+    const __m256 entry = entries8(codebook, codes);
     return _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(entry, old_mag), beta1),
                          _mm256_mul_ps(g, signed_keep1));
 }
@@ -1179,22 +1203,12 @@ ISA_AVX2 static inline __m256i codes8(const Coder *c, __m256 x) {
     const __m256i u = _mm256_castps_si256(x);
     const __m256i key = _mm256_xor_si256(
         u, _mm256_or_si256(_mm256_srai_epi32(u, 31), _mm256_set1_epi32((int)0x80000000u)));
-    const __m256i entry = _mm256_i32gather_epi32((const int *)c->cells,
-                                                 _mm256_srl_epi32(key, c->shift), 4);
+    const __m256i entry = cells8(c->cells, _mm256_srl_epi32(key, c->shift));
     const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(key, c->offset_mask),
                                              _mm256_srli_epi32(entry, 16));
     /* the code above the boundary is the entry's second byte */
     const __m256i code = _mm256_srlv_epi32(entry, _mm256_and_si256(above, _mm256_set1_epi32(8)));
     return _mm256_and_si256(code, c->keep);
-}
-
-/* The codes of the 8 first moments at m over the stored magnitude, as 32-bit lanes; their
- * codebook entries replace the moments at m. */
-ISA_AVX2 static inline __m256i code_entries8(const Coder *c, const float *codebook, float *m,
-                                             __m256 stored) {
-    const __m256i code = codes8(c, _mm256_div_ps(_mm256_load_ps(m), stored));
-    _mm256_store_ps(m, _mm256_i32gather_ps(codebook, code, 4));
-    return code;
 }
 
 /* FOLD_LANES of the 16 lanes even (0-7) and odd (8-15), in vector registers: the same
@@ -1233,10 +1247,9 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
 }
 
 /* One row; ST and LOAD8/STORE8: the storage type and its 8-lane conversions (LOAD/STORE: one
- * element, for ROW_SETUP); GATHER: where kept rows gather their new codes' entries
- * (AVX2_CODES_EARLY). The chunk bodies run on the row in place, then on copies of its last
+ * element, for ROW_SETUP). The chunk bodies run on the row in place, then on copies of its last
  * len % 8 elements padded to 8 (lanes past the row are computed and dropped). */
-#define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8, STORE16, GATHER)                  \
+#define DEFINE_AVX2_ROW(NAME, ST, LOAD, STORE, LOAD8, STORE8, STORE16)                          \
     ISA_AVX2 static void NAME(const Step *s, int64_t r, int64_t owner) {                        \
         ROW_SETUP(float, ST, LOAD)                                                              \
         TOUCH_ROWS(ST, len, 1)                                                                  \
@@ -1280,17 +1293,16 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         const __m256 step_v = _mm256_set1_ps(step_size), bias2_v = _mm256_set1_ps(bias2_t);     \
         const __m256 eps_v = _mm256_set1_ps(eps), shared_v = _mm256_set1_ps(shared_scale);     \
         /* the second pass: codes, then the update. Kept rows do each in a loop of its own      \
-         * (shorter dependency chains, which the core overlaps), the codes in the codes' loop   \
-         * and their entries in the loop GATHER names (see AVX2_CODES_EARLY). The others        \
-         * recompute the moments, in one loop. */                                               \
+         * (shorter dependency chains, which the core overlaps), the update reading the new     \
+         * codes' entries by the codes stored. The others recompute the moments, in one loop. */ \
         if (buffered) {                                                                         \
             for (i = 0; i + 16 <= whole; i += 16) {                                             \
-                const __m256i c0 = AVX2_CODES_##GATHER(i), c1 = AVX2_CODES_##GATHER(i + 8);     \
+                const __m256i c0 = AVX2_CODES(i), c1 = AVX2_CODES(i + 8);                       \
                 store_codes16(codes + i, c0, c1);                                               \
             }                                                                                   \
-            for (; i < len; i += 8) store_codes8(i < whole ? codes + i : c_tail, AVX2_CODES_##GATHER(i)); \
-            if (per_element) AVX2_UPDATES(LOAD8, STORE8, STORE16, 1, AVX2_ENTRIES_##GATHER)     \
-            else AVX2_UPDATES(LOAD8, STORE8, STORE16, 0, AVX2_ENTRIES_##GATHER)                 \
+            for (; i < len; i += 8) store_codes8(i < whole ? codes + i : c_tail, AVX2_CODES(i)); \
+            if (per_element) AVX2_UPDATES(LOAD8, STORE8, STORE16, 1, AVX2_ENTRIES)              \
+            else AVX2_UPDATES(LOAD8, STORE8, STORE16, 0, AVX2_ENTRIES)                          \
         } else {                                                                                \
             AVX2_UPDATES(LOAD8, STORE8, STORE16, per_element, AVX2_RECOMPUTED_ENTRIES)           \
         }                                                                                       \
@@ -1346,20 +1358,12 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
                                        old_mag_v, beta1_v, keep1_v);                            \
         const __m256i code = codes8(&coder, _mm256_div_ps(m, stored_v));                       \
         store_codes8(c, code);                                                                  \
-        _mm256_i32gather_ps(codebook, code, 4);                                                 \
+        entries8(codebook, c); /* read back from the codes stored: no lanes to extract */      \
     })
 
-/* A kept row's codes of the chunk at I, and the codebook entries of those codes in its update:
- * GATHER EARLY, gathered in the codes' loop and kept in place of the moments; LATE, gathered
- * in the update's loop from the codes stored. fp32 rows take EARLY: 0.89x LATE's time, their
- * update's loop having little else to hide a gather behind; bf16 rows LATE: 0.93x EARLY's,
- * their rounding hides it (1-thread medians, 4096x2048, on the Xeon of README's figures). */
-#define AVX2_CODES_EARLY(I) code_entries8(&coder, codebook, kept + (I), stored_v)
-#define AVX2_ENTRIES_EARLY(LOAD8, I) _mm256_load_ps(kept + (I))
-#define AVX2_CODES_LATE(I) codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + (I)), stored_v))
-#define AVX2_ENTRIES_LATE(LOAD8, I)                                                             \
-    _mm256_i32gather_ps(codebook, _mm256_cvtepu8_epi32(_mm_loadl_epi64(                         \
-        (const __m128i *)((I) < whole ? codes + (I) : c_tail))), 4)
+/* A kept row's codes of the chunk at I, and the codebook entries of those codes stored. */
+#define AVX2_CODES(I) codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + (I)), stored_v))
+#define AVX2_ENTRIES(LOAD8, I) entries8(codebook, (I) < whole ? codes + (I) : c_tail)
 
 /* The parameters after the update of the chunk at I, from its new codes' codebook entries
  * (ENTRY(LOAD8, I)), of the row's parameters and (PER) second moments there, or of the padded
@@ -1373,7 +1377,7 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         const __m256 update = _mm256_mul_ps(_mm256_mul_ps(entry, stored_v), scale);            \
         _mm256_sub_ps(_mm256_mul_ps(LOAD8(P), decay_v), update);                                \
     })
-/* Every chunk's update, two per iteration: independent loads or gathers to overlap, and bf16
+/* Every chunk's update, two per iteration: independent loads to overlap, and bf16
  * stored 16 lanes per pack (measured: 1.6x faster in bf16, 1.1x in fp32). */
 #define AVX2_UPDATES(LOAD8, STORE8, STORE16, PER, ENTRY)                                        \
     {                                                                                           \
@@ -1389,10 +1393,9 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         if (rest) STORE8(p_tail, AVX2_UPDATED(LOAD8, PER, ENTRY, i, p_tail, v_tail));            \
     }
 
-DEFINE_AVX2_ROW(row_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32, STORE16_F32,
-                EARLY)
+DEFINE_AVX2_ROW(row_f32_avx2, float, LOAD_F32, STORE_F32, LOAD8_F32, STORE8_F32, STORE16_F32)
 DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STORE8_BF16,
-                STORE16_BF16, LATE)
+                STORE16_BF16)
 
 /* BATCH_MAGNITUDES of an AVX2 batch, the squares of its gradients in scale: each row's peak
  * |m| and sum of g^2 in 8-lane vectors, its elements i % 16 < 8 in `even`, the others in
@@ -1468,7 +1471,7 @@ DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STOR
                       _mm256_sqrt_ps(_mm256_div_ps(LOAD8(v + i), bias2_v)), eps_v))             \
                 : _mm256_load_ps(scale + i);                                                    \
             const __m256 update = _mm256_mul_ps(                                                \
-                _mm256_mul_ps(_mm256_i32gather_ps(codebook, code, 4), stored), scale_i);        \
+                _mm256_mul_ps(entries8(codebook, codes + i), stored), scale_i);                 \
             STORE8(param + i, _mm256_sub_ps(_mm256_mul_ps(LOAD8(param + i), decay_v), update)); \
         }                                                                                       \
         SECOND_PASS(float, LOAD, STORE, sqrtf, whole, n, kept[i], spread[i], -(spread[i] > 0), \
