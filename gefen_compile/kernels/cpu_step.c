@@ -168,7 +168,7 @@ typedef struct {
 /* One row kernel per state dtype: T is the compute type, ST the storage type, LOAD/STORE
  * convert. The row is read twice: once for the new magnitude (and the block's mean g^2), once to
  * quantise and update, recomputing the first moment identically rather than storing it. The
- * element loops are written for the vectoriser (gathers from small tables, reductions under
+ * element loops are written for the vectoriser (lookups in small tables, reductions under
  * `omp simd`), and compiled once per x86 instruction-set level (ISA_*); gefen_cpu_path picks
  * one at run time by the CPU's features. Elsewhere (AArch64: NEON), or built with
  * -DGEFEN_PORTABLE_ONLY, the baseline is the only level. */
@@ -283,7 +283,7 @@ typedef struct {
         VECTORISER_TABLES(T)                                                                    \
         T peak = 0, square_sum = 0;                                                             \
         T kept[TILE];                                                                           \
-        int32_t index[TILE]; /* codes widened: gathers want 32-bit indices */                   \
+        int32_t index[TILE]; /* codes widened: the vectoriser's lookups take 32-bit indices */  \
         if (buffered) {                                                                         \
             for (int64_t i = 0; i < len; i++) index[i] = codes[i];                              \
             FIRST_PASS(T, LOAD, STORE, index[i], kept[i] = m)                                   \
@@ -402,8 +402,8 @@ typedef struct {
     }
 
 /* The first moments of elements FROM to n - 1 into kept, their second moments where
- * per-element, as the rows compute them; the codes, widened, at index (gathers want 32-bit
- * indices). */
+ * per-element, as the rows compute them; the codes, widened, at index (the vectoriser's
+ * lookups take 32-bit indices). */
 #define BATCH_FIRST_MOMENTS(T, LOAD, STORE, FROM, INDEX)                                        \
     if (per_element) {                                                                          \
         _Pragma("omp simd")                                                                     \
@@ -538,8 +538,9 @@ DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
 
 /* ---- the byte-plane rows (fp32 and bf16 state): AVX-512 VBMI, or AVX-512BW ----
  *
- * The portable rows spend most of their time in table lookups, which the vectoriser turns into
- * gathers, about 1 cycle per element each on the cores measured (Zen 4). Codes are bytes, so a
+ * The portable rows spend most of their time in table lookups, element by element (as gathers,
+ * about 1 cycle per element each on the Zen 4 measured; as scalar loads since setup.py stopped
+ * asking the vectoriser for gathers, see the AVX2 rows). Codes are bytes, so a
  * 256-entry fp32 table can instead be read as four 256-byte tables, one per byte of its
  * entries: VBMI's vpermi2b looks up 64 bytes in a 128-byte table per instruction, and two of
  * them with a blend on the index's top bit read a 256-byte one. The four byte vectors are then
