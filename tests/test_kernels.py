@@ -615,6 +615,37 @@ def test_the_steady_step_reads_tensors_through_torchs_c_shim_as_python_would():
     assert _tables_both_ways(bucket)[0][0] == -2
 
 
+def test_the_tables_of_many_parameters_read_ahead_and_name_the_first_one_handed_on():
+    """step_tables reads each gradient a few parameters ahead of its checks (and asks the caches
+    for tensors further ahead): over 40 parameters, some without gradients, with one gradient
+    it cannot take (transposed) at each position in turn, it names that parameter, having
+    filled the pointers of those before it that have gradients; with none, it hands on each
+    parameter's own gradient; through the shim and through method calls alike."""
+    if native.library is None:
+        pytest.skip("no C library")
+    params = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(40)]
+    opt = Gefen(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    bucket = opt._buckets[0]
+    for bad in [None, 0, 3, 4, 5, 17, 35, 36, 39]:
+        for i, p in enumerate(params):
+            p.grad = None if i % 7 == 2 else torch.randn_like(p)
+        if bad is not None:
+            params[bad].grad = torch.randn(6, 4).t()
+        for status, param_ptrs, grad_ptrs, has_grad in _tables_both_ways(bucket):
+            assert status == (-1 if bad is None else bad)
+            filled = range(40 if bad is None else bad)
+            assert [has_grad[i] for i in filled] == [int(i % 7 != 2) for i in filled]
+            assert all(param_ptrs[i] == params[i].data_ptr() and
+                       grad_ptrs[i] == params[i].grad.data_ptr() for i in filled if i % 7 != 2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    status, held = prepared.fill_tables(bucket)
+    assert status == -1 and all(h is p.grad for h, p in zip(held, params))
+
+
 def test_the_prepared_step_hands_on_tensors_of_another_device(monkeypatch):
     """A model moved after its first step keeps its buckets: the C call compares each tensor's
     device with its bucket's, through the shim and through method calls, and hands the first
@@ -652,6 +683,32 @@ def test_a_shim_that_answers_unlike_python_is_not_used(monkeypatch):
     assert bound == []
     monkeypatch.undo()
     assert tensor_shim.bind(lambda *args: bound.append(args)) and len(bound) == 1
+
+
+def test_the_negation_bit_is_found_past_a_word_of_addresses(monkeypatch):
+    """tensor_shim finds the TensorImpl bit that marks a negated view among words that also
+    hold addresses (of the tensor's Python object, say), which differ from object to object
+    and can differ between a probe's plain and negated view in one bit by chance of
+    allocation, in every probe alike (seen: the shim then went unbound in a test process,
+    every step on method calls). Such a word, emulated beside the real ones (each tensor's
+    address 64K apart, a negated view's one bit up from the last one read), is told apart:
+    plain views disagree on it."""
+    real = tensor_shim._impl_words
+    held: list[torch.Tensor] = []  # alive while the search runs: ids stay unique
+    addresses: dict[int, int] = {}
+    last = [0]
+
+    def with_an_address(t):
+        held.append(t)
+        if t.is_neg():
+            word = last[0] | 8
+        else:
+            word = last[0] = addresses.setdefault(id(t), 0x10000 * (len(addresses) + 1))
+        return [*real(t), word]
+
+    expected = tensor_shim._negation_bit(tensor_shim._probes())
+    monkeypatch.setattr(tensor_shim, "_impl_words", with_an_address)
+    assert expected is not None and tensor_shim._negation_bit(tensor_shim._probes()) == expected
 
 
 @pytest.mark.parametrize("path", ["avx2", "avx512"])

@@ -2048,6 +2048,21 @@ static int usable(PyObject *t, const Device *device, PyObject *dtype, int32_t co
     return PyErr_Occurred() ? -1 : (*ptr != 0 || !numel) && *ptr % size == 0;
 }
 
+/* Parameters ahead of the one step_tables checks whose object, TensorImpl or gradient it reads
+ * or asks the caches for (see there). */
+#define AHEAD_OBJECT 16
+#define AHEAD_IMPL 8
+#define AHEAD_GRAD 4
+#define IMPL_LINES 4 /* the cache lines of a TensorImpl that the shim's answers read */
+
+/* Asks the caches for the first lines of tensor t's TensorImpl, if t is read through the shim
+ * (a prefetch never faults: any address will do). */
+static inline void prefetch_impl(PyObject *t) {
+    if (!shimmed(t)) return;
+    const char *impl = *(char *const *)((char *)t + shim.offset);
+    for (int k = 0; k < IMPL_LINES; k++) __builtin_prefetch(impl + 64 * k);
+}
+
 /* step_tables(params, numels, device, device_type, device_index, dtype, code, size, grads,
  * param_ptrs, grad_ptrs, has_grad): for every parameter (a plain tensor: its .grad is read
  * here) on `device` (the shim's codes: device_type, device_index), its gradient's and its own
@@ -2085,22 +2100,30 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
     int64_t *grad_ptrs = (int64_t *)(uintptr_t)grad_address;
     uint8_t *has_grad = (uint8_t *)(uintptr_t)has_address;
     int any = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *p = PyList_GET_ITEM(params, i);
-        PyObject *g = get(p, GRAD);
-        if (!g) return NULL;
-        has_grad[i] = g != Py_None;
-        if (g == Py_None) {
-            PyList_SetItem(grads, i, g); /* takes the reference */
-            continue;
+    /* Each parameter's gradient is read AHEAD_GRAD parameters ahead of its checks, its
+     * TensorImpl asked of the caches AHEAD_IMPL ahead, its object AHEAD_OBJECT ahead: each
+     * stage then finds the lines the one before asked for, and the misses of several
+     * parameters overlap instead of coming one after another. */
+    for (Py_ssize_t i = 0; i < count + AHEAD_GRAD; i++) {
+        if (i + AHEAD_OBJECT < count) __builtin_prefetch(PyList_GET_ITEM(params, i + AHEAD_OBJECT));
+        if (i + AHEAD_IMPL < count) prefetch_impl(PyList_GET_ITEM(params, i + AHEAD_IMPL));
+        if (i < count) {
+            PyObject *ahead = get(PyList_GET_ITEM(params, i), GRAD);
+            if (!ahead) return NULL;
+            prefetch_impl(ahead);
+            PyList_SetItem(grads, i, ahead); /* takes the reference */
         }
-        const int64_t numel = PyLong_AsLongLong(PyList_GET_ITEM(numels, i));
+        const Py_ssize_t j = i - AHEAD_GRAD;
+        if (j < 0) continue;
+        PyObject *p = PyList_GET_ITEM(params, j), *g = PyList_GET_ITEM(grads, j);
+        has_grad[j] = g != Py_None;
+        if (g == Py_None) continue;
+        const int64_t numel = PyLong_AsLongLong(PyList_GET_ITEM(numels, j));
         int ok = numel < 0 && PyErr_Occurred()
-                     ? -1 : usable(g, &device, dtype, code, size, numel, grad_ptrs + i);
-        if (ok == 1) ok = usable(p, &device, dtype, code, size, numel, param_ptrs + i);
-        PyList_SetItem(grads, i, g); /* takes the reference */
+                     ? -1 : usable(g, &device, dtype, code, size, numel, grad_ptrs + j);
+        if (ok == 1) ok = usable(p, &device, dtype, code, size, numel, param_ptrs + j);
         if (ok < 0) return NULL;
-        if (ok == 0) return PyLong_FromSsize_t(i);
+        if (ok == 0) return PyLong_FromSsize_t(j);
         any = 1;
     }
     return PyLong_FromLong(any ? -1 : -2);

@@ -90,12 +90,16 @@ def _impl_words(t: torch.Tensor) -> list[int]:
 def _negation_bit(probes: list[torch.Tensor]) -> tuple[int, int] | None:
     """The offset of the TensorImpl word holding the negation bit (``torch._neg_view``, whose
     memory holds the negated values; the shim does not report it), and that bit: the one word
-    and bit in which every probe and its negated view differ, set in the view only."""
+    and bit in which every probe's negated view differs from its plain views, set in the
+    negated one only. Only words that two plain views of the probe (all three alive) agree on
+    count: a word holding an object's own address (its Python object, say) differs between
+    views, and may differ from the negated view's by one bit by chance of allocation."""
     found = None
     for t in probes:
-        plain, negated = _impl_words(t), _impl_words(torch._neg_view(t))
-        flips = {(k * _WORD, a ^ b) for k, (a, b) in enumerate(zip(plain, negated))
-                 if (a ^ b).bit_count() == 1 and b & (a ^ b)}
+        views = (t.view_as(t), t.view_as(t), torch._neg_view(t))
+        plain, twin, negated = map(_impl_words, views)
+        flips = {(k * _WORD, a ^ b) for k, (a, b, c) in enumerate(zip(plain, negated, twin))
+                 if a == c and (a ^ b).bit_count() == 1 and b & (a ^ b)}
         found = flips if found is None else found & flips
     return found.pop() if found and len(found) == 1 else None
 
