@@ -8,6 +8,7 @@ GEFEN_SANITIZE=1 builds them with AddressSanitizer and UndefinedBehaviorSanitize
 scripts/sanitize.sh (which builds into a temporary copy and says how to load the result)."""
 
 import os
+import platform
 import sys
 import sysconfig
 
@@ -15,14 +16,18 @@ from setuptools import Extension, setup
 
 # No contraction into fused multiply-adds: the codes must follow fp32 arithmetic exactly. No
 # errno from sqrt, and no cost model overriding `omp simd`, so that the row loops vectorise
-# (the results are the same). GCC's generic tuning makes the vectorised table lookups scalar
-# loads, not gathers: keep it (no -mtune-ctrl=use_gather). Under the microcode against Downfall
-# (GDS) that Intel's Skylake to Ice Lake hosts carry, gathers made GefenMuon's momentum rows
-# take 2.1x the time (AVX2, an Ice Lake server, 2026-12-07).
+# (the results are the same).
 flags = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno"]
 gcc = "gcc" in (sysconfig.get_config_var("CC") or "gcc") and sys.platform.startswith("linux")
 if gcc:
     flags += ["-fopenmp", "-fsimd-cost-model=unlimited"]
+if gcc and platform.machine() in ("x86_64", "AMD64"):
+    # GCC's generic tuning makes the vectorised table lookups scalar loads, not gathers; the
+    # tuning of a CPU model, from CFLAGS (-march=native, conda's -mtune=haswell), makes
+    # thousands of gathers. Under the microcode against Downfall (GDS) that Intel's Skylake to
+    # Ice Lake hosts carry, gathers made GefenMuon's momentum rows take 2.1x the time (AVX2, an
+    # Ice Lake server, 2026-12-07). These flags come after CFLAGS, so they win.
+    flags.append("-mtune=generic")
 link_flags = ["-fopenmp"] if gcc else []
 if os.environ.get("GEFEN_SANITIZE") == "1":
     # Same optimisation (the vector paths are the ones under test), plus debug lines for the

@@ -618,9 +618,11 @@ def test_the_steady_step_reads_tensors_through_torchs_c_shim_as_python_would():
 def test_the_tables_of_many_parameters_read_ahead_and_name_the_first_one_handed_on():
     """step_tables reads each gradient a few parameters ahead of its checks (and asks the caches
     for tensors further ahead): over 40 parameters, some without gradients, with one gradient
-    it cannot take (transposed) at each position in turn, it names that parameter, having
-    filled the pointers of those before it that have gradients; with none, it hands on each
-    parameter's own gradient; through the shim and through method calls alike."""
+    it cannot take (transposed) at positions around those distances, it names that parameter,
+    having filled the pointers of those before it that have gradients; with none, it hands on
+    each parameter's own gradient; through the shim and through method calls alike. A gradient
+    that cannot be read (its getter raises) raises only once the parameters before it are
+    checked: an earlier one the C call cannot take is named instead."""
     if native.library is None:
         pytest.skip("no C library")
     params = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(40)]
@@ -644,6 +646,23 @@ def test_the_tables_of_many_parameters_read_ahead_and_name_the_first_one_handed_
         p.grad = torch.randn_like(p)
     status, held = prepared.fill_tables(bucket)
     assert status == -1 and all(h is p.grad for h, p in zip(held, params))
+    del held
+    names = ("grad", "dtype", "numel", "is_contiguous", "data_ptr", "is_neg", "device")
+    descriptors = [torch._C.TensorBase.__dict__[name] for name in names]
+
+    def unreadable(t):
+        if t is params[7]:
+            raise RuntimeError("this gradient cannot be read")
+        return descriptors[0].__get__(t)
+
+    native._cpu.bind(property(unreadable), *descriptors[1:])  # how the C call reads .grad
+    try:
+        with pytest.raises(RuntimeError, match="cannot be read"):
+            prepared.fill_tables(bucket)
+        params[5].grad = torch.randn(6, 4).t()
+        assert prepared.fill_tables(bucket)[0] == 5
+    finally:
+        native._cpu.bind(*descriptors)
 
 
 def test_the_prepared_step_hands_on_tensors_of_another_device(monkeypatch):
@@ -691,19 +710,21 @@ def test_the_negation_bit_is_found_past_a_word_of_addresses(monkeypatch):
     and can differ between a probe's plain and negated view in one bit by chance of
     allocation, in every probe alike (seen: the shim then went unbound in a test process,
     every step on method calls). Such a word, emulated beside the real ones (each tensor's
-    address 64K apart, a negated view's one bit up from the last one read), is told apart:
-    plain views disagree on it."""
+    address 64K apart, a negated view's one bit up from the first plain tensor of its probe
+    read), is told apart: two plain views disagree on it."""
     real = tensor_shim._impl_words
     held: list[torch.Tensor] = []  # alive while the search runs: ids stay unique
     addresses: dict[int, int] = {}
-    last = [0]
+    plain: list[int] = []  # this probe's plain tensors' words, in the order read
 
     def with_an_address(t):
         held.append(t)
         if t.is_neg():
-            word = last[0] | 8
+            word = plain[0] | 8
+            plain.clear()
         else:
-            word = last[0] = addresses.setdefault(id(t), 0x10000 * (len(addresses) + 1))
+            word = addresses.setdefault(id(t), 0x10000 * (len(addresses) + 1))
+            plain.append(word)
         return [*real(t), word]
 
     expected = tensor_shim._negation_bit(tensor_shim._probes())

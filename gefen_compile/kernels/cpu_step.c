@@ -283,10 +283,8 @@ typedef struct {
         VECTORISER_TABLES(T)                                                                    \
         T peak = 0, square_sum = 0;                                                             \
         T kept[TILE];                                                                           \
-        int32_t index[TILE]; /* codes widened: the vectoriser's lookups take 32-bit indices */  \
         if (buffered) {                                                                         \
-            for (int64_t i = 0; i < len; i++) index[i] = codes[i];                              \
-            FIRST_PASS(T, LOAD, STORE, index[i], kept[i] = m)                                   \
+            FIRST_PASS(T, LOAD, STORE, codes[i], kept[i] = m)                                   \
         } else {                                                                                \
             FIRST_PASS(T, LOAD, STORE, codes[i], (void)0)                                       \
         }                                                                                       \
@@ -402,19 +400,18 @@ typedef struct {
     }
 
 /* The first moments of elements FROM to n - 1 into kept, their second moments where
- * per-element, as the rows compute them; the codes, widened, at index (the vectoriser's
- * lookups take 32-bit indices). */
-#define BATCH_FIRST_MOMENTS(T, LOAD, STORE, FROM, INDEX)                                        \
+ * per-element, as the rows compute them. */
+#define BATCH_FIRST_MOMENTS(T, LOAD, STORE, FROM)                                               \
     if (per_element) {                                                                          \
         _Pragma("omp simd")                                                                     \
         for (int64_t i = FROM; i < n; i++) {                                                    \
             const T gi = sign * LOAD(g, i);                                                     \
-            kept[i] = FIRST_MOMENT(LOAD, i, INDEX, spread[i]);                                  \
+            kept[i] = FIRST_MOMENT(LOAD, i, codes[i], spread[i]);                                  \
             STORE(v, i, LOAD(v, i) * beta2 + (gi * gi) * keep2);                                \
         }                                                                                       \
     } else {                                                                                    \
         _Pragma("omp simd")                                                                     \
-        for (int64_t i = FROM; i < n; i++) kept[i] = FIRST_MOMENT(LOAD, i, INDEX, spread[i]);   \
+        for (int64_t i = FROM; i < n; i++) kept[i] = FIRST_MOMENT(LOAD, i, codes[i], spread[i]);   \
     }
 
 /* Rows r0 to r0 + rows - 1, whole rows of parameter p (which has a gradient), at most BATCH
@@ -423,9 +420,7 @@ typedef struct {
     ISA static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {                  \
         BATCH_SETUP(T, ST, LOAD)                                                                \
         VECTORISER_TABLES(T)                                                                    \
-        int32_t index[BATCH];                                                                   \
-        for (int64_t i = 0; i < n; i++) index[i] = codes[i];                                    \
-        BATCH_FIRST_MOMENTS(T, LOAD, STORE, 0, index[i])                                        \
+        BATCH_FIRST_MOMENTS(T, LOAD, STORE, 0)                                                  \
         BATCH_MAGNITUDES(T, LOAD, STORE, SQRT)                                                  \
         SECOND_PASS(T, LOAD, STORE, SQRT, 0, n, kept[i], spread[i], -(spread[i] > 0), scale[i]) \
     }
@@ -500,11 +495,9 @@ typedef struct {
         const int identity = a->num_distinct == 256;                                            \
         T peak = 0;                                                                             \
         T kept[TILE];                                                                           \
-        int32_t index[TILE];                                                                    \
         const int buffered = len <= TILE;                                                       \
         if (buffered) {                                                                         \
-            for (int64_t i = 0; i < len; i++) index[i] = codes[i];                              \
-            FIRST_PASS_LOOP(T, LOAD, index[i], kept[i] = m, (void)gi)                           \
+            FIRST_PASS_LOOP(T, LOAD, codes[i], kept[i] = m, (void)gi)                           \
         } else {                                                                                \
             FIRST_PASS_LOOP(T, LOAD, codes[i], (void)0, (void)gi)                               \
         }                                                                                       \
@@ -1453,7 +1446,7 @@ DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STOR
             else                                                                                \
                 _mm256_store_ps(scale + i, square); /* for AVX2_BATCH_MAGNITUDES */             \
         }                                                                                       \
-        BATCH_FIRST_MOMENTS(float, LOAD, STORE, whole, codes[i])                                \
+        BATCH_FIRST_MOMENTS(float, LOAD, STORE, whole)                                          \
         for (int64_t i = whole; i < n && !per_element; i++) scale[i] = LOAD(g, i) * LOAD(g, i);  \
         AVX2_BATCH_MAGNITUDES(LOAD, STORE)                                                      \
         const CellTable *t = s->cells;                                                          \
@@ -2055,6 +2048,26 @@ static int usable(PyObject *t, const Device *device, PyObject *dtype, int32_t co
 #define AHEAD_GRAD 4
 #define IMPL_LINES 4 /* the cache lines of a TensorImpl that the shim's answers read */
 
+/* The error set, taken (a new reference; the error indicator cleared), and set again. */
+#if PY_VERSION_HEX >= 0x030C0000
+static PyObject *take_error(void) { return PyErr_GetRaisedException(); }
+static void restore_error(PyObject *error) { PyErr_SetRaisedException(error); }
+#else
+static PyObject *take_error(void) {
+    PyObject *type, *value, *trace;
+    PyErr_Fetch(&type, &value, &trace);
+    PyErr_NormalizeException(&type, &value, &trace);
+    if (trace) PyException_SetTraceback(value, trace);
+    Py_XDECREF(type);
+    Py_XDECREF(trace);
+    return value;
+}
+static void restore_error(PyObject *error) {
+    PyErr_SetObject((PyObject *)Py_TYPE(error), error);
+    Py_DECREF(error);
+}
+#endif
+
 /* Asks the caches for the first lines of tensor t's TensorImpl, if t is read through the shim
  * (a prefetch never faults: any address will do). */
 static inline void prefetch_impl(PyObject *t) {
@@ -2103,18 +2116,27 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
     /* Each parameter's gradient is read AHEAD_GRAD parameters ahead of its checks, its
      * TensorImpl asked of the caches AHEAD_IMPL ahead, its object AHEAD_OBJECT ahead: each
      * stage then finds the lines the one before asked for, and the misses of several
-     * parameters overlap instead of coming one after another. */
-    for (Py_ssize_t i = 0; i < count + AHEAD_GRAD; i++) {
-        if (i + AHEAD_OBJECT < count) __builtin_prefetch(PyList_GET_ITEM(params, i + AHEAD_OBJECT));
-        if (i + AHEAD_IMPL < count) prefetch_impl(PyList_GET_ITEM(params, i + AHEAD_IMPL));
-        if (i < count) {
+     * parameters overlap instead of coming one after another. A gradient that cannot be read
+     * stops the reading; its error is raised once the parameters before it are checked (one of
+     * them may be the first the Python side must look at). */
+    Py_ssize_t readable = count;
+    PyObject *unread = NULL; /* that error */
+    for (Py_ssize_t i = 0; i < readable + AHEAD_GRAD; i++) {
+        if (i + AHEAD_OBJECT < readable) __builtin_prefetch(PyList_GET_ITEM(params, i + AHEAD_OBJECT));
+        if (i + AHEAD_IMPL < readable) prefetch_impl(PyList_GET_ITEM(params, i + AHEAD_IMPL));
+        if (i < readable) {
             PyObject *ahead = get(PyList_GET_ITEM(params, i), GRAD);
-            if (!ahead) return NULL;
-            prefetch_impl(ahead);
-            PyList_SetItem(grads, i, ahead); /* takes the reference */
+            if (ahead) {
+                prefetch_impl(ahead);
+                PyList_SetItem(grads, i, ahead); /* takes the reference */
+            } else {
+                unread = take_error();
+                readable = i;
+            }
         }
         const Py_ssize_t j = i - AHEAD_GRAD;
         if (j < 0) continue;
+        if (j >= readable) break;
         PyObject *p = PyList_GET_ITEM(params, j), *g = PyList_GET_ITEM(grads, j);
         has_grad[j] = g != Py_None;
         if (g == Py_None) continue;
@@ -2122,9 +2144,15 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
         int ok = numel < 0 && PyErr_Occurred()
                      ? -1 : usable(g, &device, dtype, code, size, numel, grad_ptrs + j);
         if (ok == 1) ok = usable(p, &device, dtype, code, size, numel, param_ptrs + j);
-        if (ok < 0) return NULL;
-        if (ok == 0) return PyLong_FromSsize_t(j);
+        if (ok != 1) {
+            Py_XDECREF(unread);
+            return ok < 0 ? NULL : PyLong_FromSsize_t(j);
+        }
         any = 1;
+    }
+    if (unread) {
+        restore_error(unread);
+        return NULL;
     }
     return PyLong_FromLong(any ? -1 : -2);
 }

@@ -79,8 +79,9 @@ def _offset(probes: list[torch.Tensor]) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
-# Words of a TensorImpl searched for its negation bit: well inside the object (~200 bytes).
-_IMPL_WORDS = 24
+# Words of a TensorImpl searched for its negation bit: its bit fields end the object, 176
+# bytes in torch 2.13 (the bit is in word 21); a word past it would be the next allocation's.
+_IMPL_WORDS = 22
 
 
 def _impl_words(t: torch.Tensor) -> list[int]:
