@@ -1165,7 +1165,8 @@ ISA_AVX2 static inline __m256 entries8(const float *codebook, const uint8_t *cod
 
 /* cells[index] of 8 lanes (see the lookups above). The indices are stored and read back as
  * scalars: left to itself, the compiler extracts them from the vector one by one, on the port
- * that also puts the entries together (0.9x the time this way, fp32, 4096x768). */
+ * that also puts the entries together (0.94x the time this way in fp32, 0.89x in bf16,
+ * 4096x768). */
 ISA_AVX2 static inline __m256i cells8(const uint32_t *cells, __m256i index) {
     _Alignas(32) uint32_t at[8];
     _mm256_store_si256((__m256i *)at, index);
