@@ -470,12 +470,13 @@ def test_the_environment_picks_the_cpu_path(value, error):
         assert child.returncode == 0 and child.stdout.strip() == value
 
 
-def stepped_once() -> tuple[list[torch.nn.Parameter], Gefen]:
-    """Three parameters with gradients, and a Gefen that stepped them once (skips the test
-    where the C library, which the prepared step is, is not built)."""
+def stepped_once(count: int = 3, shape: tuple[int, ...] = (6, 10)
+                 ) -> tuple[list[torch.nn.Parameter], Gefen]:
+    """``count`` parameters of ``shape`` with gradients, and a Gefen that stepped them once
+    (skips the test where the C library, which the prepared step is, is not built)."""
     if native.library is None:
         pytest.skip("no C library")
-    params = [torch.nn.Parameter(torch.randn(6, 10)) for _ in range(3)]
+    params = [torch.nn.Parameter(torch.randn(shape)) for _ in range(count)]
     opt = Gefen(params)
     for p in params:
         p.grad = torch.randn_like(p)
@@ -623,13 +624,7 @@ def test_the_tables_of_many_parameters_read_ahead_and_name_the_first_one_handed_
     each parameter's own gradient; through the shim and through method calls alike. A gradient
     that cannot be read (its getter raises) raises only once the parameters before it are
     checked: an earlier one the C call cannot take is named instead."""
-    if native.library is None:
-        pytest.skip("no C library")
-    params = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(40)]
-    opt = Gefen(params)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
+    params, opt = stepped_once(40, (4, 6))
     bucket = opt._buckets[0]
     for bad in [None, 0, 3, 4, 5, 17, 35, 36, 39]:
         for i, p in enumerate(params):
