@@ -4,8 +4,8 @@ torch.optim.Muon against GefenMuon on the hidden matrices (Muon's usual share: a
 weights, not embeddings).
 
     python benchmarks/bench_step.py [--model {gpt2,llama1b,all}] [--dtype {float32,bfloat16}]
-                                    [--steps N] [--layers L] [--vocab V] [--threads T]
-                                    [--cpu-path {portable,avx2,avx512,vbmi}]
+                                    [--steps N] [--firsts F] [--layers L] [--vocab V]
+                                    [--threads T] [--cpu-path {portable,avx2,avx512,vbmi}]
 
 On CPU the models are scaled down by default (fewer layers, a smaller vocabulary: the same
 shapes, fewer of them); on CUDA they run at full size. Every optimizer has its own copy of the
@@ -15,8 +15,9 @@ changes reach all of them alike. The last line names the processor and which ker
 
 Columns: median step time (first steps excluded) and its ratio to fused AdamW (to Muon, in the
 Muon table); the first step
-(Gefen: periods, codebook and state; AdamW: state allocation) and its ratio to one fused AdamW
-step; optimizer-state bytes per parameter; the peak memory the optimizer adds over its first
+(Gefen: periods, codebook and state; AdamW: state allocation; the median of F, each of a fresh
+copy, after the host memory they need was touched once: see warm_memory) and its ratio to one
+fused AdamW step; optimizer-state bytes per parameter; the peak memory the optimizer adds over its first
 three steps (process RSS high-water mark on CPU, the allocator's peak on CUDA), in bytes per
 parameter; and the fraction of the copy bandwidth reached: the bytes its step must move / step
 time / bandwidth of a large copy measured in the same process (not for Muon's step, bound by
@@ -134,27 +135,45 @@ def step_bytes(name: str, dtype: torch.dtype) -> float | None:
     return 7 * size if name.startswith("AdamW") else 4 * size + 2
 
 
-def prepare(make: Callable, originals: list[torch.Tensor], grads: list[torch.Tensor]) -> dict:
-    """A fresh copy of the parameters (sharing the read-only gradients) and its optimizer,
-    after its first steps: their time, the state's bytes and the peak memory they added."""
-    device = originals[0].device
+def warm_memory(nbytes: int) -> None:
+    """Touch and free ``nbytes`` of host memory. On a VM, memory the guest has never touched
+    is slow to fault in (the host backs it on first touch): without this, an optimizer's first
+    step is slower the more memory the optimizers before it took (Gefen's, on GPT-2 shapes
+    after three AdamWs: 10.6x a fused step; first: 6.9x), an order effect, not its own cost."""
+    torch.ones(nbytes // 4, dtype=torch.float32)
+
+
+def fresh(make: Callable, originals: list[torch.Tensor], grads: list[torch.Tensor]):
+    """A fresh copy of the parameters (sharing the read-only gradients) and its optimizer."""
     params = [torch.nn.Parameter(o.clone()) for o in originals]
     for p, g in zip(params, grads):
         p.grad = g
-    optimizer = make(params)
+    return make(params)
+
+
+def prepare(make: Callable, originals: list[torch.Tensor], grads: list[torch.Tensor],
+            firsts: int) -> dict:
+    """An optimizer on a fresh copy of the parameters after its first steps: the median time of
+    ``firsts`` first steps (each of a fresh copy: one is noise on a shared machine), the
+    state's bytes and the peak memory its first steps added."""
+    device = originals[0].device
+    times = [timed(fresh(make, originals, grads).step, device) for _ in range(firsts - 1)]
+    optimizer = fresh(make, originals, grads)
     with PeakMemory(device) as peak:
-        first = timed(optimizer.step, device)
+        times.append(timed(optimizer.step, device))
         for _ in range(2):
             optimizer.step()
     state = sum(
         t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
-    return dict(optimizer=optimizer, first=first, state=state, peak=peak.peak, times=[])
+    return dict(optimizer=optimizer, first=statistics.median(times), state=state,
+                peak=peak.peak, times=[])
 
 
 @torch.no_grad()
 def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: int,
-          optimizers: dict[str, Callable] = OPTIMIZERS, reference: str = "AdamW (fused)") -> str:
+          optimizers: dict[str, Callable] = OPTIMIZERS, reference: str = "AdamW (fused)", *,
+          firsts: int = 3) -> str:
     """The table of ``optimizers`` on parameters of ``kinds``, ratios to ``reference``."""
     originals, grads = [], []
     for kind in kinds:
@@ -163,7 +182,9 @@ def bench(title: str, kinds, dtype: torch.dtype, device: torch.device, steps: in
             grads.append(structured_grad(kind.shape, dtype).to(device))
     numel = sum(p.numel() for p in originals)
     torch.optim.AdamW([torch.nn.Parameter(originals[0])])  # imports torch._dynamo: not a step
-    results = {name: prepare(make, originals, grads) for name, make in optimizers.items()}
+    if device.type == "cpu":  # what every optimizer's copy, state and first step may hold
+        warm_memory(numel * dtype.itemsize * 12 * len(optimizers))
+    results = {name: prepare(make, originals, grads, firsts) for name, make in optimizers.items()}
     # Steps interleaved, so that a change in the machine's load reaches every optimizer alike.
     for _ in range(steps):
         for r in results.values():
@@ -212,6 +233,8 @@ def main() -> None:
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--firsts", type=int, default=3,
+                        help="first steps timed, each of a fresh copy (their median is shown)")
     parser.add_argument("--layers", type=int, help="default: full size on CUDA, fewer on CPU")
     parser.add_argument("--vocab", type=int, help="default: full size on CUDA, smaller on CPU")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
@@ -235,13 +258,14 @@ def main() -> None:
         if size:
             title += " shapes, " + ", ".join(f"{k} {v}" for k, v in size.items())
         kinds = build(**size)
-        print(("\n" if i else "") + bench(title, kinds, dtype, device, args.steps))
+        print(("\n" if i else "") + bench(title, kinds, dtype, device, args.steps,
+                                            firsts=args.firsts))
         if args.no_muon:
             continue
         matrices = [k for k in kinds
                     if len(k.shape) == 2 and not any(w in k.name for w in NOT_FOR_MUON)]
         print("\n" + bench(f"{title}, hidden matrices (Muon's share)", matrices, dtype, device,
-                           args.steps, MUON_OPTIMIZERS, "Muon"))
+                           args.steps, MUON_OPTIMIZERS, "Muon", firsts=args.firsts))
     print(f"\n{machine(device)}")
 
 

@@ -264,13 +264,14 @@ def step_table():
 
     for key, (title, kinds) in MODELS.items():
         for dtype in (torch.float32, torch.bfloat16):
-            print(bench_step.bench(f"{title}, {dtype}", kinds(), dtype, torch.device("cuda"), 11),
-                  flush=True)
+            # one first step each (firsts=1): the 5-minute budget
+            print(bench_step.bench(f"{title}, {dtype}", kinds(), dtype, torch.device("cuda"), 11,
+                                   firsts=1), flush=True)
             matrices = [k for k in kinds() if len(k.shape) == 2
                         and not any(w in k.name for w in bench_step.NOT_FOR_MUON)]
             print(bench_step.bench(f"{title}, {dtype}, hidden matrices", matrices, dtype,
-                                   torch.device("cuda"), 11, bench_step.MUON_OPTIMIZERS, "Muon"),
-                  flush=True)
+                                   torch.device("cuda"), 11, bench_step.MUON_OPTIMIZERS, "Muon",
+                                   firsts=1), flush=True)
 
 
 def main() -> int:

@@ -178,25 +178,30 @@ class _ClusterCosts:
         split = np.zeros((count + 1, n + 1), dtype=np.int64)
         ends = np.arange(1, n + 1)
         best[1, ends] = self.pinned(0, ends, -_END)
-        for layer in range(2, count + 1):
-            best[layer] = self._next_layer(best[layer - 1], layer, n, split[layer])
+        for layer in range(2, min(count, n) + 1):
+            best[layer] = self._next_layer(best[layer - 1], split[layer - 1], layer, n,
+                                           split[layer])
         return best, split
 
-    def _next_layer(self, prev: np.ndarray, layer: int, last_end: int, split: np.ndarray):
+    def _next_layer(self, prev: np.ndarray, prev_split: np.ndarray, layer: int, last_end: int,
+                    split: np.ndarray):
         """Optimal costs with one more free cluster, ending at ``layer..last_end``.
 
         Row minima of a Monge matrix: the leftmost optimal split is monotone in the end, so
-        each depth of the divide and conquer scans every candidate once, all rows together.
+        each depth of the divide and conquer scans every candidate once, all rows together;
+        the previous layer's split at an end bounds it from below (as in codebook_dp.c).
         """
         cur = np.full(self.n + 1, np.inf)
         lo_end, hi_end = np.array([layer]), np.array([last_end])
         lo_split, hi_split = np.array([layer - 1]), np.array([last_end - 1])
         while lo_end.size:
             end = (lo_end + hi_end) // 2
-            count = np.minimum(hi_split, end - 1) - lo_split + 1
+            last = np.minimum(hi_split, end - 1)
+            lowest = np.minimum(np.maximum(lo_split, prev_split[end]), last)
+            count = last - lowest + 1
             first = np.cumsum(count) - count
             row = np.repeat(np.arange(len(count)), count)
-            start = np.arange(int(count.sum())) - first[row] + lo_split[row]
+            start = np.arange(int(count.sum())) - first[row] + lowest[row]
             values = prev[start] + self.free(start, end[row])
             row_min = np.minimum.reduceat(values, first)
             at_min = np.where(values == row_min[row], start, self.n)
@@ -214,30 +219,25 @@ class _ClusterCosts:
 
 def _layers(costs: _ClusterCosts, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The DP's layers 1..count: ``best[c, j]``, the optimal cost of points 0..j-1 in c
-    non-empty clusters, the first pinned at -1, the others free, and ``split[c, j]``, where
-    the last of those clusters starts. In C (kernels/codebook_dp.c) where it is built."""
+    non-empty clusters, the first pinned at -1, the others free (inf past the number of points:
+    no solution), and ``split[c, j]``, where the last of those clusters starts. In C
+    (kernels/codebook_dp.c) where it is built."""
     if native.library is None:
         # Once per run, on the first step, also on CUDA, so not worth the warning of a CPU step.
         return costs.layers(count)
     n = costs.n
+    solved = min(count, n)
+    # Uninitialised where the C fills it: zeroing first would fault in every page twice.
     best = np.empty((count + 1, n + 1))
-    split = np.zeros((count + 1, n + 1), dtype=np.int64)
+    best[solved + 1 :] = np.inf
+    split = np.empty((count + 1, n + 1), dtype=np.int64)
     status = native.library.gefen_codebook_layers(
-        n, costs.y.ctypes.data, costs.weights.ctypes.data, count, _END, best.ctypes.data,
+        n, costs.y.ctypes.data, costs.weights.ctypes.data, solved, _END, best.ctypes.data,
         split.ctypes.data,
     )
     if status != 0:
         raise MemoryError(f"the codebook's dynamic program ran out of memory ({n} points)")
     return best, split
-
-
-def _side_layers(costs: _ClusterCosts, count: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """_layers of one side's points, its best costs padded with inf to ``count`` layers of
-    ``n`` points (more clusters than points, or ends past its points: no solution)."""
-    best, split = _layers(costs, min(count, costs.n))
-    padded = np.full((count + 1, n + 1), np.inf)
-    padded[: best.shape[0], : best.shape[1]] = best
-    return padded, split
 
 
 def _backtrack(split: np.ndarray, clusters: int, end: int) -> list[int]:
@@ -283,22 +283,29 @@ def _edges_with_zero(costs: _ClusterCosts, nonempty: int) -> tuple[np.ndarray, i
     # The two DPs are independent: side by side where there are threads (the C one and
     # numpy's loops run without the GIL).
     with ThreadPoolExecutor(min(2, torch.get_num_threads())) as pool:
-        right = pool.submit(_side_layers, mirrored, nonempty - 1, n)
-        left_best, left_split = _side_layers(left, nonempty - 1, n)
+        right = pool.submit(_layers, mirrored, nonempty - 1)
+        left_best, left_split = _layers(left, nonempty - 1)
         right_best, right_split = right.result()
     squares = costs.w_yy.astype(np.float64)  # S
-    lefts = np.arange(1, nonempty)  # clusters left of the zero cluster
-    # min over a <= b of left_best[c, a] - S[a], for every c and b
-    best_left = np.minimum.accumulate(left_best[lefts] - squares, axis=1)
-    # points b..n-1 in nonempty - c clusters: the mirrored DP's points 0..n-b-1
-    right = right_best[nonempty - lefts][:, ::-1]
-    totals = best_left + squares + right
-    row, b = np.unravel_index(np.argmin(totals), totals.shape)
-    c, b = int(lefts[row]), int(b)
-    a = int(np.argmin(left_best[c, : b + 1] - squares[: b + 1]))
+    # The zero cluster [a, b) starts within the left side's points and ends within the right
+    # side's: a <= left.n, b >= first = n - mirrored.n. Row c - 1 of the tables below: c
+    # clusters left of it (1 <= c < nonempty), column b - first.
+    first = n - mirrored.n
+    # points b..n-1 in nonempty - c clusters: the mirrored DP's points 0..n-b-1 (a view)
+    totals = right_best[nonempty - 1 : 0 : -1, ::-1] + squares[first:]
+    # min over a <= b of left_best[c, a] - S[a], for every c and b: past the left side's
+    # points, the minimum over all of them
+    running = left_best[1:nonempty] - squares[: left.n + 1]
+    np.minimum.accumulate(running, axis=1, out=running)
+    inside = max(left.n - first, 0)  # ends b before the left side's last point
+    totals[:, :inside] += running[:, first : first + inside]
+    totals[:, inside:] += running[:, left.n, None]
+    row, column = np.unravel_index(np.argmin(totals), totals.shape)
+    c, b = int(row) + 1, first + int(column)
+    a = int(np.argmin(left_best[c, : b + 1] - squares[: min(b, left.n) + 1]))
     right_edges = [n - e for e in _backtrack(right_split, nonempty - c, n - b)][::-1]
     edges = np.array([*_backtrack(left_split, c, a), *right_edges])
-    return edges, c, float(totals[row, b])
+    return edges, c, float(totals[row, column])
 
 
 @dataclass(frozen=True)

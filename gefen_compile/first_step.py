@@ -32,21 +32,7 @@ def read_first_gradients(
     candidates = [candidate_periods(g.numel()) for g in grads]
     scored = [scored_candidates(c) for c in candidates]
     flat, offsets = ops.flat_candidates(scored)
-    # A tensor's min and max (one pass, no copy, no sum that could overflow) are both finite
-    # exactly when every element is, and both zero exactly when every element is.
-    device = grads[0].device
-    extremes = torch.stack([
-        torch.stack(torch.aminmax(g.detach())).double().to(device) if g.numel()
-        else torch.zeros(2, dtype=torch.float64, device=device)
-        for g in grads
-    ])
-    # Finite as fp32, where the codebook's histogram normalises them: a float64 gradient
-    # beyond fp32's range would overflow there.
-    device_values = [torch.isfinite(extremes.float()).all(dim=1).double(),
-                     (extremes != 0).any(dim=1).double()]
-    if flat:
-        device_values.append(ops.period_scores(list(grads), flat, offsets))
-    host = torch.cat(device_values).tolist()
+    host = ops.first_gradient_facts(list(grads), flat, offsets).tolist()
     count = len(grads)
     finite = [v != 0.0 for v in host[:count]]
     nonzero = [v != 0.0 for v in host[count : 2 * count]]

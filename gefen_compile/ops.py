@@ -3,7 +3,8 @@ with no graph break (fake implementations give shapes only).
 
 - ``gefen::step_``: one step of every row of a bucket (all its parameters, all groups), in place.
 - ``gefen::histogram``: the first-step histogram of normalised gradient rows.
-- ``gefen::period_scores``: the candidate-period scores of several gradients.
+- ``gefen::first_gradient_facts``: whether several first gradients are finite and non-zero,
+  and the scores of their candidate periods.
 - ``gefen::momentum_``: GefenMuon's momentum step of one matrix, in place, returning the
   bfloat16 update its Newton-Schulz iteration starts from.
 
@@ -126,30 +127,44 @@ def _histogram_fake(grads, rows, negate) -> Tensor:
     return grads[0].new_empty(NUM_BINS, dtype=torch.int64)
 
 
-@torch.library.custom_op("gefen::period_scores", mutates_args=())
-def period_scores(grads: list[Tensor], candidates: list[int], offsets: list[int]) -> Tensor:
-    """float64 scores of every gradient's candidate periods, concatenated: those of
-    ``grads[t]`` are ``candidates[offsets[t]:offsets[t + 1]]``."""
-    return _period_scores_in_torch(grads, candidates, offsets)
+@torch.library.custom_op("gefen::first_gradient_facts", mutates_args=())
+def first_gradient_facts(grads: list[Tensor], candidates: list[int], offsets: list[int]) -> Tensor:
+    """What Gefen reads off first gradients, as one float64 tensor (one host round trip): for
+    each of the T ``grads``, 1.0 where it is finite as fp32, else 0.0; then 1.0 where it holds a
+    non-zero element; then the scores of every gradient's candidate periods, concatenated:
+    those of ``grads[t]`` are ``candidates[offsets[t]:offsets[t + 1]]``."""
+    return _first_gradient_facts_in_torch(grads, candidates, offsets)
 
 
-def _period_scores_in_torch(
+def _first_gradient_facts_in_torch(
     grads: list[Tensor], candidates: list[int], offsets: list[int]
 ) -> Tensor:
-    return torch.cat(
-        [
-            tensor_period_scores(g, candidates[a:b])
-            for g, a, b in zip(grads, offsets, offsets[1:])
-        ]
-    )
+    # A tensor's min and max (one pass, no copy, no sum that could overflow) are both finite
+    # exactly when every element is, and both zero exactly when every element is.
+    device = grads[0].device
+    extremes = torch.stack([
+        torch.stack(torch.aminmax(g.detach())).double().to(device) if g.numel()
+        else torch.zeros(2, dtype=torch.float64, device=device)
+        for g in grads
+    ])
+    # Finite as fp32, where the codebook's histogram normalises them: a float64 gradient
+    # beyond fp32's range would overflow there.
+    return torch.cat([
+        torch.isfinite(extremes.float()).all(dim=1).double(),
+        (extremes != 0).any(dim=1).double(),
+        *(tensor_period_scores(g, candidates[a:b])
+          for g, a, b in zip(grads, offsets, offsets[1:]) if a < b),
+    ])
 
 
-period_scores.register_kernel("cpu")(_cpu_kernel(cpu_step.period_scores, _period_scores_in_torch))
+first_gradient_facts.register_kernel("cpu")(
+    _cpu_kernel(cpu_step.first_gradient_facts, _first_gradient_facts_in_torch)
+)
 
 
-@period_scores.register_fake
-def _period_scores_fake(grads, candidates, offsets) -> Tensor:
-    return grads[0].new_empty(len(candidates), dtype=torch.float64)
+@first_gradient_facts.register_fake
+def _first_gradient_facts_fake(grads, candidates, offsets) -> Tensor:
+    return grads[0].new_empty(2 * len(grads) + len(candidates), dtype=torch.float64)
 
 
 @torch.library.custom_op("gefen::momentum_", mutates_args=("codes", "magnitude"))
@@ -171,7 +186,7 @@ def _momentum_fake(grad, codes, magnitude, block, codebook, lut, bounds, first_i
 
 
 def flat_candidates(lists: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
-    """Concatenated candidate lists and their offsets, as ``period_scores`` takes them."""
+    """Concatenated candidate lists and their offsets, as ``first_gradient_facts`` takes them."""
     offsets = [0]
     for c in lists:
         offsets.append(offsets[-1] + len(c))

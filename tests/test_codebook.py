@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import (
     brute_force_cost,
     partition_cost,
@@ -109,6 +111,27 @@ def test_dp_cost_equals_brute_force(seed, zero):
     centres, cost = optimal_clustering(counts, k, zero)
     assert centres[0] == -1.0 and centres[-1] == 1.0 and (0.0 in centres) == zero
     assert cost == pytest.approx(brute_force_cost(counts, k, zero), rel=1e-12, abs=1e-15)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(bins=st.integers(4, 160), spread=st.sampled_from([1, 30, 10**6]),
+       seed=st.integers(0, 2**31), zero=st.booleans(), data=st.data())
+def test_dp_is_optimal_on_random_histograms(bins, spread, seed, zero, data):
+    """Many layers over few points, weights equal (ties everywhere) or spread over six
+    decades: the C and the numpy DP (divide and conquer, bounded below by the previous layer's
+    splits) both reach the O(B^2 K) reference's optimum."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(NUM_BINS, dtype=np.int64)
+    chosen = rng.choice(NUM_BINS, bins, replace=False)
+    counts[chosen] = np.exp(rng.uniform(0, np.log(spread), bins)).astype(np.int64) + 1
+    k = data.draw(st.integers(2 + zero, min(bins + zero, 48)), label="k")
+    _, slow_cost = (slow_dp_zero if zero else slow_dp)(counts, k)
+    libraries = [native.library, None] if native.library is not None else [None]
+    for library in libraries:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(native, "library", library)
+            _, cost = optimal_clustering(counts, k, zero)
+        assert cost == pytest.approx(slow_cost, rel=1e-9, abs=1e-12), library
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -33,7 +33,7 @@ def test_opcheck_step():
 def test_opcheck_first_step_ops():
     grads = [torch.randn(8, 12), torch.randn(30)]
     torch.library.opcheck(ops.histogram, (grads, [12, 1], [False, True]))
-    torch.library.opcheck(ops.period_scores, (grads, [8, 12, 2, 3, 5], [0, 2, 5]))
+    torch.library.opcheck(ops.first_gradient_facts, (grads, [8, 12, 2, 3, 5], [0, 2, 5]))
 
 
 class CountingBackend:

@@ -20,7 +20,8 @@ from gefen_compile import Gefen, memory_report, ops, optim
 from gefen_compile.codebook import NearestCode
 from gefen_compile.kernels import (cpu_step, momentum, native, prepared, tensor_shim, torch_step,
                                    triton_step)
-from gefen_compile.partition import candidate_periods, period_scores
+from gefen_compile.partition import (candidate_periods, period_scores, scored_candidates,
+                                     select_period)
 from gefen_compile.state import compute_dtype
 
 # Odd shapes: primes, period 1 (ragged under the robust variant: (300,), (1000,)), periods
@@ -401,29 +402,78 @@ def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, pa
 
 
 @pytest.mark.parametrize("path", native.CPU_PATHS)
-def test_c_period_scores_equal_torchs_on_every_path(path):
-    """The C period scores (a running sum per 4096-element chunk, its own log series) against
-    partition.period_scores in float64 torch: sizes that end inside a chunk and on its edge,
+def test_c_first_gradient_facts_equal_torchs_on_every_path(path):
+    """The C first-gradient facts (one pass: finiteness, non-zero, period scores from a
+    running sum per 3840-element chunk in quarters, its own log series) against partition.
+    period_scores and aminmax in float64 torch: sizes that end inside a chunk and on its edge,
     periods longer than a chunk, blocks straddling chunks, bf16; constant gradients score
-    exactly 0."""
+    exactly 0; NaN, inf, a float64 beyond fp32's range, zeros, empty and too-short tensors."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
     gen = torch.Generator().manual_seed(5)
-    grads = [structured(s, gen, torch.float32) for s in
-             [(3, 4097), (4096,), (9, 1024), (24, 1031), (2, 6000), (13, 13), (8195,), (64, 96)]]
-    grads += [grads[0].to(torch.bfloat16), torch.zeros(3, 4100), torch.full((720,), -3.5)]
+    scored = [structured(s, gen, torch.float32) for s in
+              [(3, 4097), (4096,), (9, 1024), (24, 1031), (2, 6000), (13, 13), (8195,), (64, 96),
+               (3840,), (2, 3840), (7681,), (3, 1283)]]
+    scored += [scored[0].to(torch.bfloat16), torch.zeros(3, 4100), torch.full((720,), -3.5)]
+    flawed = [structured((16, 64), gen, dtype) for dtype in
+              (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    flawed[0][3, 7] = float("nan")
+    flawed[1][15, 63] = float("-inf")
+    flawed[2][0, 0] = float("nan")
+    flawed[3][9, 1] = 1e300  # finite, but not as fp32
+    short = [torch.zeros(0), torch.tensor(-0.0), torch.tensor([0.0, 2.5]),
+             torch.tensor([float("nan"), 0.0, 1.0], dtype=torch.bfloat16), torch.zeros(5, 0)]
+    grads = scored + flawed + short
     candidates = [candidate_periods(g.numel()) for g in grads]
     flat, offsets = [c for cs in candidates for c in cs], [0]
     for cs in candidates:
         offsets.append(offsets[-1] + len(cs))
     previous = native.use_cpu_path(path)
     try:
-        got = cpu_step.period_scores(grads, flat, offsets)
+        got = cpu_step.first_gradient_facts(grads, flat, offsets)
     finally:
         native.use_cpu_path(previous)
-    expected = torch.cat([period_scores(g, cs) for g, cs in zip(grads, candidates)])
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    assert set(got[offsets[-3]:].tolist()) == {0.0}  # the constant ones: exactly
+    count = len(grads)
+    finite = [bool(torch.isfinite(g.float()).all()) for g in grads]
+    nonzero = [bool((g != 0).any()) for g in grads]
+    assert got[:count].tolist() == [float(f) for f in finite]
+    assert got[count : 2 * count].tolist() == [float(z) for z in nonzero]
+    assert finite[len(scored):] == [False] * 4 + [True, True, True, False, True]
+    scores = got[2 * count :]
+    clean = offsets[len(scored)]
+    expected = torch.cat([period_scores(g, cs) for g, cs in zip(scored, candidates)])
+    torch.testing.assert_close(scores[:clean], expected, rtol=1e-9, atol=1e-12)
+    assert set(scores[offsets[len(scored) - 2]:clean].tolist()) == {0.0}  # the constant ones
+    assert offsets[-1] == offsets[len(scored) + len(flawed)]  # the short ones: no candidates
+    in_torch = ops._first_gradient_facts_in_torch(grads, flat, offsets)  # CUDA's, and no C's
+    assert torch.equal(in_torch[: 2 * count], got[: 2 * count])
+    torch.testing.assert_close(in_torch[2 * count :][:clean], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["few perturbed", "ulp noise", "rows scaled"])
+def test_c_and_torch_pick_the_same_periods_on_near_constant_gradients(kind):
+    """Near-constant gradients score near 0, where the C scores' summation order (four running
+    sums per chunk) and log series could tip a peak that torch's serial cumsum does not."""
+    gen = torch.Generator().manual_seed(len(kind))
+    for _ in range(40):
+        rows, cols = (int(torch.randint(lo, hi, (1,), generator=gen))
+                      for lo, hi in ((4, 200), (9, 300)))
+        g = torch.full((rows, cols), float(torch.randn(1, generator=gen)))
+        if kind == "few perturbed":
+            at = torch.randint(0, g.numel(), (int(torch.randint(1, 6, (1,), generator=gen)),),
+                               generator=gen)
+            g.view(-1)[at] *= 1 + 1e-3 * torch.randn(len(at), generator=gen)
+        elif kind == "ulp noise":
+            g *= 1 + 1e-7 * torch.randn(g.shape, generator=gen)
+        else:
+            g *= 1 + 1e-6 * torch.randn(rows, 1, generator=gen)
+        candidates = candidate_periods(g.numel())
+        scored = scored_candidates(candidates)
+        flat, offsets = ops.flat_candidates([scored])
+        picked = [select_period(candidates, dict(zip(scored, facts[2:].tolist())))
+                  for facts in (cpu_step.first_gradient_facts([g], flat, offsets),
+                                ops._first_gradient_facts_in_torch([g], flat, offsets))]
+        assert picked[0] == picked[1], (rows, cols)
 
 
 def _bytes(t):

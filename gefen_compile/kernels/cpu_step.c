@@ -1779,7 +1779,10 @@ void gefen_histogram(int64_t num_tensors, const void *const *data, const int64_t
 
 /* ---- first step: period scores ---- */
 
-#define SCORE_CHUNK 4096
+/* Elements per chunk. Its quarters (chunk_prefix's running sums) start 7680 bytes apart, not a
+ * multiple of 4096: a load whose address matches an earlier store's in its low 12 bits waits
+ * for it (4K aliasing), which made the four sums of 4096-element chunks no faster than one. */
+#define SCORE_CHUNK 3840
 
 /* log(x) for normal x > 0, written for the vectoriser (libm's log is a call per element, most
  * of the scores' time): x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s) with
@@ -1804,30 +1807,93 @@ static inline double log_positive(double x) {
     return e * 6.93147180369123816490e-01 + (2.0 * s * series + e * 1.90821492927058770002e-10);
 }
 
-/* The chunk's x - x0, x = log(g^2 + 1e-12), one loop per dtype. */
+/* The chunk's x - x0, x = log(g^2 + 1e-12), into xs[0 .. hi - lo), and the largest |g| and
+ * whether a NaN is there so far (peak, nan), one loop per dtype. */
 #define SCORE_LOGS(ST, LOAD)                                                                    \
     {                                                                                           \
         const ST *restrict g = (const ST *)data + lo;                                           \
-        _Pragma("omp simd")                                                                     \
+        _Pragma("omp simd reduction(max:peak) reduction(|:nan)")                                \
         for (int64_t i = 0; i < hi - lo; i++) {                                                 \
-            const double gi = LOAD(g, i);                                                       \
+            const double gi = LOAD(g, i), magnitude = fabs(gi);                                 \
             xs[i] = log_positive(gi * gi + 1e-12) - x0;                                         \
+            peak = magnitude > peak ? magnitude : peak;                                         \
+            nan |= gi != gi;                                                                    \
         }                                                                                       \
     }
 
-/* Scores of the candidate periods of one tensor: mean |difference| of adjacent block means of
- * x = log(g^2 + 1e-12), all from one running prefix sum of x - x[0] (exact over constant runs). */
-#define DEFINE_PERIOD_SCORES(NAME, ISA)                                                         \
-    ISA static int NAME(const void *data, int dtype, int64_t n, int64_t num_cands,              \
-                        const int64_t *cands, double *scores) {                                 \
-        return period_scores_one(data, dtype, n, num_cands, cands, scores);                     \
+/* The largest |g| of g[0 .. n) and whether a NaN is there (peak, nan): of the tensors too
+ * short to score. */
+#define EXTREMES(ST, LOAD)                                                                      \
+    {                                                                                           \
+        const ST *restrict g = (const ST *)data;                                                \
+        _Pragma("omp simd reduction(max:peak) reduction(|:nan)")                                \
+        for (int64_t i = 0; i < n; i++) {                                                       \
+            const double magnitude = fabs((double)LOAD(g, i));                                  \
+            peak = magnitude > peak ? magnitude : peak;                                         \
+            nan |= magnitude != magnitude;                                                      \
+        }                                                                                       \
     }
 
-static inline __attribute__((always_inline)) int period_scores_one(const void *data, int dtype, int64_t n, int64_t num_cands,
-                             const int64_t *cands, double *scores) {
+/* Independent running sums per chunk: one sum is a chain of dependent adds (4 cycles each),
+ * SCAN_LANES of them overlap. */
+#define SCAN_LANES 4
+
+/* In place, xs[i] becomes base + xs[0] + ... + xs[i] for i < len (xs holds SCORE_CHUNK
+ * values; those from len on are set to zero). Each quarter is summed on its own, then shifted
+ * by the sum before it; the order differs from one running sum by rounding only, and a run
+ * of zeros (a constant gradient's x - x0) stays exactly zero. */
+static inline __attribute__((always_inline)) void chunk_prefix(double *restrict xs, int64_t len,
+                                                              double base) {
+    const int64_t quarter = (len + SCAN_LANES - 1) / SCAN_LANES;
+    for (int64_t i = len; i < SCAN_LANES * quarter; i++) xs[i] = 0.0;
+    double sum[SCAN_LANES] = {base};
+    for (int64_t i = 0; i < quarter; i++)
+        for (int k = 0; k < SCAN_LANES; k++) xs[k * quarter + i] = sum[k] += xs[k * quarter + i];
+    for (int k = 1; k < SCAN_LANES; k++) {
+        const double carry = xs[k * quarter - 1];
+        double *restrict part = xs + k * quarter;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < quarter; i++) part[i] += carry;
+    }
+}
+
+/* facts[0]: finite as fp32, facts[1]: non-zero (NaN counts), from the largest |g| and the NaN
+ * flag; returns 0. */
+static int finish_facts(double peak, int nan, double facts[2]) {
+    facts[0] = !nan && isfinite((float)peak);
+    facts[1] = nan || peak != 0.0;
+    return 0;
+}
+
+/* What a tensor's first gradient tells (see gefen_first_gradient_facts): whether it is finite
+ * as fp32 and holds a non-zero element, and the scores of its candidate periods: mean
+ * |difference| of adjacent block means of x = log(g^2 + 1e-12), all from running prefix sums
+ * of x - x[0] (exact over constant runs): blocks of p end at multiples of p, and adjacent block
+ * means differ by the prefix's second difference there, over p. One pass over the data. */
+#define DEFINE_FIRST_FACTS(NAME, ISA)                                                           \
+    ISA static int NAME(const void *data, int dtype, int64_t n, int64_t num_cands,              \
+                        const int64_t *cands, double *scores, double facts[2]) {                \
+        return first_facts_one(data, dtype, n, num_cands, cands, scores, facts);                \
+    }
+
+static inline __attribute__((always_inline)) int first_facts_one(
+    const void *data, int dtype, int64_t n, int64_t num_cands, const int64_t *cands,
+    double *scores, double facts[2]) {
+    double peak = 0.0;
+    int nan = 0;
+    if (num_cands == 0) {
+        switch (dtype) {
+        case DT_F32: EXTREMES(float, LOAD_F32) break;
+        case DT_BF16: EXTREMES(uint16_t, LOAD_BF16) break;
+        case DT_F16: EXTREMES(_Float16, LOAD_F16) break;
+        default: EXTREMES(double, LOAD_F64)
+        }
+        return finish_facts(peak, nan, facts);
+    }
     double *edge = calloc((size_t)num_cands * 3, sizeof(double)); /* prefix, last sum, total */
     int64_t *seen = calloc((size_t)num_cands, sizeof(int64_t));   /* block edges passed */
-    double prefix[SCORE_CHUNK + 1], xs[SCORE_CHUNK];
+    /* prefix[0] is the sum before the chunk, xs = prefix + 1 its running sums */
+    double prefix[SCORE_CHUNK + 1], *const xs = prefix + 1;
     if (!edge || !seen) {
         free(edge);
         free(seen);
@@ -1843,19 +1909,32 @@ static inline __attribute__((always_inline)) int period_scores_one(const void *d
         case DT_F16: SCORE_LOGS(_Float16, LOAD_F16) break;
         default: SCORE_LOGS(double, LOAD_F64)
         }
-        for (int64_t i = lo; i < hi; i++) prefix[i - lo + 1] = prefix[i - lo] + xs[i - lo];
+        chunk_prefix(xs, hi - lo, prefix[0]);
         for (int64_t c = 0; c < num_cands; c++) {
             const int64_t p = cands[c];
             double *e = edge + 3 * c, last_prefix = e[0], last_diff = e[1], total = e[2];
-            int64_t count = seen[c];
-            for (int64_t end = (lo / p + 1) * p; end <= hi; end += p) {
+            int64_t count = seen[c], end = (lo / p + 1) * p;
+            if (count == 0 && end <= hi) { /* the first block: no block before it */
+                last_diff = prefix[end - lo] - last_prefix, last_prefix = prefix[end - lo];
+                count = 1, end += p;
+            }
+            /* four totals: one is a chain of dependent adds (4 cycles each) */
+            double part[4] = {total, 0.0, 0.0, 0.0};
+            for (; end + 3 * p <= hi; end += 4 * p, count += 4) {
+                const double *b = prefix + (end - lo);
+                const double s0 = b[0], s1 = b[p], s2 = b[2 * p], s3 = b[3 * p];
+                const double d0 = s0 - last_prefix, d1 = s1 - s0, d2 = s2 - s1, d3 = s3 - s2;
+                part[0] += fabs(d0 - last_diff), part[1] += fabs(d1 - d0);
+                part[2] += fabs(d2 - d1), part[3] += fabs(d3 - d2);
+                last_prefix = s3, last_diff = d3;
+            }
+            for (; end <= hi; end += p, count++) {
                 const double s = prefix[end - lo];
                 const double diff = s - last_prefix; /* p times this block's mean */
-                if (count >= 1) total += fabs(diff - last_diff);
-                last_diff = diff;
-                last_prefix = s;
-                count++;
+                part[0] += fabs(diff - last_diff);
+                last_diff = diff, last_prefix = s;
             }
+            total = (part[0] + part[1]) + (part[2] + part[3]);
             e[0] = last_prefix, e[1] = last_diff, e[2] = total, seen[c] = count;
         }
         prefix[0] = prefix[hi - lo];
@@ -1864,34 +1943,40 @@ static inline __attribute__((always_inline)) int period_scores_one(const void *d
         scores[c] = edge[3 * c + 2] / (double)(seen[c] - 1) / (double)cands[c];
     free(edge);
     free(seen);
-    return 0;
+    return finish_facts(peak, nan, facts);
 }
 
-/* period_scores_one at each instruction-set level (the logs vectorise). */
-DEFINE_PERIOD_SCORES(scores_portable, )
+/* first_facts_one at each instruction-set level (the logs vectorise). */
+DEFINE_FIRST_FACTS(first_facts_portable, )
 #if X86_PATHS
-DEFINE_PERIOD_SCORES(scores_avx2, ISA_AVX2)
-DEFINE_PERIOD_SCORES(scores_avx512, ISA_AVX512)
+DEFINE_FIRST_FACTS(first_facts_avx2, ISA_AVX2)
+DEFINE_FIRST_FACTS(first_facts_avx512, ISA_AVX512)
 #endif
 
-/* Scores of every tensor; candidates of tensor t are cands[offsets[t] .. offsets[t + 1]).
- * Returns 0, or -1 if an allocation failed. */
-int gefen_period_scores(int64_t num_tensors, const void *const *data, const int64_t *dtypes,
-                        const int64_t *numel, const int64_t *offsets, const int64_t *cands,
-                        double *scores, int64_t num_threads) {
-    int (*one)(const void *, int, int64_t, int64_t, const int64_t *, double *) = scores_portable;
+/* For every tensor t: out[t] = 1 where its gradient is finite as fp32 (its largest |g|, as
+ * fp32, too: a float64 one beyond fp32's range would overflow the histogram's normalisation),
+ * else 0; out[num_tensors + t] = 1 where it holds a non-zero element (or NaN); and the scores of
+ * its candidate periods cands[offsets[t] .. offsets[t + 1]) at out[2 * num_tensors +
+ * offsets[t] ..]. Returns 0, or -1 if an allocation failed. */
+int gefen_first_gradient_facts(int64_t num_tensors, const void *const *data, const int64_t *dtypes,
+                               const int64_t *numel, const int64_t *offsets, const int64_t *cands,
+                               double *out, int64_t num_threads) {
+    int (*one)(const void *, int, int64_t, int64_t, const int64_t *, double *, double[2]) =
+        first_facts_portable;
 #if X86_PATHS
-    if (gefen_cpu_path(-1) >= PATH_AVX512) one = scores_avx512;
-    else if (gefen_cpu_path(-1) == PATH_AVX2) one = scores_avx2;
+    if (gefen_cpu_path(-1) >= PATH_AVX512) one = first_facts_avx512;
+    else if (gefen_cpu_path(-1) == PATH_AVX2) one = first_facts_avx2;
 #endif
+    double *const scores = out + 2 * num_tensors;
     int status = 0;
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(min:status)")
     for (int64_t t = 0; t < num_tensors; t++) {
-        const int64_t first = offsets[t], count = offsets[t + 1] - first;
-        if (count > 0) {
-            const int s = one(data[t], (int)dtypes[t], numel[t], count, cands + first, scores + first);
-            if (s < status) status = s;
-        }
+        const int64_t first = offsets[t];
+        double facts[2];
+        const int s = one(data[t], (int)dtypes[t], numel[t], offsets[t + 1] - first,
+                          cands + first, scores + first, facts);
+        out[t] = facts[0], out[num_tensors + t] = facts[1];
+        if (s < status) status = s;
     }
     return status;
 }

@@ -72,16 +72,17 @@ def histogram(
     return counts
 
 
-def period_scores(
+def first_gradient_facts(
     grads: Sequence[torch.Tensor], candidates: Sequence[int], offsets: Sequence[int]
 ) -> torch.Tensor:
-    """float64 scores of every gradient's candidate periods (see ops.period_scores)."""
+    """float64 finiteness, non-zero flags and candidate-period scores of every gradient, in one
+    pass over each (see ops.first_gradient_facts)."""
     grads = [readable(g) for g in grads]
-    scores = torch.empty(offsets[-1], dtype=torch.float64, device="cpu")
+    out = torch.empty(2 * len(grads) + offsets[-1], dtype=torch.float64, device="cpu")
     tables = _gradient_tables(grads, offsets, candidates)
-    status = _lib.gefen_period_scores(
-        len(grads), *(t.data_ptr() for t in tables), scores.data_ptr(), threads()
+    status = _lib.gefen_first_gradient_facts(
+        len(grads), *(t.data_ptr() for t in tables), out.data_ptr(), threads()
     )
     if status != 0:
-        raise MemoryError("gefen_period_scores: out of memory for its per-candidate scratch")
-    return scores
+        raise MemoryError("gefen_first_gradient_facts: out of memory for its per-candidate scratch")
+    return out

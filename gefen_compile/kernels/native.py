@@ -90,8 +90,8 @@ def _load() -> ctypes.CDLL | None:
     library.gefen_last_rows.restype = ctypes.c_int
     library.gefen_histogram.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
     library.gefen_histogram.restype = None
-    library.gefen_period_scores.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
-    library.gefen_period_scores.restype = ctypes.c_int
+    library.gefen_first_gradient_facts.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _I64]
+    library.gefen_first_gradient_facts.restype = ctypes.c_int
     library.gefen_codebook_layers.argtypes = [_I64, _P, _P, _I64, _I64, _P, _P]
     library.gefen_codebook_layers.restype = ctypes.c_int
     return library
