@@ -52,9 +52,9 @@ def step_(
     ``hyper`` is float64 [groups, 6] (lr, beta1, beta2, eps, weight_decay, maximize) on the
     bucket's device; a None grad skips that parameter; codebook .. lut_half are the fields of a
     ``codebook.LookupTables``; ``work`` and ``work_classes``: how the CUDA kernel divides the
-    rows among its programs (kernels/work_plan.py); ``skip``: a one-element tensor on the
-    bucket's device, non-zero to change nothing (GradScaler's ``found_inf``: on CUDA the step
-    is skipped on the device, with no host sync)."""
+    rows among its programs (kernels/work_plan.py; empty on the CPU); ``skip``: a one-element
+    tensor on the bucket's device, non-zero to change nothing (GradScaler's ``found_inf``: on
+    CUDA the step is skipped on the device, with no host sync)."""
     raise NotImplementedError(
         f"gefen::step_ runs on CPU and CUDA tensors, not {codes.device.type}"
     )

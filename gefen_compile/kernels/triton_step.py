@@ -271,8 +271,12 @@ def _step(a: StepInputs, addresses: list[int], has_grad: list) -> None:
     # aligned (they are, straight from the caching allocator; views may not be).
     pointers_aligned = reduce(or_, addresses, 0) % work_plan.ALIGN == 0
     compute = tl.float64 if a.vmean.dtype == torch.float64 else tl.float32
+    # CPU buckets (the interpreter runs this launcher on CPU tensors in tests) come without
+    # the work plan, which the CPU kernels never read.
+    plan = ((a.work, a.work_classes) if device.type == "cuda"
+            else work_plan.work_plan(a.segments, [p.numel() for p in a.params]))
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-        for work, c in zip(a.work, classes(a.work_classes)):
+        for work, c in zip(plan[0], classes(plan[1])):
             aligned = c.aligned and pointers_aligned
             _launch(
                 _gefen_step_kernel, (work.shape[0],),
