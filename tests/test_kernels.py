@@ -418,17 +418,21 @@ def test_short_rows_in_batches_give_the_bytes_of_rows_one_by_one(monkeypatch, pa
 @pytest.mark.parametrize("path", native.CPU_PATHS)
 def test_c_first_gradient_facts_equal_torchs_on_every_path(path):
     """The C first-gradient facts (one pass: finiteness, non-zero, period scores from a
-    running sum per 3840-element chunk in quarters, its own log series) against partition.
-    period_scores and aminmax in float64 torch: sizes that end inside a chunk and on its edge,
-    periods longer than a chunk, blocks straddling chunks, bf16; constant gradients score
-    exactly 0; NaN, inf, a float64 beyond fp32's range, zeros, empty and too-short tensors."""
+    running sum per 3840-element chunk in quarters, its own log series, one log per element or
+    per pair) against partition.period_scores and aminmax in float64 torch: sizes that end
+    inside a chunk and on its edge, periods longer than a chunk, blocks straddling chunks, odd
+    periods among pairs (9x1024, 2x6000), bf16; constant gradients score exactly 0; NaN, inf, a
+    float64 beyond fp32's range, zeros, empty and too-short tensors."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
     gen = torch.Generator().manual_seed(5)
     scored = [structured(s, gen, torch.float32) for s in
               [(3, 4097), (4096,), (9, 1024), (24, 1031), (2, 6000), (13, 13), (8195,), (64, 96),
                (3840,), (2, 3840), (7681,), (3, 1283)]]
-    scored += [scored[0].to(torch.bfloat16), torch.zeros(3, 4100), torch.full((720,), -3.5)]
+    # the constant ones last: with a log per element (12300, 720 elements: many odd block
+    # edges), and per pair of elements (6144)
+    scored += [scored[0].to(torch.bfloat16), torch.zeros(3, 4100), torch.full((720,), -3.5),
+               torch.full((64, 96), 0.7)]
     flawed = [structured((16, 64), gen, dtype) for dtype in
               (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
     flawed[0][3, 7] = float("nan")
@@ -457,7 +461,7 @@ def test_c_first_gradient_facts_equal_torchs_on_every_path(path):
     clean = offsets[len(scored)]
     expected = torch.cat([period_scores(g, cs) for g, cs in zip(scored, candidates)])
     torch.testing.assert_close(scores[:clean], expected, rtol=1e-9, atol=1e-12)
-    assert set(scores[offsets[len(scored) - 2]:clean].tolist()) == {0.0}  # the constant ones
+    assert set(scores[offsets[len(scored) - 3]:clean].tolist()) == {0.0}  # the constant ones
     assert offsets[-1] == offsets[len(scored) + len(flawed)]  # the short ones: no candidates
     in_torch = ops._first_gradient_facts_in_torch(grads, flat, offsets)  # CUDA's, and no C's
     assert torch.equal(in_torch[: 2 * count], got[: 2 * count])
