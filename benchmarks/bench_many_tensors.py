@@ -125,7 +125,7 @@ def step_parts(optimizer: Gefen, weights: list[torch.Tensor] | None,
         filled = time.perf_counter()
         cpu_step._run(optimizer._kernel_args(bucket, []), *bucket.host_tables())
         stepped = time.perf_counter()
-        torch.autograd.graph.increment_version(bucket.written())
+        torch.autograd.graph.increment_version(bucket.written_state())
         bumped = time.perf_counter()
         del held
         released = time.perf_counter()

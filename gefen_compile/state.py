@@ -92,10 +92,11 @@ class Bucket:
                                for d in (torch.int64, torch.int64, torch.uint8))
         return self._host
 
-    def written(self) -> list[torch.Tensor]:
-        """What a step writes: the tensors whose version counters it bumps."""
+    def written_state(self) -> list[torch.Tensor]:
+        """The state a step writes, whose version counters it bumps (kernels/prepared.py; the
+        parameters' are bumped as their tables are filled)."""
         if self._written is None:
-            self._written = [*self.params, self.codes, self.magnitude, self.vmean, self.steps]
+            self._written = [self.codes, self.magnitude, self.vmean, self.steps]
         return self._written
 
 

@@ -625,12 +625,18 @@ class OwnParameter(torch.nn.Parameter):
     """A Parameter subclass: read through method calls, never the shim."""
 
 
+def unbind_shim():
+    """The C step reads tensors through method calls (tensor_shim.bind binds the shim again):
+    offset 0, no words, no bump_version."""
+    native._cpu.bind_shim(0, (), 0, 0, 0, *[0] * len(tensor_shim.FUNCTIONS), -1, -1, -1, -1, -1, 0)
+
+
 def _tables_both_ways(bucket):
     """fill_tables's status and tables through torch's C shim and through method calls."""
     results = []
     for shim in (True, False):
         if not shim:
-            native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+            unbind_shim()
         try:
             for t in bucket.host_tables():
                 t.zero_()
@@ -718,14 +724,15 @@ def test_the_tables_of_many_parameters_read_ahead_and_name_the_first_one_handed_
             raise RuntimeError("this gradient cannot be read")
         return descriptors[0].__get__(t)
 
-    native._cpu.bind(property(unreadable), *descriptors[1:])  # how the C call reads .grad
+    bump = torch.autograd.graph.increment_version
+    native._cpu.bind(property(unreadable), *descriptors[1:], bump)  # how the C call reads .grad
     try:
         with pytest.raises(RuntimeError, match="cannot be read"):
             prepared.fill_tables(bucket)
         params[5].grad = torch.randn(6, 4).t()
         assert prepared.fill_tables(bucket)[0] == 5
     finally:
-        native._cpu.bind(*descriptors)
+        native._cpu.bind(*descriptors, bump)
 
 
 def test_the_prepared_step_hands_on_tensors_of_another_device(monkeypatch):
@@ -749,6 +756,58 @@ def test_the_prepared_step_hands_on_tensors_of_another_device(monkeypatch):
     with pytest.raises(ValueError, match=r"parameter 1 of param group 0 is on meta, but its "
                                          r"state is on cpu.*build the optimizer again"):
         opt.step()
+
+
+def test_the_tables_bump_the_version_of_each_parameter_they_vouch_for():
+    """step_tables bumps the version counter of every parameter with a gradient (the step writes
+    it; autograd then knows a tensor saved before the step is stale), and of no other: through
+    libtorch's bump_version where the shim reads the parameter, in one increment_version call
+    for a subclass and where the shim is off. A parameter handed on to the general path leaves
+    the counters to it. An inference tensor, which has no counter, steps (bumping it would end
+    the process through a C++ exception)."""
+    params, opt = stepped_once(5)
+    params.append(OwnParameter(torch.randn(6, 10)))
+    opt.add_param_group({"params": [params[-1]]})
+    params[-1].grad = torch.randn(6, 10)
+    opt.step()
+    (bucket,) = opt._buckets
+    for shim in (True, False):
+        if not shim:
+            unbind_shim()
+        try:
+            for p in params:
+                p.grad = None if p is params[2] else torch.randn_like(p)
+            before = [p._version for p in params]
+            status, _ = prepared.fill_tables(bucket)
+            assert status == -1
+            assert [p._version - b for p, b in zip(params, before)] == [1, 1, 0, 1, 1, 1]
+            params[3].grad = torch.randn(10, 6).t()  # handed on: nothing more bumped
+            before = [p._version for p in params]
+            assert prepared.fill_tables(bucket)[0] == 3
+            assert [p._version - b for p, b in zip(params, before)] == [1, 1, 0, 0, 0, 0]
+        finally:
+            tensor_shim.bind(native._cpu.bind_shim)
+    with torch.inference_mode():
+        frozen = torch.randn(6, 10)
+    frozen.grad = torch.randn(6, 10)
+    opt = Gefen([frozen])
+    for _ in range(3):
+        assert prepared.prepare(opt._buckets[0]) if opt._buckets else True
+        opt.step()
+
+
+def test_the_shim_finds_every_word_the_tables_read_ahead_on_this_torch():
+    """On the torch CI installs, tensor_shim finds the TensorImpl words of storage, autograd
+    meta, version counter and Python object, the autograd meta's gradient word, and a
+    bump_version that bumps exactly the probe it is called on; memory that is not mapped reads
+    as None, not a crash."""
+    if native.library is None:
+        pytest.skip("no C library")
+    probes = tensor_shim._probes()
+    words = tensor_shim._pointer_words(probes)
+    assert min(words) >= 0 and len(set(words[:4])) == 4
+    assert tensor_shim._bump(tensor_shim._library(), tensor_shim._offset(probes), words[2], probes)
+    assert tensor_shim._read_words(8, 2) is None
 
 
 def test_a_shim_that_answers_unlike_python_is_not_used(monkeypatch):
@@ -1014,7 +1073,7 @@ def test_negated_views_step_as_their_values(shim):
     state) or as parameter it steps as a plain tensor of the same values, read through the
     shim or through method calls."""
     if not shim and native._cpu is not None:
-        native._cpu.bind_shim(0, (), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        unbind_shim()
     try:
         gen = torch.Generator().manual_seed(7)
         values = torch.randn(12, 40, generator=gen)

@@ -2031,12 +2031,19 @@ int gefen_first_gradient_facts(int64_t num_tensors, const void *const *data, con
 enum { GRAD, DTYPE, NUMEL, CONTIGUOUS, DATA_PTR, IS_NEG, DEVICE, DESCRIPTORS };
 static PyObject *descriptors[DESCRIPTORS];
 
+/* torch.autograd.graph.increment_version, which bumps the version counters of the parameters
+ * step_tables vouches for where the shim cannot (set by bind()). */
+static PyObject *increment_version;
+
 static PyObject *bind(PyObject *self, PyObject *args) {
-    PyObject *given[DESCRIPTORS];
+    PyObject *given[DESCRIPTORS], *increment;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOOOO", &given[GRAD], &given[DTYPE], &given[NUMEL],
-                          &given[CONTIGUOUS], &given[DATA_PTR], &given[IS_NEG], &given[DEVICE]))
+    if (!PyArg_ParseTuple(args, "OOOOOOOO", &given[GRAD], &given[DTYPE], &given[NUMEL],
+                          &given[CONTIGUOUS], &given[DATA_PTR], &given[IS_NEG], &given[DEVICE],
+                          &increment))
         return NULL;
+    Py_INCREF(increment);
+    Py_XSETREF(increment_version, increment);
     for (int k = 0; k < DESCRIPTORS; k++) {
         Py_INCREF(given[k]);
         Py_XSETREF(descriptors[k], given[k]);
@@ -2059,18 +2066,36 @@ static struct {
     int32_t (*contiguous)(void *, _Bool *), (*numel)(void *, int64_t *);
     int32_t (*data_ptr)(void *, void **);
     int32_t (*device_type)(void *, int32_t *), (*device_index)(void *, int32_t *);
+    /* Words of a TensorImpl that point to its StorageImpl, AutogradMeta, VersionCounter and
+     * Python object, which step_tables asks the caches for ahead of their use (a prefetch
+     * never faults: a wrong word only costs time); -1 where not found. */
+    Py_ssize_t storage_word, meta_word, counter_word, object_word;
+    /* The word of an AutogradMeta that points to the gradient's TensorImpl, read (a load, not a
+     * prefetch: only where it was read back from probes) to ask for the gradient's lines
+     * before its getter runs; -1 where not found. */
+    Py_ssize_t grad_word;
+    /* torch::autograd::impl::bump_version(const at::Tensor &), or NULL where it is not used:
+     * it throws (through C: the process ends) for a tensor without a version counter, an
+     * inference tensor, which counter_word (then known) tells. */
+    void (*bump)(void *);
 } shim;
 
 static PyObject *bind_shim(PyObject *self, PyObject *args) {
-    Py_ssize_t offset, neg_offset;
+    Py_ssize_t offset, neg_offset, storage_word, meta_word, counter_word, object_word, grad_word;
     PyObject *types;
     int strided;
-    unsigned long long neg_bit, fn[7];
+    unsigned long long neg_bit, fn[7], bump;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nO!inKKKKKKKK", &offset, &PyTuple_Type, &types, &strided,
+    if (!PyArg_ParseTuple(args, "nO!inKKKKKKKKnnnnnK", &offset, &PyTuple_Type, &types, &strided,
                           &neg_offset, &neg_bit, &fn[0], &fn[1], &fn[2], &fn[3], &fn[4], &fn[5],
-                          &fn[6]))
+                          &fn[6], &storage_word, &meta_word, &counter_word, &object_word,
+                          &grad_word, &bump))
         return NULL;
+    if ((bump && counter_word < 0) || (grad_word >= 0 && meta_word < 0)) {
+        PyErr_SetString(PyExc_ValueError, "bind_shim: bump_version needs the counter's word, "
+                                          "the gradient's word the autograd meta's");
+        return NULL;
+    }
     Py_INCREF(types);
     Py_XSETREF(shim.types, types);
     shim.strided = strided;
@@ -2083,6 +2108,12 @@ static PyObject *bind_shim(PyObject *self, PyObject *args) {
     shim.data_ptr = (int32_t(*)(void *, void **))(uintptr_t)fn[4];
     shim.device_type = (int32_t(*)(void *, int32_t *))(uintptr_t)fn[5];
     shim.device_index = (int32_t(*)(void *, int32_t *))(uintptr_t)fn[6];
+    shim.storage_word = storage_word;
+    shim.meta_word = meta_word;
+    shim.counter_word = counter_word;
+    shim.object_word = object_word;
+    shim.grad_word = grad_word;
+    shim.bump = (void (*)(void *))(uintptr_t)bump;
     shim.offset = offset;
     Py_RETURN_NONE;
 }
@@ -2170,10 +2201,18 @@ static int usable(PyObject *t, const Device *device, PyObject *dtype, int32_t co
     return PyErr_Occurred() ? -1 : (*ptr != 0 || !numel) && *ptr % size == 0;
 }
 
-/* Parameters ahead of the one step_tables checks whose object, TensorImpl or gradient it reads
- * or asks the caches for (see there). */
+/* How far ahead of the parameter whose gradient step_tables reads it asks the caches for a later
+ * parameter's object, TensorImpl, the objects that TensorImpl points to (storage, autograd
+ * meta, version counter), its gradient's TensorImpl, and the objects that one points to
+ * (storage, Python object); a gradient is checked AHEAD_GRAD parameters after it is read. Each
+ * stage then finds the lines the one before asked for, and the misses of several parameters
+ * overlap instead of coming one after another (8,000 parameters' metadata are not in the
+ * caches after a step). */
 #define AHEAD_OBJECT 16
-#define AHEAD_IMPL 8
+#define AHEAD_IMPL 12
+#define AHEAD_POINTEES 8
+#define AHEAD_GRAD_IMPL 5
+#define AHEAD_GRAD_POINTEES 2
 #define AHEAD_GRAD 4
 #define IMPL_LINES 4 /* the cache lines of a TensorImpl that the shim's answers read */
 
@@ -2197,27 +2236,79 @@ static void restore_error(PyObject *error) {
 }
 #endif
 
-/* Asks the caches for the first lines of tensor t's TensorImpl, if t is read through the shim
- * (a prefetch never faults: any address will do). */
-static inline void prefetch_impl(PyObject *t) {
-    if (!shimmed(t)) return;
-    const char *impl = *(char *const *)((char *)t + shim.offset);
-    for (int k = 0; k < IMPL_LINES; k++) __builtin_prefetch(impl + 64 * k);
+/* Tensor t's TensorImpl, if t is read through the shim; else NULL. */
+static inline const char *impl_of(PyObject *t) {
+    return shimmed(t) ? *(const char *const *)((char *)t + shim.offset) : NULL;
+}
+
+/* Asks the caches for the lines of tensor object t that say whether it is read through the
+ * shim (its type) and where its TensorImpl is (a prefetch never faults: any address will do). */
+static inline void prefetch_object(PyObject *t) {
+    __builtin_prefetch(t);
+    __builtin_prefetch((char *)t + shim.offset);
+}
+
+/* Asks the caches for the first lines of a TensorImpl (its refcount, which a getter's copy of
+ * the tensor writes, in the first). */
+static inline void prefetch_lines(const char *impl) {
+    __builtin_prefetch(impl, 1);
+    for (int k = 1; k < IMPL_LINES; k++) __builtin_prefetch(impl + 64 * k);
+}
+
+/* Asks the caches for the first 64 bytes of the object that word `word` of TensorImpl `impl`
+ * points to (two lines: malloc aligns to 16 bytes), if the word is known. */
+static inline void prefetch_pointee(const char *impl, Py_ssize_t word) {
+    if (word >= 0) {
+        const char *object = *(const char *const *)(impl + word);
+        __builtin_prefetch(object, 1);
+        __builtin_prefetch(object + 63, 1);
+    }
+}
+
+/* The TensorImpl of parameter p's gradient (UndefinedTensorImpl's where it has none), read
+ * through its autograd meta; NULL where p is not read through the shim, has no autograd meta,
+ * or the words are not known. */
+static inline const char *grad_impl_of(PyObject *p) {
+    const char *impl = shim.grad_word >= 0 ? impl_of(p) : NULL;
+    const char *meta = impl ? *(const char *const *)(impl + shim.meta_word) : NULL;
+    return meta ? *(const char *const *)(meta + shim.grad_word) : NULL;
+}
+
+/* Bumps parameter p's version counter, as an in-place op does, through the shim where it can;
+ * else p joins *later (a list made here, NULL until then), whose counters step_tables bumps in
+ * one call at its end. 0, or -1 with the error set. */
+static int bump_version(PyObject *p, PyObject **later) {
+    const char *impl = shim.bump ? impl_of(p) : NULL;
+    if (impl) {
+        /* an inference tensor has no counter: torch's increment_version skips it too */
+        if (*(void *const *)(impl + shim.counter_word)) shim.bump((char *)p + shim.offset);
+        return 0;
+    }
+    if (!*later && !(*later = PyList_New(0))) return -1;
+    return PyList_Append(*later, p);
+}
+
+/* Bumps the version counters of the parameters in the list `later` (bump_version's), in one
+ * call; takes the reference. 0, or -1 with the error set. */
+static int bump_later(PyObject *later) {
+    PyObject *done = PyObject_CallOneArg(increment_version, later);
+    Py_DECREF(later);
+    Py_XDECREF(done);
+    return done ? 0 : -1;
 }
 
 /* step_tables(params, numels, device, device_type, device_index, dtype, code, size, grads,
  * param_ptrs, grad_ptrs, has_grad): for every parameter (a plain tensor: its .grad is read
  * here) on `device` (the shim's codes: device_type, device_index), its gradient's and its own
- * data pointers
- * into the int64 tables at param_ptrs and grad_ptrs (addresses), and whether it has a gradient
- * into the uint8 table at has_grad: the attribute reads and method calls Python would make per
- * tensor, without the interpreter. `code`: dtype's code in the shim. The gradients go into the
- * list `grads` (as long as params), which the caller holds while the kernel reads them (on CUDA,
- * until it is queued): another thread replacing a .grad meanwhile must not free its memory.
- * Returns -1 when the
- * tables are ready, -2 when no parameter has a gradient, else the index of the first parameter
- * the Python side must look at (its gradient or itself not as the state was built: it
- * converts, or raises the error that names it). */
+ * data pointers into the int64 tables at param_ptrs and grad_ptrs (addresses), and whether it
+ * has a gradient into the uint8 table at has_grad: the attribute reads and method calls Python
+ * would make per tensor, without the interpreter. `code`: dtype's code in the shim. The
+ * gradients go into the list `grads` (as long as params), which the caller holds while the
+ * kernel reads them (on CUDA, until it is queued): another thread replacing a .grad meanwhile
+ * must not free its memory. Returns -1 when the tables are ready, with the version counters of
+ * the parameters that have a gradient bumped (the step writes them), -2 when no parameter has
+ * a gradient, else the index of the first parameter the Python side must look at (its gradient
+ * or itself not as the state was built: it converts, or raises the error that names it). */
 static PyObject *step_tables(PyObject *self, PyObject *args) {
     PyObject *params, *numels, *dtype, *grads;
     Device device;
@@ -2242,21 +2333,31 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
     int64_t *grad_ptrs = (int64_t *)(uintptr_t)grad_address;
     uint8_t *has_grad = (uint8_t *)(uintptr_t)has_address;
     int any = 0;
-    /* Each parameter's gradient is read AHEAD_GRAD parameters ahead of its checks, its
-     * TensorImpl asked of the caches AHEAD_IMPL ahead, its object AHEAD_OBJECT ahead: each
-     * stage then finds the lines the one before asked for, and the misses of several
-     * parameters overlap instead of coming one after another. A gradient that cannot be read
-     * stops the reading; its error is raised once the parameters before it are checked (one of
-     * them may be the first the Python side must look at). */
+    /* i: the parameter whose gradient is read; j: the one checked (see AHEAD_*). A gradient
+     * that cannot be read stops the reading; its error is raised once the parameters before it
+     * are checked (one of them may be the first the Python side must look at). */
     Py_ssize_t readable = count;
-    PyObject *unread = NULL; /* that error */
+    PyObject *unread = NULL, *later = NULL; /* that error; parameters to bump at the end */
     for (Py_ssize_t i = 0; i < readable + AHEAD_GRAD; i++) {
-        if (i + AHEAD_OBJECT < readable) __builtin_prefetch(PyList_GET_ITEM(params, i + AHEAD_OBJECT));
-        if (i + AHEAD_IMPL < readable) prefetch_impl(PyList_GET_ITEM(params, i + AHEAD_IMPL));
+        const char *impl;
+        if (i + AHEAD_OBJECT < readable) prefetch_object(PyList_GET_ITEM(params, i + AHEAD_OBJECT));
+        if (i + AHEAD_IMPL < readable && (impl = impl_of(PyList_GET_ITEM(params, i + AHEAD_IMPL))))
+            prefetch_lines(impl);
+        if (i + AHEAD_POINTEES < readable && (impl = impl_of(PyList_GET_ITEM(params, i + AHEAD_POINTEES)))) {
+            prefetch_pointee(impl, shim.storage_word);
+            prefetch_pointee(impl, shim.meta_word);
+            prefetch_pointee(impl, shim.counter_word);
+        }
+        if (i + AHEAD_GRAD_IMPL < readable && (impl = grad_impl_of(PyList_GET_ITEM(params, i + AHEAD_GRAD_IMPL))))
+            prefetch_lines(impl);
+        if (i + AHEAD_GRAD_POINTEES < readable && (impl = grad_impl_of(PyList_GET_ITEM(params, i + AHEAD_GRAD_POINTEES)))) {
+            prefetch_pointee(impl, shim.storage_word);
+            prefetch_pointee(impl, shim.object_word);
+        }
         if (i < readable) {
             PyObject *ahead = get(PyList_GET_ITEM(params, i), GRAD);
             if (ahead) {
-                prefetch_impl(ahead);
+                if ((impl = impl_of(ahead))) prefetch_lines(impl); /* where grad_word is not known */
                 PyList_SetItem(grads, i, ahead); /* takes the reference */
             } else {
                 unread = take_error();
@@ -2273,16 +2374,25 @@ static PyObject *step_tables(PyObject *self, PyObject *args) {
         int ok = numel < 0 && PyErr_Occurred()
                      ? -1 : usable(g, &device, dtype, code, size, numel, grad_ptrs + j);
         if (ok == 1) ok = usable(p, &device, dtype, code, size, numel, param_ptrs + j);
-        if (ok != 1) {
+        if (ok == 1 && bump_version(p, &later) < 0) ok = -1;
+        if (ok != 1) { /* those before it are bumped, whichever way: the general path bumps all */
             Py_XDECREF(unread);
+            if (ok == 0 && later) {
+                const int bumped = bump_later(later);
+                later = NULL;
+                if (bumped < 0) return NULL;
+            }
+            Py_XDECREF(later);
             return ok < 0 ? NULL : PyLong_FromSsize_t(j);
         }
         any = 1;
     }
     if (unread) {
+        Py_XDECREF(later);
         restore_error(unread);
         return NULL;
     }
+    if (later && bump_later(later) < 0) return NULL;
     return PyLong_FromLong(any ? -1 : -2);
 }
 

@@ -103,7 +103,7 @@ if _cpu is not None:  # the descriptors kernels/cpu_step.c reads tensors through
 
     _cpu.bind(*(torch._C.TensorBase.__dict__[name]
                 for name in ("grad", "dtype", "numel", "is_contiguous", "data_ptr", "is_neg",
-                             "device")))
+                             "device")), torch.autograd.graph.increment_version)
     tensor_shim.bind(_cpu.bind_shim)
 _warned = False
 

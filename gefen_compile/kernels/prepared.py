@@ -32,7 +32,7 @@ def run_prepared(bucket: Bucket, args: StepInputs) -> None:
     """The step of a bucket whose tables :func:`prepare` filled; ``args``: its ops.step_
     arguments (their lists of params and grads are not read)."""
     RUNNERS[bucket.codes.device.type](args, *bucket.host_tables())
-    torch.autograd.graph.increment_version(bucket.written())
+    torch.autograd.graph.increment_version(bucket.written_state())
 
 
 def fill_tables(bucket: Bucket) -> tuple[int, list[torch.Tensor | None]]:

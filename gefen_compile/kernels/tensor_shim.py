@@ -105,6 +105,85 @@ def _negation_bit(probes: list[torch.Tensor]) -> tuple[int, int] | None:
     return found.pop() if found and len(found) == 1 else None
 
 
+def _pointer_words(probes: list[torch.Tensor]) -> tuple[int, int, int, int, int]:
+    """Where step_tables finds the objects it asks the caches for ahead of their use: the
+    offsets of the TensorImpl words that point to its storage, autograd meta, version counter
+    and Python object, and of the autograd meta's word that points to the gradient's TensorImpl
+    (-1 where no one word does in every probe). The storage's address is
+    ``untyped_storage()._cdata``, the Python object's ``id(t)``; the counter's word is shared by
+    a tensor, its views and its detached alias (they share the counter), differs between
+    tensors and is zero in an inference tensor (which has none); the autograd meta's is zero in
+    a plain tensor and differs between parameters (each has its own); the gradient's word is
+    read back, through /proc/self/mem (an address that is not one fails there, rather than
+    ending the process), from the meta of parameters with gradients."""
+    with torch.inference_mode():
+        inference = torch.zeros(3, device="cpu")
+    params = [torch.nn.Parameter(torch.zeros(2, device="cpu")) for _ in range(3)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    plain, without, *with_meta = map(_impl_words, (torch.zeros(3, device="cpu"), inference, *params))
+    words = [_impl_words(t) for t in probes]
+    aliases = [(_impl_words(t.view_as(t)), _impl_words(t.detach())) for t in probes]
+    found = (
+        {k for k in range(_IMPL_WORDS)
+         if all(w[k] == t.untyped_storage()._cdata for w, t in zip(words, probes))},
+        {k for k in range(_IMPL_WORDS)
+         if plain[k] == 0 and all(w[k] for w in with_meta)
+         and len({w[k] for w in with_meta}) == len(with_meta)},
+        {k for k in range(_IMPL_WORDS)
+         if without[k] == 0 and len({w[k] for w in words}) == len(words)
+         and all(w[k] and w[k] == view[k] == alias[k] for w, (view, alias) in zip(words, aliases))},
+        {k for k in range(_IMPL_WORDS) if all(w[k] == id(t) for w, t in zip(words, probes))},
+    )
+    storage, meta, counter, owner = (f.pop() * _WORD if len(f) == 1 else -1 for f in found)
+    grad = -1
+    if meta >= 0:
+        metas = [_read_words(w[meta // _WORD], _META_WORDS) for w in with_meta]
+        if all(metas):
+            at = {k for k in range(_META_WORDS)
+                  if all(m[k] == p.grad._cdata for m, p in zip(metas, params))}
+            grad = at.pop() * _WORD if len(at) == 1 else -1
+    return storage, meta, counter, owner, grad
+
+
+# Words of an AutogradMeta searched for its gradient's (the fifth in torch 2.13).
+_META_WORDS = 16
+
+
+def _read_words(address: int, count: int) -> tuple[int, ...] | None:
+    """``count`` words of this process's memory at ``address``; None where they cannot be read
+    (not mapped, or no /proc/self/mem: not Linux)."""
+    try:
+        with open("/proc/self/mem", "rb", buffering=0) as memory:
+            memory.seek(address)
+            data = memory.read(count * _WORD)
+    except (OSError, ValueError, OverflowError):
+        return None
+    return tuple((ctypes.c_uint64 * count).from_buffer_copy(data)) if len(data) == count * _WORD else None
+
+
+# torch::autograd::impl::bump_version(const at::Tensor &): what an in-place op calls.
+_BUMP = "_ZN5torch8autograd4impl12bump_versionERKN2at6TensorE"
+
+
+def _bump(library: ctypes.CDLL, offset: int, counter: int, probes: list[torch.Tensor]) -> int:
+    """The address of libtorch's bump_version, where each probe's version (and its view's) goes
+    up by exactly one when it is called on the probe, and no other probe's; else 0."""
+    function = getattr(library, _BUMP, None)
+    if function is None or counter < 0:
+        return 0
+    function.restype, function.argtypes = None, [ctypes.c_void_p]
+    views = [t.view_as(t) for t in probes]
+    for t in probes:
+        before = [u._version for u in probes]
+        function(id(t) + offset)
+        if [u._version - b for u, b in zip(probes, before)] != [int(u is t) for u in probes]:
+            return 0
+    if any(v._version != t._version for v, t in zip(views, probes)):
+        return 0
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
 def _answers(library: ctypes.CDLL, t: torch.Tensor, offset: int) -> tuple:
     """What the shim says of t: layout, dtype, contiguous, numel, data pointer, device type
     and index."""
@@ -143,8 +222,10 @@ def bind(bind_shim) -> bool:
     except (AttributeError, RuntimeError) as error:  # a torch without the shim, or changed
         _log.debug("the prepared step reads tensors through method calls: %s", error)
         return False
-    bind_shim(offset, TYPES, strided, *negation, *(ctypes.cast(getattr(library, name), ctypes.c_void_p).value
-                                        for name in FUNCTIONS))
+    pointers = _pointer_words(probes)
+    bind_shim(offset, TYPES, strided, *negation,
+              *(ctypes.cast(getattr(library, name), ctypes.c_void_p).value for name in FUNCTIONS),
+              *pointers, _bump(library, offset, pointers[2], probes))
     codes.update(dtype_codes)
     device_codes.update(types)
     return True
