@@ -13,6 +13,11 @@ shim function is then asked about probes of every kind the step meets and must g
 answers; if anything is missing or differs, the step keeps the method calls. The shim does not
 report a tensor's negation bit (a ``torch._neg_view``, whose memory holds the negated values):
 the one bit of its ``TensorImpl`` that every probe's negated view sets is found the same way.
+
+Two more things make the many-tensor step cheaper, each checked the same way: the words of a
+``TensorImpl`` (and of its autograd meta) that lead to the objects the step reads, which it asks
+the caches for ahead of their use; and libtorch's ``bump_version``, which bumps each stepped
+parameter's version counter as it is checked, instead of a second pass over cold tensors.
 """
 
 from __future__ import annotations
