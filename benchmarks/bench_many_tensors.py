@@ -12,8 +12,9 @@ caches, a harsh case. With --backward, a backward (untimed) gives each optimizer
 fresh gradients before each of its steps, as in training: new gradient tensors, and metadata
 that the forward and backward have just read. Then Gefen's C kernel alone (its tables filled once), the
 same way: what of the difference is the kernel's, and what is the host work per tensor; then
-Gefen's step in its parts (the tables filled from the tensors, the kernel, autograd's version
-bump, the held gradients dropped), per tensor.
+Gefen's step in its parts (the tables filled from the tensors, with the parameters' version
+counters bumped as they are checked; the kernel; the state's version bump; the held gradients
+dropped), per tensor.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def step_parts(optimizer: Gefen, weights: list[torch.Tensor] | None,
     """Median seconds of each part of the optimizer's steady CPU step (prepared.prepare, run_prepared),
     each step after a backward where ``weights`` are given."""
     (bucket,) = optimizer._buckets
-    times: dict[str, list[float]] = {"tables": [], "kernel": [], "version bump": [], "release": []}
+    times: dict[str, list[float]] = {"tables and bump": [], "kernel": [], "state's bump": [],
+                                     "release": []}
     for _ in range(steps):
         if weights is not None:
             backward(optimizer, weights)
