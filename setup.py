@@ -7,10 +7,12 @@ CUDA steps never need it.
 GEFEN_SANITIZE=1 builds them with AddressSanitizer and UndefinedBehaviorSanitizer, for
 scripts/sanitize.sh (which builds into a temporary copy and says how to load the result)."""
 
+import importlib.util
 import os
 import platform
 import sys
 import sysconfig
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -29,6 +31,12 @@ if gcc and platform.machine() in ("x86_64", "AMD64"):
     # Ice Lake server, 2026-12-07). These flags come after CFLAGS, so they win.
     flags.append("-mtune=generic")
 link_flags = ["-fopenmp"] if gcc else []
+
+# The sources' digest, built into the library: kernels/native.py refuses a stale one.
+kernels = Path("gefen_compile/kernels")
+spec = importlib.util.spec_from_file_location("source_digest", kernels / "source_digest.py")
+sources = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sources)
 if os.environ.get("GEFEN_SANITIZE") == "1":
     # Same optimisation (the vector paths are the ones under test), plus debug lines for the
     # reports; any undefined behaviour aborts, as an ASan report does.
@@ -39,7 +47,8 @@ setup(
     ext_modules=[
         Extension(
             "gefen_compile.kernels._cpu",
-            sources=["gefen_compile/kernels/cpu_step.c", "gefen_compile/kernels/codebook_dp.c"],
+            sources=[str(kernels / name) for name in sources.SOURCES],
+            define_macros=[("GEFEN_SOURCE_DIGEST", f'"{sources.digest(kernels)}"')],
             extra_compile_args=flags,
             extra_link_args=link_flags,
             optional=True,

@@ -156,3 +156,71 @@ def test_the_build_goes_on_without_a_c_compiler(tmp_path, compiler):
     assert result.returncode == 0, result.stderr
     assert 'building extension "gefen_compile.kernels._cpu" failed' in result.stdout + result.stderr
     assert not list(build.rglob("_cpu*"))
+
+
+STALE = textwrap.dedent(
+    """
+    import json, warnings
+    import torch
+
+    with warnings.catch_warnings(record=True) as at_import:
+        warnings.simplefilter("always")
+        import gefen_compile
+        from gefen_compile.kernels import native
+    p = torch.nn.Parameter(torch.randn(64, 16))
+    optimizer = gefen_compile.Gefen([p])
+    with warnings.catch_warnings(record=True) as at_steps:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            p.grad = torch.randn(64, 16)
+            optimizer.step()
+    print(json.dumps({
+        "package": gefen_compile.__file__,
+        "library": native.library is not None,
+        "at_import": [(w.category.__name__, str(w.message)) for w in at_import],
+        "at_steps": [w.category.__name__ for w in at_steps],
+        "finite": bool(p.isfinite().all()),
+    }))
+    """
+)
+
+
+@pytest.mark.skipif(native.library is None, reason="needs the built C library")
+def test_the_library_carries_the_digest_of_the_sources_it_was_built_from():
+    from gefen_compile.kernels import _cpu, source_digest
+
+    folder = Path(_cpu.__file__).parent
+    assert _cpu.source_digest == source_digest.digest(folder)
+    assert native.stale_reason(_cpu.__file__, _cpu.source_digest) is None
+
+
+@pytest.mark.skipif(native.library is None, reason="needs the built C library")
+@pytest.mark.parametrize("edit", [False, True])
+def test_a_library_built_from_other_sources_is_refused_with_one_warning(tmp_path, edit):
+    """A checkout whose C sources changed after its library was built (a pull without a
+    rebuild) must not run that library: it would read another version's argument structures.
+    The package copied with its library loads it; with a source edited, the import warns once,
+    naming the rebuild, and steps take the torch path without a second warning."""
+    import shutil
+
+    copy = tmp_path / "gefen_compile"
+    shutil.copytree(ROOT / "gefen_compile", copy,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    if edit:
+        with open(copy / "kernels" / "cpu_step.c", "a") as source:
+            source.write("/* an edit after the build */\n")
+    result = subprocess.run([sys.executable, "-c", STALE], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert Path(out["package"]).is_relative_to(copy)
+    assert out["finite"]
+    if not edit:
+        assert out["library"] and out["at_import"] == [] and out["at_steps"] == []
+        return
+    assert not out["library"]
+    [(category, message)] = out["at_import"]
+    assert category == "StaleLibraryWarning"
+    for words in ("other sources", "pip install -e .", "build_ext --inplace", "plain-torch path"):
+        assert words in message
+    assert out["at_steps"] == []

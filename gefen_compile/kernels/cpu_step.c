@@ -2406,4 +2406,14 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_cpu", .m_size = -1,
                                     .m_methods = methods};
 
-PyMODINIT_FUNC PyInit__cpu(void) { return PyModule_Create(&module); }
+/* The digest of the sources this library was built from (setup.py, kernels/source_digest.py):
+ * kernels/native.py refuses a library built from other sources than those beside it. */
+#ifndef GEFEN_SOURCE_DIGEST
+#define GEFEN_SOURCE_DIGEST "none (not built by setup.py)"
+#endif
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddStringConstant(m, "source_digest", GEFEN_SOURCE_DIGEST) < 0) Py_CLEAR(m);
+    return m;
+}

@@ -14,15 +14,45 @@ import logging
 import os
 import platform
 import warnings
+from pathlib import Path
 
 import torch
 
+from . import source_digest
+
+
+class MissingCompilerWarning(RuntimeWarning):
+    """The C kernels are not built: CPU steps run the slower plain-torch path."""
+
+
+class StaleLibraryWarning(RuntimeWarning):
+    """The C library was built from other sources than those beside it, and is not used."""
+
+
+def stale_reason(library_file: str, built: str) -> str | None:
+    """Why the library at ``library_file``, built from sources of digest ``built``, must not
+    be loaded: the sources beside it have another digest (None where they match, or where the
+    sources are not there)."""
+    sources = source_digest.digest(Path(library_file).parent)
+    if sources is None or sources == built:
+        return None
+    return (f"{library_file} was built from other sources (digest {built}) than those beside "
+            f"it ({sources}), and reads another version's arguments; rebuild it: pip install "
+            "-e . (or python setup.py build_ext --inplace) in the checkout")
+
+
+_warned = False  # warn_missing's, or the stale library's at import
 try:
     from . import _cpu
 
     _load_error = None
 except ImportError as error:  # not built, or built for another Python
     _cpu, _load_error = None, error
+if _cpu is not None and (_stale := stale_reason(
+        _cpu.__file__, getattr(_cpu, "source_digest", "none: built before digests were kept"))):
+    _cpu, _load_error, _warned = None, ImportError(_stale), True
+    warnings.warn(f"gefen_compile: its C library is not used: {_stale}. Until then CPU steps "
+                  "run the plain-torch path, tens of times slower.", StaleLibraryWarning)
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -70,10 +100,6 @@ class MomentumArgs(ctypes.Structure):
     ]
 
 
-class MissingCompilerWarning(RuntimeWarning):
-    """The C kernels are not built: CPU steps run the slower plain-torch path."""
-
-
 def _load() -> ctypes.CDLL | None:
     if _cpu is None:
         return None
@@ -105,8 +131,6 @@ if _cpu is not None:  # the descriptors kernels/cpu_step.c reads tensors through
                 for name in ("grad", "dtype", "numel", "is_contiguous", "data_ptr", "is_neg",
                              "device")), torch.autograd.graph.increment_version)
     tensor_shim.bind(_cpu.bind_shim)
-_warned = False
-
 # The C step's instruction-set paths, in the order of cpu_step.c's PATH_* (each faster than the
 # one before where the CPU runs it): plain vectorised C at the x86-64 (or AArch64 NEON)
 # baseline; AVX2, with fp32 and bf16 rows written for it; AVX-512, with the byte-plane rows
