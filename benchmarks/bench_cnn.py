@@ -1,14 +1,16 @@
 """Optimizer step time on a convolutional network, where many magnitude blocks are short: Gefen
 against torch's AdamW (fused and foreach) on ResNet-18's parameters, side by side, interleaved.
 
-    python benchmarks/bench_cnn.py [--steps 11] [--threads T] [--cpu-path avx2]
+    python benchmarks/bench_cnn.py [--steps 11] [--threads T] [--cpu-path avx2] [--channels-last]
 
 ResNet-18 as for 32x32 images (CIFAR: a 3x3 stem, no max-pool; 11.2M parameters), built here
 from torch.nn (torchvision is not needed). The gradients are real: one backward of the
 cross-entropy of a batch of random images, so Gefen's first step infers the periods a real
 run would (a 3x3 kernel's 9 elements for some convolutions). Prints the share of parameters
 per period, then each optimizer's median step (the same gradients every step) and its ratio
-to fused AdamW's.
+to fused AdamW's. With --channels-last the model, so its parameters and gradients, are stored
+channels_last (as for oneDNN's or cuDNN's fast convolutions), and Gefen also steps a contiguous
+copy of them, side by side: the kernels step the 4-d weights through contiguous copies.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--cpu-path", choices=native.CPU_PATHS,
                         help="Gefen's C step path (default: the fastest the CPU runs)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="parameters and gradients stored channels_last")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,6 +69,8 @@ def main() -> None:
         native.use_cpu_path(args.cpu_path)
     torch.manual_seed(0)
     model = resnet18()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     images, labels = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     nn.functional.cross_entropy(model(images), labels).backward()
     grads = [p.grad for p in model.parameters()]
@@ -73,11 +79,16 @@ def main() -> None:
         "AdamW (fused)": lambda params: torch.optim.AdamW(params, fused=True),
         "AdamW (foreach)": lambda params: torch.optim.AdamW(params, foreach=True),
     }
+    layouts = {name: torch.preserve_format for name in optimizers}
+    if args.channels_last:
+        optimizers["Gefen, contiguous"] = Gefen
+        layouts["Gefen, contiguous"] = torch.contiguous_format
     runs = {}
     for name, build in optimizers.items():
-        params = [nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        params = [nn.Parameter(p.detach().clone(memory_format=layouts[name]))
+                  for p in model.parameters()]
         for p, g in zip(params, grads):
-            p.grad = g.clone()
+            p.grad = g.clone(memory_format=layouts[name])
         runs[name] = (build(params), params)
     gefen, params = runs["Gefen"]
     for optimizer, _ in runs.values():
@@ -86,7 +97,8 @@ def main() -> None:
     for p in params:
         shares[gefen.state[p]["period"]] += p.numel()
     total = sum(shares.values())
-    print(f"ResNet-18 (32x32 images), {total / 1e6:.1f}M parameters, "
+    layout = "channels_last" if args.channels_last else "contiguous"
+    print(f"ResNet-18 (32x32 images), {total / 1e6:.1f}M parameters ({layout}), "
           f"{torch.get_num_threads()} threads; {native.describe()}")
     print("parameters per period: " + ", ".join(
         f"{period}: {count / total:.1%}" for period, count in sorted(shares.items())))

@@ -123,18 +123,18 @@ class Gefen(LearnedState, Optimizer):
         # for one gradient changes nothing.
         steps = []
         for bucket in self._buckets:
-            held = prepared.prepare(bucket)
-            if held is None:
+            ready = prepared.prepare(bucket)
+            if ready is None:
                 grads = [p.grad for p in bucket.owners]
                 if any(g is not None for g in grads):
                     steps.append((bucket, None, self._checked_grads(bucket, grads)))
-            elif held:
-                steps.append((bucket, held, None))
-        for bucket, held, grads in steps:
-            if held is None:
+            elif ready.grads:
+                steps.append((bucket, ready, None))
+        for bucket, ready, grads in steps:
+            if ready is None:
                 self._step_bucket(bucket, grads, found_inf)
             else:
-                prepared.run_prepared(bucket, self._kernel_args(bucket, [], found_inf))
+                prepared.run_prepared(bucket, ready, self._kernel_args(bucket, [], found_inf))
         return loss
 
     def _groups_changed(self) -> bool:
@@ -195,23 +195,27 @@ class Gefen(LearnedState, Optimizer):
         grads = [None if g is None else readable(g) for g in grads]
         if bucket.codes.device.type not in ("cpu", "cuda"):  # MPS, XPU, ...
             if skip is None or not skip.item():
-                self._step_in_torch(bucket, range(len(grads)), grads)
+                self._step_in_torch(bucket, grads)
             return
         # Parameters the kernels cannot update in place (stored in another memory order, as
-        # channels_last, negated views, misaligned) take the plain torch step, which reads and
-        # writes them through their strides and sign.
+        # channels_last, negated views, misaligned) are stepped as contiguous copies, then
+        # written back: the same bytes as a contiguous twin's, for three copies (the plain
+        # torch step they took before cost a channels_last ResNet-18 6.6x as much).
         eager = not torch.compiler.is_compiling()  # see readable()
-        strided = [i for i, (p, g) in enumerate(zip(bucket.params, grads))
-                   if g is not None and not (is_readable(p) if eager else p.is_contiguous())]
-        kernel_grads = [None if i in strided else g for i, g in enumerate(grads)] if strided else grads
-        ops.run_step(self._kernel_args(bucket, kernel_grads, skip))
-        if strided and (skip is None or not skip.item()):  # a host sync only for these
-            self._step_in_torch(bucket, strided, grads)
+        copies = {i: readable(p) for i, (p, g) in enumerate(zip(bucket.params, grads))
+                  if g is not None and not (is_readable(p) if eager else p.is_contiguous())}
+        args = self._kernel_args(bucket, grads, skip)
+        if eager:
+            bucket.copied = tuple(copies)  # the prepared step's from now on
+        if copies:
+            args = args._replace(params=[copies.get(i, p) for i, p in enumerate(args.params)])
+        ops.run_step(args)
+        for i, copy in copies.items():
+            bucket.params[i].copy_(copy)
 
-    def _step_in_torch(self, bucket: Bucket, indices, grads: list[Tensor | None]) -> None:
-        """The plain-torch step (kernels/torch_step.py) for some parameters of a bucket."""
-        for i in indices:
-            p, g, owner = bucket.params[i], grads[i], bucket.owners[i]
+    def _step_in_torch(self, bucket: Bucket, grads: list[Tensor | None]) -> None:
+        """The plain-torch step (kernels/torch_step.py) of a bucket, parameter by parameter."""
+        for p, g, owner in zip(bucket.params, grads, bucket.owners):
             if g is None:
                 continue
             group = self.param_groups[self._index[owner][0]]

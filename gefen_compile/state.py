@@ -67,6 +67,9 @@ class Bucket:
     num_rows: int
     numels: list[int]  # elements of each parameter, as its state was built
     sharded: bool  # whether params are local shards of the owners (DTensors)
+    # Parameters the kernels cannot update in place (channels_last, negated, misaligned), as
+    # the general path last found them: the prepared step steps contiguous copies of these.
+    copied: tuple[int, ...] = ()
     _work: tuple | None = field(default=None, repr=False)
     _host: tuple | None = field(default=None, repr=False)
     _written: list | None = field(default=None, repr=False)
