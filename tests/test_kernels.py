@@ -296,6 +296,10 @@ def test_strided_parameters_and_gradients_follow_the_logical_order():
     for a, b in ((w0, w1), (m0, m1), (t0, t1)):
         assert torch.equal(opt0.state[a]["codes"], opt1.state[b]["codes"])
         assert torch.equal(b.detach(), a.detach())
+    # a gradient the copies cannot stand for is the general path's to name
+    w1.grad = gw.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients .parameter 0 of param group 0"):
+        opt1.step()
 
 
 def _train_on_path(path, values, grads, dtype, variant="robust"):

@@ -39,7 +39,7 @@ def prepare(bucket: Bucket) -> Prepared | None:
             p, g = params[i], params[i].grad
             if g is None or is_readable(p):
                 continue
-            if (g.dtype, g.shape, g.device) != (p.dtype, p.shape, p.device):
+            if (g.layout, g.dtype, g.shape, g.device) != (torch.strided, p.dtype, p.shape, p.device):
                 return None  # the general path converts it, or names it in its error
             params[i] = copies[i] = readable(p.detach())
             copies[i].grad = readable(g)
