@@ -33,8 +33,9 @@ if gcc and platform.machine() in ("x86_64", "AMD64"):
 link_flags = ["-fopenmp"] if gcc else []
 
 # The sources' digest, built into the library: kernels/native.py refuses a stale one.
-kernels = Path("gefen_compile/kernels")
-spec = importlib.util.spec_from_file_location("source_digest", kernels / "source_digest.py")
+kernels = Path("gefen_compile/kernels")  # relative, as setuptools wants sources
+here = Path(__file__).resolve().parent / kernels
+spec = importlib.util.spec_from_file_location("source_digest", here / "source_digest.py")
 sources = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sources)
 if os.environ.get("GEFEN_SANITIZE") == "1":
@@ -48,7 +49,7 @@ setup(
         Extension(
             "gefen_compile.kernels._cpu",
             sources=[str(kernels / name) for name in sources.SOURCES],
-            define_macros=[("GEFEN_SOURCE_DIGEST", f'"{sources.digest(kernels)}"')],
+            define_macros=[("GEFEN_SOURCE_DIGEST", f'"{sources.digest(here)}"')],
             extra_compile_args=flags,
             extra_link_args=link_flags,
             optional=True,

@@ -202,11 +202,12 @@ class Gefen(LearnedState, Optimizer):
         # written back: the same bytes as a contiguous twin's, for three copies (the plain
         # torch step they took before cost a channels_last ResNet-18 6.6x as much).
         eager = not torch.compiler.is_compiling()  # see readable()
+        stored_apart = [not (is_readable(p) if eager else p.is_contiguous()) for p in bucket.params]
         copies = {i: readable(p) for i, (p, g) in enumerate(zip(bucket.params, grads))
-                  if g is not None and not (is_readable(p) if eager else p.is_contiguous())}
+                  if g is not None and stored_apart[i]}
         args = self._kernel_args(bucket, grads, skip)
-        if eager:
-            bucket.copied = tuple(copies)  # the prepared step's from now on
+        if eager:  # the prepared step's from now on, those without a gradient now too
+            bucket.copied = tuple(i for i, apart in enumerate(stored_apart) if apart)
         if copies:
             args = args._replace(params=[copies.get(i, p) for i, p in enumerate(args.params)])
         ops.run_step(args)

@@ -15,8 +15,8 @@ SCALE = 2.0**16  # a power of two: unscaling is exact, so the two runs must agre
 def model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
-    # Stored column-major, so it takes the plain-torch step beside the kernel's: each path
-    # must skip an overflow step.
+    # Stored column-major, so the kernels step a contiguous copy of it, written back: the copy
+    # must come back unchanged from an overflow step.
     net[2].weight.data = net[2].weight.data.t().contiguous().t()
     return net
 

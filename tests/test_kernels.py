@@ -302,6 +302,27 @@ def test_strided_parameters_and_gradients_follow_the_logical_order():
         opt1.step()
 
 
+def test_parameters_stored_apart_stay_on_the_prepared_step_without_a_gradient(monkeypatch):
+    """The general path records every parameter the kernels step through a copy, with a
+    gradient this step or not: two channels_last weights whose gradients alternate (the second
+    one's first step, with the first without a gradient, is a general-path step) stay on the
+    prepared step from then on."""
+    gen = torch.Generator().manual_seed(4)
+    weights = [torch.nn.Parameter(torch.randn(8, 6, 3, 3, generator=gen).contiguous(
+        memory_format=torch.channels_last)) for _ in range(2)]
+    opt = Gefen(weights, lr=1e-2)
+    general = []
+    step_bucket = Gefen._step_bucket
+    monkeypatch.setattr(Gefen, "_step_bucket",
+                        lambda self, *args: (general.append(1), step_bucket(self, *args)))
+    for step in range(8):
+        weights[step % 2].grad = structured((8, 6, 3, 3), gen, torch.float32).contiguous(
+            memory_format=torch.channels_last)
+        weights[1 - step % 2].grad = None
+        opt.step()
+    assert len(general) == 2 and opt._buckets[0].copied == (0, 1)
+
+
 def _train_on_path(path, values, grads, dtype, variant="robust"):
     """Parameters and optimizer after a Gefen run over ``grads`` (None: no gradient) with CPU
     steps on ``path``."""

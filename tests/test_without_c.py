@@ -221,6 +221,7 @@ def test_a_library_built_from_other_sources_is_refused_with_one_warning(tmp_path
     assert not out["library"]
     [(category, message)] = out["at_import"]
     assert category == "StaleLibraryWarning"
-    for words in ("other sources", "pip install -e .", "build_ext --inplace", "plain-torch path"):
+    for words in ("other sources", "build_ext --inplace --force", "pip install -e .",
+                  "plain-torch path"):
         assert words in message
     assert out["at_steps"] == []

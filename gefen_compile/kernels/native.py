@@ -4,7 +4,8 @@ The library is optional (setup.py builds it only where a C compiler works). With
 ``library`` is None: CPU steps take the plain-torch path and the codebook's dynamic program runs
 in numpy. Importing stays silent, since CUDA steps do not need the library (they use its one C call
 for their host work where it is built, kernels/prepared.py); the first CPU step warns once
-(:func:`warn_missing`).
+(:func:`warn_missing`). A library built from other sources than those beside it (a checkout
+pulled without a rebuild) is not loaded, and the import says so (:func:`stale_reason`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ def stale_reason(library_file: str, built: str) -> str | None:
     if sources is None or sources == built:
         return None
     return (f"{library_file} was built from other sources (digest {built}) than those beside "
-            f"it ({sources}), and reads another version's arguments; rebuild it: pip install "
-            "-e . (or python setup.py build_ext --inplace) in the checkout")
+            f"it ({sources}), and reads another version's arguments; rebuild it in the "
+            "checkout: python setup.py build_ext --inplace --force (or pip install -e .)")
 
 
 _warned = False  # warn_missing's, or the stale library's at import
+_stale = None  # stale_reason's, where the library is refused
 try:
     from . import _cpu
 
@@ -52,7 +54,8 @@ if _cpu is not None and (_stale := stale_reason(
         _cpu.__file__, getattr(_cpu, "source_digest", "none: built before digests were kept"))):
     _cpu, _load_error, _warned = None, ImportError(_stale), True
     warnings.warn(f"gefen_compile: its C library is not used: {_stale}. Until then CPU steps "
-                  "run the plain-torch path, tens of times slower.", StaleLibraryWarning)
+                  "run the plain-torch path, tens of times slower, and CUDA steps do their "
+                  "per-tensor host work in Python.", StaleLibraryWarning)
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -157,8 +160,9 @@ def use_cpu_path(name: str) -> str:
     replaces. By default the fastest path the CPU runs is taken; environment variable
     GEFEN_COMPILE_CPU_PATH picks another for a whole process."""
     if library is None:
-        raise RuntimeError(f"use_cpu_path({name!r}): the C kernels are not built "
-                           f"({_load_error}); install a C compiler and reinstall gefen-compile")
+        fix = "" if _stale else "; install a C compiler and reinstall gefen-compile"
+        raise RuntimeError(f"use_cpu_path({name!r}): the C kernels are not loaded "
+                           f"({_load_error}){fix}")
     if name not in CPU_PATHS:
         raise ValueError(f"use_cpu_path: {name!r} is no CPU path; the paths are "
                          f"{', '.join(CPU_PATHS)}, and this CPU runs {', '.join(cpu_paths())}")

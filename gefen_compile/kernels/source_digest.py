@@ -22,7 +22,7 @@ def digest(folder: Path) -> str | None:
     for name in SOURCES:
         try:
             hashed.update((folder / name).read_bytes())
-        except FileNotFoundError:
+        except OSError:  # not there, or not readable: nothing to compare with
             return None
         hashed.update(b"\0")
     return hashed.hexdigest()[:16]
