@@ -193,7 +193,7 @@ class Gefen(LearnedState, Optimizer):
                      skip: Tensor | None) -> None:
         """``skip``: see ops.step_ (None: step)."""
         grads = [None if g is None else readable(g) for g in grads]
-        if bucket.codes.device.type not in ("cpu", "cuda"):  # MPS, XPU, ...
+        if bucket.codes.device.type not in prepared.RUNNERS:  # no kernels: MPS, XPU, ...
             if skip is None or not skip.item():
                 self._step_in_torch(bucket, grads)
             return

@@ -323,6 +323,40 @@ def test_parameters_stored_apart_stay_on_the_prepared_step_without_a_gradient(mo
     assert len(general) == 2 and opt._buckets[0].copied == (0, 1)
 
 
+def test_devices_without_kernels_take_the_torch_step_and_skip_overflow(monkeypatch):
+    """A device the kernels do not run on (MPS, XPU: emulated here by taking the CPU out of
+    theirs) takes the plain torch step, parameter by parameter: the codes of the kernels'
+    step, parameters within rounding; a step the scaler skips changes nothing."""
+    gen = torch.Generator().manual_seed(5)
+    values = [torch.randn(s, generator=gen) for s in ((12, 40), (8, 6, 3, 3))]
+    grads = [[structured(v.shape, gen, torch.float32) for v in values] for _ in range(3)]
+    runs = []
+    for kernels in (True, False):
+        with monkeypatch.context() as m:
+            calls = []
+            if not kernels:
+                m.setattr(prepared, "RUNNERS", {"cuda": prepared.RUNNERS["cuda"]})
+                update = optim.gefen_update
+                m.setattr(optim, "gefen_update", lambda *a, **k: (calls.append(1), update(*a, **k)))
+            params = [torch.nn.Parameter(v.clone()) for v in values]
+            opt = Gefen(params, lr=1e-2)
+            for step in grads:
+                for p, g in zip(params, step):
+                    p.grad = g.clone()
+                opt.step()
+            if not kernels:
+                before = [p.detach().clone() for p in params]
+                (bucket,) = opt._buckets
+                opt._step_bucket(bucket, [p.grad for p in params], torch.tensor(1.0))
+                assert all(torch.equal(p, b) for p, b in zip(params, before))
+            assert len(calls) == (0 if kernels else 2 * len(grads))
+        runs.append((params, opt))
+    (kernel_params, kernel_opt), (torch_params, torch_opt) = runs
+    for a, b in zip(kernel_params, torch_params):
+        assert torch.equal(kernel_opt.state[a]["codes"], torch_opt.state[b]["codes"])
+        torch.testing.assert_close(b.detach(), a.detach(), **PARAM_TOL[torch.float32])
+
+
 def _train_on_path(path, values, grads, dtype, variant="robust"):
     """Parameters and optimizer after a Gefen run over ``grads`` (None: no gradient) with CPU
     steps on ``path``."""
