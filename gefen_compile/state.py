@@ -73,6 +73,7 @@ class Bucket:
     _work: tuple | None = field(default=None, repr=False)
     _host: tuple | None = field(default=None, repr=False)
     _written: list | None = field(default=None, repr=False)
+    _blocks: list | None = field(default=None, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,6 +86,12 @@ class Bucket:
 
             self._work = work_plan(self.segments, [p.numel() for p in self.params])
         return self._work
+
+    def blocks(self) -> list[int]:
+        """Each parameter's block (magnitude row) length, read once from the segment table."""
+        if self._blocks is None:
+            self._blocks = self.segments[:, SEG_BLOCK].tolist()
+        return self._blocks
 
     def host_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The steady step's host tables, refilled each step (kernels/prepared.py): data

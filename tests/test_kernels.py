@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gefen_compile import Gefen, memory_report, ops, optim
+from gefen_compile import Gefen, first_step, memory_report, ops, optim
 from gefen_compile.codebook import NearestCode
 from gefen_compile.kernels import (cpu_step, momentum, native, prepared, tensor_shim, torch_step,
                                    triton_step)
@@ -1188,3 +1188,61 @@ def test_misaligned_tensors_step_as_aligned_ones(dtype):
             opt.step()
         assert torch.equal(other, plain) and torch.equal(shifted, plain)
     assert torch.equal(opts[2].state[shifted]["codes"], opts[0].state[plain]["codes"])
+
+
+def scaled_blocks(shape, block, gen, dtype):
+    """A gradient whose scale changes every ``block`` elements (in logical order): its period."""
+    n = math.prod(shape)
+    scales = torch.exp(2 * torch.randn(n // block, 1, generator=gen))
+    return (scales * torch.randn(n // block, block, generator=gen)).reshape(shape).to(dtype)
+
+
+# (shape, period): a 3x3 kernel's period, an output channel's, and 9 in a weight of more
+# elements than one chunk of the C step; then rows of four output channels (a robust period
+# spans output channels only where they are at most 8 elements).
+CHANNELS_LAST_CASES = [((40, 24, 3, 3), 9), ((24, 48, 3, 3), 432), ((96, 96, 3, 3), 9),
+                       ((64, 2, 2, 2), 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("own_memory", [True, False])
+def test_channels_last_weights_step_in_their_own_memory(monkeypatch, dtype, threads, own_memory):
+    """On the CPU the C step reads and writes channels_last weights (and their gradients) in
+    their own memory, each chunk's output channels copied to logical order and back by the
+    thread that steps them; the same bytes as contiguous twins on every path, for rows shorter
+    than an output channel, as long, and longer, and for a weight of several chunks. Where a
+    weight's rows and channels do not fit (here: forced), contiguous copies: the same bytes."""
+    if not own_memory:
+        monkeypatch.setattr(prepared, "CHANNELS_LAST_MAX", 0)
+    monkeypatch.setattr(native, "threads", lambda: threads)
+    # the periods chosen (inference prefers an output channel to two of them)
+    periods = {max(candidate_periods(math.prod(shape))): period
+               for shape, period in CHANNELS_LAST_CASES}
+    monkeypatch.setattr(first_step, "select_period", lambda c, scores: periods[c[-1]])
+    gen = torch.Generator().manual_seed(6)
+    values = [torch.randn(shape, generator=gen).to(dtype) for shape, _ in CHANNELS_LAST_CASES]
+    grads = [[scaled_blocks(shape, period, gen, dtype) for shape, period in CHANNELS_LAST_CASES]
+             for _ in range(4)]
+    for path in native.cpu_paths():
+        previous = native.use_cpu_path(path)
+        try:
+            runs = []
+            for stored in (torch.contiguous_format, torch.channels_last):
+                params = [torch.nn.Parameter(v.clone(memory_format=stored)) for v in values]
+                opt = Gefen(params, lr=1e-2)
+                for step in grads:
+                    for p, g in zip(params, step):
+                        p.grad = g.clone(memory_format=stored)
+                    opt.step()
+                runs.append((params, opt))
+        finally:
+            native.use_cpu_path(previous)
+        (plain, plain_opt), (stored, stored_opt) = runs
+        assert [plain_opt.state[p]["period"] for p in plain] == [c[1] for c in CHANNELS_LAST_CASES]
+        ready = prepared.prepare(stored_opt._buckets[0])
+        assert (ready.layout is not None and not ready.copies) == own_memory
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in stored)
+        for a, b in zip(plain, stored):
+            assert torch.equal(plain_opt.state[a]["codes"], stored_opt.state[b]["codes"]), path
+            assert torch.equal(a.detach(), b.detach()), path

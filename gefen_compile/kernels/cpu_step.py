@@ -34,16 +34,19 @@ def step(*args) -> None:
          torch.tensor([g is not None for g in a.grads], dtype=torch.uint8, device="cpu"))
 
 
-def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor) -> None:
+def _run(a: StepInputs, params: torch.Tensor, grads: torch.Tensor, has_grad: torch.Tensor,
+         layout: torch.Tensor | None = None) -> None:
     """The C step on ``a``, with its parameters' and gradients' data pointers (int64) and
-    which have a gradient (uint8) in the tables given."""
+    which have a gradient (uint8) in the tables given; ``layout``: int64 [parameters, 2], the
+    channels and spatial size of those stored channels_last (0 0 for the others; see
+    StepArgs.layout in cpu_step.c)."""
     if a.skip is not None and a.skip.item():
         return
     tensors = (params, grads, has_grad, a.param_group, a.hyper, a.codes, a.magnitude, a.vmean,
                a.steps, a.codebook, a.lut, a.bounds, a.first_index)
     args = StepArgs(a.num_rows, a.segments.data_ptr(), len(params),
                     *(t.data_ptr() for t in tensors), a.first_index.numel(), a.lut_half,
-                    threads(), MAX_BATCHED_ROW)
+                    threads(), MAX_BATCHED_ROW, None if layout is None else layout.data_ptr())
     if _lib.gefen_step(ctypes.byref(args), DTYPE_CODES[a.vmean.dtype]) != 0:
         raise MemoryError("gefen_step: out of memory for its per-parameter scratch")
     log_rows()

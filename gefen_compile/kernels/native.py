@@ -84,6 +84,7 @@ class StepArgs(ctypes.Structure):
         ("steps", _P),
         *_TABLE_FIELDS,
         ("short_row", _I64),
+        ("layout", _P),
     ]
 
 

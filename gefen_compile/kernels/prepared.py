@@ -20,19 +20,27 @@ class Prepared(NamedTuple):
 
     grads: list[torch.Tensor | None]  # read from the parameters: held until the step is done
     copies: dict[int, torch.Tensor]  # contiguous copies stepped for bucket.params[i]
+    layout: torch.Tensor | None  # the C step's StepArgs.layout: channels_last parameters
+
+
+# The largest output channel or row the C step steps in a channels_last parameter's own memory
+# (cpu_step.c, CHUNK_ELEMENTS); larger ones take copies.
+CHANNELS_LAST_MAX = 65536
 
 
 def prepare(bucket: Bucket) -> Prepared | None:
     """Fills ``bucket``'s host tables. Returns the gradients read, which the caller holds until
-    :func:`run_prepared` is done with them (none where no parameter has a gradient), and the
-    copies stepped for parameters stored apart (``Bucket.copied``); or None, having done
+    :func:`run_prepared` is done with them (none where no parameter has a gradient), with what
+    stands for the parameters stored apart (``Bucket.copied``): on the CPU, channels_last
+    weights that the C step reads in their own memory (``in_own_memory``), else contiguous
+    copies, written back after the step; or None, having done
     nothing, where the general path must run: no C library, neither on the CPU nor on CUDA,
     DTensor shards, under torch.compile (which traces ops.step_), or a tensor the general path
     must convert or name in an error."""
     if (_lib is None or bucket.sharded or bucket.codes.device.type not in RUNNERS
             or torch.compiler.is_compiling()):
         return None
-    params, copies = bucket.params, {}
+    params, copies, layout = bucket.params, {}, None
     if bucket.copied:
         params = list(params)
         for i in bucket.copied:
@@ -41,19 +49,41 @@ def prepare(bucket: Bucket) -> Prepared | None:
                 continue
             if (g.layout, g.dtype, g.shape, g.device) != (torch.strided, p.dtype, p.shape, p.device):
                 return None  # the general path converts it, or names it in its error
-            params[i] = copies[i] = readable(p.detach())
-            copies[i].grad = readable(g)
+            if in_own_memory(p, g, bucket.blocks()[i]):
+                # the C step reads it in its own order (views in it: the step_tables' checks and
+                # version bump reach the parameter itself)
+                if layout is None:
+                    layout = torch.zeros(len(params), 2, dtype=torch.int64)
+                layout[i, 0], layout[i, 1] = p.shape[1], p.shape[2] * p.shape[3]
+                params[i] = p.detach().permute(0, 2, 3, 1)
+                params[i].grad = g.permute(0, 2, 3, 1)
+            else:
+                params[i] = copies[i] = readable(p.detach())
+                copies[i].grad = readable(g)
     status, grads = fill_tables(bucket, params)
     if status >= 0:
         return None
-    return Prepared(grads if status == -1 else [], copies)
+    return Prepared(grads if status == -1 else [], copies, layout)
+
+
+def in_own_memory(p: torch.Tensor, g: torch.Tensor, block: int) -> bool:
+    """Whether the C step can step CPU parameter ``p`` and its gradient ``g``, both stored
+    channels_last, in their own memory (StepArgs.layout): whole output channels and whole rows
+    of at most CHANNELS_LAST_MAX elements, one a multiple of the other."""
+    if (p.device.type != "cpu" or p.dim() != 4
+            or not (p.is_contiguous(memory_format=torch.channels_last)
+                    and g.is_contiguous(memory_format=torch.channels_last))):
+        return False
+    unit = p.shape[1] * p.shape[2] * p.shape[3]
+    return (max(unit, block) <= CHANNELS_LAST_MAX and 0 < block
+            and (unit % block == 0 or block % unit == 0))
 
 
 def run_prepared(bucket: Bucket, prepared: Prepared, args: StepInputs) -> None:
     """The step of a bucket whose tables :func:`prepare` filled; ``args``: its ops.step_
     arguments (their lists of params and grads are not read). The copies stepped are written
     back to their parameters."""
-    RUNNERS[bucket.codes.device.type](args, *bucket.host_tables())
+    RUNNERS[bucket.codes.device.type](args, *bucket.host_tables(), prepared.layout)
     torch.autograd.graph.increment_version(bucket.written_state())
     for i, copy in prepared.copies.items():
         bucket.params[i].copy_(copy)
@@ -79,7 +109,9 @@ def fill_tables(bucket: Bucket, params: list[torch.Tensor] | None = None
 
 
 def _run_cuda(args: StepInputs, params: torch.Tensor, grads: torch.Tensor,
-              has_grad: torch.Tensor) -> None:
+              has_grad: torch.Tensor, layout: None) -> None:
+    """``layout``: None (prepare steps channels_last parameters in their own memory only on the
+    CPU)."""
     from . import triton_step  # triton is only needed where CUDA is
 
     triton_step.step_from_tables(args, params, grads, has_grad)
