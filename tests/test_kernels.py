@@ -1215,7 +1215,7 @@ def test_channels_last_weights_step_in_their_own_memory(monkeypatch, dtype, thre
     weight's rows and channels do not fit (here: forced), contiguous copies: the same bytes."""
     if not own_memory:
         monkeypatch.setattr(prepared, "CHANNELS_LAST_MAX", 0)
-    monkeypatch.setattr(native, "threads", lambda: threads)
+    monkeypatch.setattr(cpu_step, "threads", lambda: threads)
     # the periods chosen (inference prefers an output channel to two of them)
     periods = {max(candidate_periods(math.prod(shape))): period
                for shape, period in CHANNELS_LAST_CASES}
@@ -1246,3 +1246,31 @@ def test_channels_last_weights_step_in_their_own_memory(monkeypatch, dtype, thre
         for a, b in zip(plain, stored):
             assert torch.equal(plain_opt.state[a]["codes"], stored_opt.state[b]["codes"]), path
             assert torch.equal(a.detach(), b.detach()), path
+
+
+def test_a_negated_channels_last_weight_takes_a_copy_beside_one_in_its_own_memory():
+    """A channels_last weight the C step cannot read in its own memory (negated) takes a
+    contiguous copy, and the bucket stays on the prepared step: the other weight is read in its
+    own memory; both as their contiguous twins, bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    values = [torch.randn(16, 8, 3, 3, generator=gen) for _ in range(2)]
+    grads = [[structured((16, 8, 3, 3), gen, torch.float32) for _ in values] for _ in range(4)]
+    runs = []
+    for stored in (False, True):
+        if stored:
+            last = [v.contiguous(memory_format=torch.channels_last) for v in values]
+            params = [torch.nn.Parameter(torch._neg_view(-last[0])), torch.nn.Parameter(last[1])]
+        else:
+            params = [torch.nn.Parameter(v.clone()) for v in values]
+        opt = Gefen(params, lr=1e-2)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.contiguous(memory_format=torch.channels_last) if stored else g.clone()
+            opt.step()
+        runs.append((params, opt))
+    (plain, plain_opt), (stored, stored_opt) = runs
+    ready = prepared.prepare(stored_opt._buckets[0])
+    assert list(ready.copies) == [0] and ready.layout[:, 0].tolist() == [0, 8]
+    for a, b in zip(plain, stored):
+        assert torch.equal(plain_opt.state[a]["codes"], stored_opt.state[b]["codes"])
+        assert torch.equal(a.detach(), b.detach())

@@ -1708,7 +1708,8 @@ static void run_rows(const Step *s, RowFn row, BatchFn batch, int64_t longest, i
     __atomic_store_n(&last_rows, rows, __ATOMIC_RELAXED);
     const StepArgs *a = s->a;
     const int64_t (*chunks)[2] = s->chunks;
-    _Pragma("omp parallel num_threads(a->num_threads)")
+    const int64_t threads = a->num_threads > 0 ? a->num_threads : 1; /* gefen_step's scratch */
+    _Pragma("omp parallel num_threads(threads)")
     {
         StepArgs mine = *a;
         Step local = *s;

@@ -49,7 +49,7 @@ def prepare(bucket: Bucket) -> Prepared | None:
                 continue
             if (g.layout, g.dtype, g.shape, g.device) != (torch.strided, p.dtype, p.shape, p.device):
                 return None  # the general path converts it, or names it in its error
-            if in_own_memory(p, g, bucket.blocks()[i]):
+            if in_own_memory(p, g, bucket, i):
                 # the C step reads it in its own order (views in it: the step_tables' checks and
                 # version bump reach the parameter itself)
                 if layout is None:
@@ -66,15 +66,16 @@ def prepare(bucket: Bucket) -> Prepared | None:
     return Prepared(grads if status == -1 else [], copies, layout)
 
 
-def in_own_memory(p: torch.Tensor, g: torch.Tensor, block: int) -> bool:
-    """Whether the C step can step CPU parameter ``p`` and its gradient ``g``, both stored
-    channels_last, in their own memory (StepArgs.layout): whole output channels and whole rows
-    of at most CHANNELS_LAST_MAX elements, one a multiple of the other."""
-    if (p.device.type != "cpu" or p.dim() != 4
-            or not (p.is_contiguous(memory_format=torch.channels_last)
-                    and g.is_contiguous(memory_format=torch.channels_last))):
+def in_own_memory(p: torch.Tensor, g: torch.Tensor, bucket: Bucket, i: int) -> bool:
+    """Whether the C step can step ``p``, parameter i of a CPU bucket, and its gradient ``g``,
+    both stored channels_last (not negated, aligned), in their own memory (StepArgs.layout):
+    whole output channels and whole rows of at most CHANNELS_LAST_MAX elements, one a multiple
+    of the other. (A CUDA bucket's row lengths are not read: that would wait for the GPU.)"""
+    if p.device.type != "cpu" or p.dim() != 4 or not all(
+            t.is_contiguous(memory_format=torch.channels_last) and not t.is_neg()
+            and t.data_ptr() % t.element_size() == 0 for t in (p, g)):
         return False
-    unit = p.shape[1] * p.shape[2] * p.shape[3]
+    unit, block = p.shape[1] * p.shape[2] * p.shape[3], bucket.blocks()[i]
     return (max(unit, block) <= CHANNELS_LAST_MAX and 0 < block
             and (unit % block == 0 or block % unit == 0))
 
@@ -112,6 +113,7 @@ def _run_cuda(args: StepInputs, params: torch.Tensor, grads: torch.Tensor,
               has_grad: torch.Tensor, layout: None) -> None:
     """``layout``: None (prepare steps channels_last parameters in their own memory only on the
     CPU)."""
+    assert layout is None, "the Triton step reads parameters in logical order only"
     from . import triton_step  # triton is only needed where CUDA is
 
     triton_step.step_from_tables(args, params, grads, has_grad)
