@@ -1199,9 +1199,15 @@ def scaled_blocks(shape, block, gen, dtype):
 
 # (shape, period): a 3x3 kernel's period, an output channel's, and 9 in a weight of more
 # elements than one chunk of the C step; then rows of four output channels (a robust period
-# spans output channels only where they are at most 8 elements).
+# spans output channels only where they are at most 8 elements); a 3x3x3 kernel's period.
 CHANNELS_LAST_CASES = [((40, 24, 3, 3), 9), ((24, 48, 3, 3), 432), ((96, 96, 3, 3), 9),
-                       ((64, 2, 2, 2), 32)]
+                       ((64, 2, 2, 2), 32), ((8, 6, 3, 3, 3), 27)]
+
+
+def stored_as(shape, last):
+    """The memory format of a weight of ``shape``: channels last (2-d or 3-d) or not."""
+    return ({4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)] if last
+            else torch.contiguous_format)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -1211,7 +1217,8 @@ def test_channels_last_weights_step_in_their_own_memory(monkeypatch, dtype, thre
     """On the CPU the C step reads and writes channels_last weights (and their gradients) in
     their own memory, each chunk's output channels copied to logical order and back by the
     thread that steps them; the same bytes as contiguous twins on every path, for rows shorter
-    than an output channel, as long, and longer, and for a weight of several chunks. Where a
+    than an output channel, as long, and longer, for a weight of several chunks, and for a 3-d
+    convolution's weight (channels_last_3d). Where a
     weight's rows and channels do not fit (here: forced), contiguous copies: the same bytes."""
     if not own_memory:
         monkeypatch.setattr(prepared, "CHANNELS_LAST_MAX", 0)
@@ -1228,12 +1235,13 @@ def test_channels_last_weights_step_in_their_own_memory(monkeypatch, dtype, thre
         previous = native.use_cpu_path(path)
         try:
             runs = []
-            for stored in (torch.contiguous_format, torch.channels_last):
-                params = [torch.nn.Parameter(v.clone(memory_format=stored)) for v in values]
+            for last in (False, True):
+                params = [torch.nn.Parameter(v.clone(memory_format=stored_as(v.shape, last)))
+                          for v in values]
                 opt = Gefen(params, lr=1e-2)
                 for step in grads:
                     for p, g in zip(params, step):
-                        p.grad = g.clone(memory_format=stored)
+                        p.grad = g.clone(memory_format=stored_as(g.shape, last))
                     opt.step()
                 runs.append((params, opt))
         finally:
@@ -1242,7 +1250,7 @@ def test_channels_last_weights_step_in_their_own_memory(monkeypatch, dtype, thre
         assert [plain_opt.state[p]["period"] for p in plain] == [c[1] for c in CHANNELS_LAST_CASES]
         ready = prepared.prepare(stored_opt._buckets[0])
         assert (ready.layout is not None and not ready.copies) == own_memory
-        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in stored)
+        assert all(p.is_contiguous(memory_format=stored_as(p.shape, True)) for p in stored)
         for a, b in zip(plain, stored):
             assert torch.equal(plain_opt.state[a]["codes"], stored_opt.state[b]["codes"]), path
             assert torch.equal(a.detach(), b.detach()), path

@@ -6,6 +6,7 @@ them. Buckets the C call cannot vouch for take the general path (``ops.run_step`
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -54,9 +55,10 @@ def prepare(bucket: Bucket) -> Prepared | None:
                 # version bump reach the parameter itself)
                 if layout is None:
                     layout = torch.zeros(len(params), 2, dtype=torch.int64)
-                layout[i, 0], layout[i, 1] = p.shape[1], p.shape[2] * p.shape[3]
-                params[i] = p.detach().permute(0, 2, 3, 1)
-                params[i].grad = g.permute(0, 2, 3, 1)
+                layout[i, 0], layout[i, 1] = p.shape[1], math.prod(p.shape[2:])
+                order = (0, *range(2, p.dim()), 1)  # the memory's order: channels last
+                params[i] = p.detach().permute(order)
+                params[i].grad = g.permute(order)
             else:
                 params[i] = copies[i] = readable(p.detach())
                 copies[i].grad = readable(g)
@@ -68,14 +70,16 @@ def prepare(bucket: Bucket) -> Prepared | None:
 
 def in_own_memory(p: torch.Tensor, g: torch.Tensor, bucket: Bucket, i: int) -> bool:
     """Whether the C step can step ``p``, parameter i of a CPU bucket, and its gradient ``g``,
-    both stored channels_last (not negated, aligned), in their own memory (StepArgs.layout):
-    whole output channels and whole rows of at most CHANNELS_LAST_MAX elements, one a multiple
-    of the other. (A CUDA bucket's row lengths are not read: that would wait for the GPU.)"""
-    if p.device.type != "cpu" or p.dim() != 4 or not all(
-            t.is_contiguous(memory_format=torch.channels_last) and not t.is_neg()
+    both stored channels_last (2-d convolutions' weights; channels_last_3d for 3-d ones; not
+    negated, aligned), in their own memory (StepArgs.layout): whole output channels and whole
+    rows of at most CHANNELS_LAST_MAX elements, one a multiple of the other. (A CUDA bucket's
+    row lengths are not read: that would wait for the GPU.)"""
+    stored = {4: torch.channels_last, 5: torch.channels_last_3d}.get(p.dim())
+    if p.device.type != "cpu" or stored is None or not all(
+            t.is_contiguous(memory_format=stored) and not t.is_neg()
             and t.data_ptr() % t.element_size() == 0 for t in (p, g)):
         return False
-    unit, block = p.shape[1] * p.shape[2] * p.shape[3], bucket.blocks()[i]
+    unit, block = math.prod(p.shape[1:]), bucket.blocks()[i]
     return (max(unit, block) <= CHANNELS_LAST_MAX and 0 < block
             and (unit % block == 0 or block % unit == 0))
 
