@@ -1029,13 +1029,15 @@ DEFINE_PLANE_BATCH(batch_bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, 
  *
  * Without AVX-512's permutes, table lookups go element by element, and the vectoriser's rows
  * make four per element: the old code's entry, the cell's boundary count, the boundary, the new
- * code's entry. These rows make three. The code of x is the number of boundaries b < x, and on
+ * code's entry. These rows make two. The code of x is the number of boundaries b < x, and on
  * the unsigned integers that order fp32 values (unsigned_key()), b < x compares the cells (the
  * top bits) and then, within a cell, the offsets (the low bits). With cells so fine that each
- * holds at most one boundary, one 32-bit entry per cell gives the codes below and above its
- * boundary and the boundary's offset: one lookup, one integer compare. The cells follow the
- * floating-point spacing, fine near 0 where the codebook is dense, and cover every fp32 value,
- * NaN (code 0, as in the portable rows) and infinities included, so that no key needs clamping.
+ * holds at most one boundary, a cell's 8 bytes give the codes below and above its boundary, the
+ * boundary's offset and the entry of the code below, and the next cell's the entry above: one
+ * 16-byte load, one integer compare, one blend (0.81-0.96x the time of 4-byte cells and a
+ * lookup of the new code's entry, 2026-12-07). The cells follow the floating-point spacing,
+ * fine near 0 where the codebook is dense, and cover every fp32 value, NaN (code 0, as in the
+ * portable rows) and infinities included, so that no key needs clamping.
  *
  * The lookups are scalar loads put together into vectors (entries8, cells8), not gathers.
  * Under the microcode against Downfall (GDS), which Intel's Skylake to Ice Lake CPUs and their
@@ -1055,9 +1057,16 @@ typedef struct CellTable {
     int64_t num_distinct;       /* the tables it was built from */
     float bounds[256];
     int32_t first[256];
+    float codebook[256];
     int shift;                  /* cell = unsigned_key(x) >> shift */
-    uint32_t *cells;            /* code below (bits 0-7), code above (8-15), the boundary's
-                                   offset in the cell (16-31; OFFSET_NONE) */
+    /* Per cell, two words: the codebook entry of the code below its boundary (fp32 bits);
+     * then the code below (bits 0-7), the code above (8-15) and the boundary's offset in the
+     * cell (16-31; OFFSET_NONE). The code above a cell's boundary is the code below the next
+     * cell's (one boundary at most per cell), so the 16 bytes from a cell hold both entries;
+     * one cell past the last ends the table. */
+    uint32_t *cells;
+    /* The cells, at shift 31, of a row whose stored magnitude is 0: every key gets code 0 */
+    uint32_t dead[3 * 2];
 } CellTable;
 
 /* Fills t->cells for t's bounds, at the coarsest shift from 16 (offsets fit 16 bits) down to
@@ -1080,18 +1089,23 @@ static int build_cells(CellTable *t) {
     }
     if (t->shift < 14) return -1;
     const uint32_t cells = 1u << (32 - t->shift), mask = (1u << t->shift) - 1;
-    t->cells = malloc((size_t)cells * sizeof(uint32_t));
-    if (!t->cells) return -1;
+    uint32_t *cell = t->cells = malloc(((size_t)cells + 1) * 2 * sizeof(uint32_t));
+    if (!cell) return -1;
     for (uint32_t c = 0, j = 0; c < cells; c++) {
         while (j < count && keys[j] >> t->shift < c) j++; /* boundaries below the cell */
         const int inside = j < count && keys[j] >> t->shift == c;
         const uint32_t below = (uint32_t)t->first[j], above = (uint32_t)t->first[j + inside];
-        t->cells[c] = below | above << 8 | (inside ? keys[j] & mask : OFFSET_NONE) << 16;
+        cell[2 * c + 1] = below | above << 8 | (inside ? keys[j] & mask : OFFSET_NONE) << 16;
     }
     /* Past +inf (offset 0 of its cell) the keys are NaNs: code 0 */
     const uint32_t inf = unsigned_key(0x7f800000u) >> t->shift;
-    t->cells[inf] = (uint32_t)t->first[count] | 0u << 16;
-    for (uint32_t c = inf + 1; c < cells; c++) t->cells[c] = OFFSET_NONE << 16;
+    cell[2 * inf + 1] = (uint32_t)t->first[count] | 0u << 16;
+    for (uint32_t c = inf + 1; c <= cells; c++) cell[2 * c + 1] = OFFSET_NONE << 16;
+    for (uint32_t c = 0; c <= cells; c++) memcpy(&cell[2 * c], &t->codebook[cell[2 * c + 1] & 0xff], 4);
+    for (int c = 0; c < 3; c++) {
+        memcpy(&t->dead[2 * c], &t->codebook[0], 4);
+        t->dead[2 * c + 1] = OFFSET_NONE << 16; /* codes 0 below and above */
+    }
     return 0;
 }
 
@@ -1116,7 +1130,8 @@ static const CellTable *cell_table(const StepArgs *a) {
     const float *bounds = (const float *)a->bounds;
     if (t && t->num_distinct == a->num_distinct &&
         memcmp(t->bounds, bounds, (size_t)a->num_distinct * sizeof(float)) == 0 &&
-        memcmp(t->first, a->first_index, (size_t)a->num_distinct * sizeof(int32_t)) == 0)
+        memcmp(t->first, a->first_index, (size_t)a->num_distinct * sizeof(int32_t)) == 0 &&
+        memcmp(t->codebook, a->codebook, sizeof(t->codebook)) == 0)
         return t->cells ? t : NULL;
     if (!t && (!(t = calloc(1, sizeof(CellTable))) || pthread_setspecific(cell_key, t) != 0)) {
         free(t);
@@ -1127,6 +1142,7 @@ static const CellTable *cell_table(const StepArgs *a) {
     t->num_distinct = a->num_distinct;
     memcpy(t->bounds, bounds, (size_t)a->num_distinct * sizeof(float));
     memcpy(t->first, a->first_index, (size_t)a->num_distinct * sizeof(int32_t));
+    memcpy(t->codebook, a->codebook, sizeof(t->codebook));
     if (build_cells(t) != 0) {
         free(t->cells);
         t->cells = NULL; /* remembered: this codebook takes the vectoriser's rows */
@@ -1174,17 +1190,28 @@ ISA_AVX2 static inline __m256 entries8(const float *codebook, const uint8_t *cod
                           codebook[codes[6]], codebook[codes[7]]);
 }
 
-/* cells[index] of 8 lanes (see the lookups above). The indices are stored and read back as
- * scalars: left to itself, the compiler extracts them from the vector one by one, on the port
- * that also puts the entries together (0.94x the time this way in fp32, 0.89x in bf16,
- * 4096x768). */
-ISA_AVX2 static inline __m256i cells8(const uint32_t *cells, __m256i index) {
+/* The cells at `index` of 8 lanes (see the lookups above and CellTable): the codebook entries
+ * below and above their boundaries, and their words of codes and offsets. Each lane's 16 bytes
+ * are one load, and the four words of the lanes are transposed. The indices are stored and
+ * read back as scalars: left to itself, the compiler extracts them from the vector one by one,
+ * on the port that also puts the lanes together (0.94x the time this way in fp32, 0.89x in
+ * bf16, 4096x768). */
+ISA_AVX2 static inline __m256i cells8(const uint32_t *cells, __m256i index, __m256 *below,
+                                      __m256 *above) {
     _Alignas(32) uint32_t at[8];
     _mm256_store_si256((__m256i *)at, index);
     __asm__("" : "+m"(at)); /* the compiler no longer knows at's contents */
-    return _mm256_setr_epi32((int)cells[at[0]], (int)cells[at[1]], (int)cells[at[2]],
-                             (int)cells[at[3]], (int)cells[at[4]], (int)cells[at[5]],
-                             (int)cells[at[6]], (int)cells[at[7]]);
+#define CELL16(k) _mm_loadu_si128((const __m128i *)(cells + 2 * (size_t)at[k]))
+#define CELL_PAIR(k) _mm256_inserti128_si256(_mm256_castsi128_si256(CELL16(k)), CELL16(k + 4), 1)
+    /* lanes k and k + 4: entry below, word, entry above, the next cell's word */
+    const __m256i y0 = CELL_PAIR(0), y1 = CELL_PAIR(1), y2 = CELL_PAIR(2), y3 = CELL_PAIR(3);
+#undef CELL_PAIR
+#undef CELL16
+    const __m256i low01 = _mm256_unpacklo_epi32(y0, y1), low23 = _mm256_unpacklo_epi32(y2, y3);
+    const __m256i high01 = _mm256_unpackhi_epi32(y0, y1), high23 = _mm256_unpackhi_epi32(y2, y3);
+    *below = _mm256_castsi256_ps(_mm256_unpacklo_epi64(low01, low23));
+    *above = _mm256_castsi256_ps(_mm256_unpacklo_epi64(high01, high23));
+    return _mm256_unpackhi_epi64(low01, low23);
 }
 
 /* FIRST_MOMENT of 8 elements from their 8 code bytes; keep1 carries the sign of maximize
@@ -1200,21 +1227,31 @@ ISA_AVX2 static inline __m256 first_moment8(const float *codebook, const uint8_t
 /* What the codes of a row's quotients need, as vectors. */
 typedef struct {
     const uint32_t *cells;
-    __m256i offset_mask, keep; /* keep: the code's byte (0xff) where the row is live, else 0 */
+    __m256i offset_mask;
     __m128i shift;
 } Coder;
 
-/* The codes of 8 quotients x, as 32-bit lanes. */
-ISA_AVX2 static inline __m256i codes8(const Coder *c, __m256 x) {
+/* The coder of a row with stored magnitude `stored`: code 0 for all where it is not > 0. */
+ISA_AVX2 static inline Coder coder_of(const CellTable *t, float stored) {
+    const int live = stored > 0, shift = live ? t->shift : 31;
+    return (Coder){.cells = live ? t->cells : t->dead,
+                   .offset_mask = _mm256_set1_epi32((int)((1u << shift) - 1)),
+                   .shift = _mm_cvtsi32_si128(shift)};
+}
+
+/* The codes of 8 quotients x, as 32-bit lanes, and their codebook entries in *entry. */
+ISA_AVX2 static inline __m256i codes8(const Coder *c, __m256 x, __m256 *entry) {
     const __m256i u = _mm256_castps_si256(x);
     const __m256i key = _mm256_xor_si256(
         u, _mm256_or_si256(_mm256_srai_epi32(u, 31), _mm256_set1_epi32((int)0x80000000u)));
-    const __m256i entry = cells8(c->cells, _mm256_srl_epi32(key, c->shift));
+    __m256 below, above_entry;
+    const __m256i word = cells8(c->cells, _mm256_srl_epi32(key, c->shift), &below, &above_entry);
     const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(key, c->offset_mask),
-                                             _mm256_srli_epi32(entry, 16));
-    /* the code above the boundary is the entry's second byte */
-    const __m256i code = _mm256_srlv_epi32(entry, _mm256_and_si256(above, _mm256_set1_epi32(8)));
-    return _mm256_and_si256(code, c->keep);
+                                             _mm256_srli_epi32(word, 16));
+    /* the code above the boundary is the word's second byte */
+    const __m256i code = _mm256_srlv_epi32(word, _mm256_and_si256(above, _mm256_set1_epi32(8)));
+    *entry = _mm256_blendv_ps(below, above_entry, _mm256_castsi256_ps(above));
+    return _mm256_and_si256(code, _mm256_set1_epi32(0xff));
 }
 
 /* FOLD_LANES of the 16 lanes even (0-7) and odd (8-15), in vector registers: the same
@@ -1289,12 +1326,8 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         const float square_sum = fold_lanes(even, odd), peak = largest(peak_v);                \
         NEW_MAGNITUDE(float, LOAD, STORE, sqrtf, v, r, len)                                     \
         const CellTable *t = s->cells;                                                          \
-        const Coder coder = {                                                                   \
-            .cells = t->cells,                                                                  \
-            .offset_mask = _mm256_set1_epi32((1 << t->shift) - 1),                              \
-            .keep = _mm256_set1_epi32(live ? 0xff : 0),                                         \
-            .shift = _mm_cvtsi32_si128(t->shift),                                               \
-        };                                                                                      \
+        const Coder coder = coder_of(t, stored);                                                \
+        (void)live; /* coder_of's */                                                            \
         const __m256 stored_v = _mm256_set1_ps(stored), decay_v = _mm256_set1_ps(decay);        \
         const __m256 step_v = _mm256_set1_ps(step_size), bias2_v = _mm256_set1_ps(bias2_t);     \
         const __m256 eps_v = _mm256_set1_ps(eps), shared_v = _mm256_set1_ps(shared_scale);     \
@@ -1362,14 +1395,22 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         uint8_t *c = (I) < whole ? codes + (I) : c_tail;                                        \
         const __m256 m = first_moment8(codebook, c, LOAD8((I) < whole ? g + (I) : g_tail),      \
                                        old_mag_v, beta1_v, keep1_v);                            \
-        const __m256i code = codes8(&coder, _mm256_div_ps(m, stored_v));                       \
-        store_codes8(c, code);                                                                  \
-        entries8(codebook, c); /* read back from the codes stored: no lanes to extract */      \
+        __m256 entry;                                                                           \
+        store_codes8(c, codes8(&coder, _mm256_div_ps(m, stored_v), &entry));                   \
+        entry;                                                                                  \
     })
 
-/* A kept row's codes of the chunk at I, and the codebook entries of those codes stored. */
-#define AVX2_CODES(I) codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + (I)), stored_v))
-#define AVX2_ENTRIES(LOAD8, I) entries8(codebook, (I) < whole ? codes + (I) : c_tail)
+/* A kept row's codes of the chunk at I; their codebook entries replace its first moments in
+ * kept, where the updates read them (AVX2_ENTRIES). */
+#define AVX2_CODES(I)                                                                           \
+    ({                                                                                          \
+        __m256 entry;                                                                           \
+        const __m256i code =                                                                    \
+            codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + (I)), stored_v), &entry);        \
+        _mm256_store_ps(kept + (I), entry);                                                     \
+        code;                                                                                   \
+    })
+#define AVX2_ENTRIES(LOAD8, I) _mm256_load_ps(kept + (I))
 
 /* The parameters after the update of the chunk at I, from its new codes' codebook entries
  * (ENTRY(LOAD8, I)), of the row's parameters and (PER) second moments there, or of the padded
@@ -1462,22 +1503,24 @@ DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STOR
         for (int64_t i = whole; i < n && !per_element; i++) scale[i] = LOAD(g, i) * LOAD(g, i);  \
         AVX2_BATCH_MAGNITUDES(LOAD, STORE)                                                      \
         const CellTable *t = s->cells;                                                          \
-        Coder coder = {.cells = t->cells, .offset_mask = _mm256_set1_epi32((1 << t->shift) - 1), \
-                       .shift = _mm_cvtsi32_si128(t->shift)};                                   \
+        const Coder coder = coder_of(t, 1.0f);                                                  \
+        const __m256 first_entry = _mm256_set1_ps(codebook[0]);                                 \
         const __m256 decay_v = _mm256_set1_ps(decay), step_v = _mm256_set1_ps(step_size);       \
         const __m256 bias2_v = _mm256_set1_ps(bias2_t), eps_v = _mm256_set1_ps(eps);           \
         for (int64_t i = 0; i < whole; i += 8) {                                                \
             const __m256 stored = _mm256_load_ps(spread + i);                                   \
-            coder.keep = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(                    \
-                stored, _mm256_setzero_ps(), _CMP_GT_OQ)), _mm256_set1_epi32(0xff));            \
-            const __m256i code = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored)); \
-            store_codes8(codes + i, code);                                                      \
+            /* rows whose stored magnitude is not > 0: code 0 */                                \
+            const __m256 live = _mm256_cmp_ps(stored, _mm256_setzero_ps(), _CMP_GT_OQ);         \
+            __m256 entry;                                                                       \
+            const __m256i code = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored), &entry); \
+            store_codes8(codes + i, _mm256_and_si256(code, _mm256_castps_si256(live)));         \
+            entry = _mm256_blendv_ps(first_entry, entry, live);                                 \
             const __m256 scale_i = per_element /* ELEMENT_SCALE */                              \
                 ? _mm256_div_ps(step_v, _mm256_add_ps(                                          \
                       _mm256_sqrt_ps(_mm256_div_ps(LOAD8(v + i), bias2_v)), eps_v))             \
                 : _mm256_load_ps(scale + i);                                                    \
             const __m256 update = _mm256_mul_ps(                                                \
-                _mm256_mul_ps(entries8(codebook, codes + i), stored), scale_i);                 \
+                _mm256_mul_ps(entry, stored), scale_i);                                         \
             STORE8(param + i, _mm256_sub_ps(_mm256_mul_ps(LOAD8(param + i), decay_v), update)); \
         }                                                                                       \
         SECOND_PASS(float, LOAD, STORE, sqrtf, whole, n, kept[i], spread[i], -(spread[i] > 0), \
