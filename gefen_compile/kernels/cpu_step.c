@@ -1070,7 +1070,7 @@ typedef struct CellTable {
 } CellTable;
 
 /* Fills t->cells for t's bounds, at the coarsest shift from 16 (offsets fit 16 bits) down to
- * 14 (a 1 MB table) that leaves at most one boundary per cell. Returns 0, or -1 if none does,
+ * 14 (a 2 MB table) that leaves at most one boundary per cell. Returns 0, or -1 if none does,
  * a boundary is not in [-2, 2], or memory runs out. */
 static int build_cells(CellTable *t) {
     const int64_t count = t->num_distinct - 1; /* the last bound is +inf */
@@ -1101,7 +1101,8 @@ static int build_cells(CellTable *t) {
     const uint32_t inf = unsigned_key(0x7f800000u) >> t->shift;
     cell[2 * inf + 1] = (uint32_t)t->first[count] | 0u << 16;
     for (uint32_t c = inf + 1; c <= cells; c++) cell[2 * c + 1] = OFFSET_NONE << 16;
-    for (uint32_t c = 0; c <= cells; c++) memcpy(&cell[2 * c], &t->codebook[cell[2 * c + 1] & 0xff], 4);
+    for (uint32_t c = 0; c <= cells; c++) /* the entry of the code below */
+        memcpy(&cell[2 * c], &t->codebook[cell[2 * c + 1] & 0xff], 4);
     for (int c = 0; c < 3; c++) {
         memcpy(&t->dead[2 * c], &t->codebook[0], 4);
         t->dead[2 * c + 1] = OFFSET_NONE << 16; /* codes 0 below and above */
@@ -1195,7 +1196,7 @@ ISA_AVX2 static inline __m256 entries8(const float *codebook, const uint8_t *cod
  * are one load, and the four words of the lanes are transposed. The indices are stored and
  * read back as scalars: left to itself, the compiler extracts them from the vector one by one,
  * on the port that also puts the lanes together (0.94x the time this way in fp32, 0.89x in
- * bf16, 4096x768). */
+ * bf16, 4096x768, measured when the cells were 4 bytes and the lanes 4-byte loads). */
 ISA_AVX2 static inline __m256i cells8(const uint32_t *cells, __m256i index, __m256 *below,
                                       __m256 *above) {
     _Alignas(32) uint32_t at[8];
@@ -1231,9 +1232,10 @@ typedef struct {
     __m128i shift;
 } Coder;
 
-/* The coder of a row with stored magnitude `stored`: code 0 for all where it is not > 0. */
-ISA_AVX2 static inline Coder coder_of(const CellTable *t, float stored) {
-    const int live = stored > 0, shift = live ? t->shift : 31;
+/* The coder of a row: code 0 (and codebook[0]) for all of a row not live (its stored magnitude
+ * not > 0); batches, whose rows are live or not lane by lane, take the live one and mask. */
+ISA_AVX2 static inline Coder coder_of(const CellTable *t, int live) {
+    const int shift = live ? t->shift : 31;
     return (Coder){.cells = live ? t->cells : t->dead,
                    .offset_mask = _mm256_set1_epi32((int)((1u << shift) - 1)),
                    .shift = _mm_cvtsi32_si128(shift)};
@@ -1326,14 +1328,14 @@ ISA_AVX2 static inline void store_codes16(uint8_t *codes, __m256i first, __m256i
         const float square_sum = fold_lanes(even, odd), peak = largest(peak_v);                \
         NEW_MAGNITUDE(float, LOAD, STORE, sqrtf, v, r, len)                                     \
         const CellTable *t = s->cells;                                                          \
-        const Coder coder = coder_of(t, stored);                                                \
-        (void)live; /* coder_of's */                                                            \
+        const Coder coder = coder_of(t, live);                                                  \
         const __m256 stored_v = _mm256_set1_ps(stored), decay_v = _mm256_set1_ps(decay);        \
         const __m256 step_v = _mm256_set1_ps(step_size), bias2_v = _mm256_set1_ps(bias2_t);     \
         const __m256 eps_v = _mm256_set1_ps(eps), shared_v = _mm256_set1_ps(shared_scale);     \
         /* the second pass: codes, then the update. Kept rows do each in a loop of its own      \
-         * (shorter dependency chains, which the core overlaps), the update reading the new     \
-         * codes' entries by the codes stored. The others recompute the moments, in one loop. */ \
+         * (shorter dependency chains, which the core overlaps): the codes' loop writes the     \
+         * new codes' entries over the first moments in kept, where the update reads them. The  \
+         * others recompute the moments, in one loop. */                                        \
         if (buffered) {                                                                         \
             for (i = 0; i + 16 <= whole; i += 16) {                                             \
                 const __m256i c0 = AVX2_CODES(i), c1 = AVX2_CODES(i + 8);                       \
@@ -1503,7 +1505,7 @@ DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STOR
         for (int64_t i = whole; i < n && !per_element; i++) scale[i] = LOAD(g, i) * LOAD(g, i);  \
         AVX2_BATCH_MAGNITUDES(LOAD, STORE)                                                      \
         const CellTable *t = s->cells;                                                          \
-        const Coder coder = coder_of(t, 1.0f);                                                  \
+        const Coder coder = coder_of(t, 1);                                                     \
         const __m256 first_entry = _mm256_set1_ps(codebook[0]);                                 \
         const __m256 decay_v = _mm256_set1_ps(decay), step_v = _mm256_set1_ps(step_size);       \
         const __m256 bias2_v = _mm256_set1_ps(bias2_t), eps_v = _mm256_set1_ps(eps);           \
@@ -1512,7 +1514,8 @@ DEFINE_AVX2_ROW(row_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, STOR
             /* rows whose stored magnitude is not > 0: code 0 */                                \
             const __m256 live = _mm256_cmp_ps(stored, _mm256_setzero_ps(), _CMP_GT_OQ);         \
             __m256 entry;                                                                       \
-            const __m256i code = codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored), &entry); \
+            const __m256i code =                                                                \
+                codes8(&coder, _mm256_div_ps(_mm256_load_ps(kept + i), stored), &entry);        \
             store_codes8(codes + i, _mm256_and_si256(code, _mm256_castps_si256(live)));         \
             entry = _mm256_blendv_ps(first_entry, entry, live);                                 \
             const __m256 scale_i = per_element /* ELEMENT_SCALE */                              \
