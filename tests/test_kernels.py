@@ -388,10 +388,11 @@ def _row_scaled_run(shapes, dtype):
     return values, grads
 
 
-# The rows each path runs per dtype: its own where it has them, else its vectoriser's.
+# The rows each path runs per dtype: its own where it has them (the written AVX2 rows on AVX-512
+# CPUs without VBMI too), else its vectoriser's.
 PATH_ROWS = {
     "avx2": {torch.float32: "avx2", torch.bfloat16: "avx2"},
-    "avx512": {torch.float32: "avx512", torch.bfloat16: "avx512"},
+    "avx512": {torch.float32: "avx2", torch.bfloat16: "avx2"},
     "vbmi": {torch.float32: "vbmi", torch.bfloat16: "vbmi"},
 }
 VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
@@ -402,7 +403,9 @@ VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
 @pytest.mark.parametrize("path", [p for p in native.CPU_PATHS if p != "portable"])
 def test_every_cpu_path_gives_the_portable_bytes(monkeypatch, path, dtype):
     """Each instruction-set path of the C step (the vectoriser's rows for AVX2 and AVX-512,
-    the written AVX2 rows, the byte-plane rows with AVX-512BW's lookups and with VBMI's) gives
+    the written AVX2 rows, which AVX-512 CPUs without VBMI take too, the byte-plane rows with
+    VBMI's lookups; test_a_codebook_too_fine_for_the_cell_table_takes_other_rows has those
+    with AVX-512BW's) gives
     the same bytes as the portable rows: codes,
     magnitudes, second moments and parameters. Shapes cover a row longer than the kernels'
     buffer (period 8219), rows with tails past whole vectors of 8 and of 16 elements (75),
@@ -921,41 +924,49 @@ def test_the_negation_bit_is_found_past_a_word_of_addresses(monkeypatch):
     assert expected is not None and tensor_shim._negation_bit(tensor_shim._probes()) == expected
 
 
-@pytest.mark.parametrize("path", ["avx2", "avx512"])
-def test_a_codebook_too_fine_for_the_cell_table_takes_the_vectorised_rows(path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path, spacing, expected", [
+    ("avx2", 1e-6, "avx2 (vectorised)"), ("avx512", 1e-6, "avx512 (vectorised)"),
+    ("avx2", 1e-4, "avx2 (vectorised)"), ("avx512", 1e-4, "avx512"),
+    ("vbmi", 1e-6, "avx512 (vectorised)")])
+def test_a_codebook_too_fine_for_the_cell_table_takes_other_rows(path, spacing, expected, dtype):
     """The written AVX2 rows need at most one codebook boundary per cell of their table (cells
-    2^-9 wide, relatively); a codebook with entries closer than that (loaded, say) runs the
-    vectoriser's rows of the same path instead, with the same bytes as the portable rows."""
+    2^-9 wide, relatively); a codebook with entries closer than that (loaded, say) runs, on the
+    AVX-512 path, the byte-plane rows with AVX-512BW's lookups where their cells (uniform, down
+    to 2^-15 wide) part its boundaries, else the vectoriser's rows of the path; with the same
+    bytes as the portable rows, on the shapes of test_every_cpu_path_gives_the_portable_bytes
+    (short rows in batches, tails, a row longer than the kernels' buffer)."""
     if path not in native.cpu_paths():
         pytest.skip(f"this CPU does not run the {path} path")
-    gen = torch.Generator().manual_seed(5)
-    values = [torch.randn(32, 48, generator=gen)]
-    grads = [[structured((32, 48), gen, torch.float32)] for _ in range(3)]
-    source = Gefen([torch.nn.Parameter(values[0].clone())])
-    source.param_groups[0]["params"][0].grad = grads[0][0].clone()
+    values, grads = _row_scaled_run(SHAPES + [(6, 75), (8, 8219)], dtype)
+    source = Gefen([torch.nn.Parameter(v.clone()) for v in values])
+    for p, g in zip(source.param_groups[0]["params"], grads[0]):
+        p.grad = g.clone()
     source.step()
     saved = source.state_dict()
     codebook = saved["codebook"].clone()
-    codebook[100:110] = 0.3 + 1e-6 * torch.arange(10)  # ten boundaries within 2^-18
+    codebook[100:110] = 0.3 + spacing * torch.arange(10)  # ten boundaries within 2^-9 (or -18)
     saved["codebook"] = codebook.sort().values
     runs = []
     for run_path in (path, "portable"):
         previous = native.use_cpu_path(run_path)
         try:
-            p = torch.nn.Parameter(values[0].clone())
-            opt = Gefen([p])
+            params = [torch.nn.Parameter(v.clone()) for v in values]
+            opt = Gefen(params)
             opt.load_state_dict(saved)
-            for (g,) in grads:
-                p.grad = g.clone()
+            for step in grads[1:]:
+                for p, g in zip(params, step):
+                    p.grad = g.clone()
                 opt.step()
-            runs.append((p, opt, native.last_rows()))
+            runs.append((params, opt, native.last_rows()))
         finally:
             native.use_cpu_path(previous)
-    (p, opt, rows), (twin, twin_opt, _) = runs
-    assert rows == VECTORISED[path]
-    assert _bytes(p) == _bytes(twin)
-    for key in ("codes", "magnitude", "vmean"):
-        assert _bytes(opt.state[p][key]) == _bytes(twin_opt.state[twin][key])
+    (params, opt, rows), (twins, twin_opt, _) = runs
+    assert rows == expected
+    for a, b in zip(params, twins):
+        assert _bytes(a) == _bytes(b)
+        for key in ("codes", "magnitude", "vmean"):
+            assert _bytes(opt.state[a][key]) == _bytes(twin_opt.state[b][key])
 
 
 def test_the_kernels_compile_without_the_x86_paths():

@@ -30,12 +30,23 @@ p = torch.nn.Parameter(torch.randn(64, 128, dtype=torch.{dtype}))
 opt = Gefen([p])
 p.grad = torch.randn_like(p)
 opt.step()
+{setup}
 args = opt._kernel_args(opt._buckets[0], [p.grad])
 {bad}
 cpu_step.step(*args)
 print("no report")
 """
 SHORT_CODES = "args = args._replace(codes=args.codes[:-1].clone())  # one byte short"
+# A codebook too fine for the AVX2 rows' cells, not for the byte planes' (see
+# test_a_codebook_too_fine_for_the_cell_table_takes_other_rows): the avx512 path's plane rows
+PLANES_ONLY = textwrap.dedent("""
+    saved = opt.state_dict()
+    codebook = saved["codebook"].clone()
+    codebook[100:110] = 0.3 + 1e-4 * torch.arange(10)
+    saved["codebook"] = codebook.sort().values
+    opt.load_state_dict(saved)
+    opt.step()  # builds the buckets again
+""")
 
 MISALIGNED_PARAM = textwrap.dedent("""
     class Misaligned:  # stands in for the parameter: its data pointer is one byte off
@@ -48,11 +59,11 @@ MISALIGNED_PARAM = textwrap.dedent("""
 """)
 
 
-def run_child(dtype: str, path: str, bad: str) -> subprocess.CompletedProcess:
+def run_child(dtype: str, path: str, bad: str, setup: str = "") -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1"  # reports to stderr
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
-    code = CHILD.format(dtype=dtype, path=path, bad=bad)
+    code = CHILD.format(dtype=dtype, path=path, bad=bad, setup=setup)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -68,17 +79,19 @@ def best_path() -> str:
 
 
 @pytest.mark.parametrize(
-    "dtype, path, row",
-    [("float32", "portable", "row_f32_portable"), ("bfloat16", "portable", "row_bf16_portable"),
-     ("float32", "avx2", "row_f32_avx2"), ("bfloat16", "avx2", "row_bf16_avx2"),
-     ("float32", "avx512", "row_f32_avx512"), ("bfloat16", "avx512", "row_bf16_avx512"),
-     ("float16", "avx512", "row_f16_vec_avx512"), ("float32", "vbmi", "row_f32_vbmi"),
-     ("bfloat16", "vbmi", "row_bf16_vbmi")],
+    "dtype, path, row, setup",
+    [("float32", "portable", "row_f32_portable", ""),
+     ("bfloat16", "portable", "row_bf16_portable", ""),
+     ("float32", "avx2", "row_f32_avx2", ""), ("bfloat16", "avx2", "row_bf16_avx2", ""),
+     ("float32", "avx512", "row_f32_avx512", PLANES_ONLY),
+     ("bfloat16", "avx512", "row_bf16_avx512", PLANES_ONLY),
+     ("float16", "avx512", "row_f16_vec_avx512", ""), ("float32", "vbmi", "row_f32_vbmi", ""),
+     ("bfloat16", "vbmi", "row_bf16_vbmi", "")],
 )
-def test_a_short_codes_buffer_is_reported_by_asan(dtype, path, row):
+def test_a_short_codes_buffer_is_reported_by_asan(dtype, path, row, setup):
     if path not in paths():
         pytest.skip(f"this CPU does not run the {path} path")
-    child = run_child(dtype, path, SHORT_CODES)
+    child = run_child(dtype, path, SHORT_CODES, setup)
     assert child.returncode != 0 and "no report" not in child.stdout
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in child.stderr, child.stderr[-3000:]
     # The report points into the row that overran, one byte past an 8191-byte buffer.
