@@ -137,9 +137,10 @@ if _cpu is not None:  # the descriptors kernels/cpu_step.c reads tensors through
     tensor_shim.bind(_cpu.bind_shim)
 # The C step's instruction-set paths, in the order of cpu_step.c's PATH_* (each faster than the
 # one before where the CPU runs it): plain vectorised C at the x86-64 (or AArch64 NEON)
-# baseline; AVX2, with fp32 and bf16 rows written for it; AVX-512, with the byte-plane rows
-# (table lookups as AVX-512BW permutes, not gathers); and those rows with VBMI's byte permutes.
-# All give the same bits.
+# baseline; AVX2, with fp32 and bf16 rows written for it; AVX-512, with those rows too (the
+# byte-plane rows, table lookups as AVX-512BW permutes, where their cells do not fit the
+# codebook), and its vectoriser's rows for the other dtypes; and the byte-plane rows with VBMI's
+# byte permutes. All give the same bits.
 CPU_PATHS = ("portable", "avx2", "avx512", "vbmi")
 PATH_VARIABLE = "GEFEN_COMPILE_CPU_PATH"
 _log = logging.getLogger("gefen_compile")
