@@ -59,11 +59,13 @@ def main() -> None:
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     baseline = ctypes.CDLL(args.baseline)
     libraries = {"baseline": baseline, "this checkout": native.library}
-    for library in libraries.values():
+    for name, library in libraries.items():
         library.gefen_step.argtypes = [ctypes.POINTER(native.StepArgs), ctypes.c_int]
         library.gefen_cpu_path.argtypes = [ctypes.c_int]
         if library.gefen_cpu_path(native.CPU_PATHS.index(args.path)) < 0:
-            raise SystemExit(f"this CPU does not run the {args.path} path")
+            raise SystemExit(f"{name}'s library does not run the {args.path} path on this CPU "
+                             "(a library built before the path existed has it not); --path "
+                             "picks another")
     dtype = getattr(torch, args.dtype)
     print(f"{native.processor_name()}, {args.path} path, {args.dtype}, {args.threads} thread(s), "
           f"medians of {args.steps} interleaved calls")

@@ -357,14 +357,14 @@ def test_devices_without_kernels_take_the_torch_step_and_skip_overflow(monkeypat
         torch.testing.assert_close(b.detach(), a.detach(), **PARAM_TOL[torch.float32])
 
 
-def _train_on_path(path, values, grads, dtype, variant="robust"):
+def _train_on_path(path, values, grads, dtype, variant="robust", groups=GROUPS):
     """Parameters and optimizer after a Gefen run over ``grads`` (None: no gradient) with CPU
-    steps on ``path``."""
+    steps on ``path``; parameter i in groups[i % len(groups)]."""
     previous = native.use_cpu_path(path)
     try:
         params = [torch.nn.Parameter(v.clone()) for v in values]
-        groups = [{"params": params[i::3], **hyper} for i, hyper in enumerate(GROUPS)]
-        opt = Gefen(groups, variant=variant)
+        opt = Gefen([{"params": params[i::len(groups)], **hyper} for i, hyper in enumerate(groups)],
+                    variant=variant)
         for step in grads:
             for p, g in zip(params, step):
                 p.grad = None if g is None else g.clone()
@@ -394,9 +394,10 @@ PATH_ROWS = {
     "avx2": {torch.float32: "avx2", torch.bfloat16: "avx2"},
     "avx512": {torch.float32: "avx2", torch.bfloat16: "avx2"},
     "vbmi": {torch.float32: "vbmi", torch.bfloat16: "vbmi"},
+    "vbmi_bf16": {torch.float32: "vbmi", torch.bfloat16: "vbmi_bf16"},
 }
 VECTORISED = {"avx2": "avx2 (vectorised)", "avx512": "avx512 (vectorised)",
-              "vbmi": "avx512 (vectorised)"}
+              "vbmi": "avx512 (vectorised)", "vbmi_bf16": "avx512 (vectorised)"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -431,6 +432,51 @@ def test_every_cpu_path_gives_the_portable_bytes(monkeypatch, path, dtype):
             assert _bytes(a) == _bytes(b)
             for key in ("codes", "magnitude", "vmean"):
                 assert _bytes(opt.state[a][key]) == _bytes(twin_opt.state[b][key])
+
+
+# bf16 values whose updates each path must round back to bf16 as f32_to_bf16 (and torch)
+# rounds: NaNs of both signs, quiet and signalling, with the largest payloads (rounded in fp32
+# arithmetic, they carry into the sign bit); infinities; the largest finite; subnormals.
+BF16_SPECIALS = [0x7fc0, 0xffc0, 0x7fff, 0xffff, 0x7f81, 0xff81, 0x7f80, 0xff80, 0x7f7f, 0xff7f,
+                 0x0001, 0x8001, 0x007f, 0x807f, 0x0040]
+BF16_NAN = 0x7fc0  # torch's bf16 of every NaN (c10::BFloat16's round_to_nearest_even)
+
+
+@pytest.mark.parametrize("variant", ["robust", "published"])
+@pytest.mark.parametrize("path", [p for p in native.CPU_PATHS if p != "portable"])
+def test_every_cpu_path_rounds_bf16_nans_and_subnormals_as_the_portable_path(path, variant):
+    """Parameters and per-element second moments stored in bf16 are rounded from fp32 on each
+    path (AVX2 arithmetic; the byte-plane rows' AVX-512 arithmetic, or AVX512_BF16's
+    conversion, which flushes subnormals and keeps NaN payloads, with the arithmetic for
+    vectors holding those). On rows, batches of short rows and published period-1 blocks,
+    parameters holding BF16_SPECIALS, a group whose updates and parameters are subnormal, and
+    gradients whose squares are: the portable path's bytes, NaN parameters stay torch's NaN,
+    and subnormal parameters come out."""
+    if path not in native.cpu_paths():
+        pytest.skip(f"this CPU does not run the {path} path")
+    shapes = [(8, 300), (64, 9), (40, 32), (257,), (1000,), (6, 75), (30,), (526,)]
+    values, grads = _row_scaled_run(shapes, torch.bfloat16)
+    groups = [*GROUPS, dict(lr=1e-38, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)]
+    specials = torch.tensor(BF16_SPECIALS, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    for i, value in enumerate(values):
+        if i % len(groups) == len(groups) - 1:
+            value.mul_(1e-38)  # subnormal and near it, as are that group's updates
+        value.view(-1)[:len(specials)] = specials
+    for step in grads:
+        for g in step:
+            g.view(-1)[-4:] = 1e-21  # squares subnormal in fp32
+    params, opt, _ = _train_on_path(path, values, grads, torch.bfloat16, variant, groups)
+    twins, twin_opt, _ = _train_on_path("portable", values, grads, torch.bfloat16, variant,
+                                         groups)
+    for a, b, value in zip(params, twins, values):
+        assert _bytes(a) == _bytes(b)
+        for key in ("codes", "magnitude", "vmean"):
+            assert _bytes(opt.state[a][key]) == _bytes(twin_opt.state[b][key])
+        bits = a.detach().view(torch.int16).view(-1).int() & 0xffff
+        assert (bits[value.view(-1).isnan()] == BF16_NAN).all()
+    subnormal = [(bits & 0x7f80 == 0) & (bits & 0x7f != 0) for bits in (
+        p.detach().view(torch.int16).view(-1).int() & 0xffff for p in params[len(GROUPS)::len(groups)])]
+    assert sum(int(s[len(specials):].sum()) for s in subnormal) > 100
 
 
 @pytest.mark.parametrize("variant", ["robust", "published"])
@@ -577,7 +623,7 @@ def test_cpu_paths_are_chosen_by_features_and_forced_by_name(caplog, monkeypatch
     assert paths[0] == "portable" and set(paths) <= set(native.CPU_PATHS)
     assert native.cpu_path() == paths[-1]
     with pytest.raises(ValueError, match="'sse9' is no CPU path; the paths are portable, avx2, "
-                                         "avx512, vbmi, and this CPU runs portable"):
+                                         "avx512, vbmi, vbmi_bf16, and this CPU runs portable"):
         native.use_cpu_path("sse9")
     p = torch.nn.Parameter(torch.randn(16, 32))
     opt = Gefen([p])
@@ -1012,10 +1058,15 @@ def test_a_step_call_the_kernel_refuses_changes_nothing(monkeypatch, path):
 
 # What a path's rows must not hold, for the CPUs that take that path lack it: the avx512 path
 # is for AVX-512 CPUs without VBMI (Skylake-SP, Cascade Lake): no VBMI byte permute, nor a call
-# into the VBMI rows' code; the avx2 path for CPUs without AVX-512: no 512-bit register or mask
-# register; the portable rows for the x86-64 baseline: no 256- or 512-bit register.
+# into the VBMI rows' code, nor AVX512_BF16's conversion; the vbmi path for VBMI CPUs without
+# AVX512_BF16 (Ice Lake): no such conversion; the avx2 path for CPUs without AVX-512: no 512-bit
+# register or mask register; the portable rows for the x86-64 baseline: no 256- or 512-bit
+# register.
+BF16_CONVERSION = r"\bvcvtne2?ps2bf16\b"
 FOREIGN = {
-    "avx512": re.compile(r"\b(vpermb|vpermi2b|vpermt2b|vpmultishiftqb)\b|call.*<\w*vbmi"),
+    "avx512": re.compile(rf"\b(vpermb|vpermi2b|vpermt2b|vpmultishiftqb)\b|call.*<\w*vbmi|"
+                         rf"{BF16_CONVERSION}"),
+    "vbmi": re.compile(BF16_CONVERSION),
     "avx2": re.compile(r"%zmm|%k[0-7]"),
     "portable": re.compile(r"%[yz]mm"),
 }
@@ -1043,7 +1094,11 @@ def test_each_paths_rows_hold_only_instructions_their_cpus_run():
     assert {"row_f32_avx512", "row_bf16_avx512", "batch_f32_avx512",
             "batch_bf16_avx512"} <= set(checked["avx512"])
     assert "row_f32_avx2" in checked["avx2"] and "row_f32_portable" in checked["portable"]
-    assert FOREIGN["avx512"].search(bodies["row_f32_vbmi"])  # the pattern finds what it seeks
+    assert {"row_bf16_vbmi", "batch_bf16_vbmi"} <= set(checked["vbmi"])
+    # the patterns find what they seek
+    assert FOREIGN["avx512"].search(bodies["row_f32_vbmi"])
+    assert FOREIGN["vbmi"].search(bodies["row_bf16_vbmi_bf16"])
+    assert FOREIGN["vbmi"].search(bodies["batch_bf16_vbmi_bf16"])
     for path, names in checked.items():
         for name in names:
             found = FOREIGN[path].search(bodies[name])
@@ -1053,7 +1108,8 @@ def test_each_paths_rows_hold_only_instructions_their_cpus_run():
 def test_the_kernels_make_no_gathers():
     """Table lookups are scalar loads or byte permutes, never gather instructions: under the
     microcode against Downfall (GDS), on Intel's Skylake to Ice Lake CPUs, a gather takes
-    ~23 cycles and the steps took 2-3x as long with them (cpu_step.c, the AVX2 rows; setup.py).
+    ~23 cycles and the steps took 2-3x as long with them, and even without it (Sapphire Rapids)
+    up to 1.31x (cpu_step.c, the AVX2 rows; setup.py).
     Neither the written rows nor the vectoriser's loops hold one."""
     listing = _disassembly()
     assert re.search(r"\bvmulps\b", listing)  # a vector listing, the pattern's kind

@@ -86,7 +86,8 @@ def best_path() -> str:
      ("float32", "avx512", "row_f32_avx512", PLANES_ONLY),
      ("bfloat16", "avx512", "row_bf16_avx512", PLANES_ONLY),
      ("float16", "avx512", "row_f16_vec_avx512", ""), ("float32", "vbmi", "row_f32_vbmi", ""),
-     ("bfloat16", "vbmi", "row_bf16_vbmi", "")],
+     ("bfloat16", "vbmi", "row_bf16_vbmi", ""),
+     ("bfloat16", "vbmi_bf16", "row_bf16_vbmi_bf16", "")],
 )
 def test_a_short_codes_buffer_is_reported_by_asan(dtype, path, row, setup):
     if path not in paths():

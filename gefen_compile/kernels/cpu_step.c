@@ -571,6 +571,9 @@ DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
 
 /* ISA_AVX512's features and VBMI: helpers of ISA_AVX512 inline into the VBMI rows */
 #define ISA_VBMI __attribute__((target("avx512vbmi," AVX512_FEATURES)))
+/* ISA_VBMI's and AVX512_BF16's (Sapphire Rapids and later Xeons, Zen 4 and later): the bf16
+ * byte-plane rows' conversions to bf16 (store16_converted) */
+#define ISA_VBMI_BF16 __attribute__((target("avx512bf16,avx512vbmi," AVX512_FEATURES)))
 
 /* The byte-plane rows' helpers must inline: a helper the compiler declines to inline is called
  * instead, silently, and a VBMI helper so called from a row for CPUs without VBMI would stop
@@ -710,6 +713,19 @@ ISA_AVX512 HELPER void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
     _mm256_mask_storeu_epi16(p, lanes, _mm512_cvtepi32_epi16(rounded));
 }
 
+/* store16 of bf16 with AVX512_BF16's conversion: vcvtneps2bf16 rounds as f32_to_bf16 rounds,
+ * except that it flushes subnormals to zero and keeps a NaN's sign and payload, so vectors with
+ * either (their lanes past `lanes` aside) take store16's arithmetic (0.93-0.96x the time of
+ * the bf16 byte-plane rows rounding every vector so, a Sapphire Rapids-class Xeon,
+ * 2026-12-07). */
+#define NAN_OR_SUBNORMAL 0xa1 /* vfpclassps's classes: quiet NaN, subnormal, signalling NaN */
+ISA_VBMI_BF16 HELPER void store16_converted(void *p, __mmask16 lanes, __m512 x, int bf16) {
+    if (__builtin_expect(_mm512_mask_fpclass_ps_mask(lanes, x, NAN_OR_SUBNORMAL) == 0, 1))
+        _mm256_mask_storeu_epi16(p, lanes, (__m256i)_mm512_cvtneps_pbh(x));
+    else
+        store16(p, lanes, x, bf16);
+}
+
 /* What quantising a row's chunks needs, as vectors. */
 typedef struct {
     __m512 stored, half, low_cell, high_cell;
@@ -811,8 +827,8 @@ DEFINE_PLANE_LOOKUPS(_avx512, ISA_AVX512)
 #define PREFETCH_AHEAD 512
 
 /* One row; ST, LOAD/STORE: the storage type and its one-element conversions (for ROW_SETUP);
- * BF16: whether ST is bf16, for load16/store16. */
-#define DEFINE_PLANE_ROW(NAME, ISA, SUFFIX, ST, LOAD, STORE, BF16)                              \
+ * BF16: whether ST is bf16, for load16 and STORE16 (store16, or store16_converted). */
+#define DEFINE_PLANE_ROW(NAME, ISA, SUFFIX, ST, LOAD, STORE, BF16, STORE16)                     \
 ISA static void NAME(const Step *s, int64_t r, int64_t owner) {                                 \
     ROW_SETUP(float, ST, LOAD)                                                                  \
     TOUCH_ROWS(ST, len, 1)                                                                      \
@@ -840,7 +856,7 @@ ISA static void NAME(const Step *s, int64_t r, int64_t owner) {                 
             if (per_element) {                                                                  \
                 ST *vk = v + i + 16 * k;                                                        \
                 const __m512 vv = load16(vk, lanes, BF16);                                      \
-                store16(vk, lanes, _mm512_add_ps(_mm512_mul_ps(vv, beta2_v), _mm512_mul_ps(square, keep2_v)), BF16); \
+                STORE16(vk, lanes, _mm512_add_ps(_mm512_mul_ps(vv, beta2_v), _mm512_mul_ps(square, keep2_v)), BF16); \
             } else {                                                                            \
                 sum_v = _mm512_add_ps(sum_v, square); /* lanes past n add +0 */                 \
             }                                                                                   \
@@ -913,21 +929,16 @@ ISA static void NAME(const Step *s, int64_t r, int64_t owner) {                 
             }                                                                                   \
             const __m512 update = _mm512_mul_ps(_mm512_mul_ps(dequantised[k], q.stored), scale); \
             const __m512 old = load16(pk, lanes, BF16);                                         \
-            store16(pk, lanes, _mm512_sub_ps(_mm512_mul_ps(old, decay_v), update), BF16);       \
+            STORE16(pk, lanes, _mm512_sub_ps(_mm512_mul_ps(old, decay_v), update), BF16);       \
         }                                                                                       \
     }                                                                                           \
 }
-
-DEFINE_PLANE_ROW(row_f32_vbmi, ISA_VBMI, _vbmi, float, LOAD_F32, STORE_F32, 0)
-DEFINE_PLANE_ROW(row_bf16_vbmi, ISA_VBMI, _vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
-DEFINE_PLANE_ROW(row_f32_avx512, ISA_AVX512, _avx512, float, LOAD_F32, STORE_F32, 0)
-DEFINE_PLANE_ROW(row_bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, STORE_BF16, 1)
 
 /* A batch of short rows (see DEFINE_BATCH) in the byte-plane rows' lookups, 64 elements at a time,
  * each element with its own old magnitude, stored magnitude and scale; each row's peak and
  * sum of g^2 in 16-lane vectors, its lanes those of SUM_LANES (faster than the vectoriser's
  * loops across rows: 0.90x the time at 9 elements, 0.78x at 16, 0.71x at 32). */
-#define DEFINE_PLANE_BATCH(NAME, ISA, SUFFIX, ST, LOAD, STORE, BF16)                            \
+#define DEFINE_PLANE_BATCH(NAME, ISA, SUFFIX, ST, LOAD, STORE, BF16, STORE16)                   \
 ISA static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {                      \
     BATCH_SETUP(float, ST, LOAD)                                                                \
     TOUCH_ROWS(ST, n, rows)                                                                     \
@@ -947,7 +958,7 @@ ISA static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {      
             if (per_element) {                                                                  \
                 ST *vk = v + i + 16 * k;                                                        \
                 const __m512 square = _mm512_mul_ps(gi[k], gi[k]);                              \
-                store16(vk, lanes, _mm512_add_ps(_mm512_mul_ps(load16(vk, lanes, BF16), beta2_v), \
+                STORE16(vk, lanes, _mm512_add_ps(_mm512_mul_ps(load16(vk, lanes, BF16), beta2_v), \
                                                  _mm512_mul_ps(square, keep2_v)), BF16);        \
             }                                                                                   \
         }                                                                                       \
@@ -1013,16 +1024,23 @@ ISA static void NAME(const Step *s, int64_t r0, int64_t rows, int64_t p) {      
                       load16(v + i + 16 * k, lanes, BF16), bias2_v)), eps_v))                   \
                 : _mm512_maskz_loadu_ps(lanes, scale + i + 16 * k);                             \
             const __m512 update = _mm512_mul_ps(_mm512_mul_ps(dequantised[k], stored[k]), scale_k); \
-            store16(pk, lanes, _mm512_sub_ps(_mm512_mul_ps(load16(pk, lanes, BF16), decay_v), update), \
+            STORE16(pk, lanes, _mm512_sub_ps(_mm512_mul_ps(load16(pk, lanes, BF16), decay_v), update), \
                     BF16);                                                                      \
         }                                                                                       \
     }                                                                                           \
 }
 
-DEFINE_PLANE_BATCH(batch_f32_vbmi, ISA_VBMI, _vbmi, float, LOAD_F32, STORE_F32, 0)
-DEFINE_PLANE_BATCH(batch_bf16_vbmi, ISA_VBMI, _vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1)
-DEFINE_PLANE_BATCH(batch_f32_avx512, ISA_AVX512, _avx512, float, LOAD_F32, STORE_F32, 0)
-DEFINE_PLANE_BATCH(batch_bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, STORE_BF16, 1)
+/* The byte-plane rows and batches of one instruction set and dtype: row_##TAIL, batch_##TAIL */
+#define DEFINE_PLANE_STEPS(TAIL, ISA, SUFFIX, ST, LOAD, STORE, BF16, STORE16)                    \
+    DEFINE_PLANE_ROW(row_##TAIL, ISA, SUFFIX, ST, LOAD, STORE, BF16, STORE16)                   \
+    DEFINE_PLANE_BATCH(batch_##TAIL, ISA, SUFFIX, ST, LOAD, STORE, BF16, STORE16)
+
+DEFINE_PLANE_STEPS(f32_vbmi, ISA_VBMI, _vbmi, float, LOAD_F32, STORE_F32, 0, store16)
+DEFINE_PLANE_STEPS(bf16_vbmi, ISA_VBMI, _vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1, store16)
+DEFINE_PLANE_STEPS(bf16_vbmi_bf16, ISA_VBMI_BF16, _vbmi, uint16_t, LOAD_BF16, STORE_BF16, 1,
+                   store16_converted)
+DEFINE_PLANE_STEPS(f32_avx512, ISA_AVX512, _avx512, float, LOAD_F32, STORE_F32, 0, store16)
+DEFINE_PLANE_STEPS(bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, STORE_BF16, 1, store16)
 
 
 /* ---- the AVX2 rows (fp32 and bf16 state) ----
@@ -1044,8 +1062,10 @@ DEFINE_PLANE_BATCH(batch_bf16_avx512, ISA_AVX512, _avx512, uint16_t, LOAD_BF16, 
  * cloud hosts carry, an 8-lane gather takes ~23 cycles (an Ice Lake server, 2026-12-07), where
  * the EPYC and Sapphire Rapids cores measured before took ~5; there these rows took 0.32-0.33x
  * the time of the same rows with gathers (4096x768, fp32 and bf16, 1 and 2 threads), 0.45-0.46x
- * in rows of 64 and 0.52-0.53x in batches of rows of 9. Where gathers are fast the loads may
- * cost a little more: not measured (no such CPU was at hand since). */
+ * in rows of 64 and 0.52-0.53x in batches of rows of 9. Where the microcode is not, gathers are
+ * still slower: on a Sapphire Rapids-class Xeon, gathers for either lookup or both took
+ * 1.00-1.31x the time of these loads (4096x768, 16384x64, 116508x9, fp32 and bf16, 1 thread,
+ * 2026-12-07). */
 
 #define OFFSET_NONE 0xffffu /* no offset is above it: the cell holds no boundary */
 
@@ -1536,7 +1556,7 @@ DEFINE_AVX2_BATCH(batch_bf16_avx2, uint16_t, LOAD_BF16, STORE_BF16, LOAD8_BF16, 
 
 /* ---- the paths, picked by the CPU's features ---- */
 
-enum { PATH_PORTABLE, PATH_AVX2, PATH_AVX512, PATH_VBMI, NUM_PATHS };
+enum { PATH_PORTABLE, PATH_AVX2, PATH_AVX512, PATH_VBMI, PATH_VBMI_BF16, NUM_PATHS };
 
 /* Bit p set where this CPU (and its OS, which must save the vector state: libgcc's feature
  * checks ask it) runs path p. */
@@ -1551,7 +1571,8 @@ int gefen_cpu_paths(void) {
                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
     paths |= avx2 << PATH_AVX2 | avx512 << PATH_AVX512;
-    paths |= (avx512 && __builtin_cpu_supports("avx512vbmi")) << PATH_VBMI;
+    const int vbmi = avx512 && __builtin_cpu_supports("avx512vbmi");
+    paths |= vbmi << PATH_VBMI | (vbmi && __builtin_cpu_supports("avx512bf16")) << PATH_VBMI_BF16;
 #endif
     return paths;
 }
@@ -1577,7 +1598,10 @@ typedef void (*BatchFn)(const Step *, int64_t, int64_t, int64_t);
 
 /* The rows a step ran, for reports (kernels/native.py names them): the path's own, or the
  * vectoriser's where its tables do not fit (a fine-grained codebook, fp16 or fp64 state). */
-enum { ROWS_NONE, ROWS_PORTABLE, ROWS_VEC_AVX2, ROWS_AVX2, ROWS_VEC_AVX512, ROWS_VBMI, ROWS_AVX512 };
+enum {
+    ROWS_NONE, ROWS_PORTABLE, ROWS_VEC_AVX2, ROWS_AVX2, ROWS_VEC_AVX512, ROWS_VBMI, ROWS_AVX512,
+    ROWS_VBMI_BF16
+};
 static int last_rows = ROWS_NONE;
 
 int gefen_last_rows(void) { return __atomic_load_n(&last_rows, __ATOMIC_RELAXED); }
@@ -1801,20 +1825,27 @@ static void run_rows(const Step *s, RowFn row, BatchFn batch, int64_t longest, i
 
 /* Every chunk's rows on `path` for `dtype`: the byte-plane rows where `planes` (their tables)
  * are given; else the written AVX2 rows where `cells` (their table) is given, or on the VBMI
- * path for fp32 where the table fits the codebook; else the vectoriser's rows of the path's
+ * paths for fp32 where the table fits the codebook; else the vectoriser's rows of the path's
  * instruction set. */
 static void step_rows(Step *s, int path, int dtype, const BytePlanes *planes,
                       const struct CellTable *cells) {
 #if X86_PATHS
-    static const RowFn plane_rows[2][2] = {{row_f32_avx512, row_bf16_avx512},
-                                           {row_f32_vbmi, row_bf16_vbmi}};
-    static const BatchFn plane_batches[2][2] = {{batch_f32_avx512, batch_bf16_avx512},
-                                                {batch_f32_vbmi, batch_bf16_vbmi}};
-    const int vbmi = path == PATH_VBMI;
+    /* by path from PATH_AVX512 and dtype (fp32 rows have no conversions to bf16) */
+    static const RowFn plane_rows[3][2] = {{row_f32_avx512, row_bf16_avx512},
+                                           {row_f32_vbmi, row_bf16_vbmi},
+                                           {row_f32_vbmi, row_bf16_vbmi_bf16}};
+    static const BatchFn plane_batches[3][2] = {{batch_f32_avx512, batch_bf16_avx512},
+                                                {batch_f32_vbmi, batch_bf16_vbmi},
+                                                {batch_f32_vbmi, batch_bf16_vbmi_bf16}};
+    static const int plane_rows_run[3][2] = {{ROWS_AVX512, ROWS_AVX512},
+                                             {ROWS_VBMI, ROWS_VBMI},
+                                             {ROWS_VBMI, ROWS_VBMI_BF16}};
+    const int vbmi = path >= PATH_VBMI;
     if (planes) {
+        const int level = path - PATH_AVX512;
         s->planes = planes;
-        run_rows(s, plane_rows[vbmi][dtype], plane_batches[vbmi][dtype], SHORT_ROW_PLANES,
-                 vbmi ? ROWS_VBMI : ROWS_AVX512);
+        run_rows(s, plane_rows[level][dtype], plane_batches[level][dtype], SHORT_ROW_PLANES,
+                 plane_rows_run[level][dtype]);
     } else if (cells || (vbmi && dtype == DT_F32 && (cells = cell_table(s->a)))) {
         /* on the VBMI path where the codebook is too fine for the byte planes: faster than the
          * vectoriser's rows for fp32 (not for bf16: its conversions use the vectoriser's 16

@@ -139,9 +139,9 @@ if _cpu is not None:  # the descriptors kernels/cpu_step.c reads tensors through
 # one before where the CPU runs it): plain vectorised C at the x86-64 (or AArch64 NEON)
 # baseline; AVX2, with fp32 and bf16 rows written for it; AVX-512, with those rows too (the
 # byte-plane rows, table lookups as AVX-512BW permutes, where their cells do not fit the
-# codebook), and its vectoriser's rows for the other dtypes; and the byte-plane rows with VBMI's
-# byte permutes. All give the same bits.
-CPU_PATHS = ("portable", "avx2", "avx512", "vbmi")
+# codebook), and its vectoriser's rows for the other dtypes; the byte-plane rows with VBMI's
+# byte permutes; and those rows with AVX512_BF16's conversions to bf16. All give the same bits.
+CPU_PATHS = ("portable", "avx2", "avx512", "vbmi", "vbmi_bf16")
 PATH_VARIABLE = "GEFEN_COMPILE_CPU_PATH"
 _log = logging.getLogger("gefen_compile")
 
@@ -191,7 +191,8 @@ def processor_name() -> str:
 
 # The rows of cpu_step.c's ROWS_*: a path's own rows, or the vectoriser's rows of its instruction
 # set where the path has none (fp16, fp64) or its tables do not fit the codebook.
-ROWS = (None, "portable", "avx2 (vectorised)", "avx2", "avx512 (vectorised)", "vbmi", "avx512")
+ROWS = (None, "portable", "avx2 (vectorised)", "avx2", "avx512 (vectorised)", "vbmi", "avx512",
+        "vbmi_bf16")
 _logged_rows = None
 
 
