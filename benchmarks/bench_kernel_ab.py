@@ -6,6 +6,10 @@ the way to tell a kernel change of a few percent from the noise of a shared mach
     python benchmarks/bench_kernel_ab.py /tmp/baseline/gefen_compile/kernels/_cpu*.so \\
         [--path avx2] [--shapes 4096x768 16384x64] [--dtype bfloat16] [--steps 41] [--threads 2]
 
+or two paths of this checkout's library, the baseline on ``--baseline-path``:
+
+    python benchmarks/bench_kernel_ab.py --baseline-path vbmi --path vbmi_bf16 --dtype bfloat16
+
 Both libraries step one parameter (rows with per-row gradient scales, so the period is the row
 length) from the same state, alternately, on one thread (each call's thread CPU time is taken, so that time the process spends
 descheduled does not count) or on several (wall time: the threads' sharing of the memory system is
@@ -47,38 +51,46 @@ def step_args(shape: tuple[int, int], dtype: torch.dtype, threads: int = 1) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("baseline", help="the baseline build's _cpu*.so")
+    parser.add_argument("baseline", nargs="?", help="the baseline build's _cpu*.so")
     parser.add_argument("--path", choices=native.CPU_PATHS, default=native.cpu_path())
+    parser.add_argument("--baseline-path", choices=native.CPU_PATHS,
+                        help="instead of a baseline build: this checkout on this path")
     parser.add_argument("--shapes", nargs="+", default=["4096x768", "16384x64"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                         default="float32")
     parser.add_argument("--steps", type=int, default=41)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if (args.baseline is None) == (args.baseline_path is None):
+        parser.error("give a baseline build's library or --baseline-path, one of them")
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
-    baseline = ctypes.CDLL(args.baseline)
-    libraries = {"baseline": baseline, "this checkout": native.library}
-    for name, library in libraries.items():
+    # name: (library, the index of its path)
+    runs = {"baseline": (native.library if args.baseline is None else ctypes.CDLL(args.baseline),
+                         native.CPU_PATHS.index(args.baseline_path or args.path)),
+            "this checkout": (native.library, native.CPU_PATHS.index(args.path))}
+    for name, (library, path) in runs.items():
         library.gefen_step.argtypes = [ctypes.POINTER(native.StepArgs), ctypes.c_int]
         library.gefen_cpu_path.argtypes = [ctypes.c_int]
-        if library.gefen_cpu_path(native.CPU_PATHS.index(args.path)) < 0:
-            raise SystemExit(f"{name}'s library does not run the {args.path} path on this CPU "
-                             "(a library built before the path existed has it not); --path "
-                             "picks another")
+        if library.gefen_cpu_path(path) < 0:
+            raise SystemExit(f"{name}'s library does not run the {native.CPU_PATHS[path]} path "
+                             "on this CPU (a library built before the path existed has it not); "
+                             "--path picks another")
     dtype = getattr(torch, args.dtype)
-    print(f"{native.processor_name()}, {args.path} path, {args.dtype}, {args.threads} thread(s), "
-          f"medians of {args.steps} interleaved calls")
+    against = f" against the {args.baseline_path} path" if args.baseline_path else ""
+    print(f"{native.processor_name()}, {args.path} path{against}, {args.dtype}, "
+          f"{args.threads} thread(s), medians of {args.steps} interleaved calls")
     for text in args.shapes:
         shape = tuple(int(n) for n in text.split("x"))
         step, _alive = step_args(shape, dtype, args.threads)
-        times: dict[str, list[float]] = {name: [] for name in libraries}
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.steps):
-            for name, library in libraries.items():
+            for name, (library, path) in runs.items():
+                library.gefen_cpu_path(path)  # one library may run both
                 start = clock()
                 library.gefen_step(ctypes.byref(step), DTYPE_CODES[dtype])
                 times[name].append(clock() - start)
-        base, this = (statistics.median(times[name]) for name in libraries)
+        base, this = (statistics.median(times[name]) for name in runs)
         print(f"{text}: baseline {base * 1e3:.3f} ms, this checkout {this * 1e3:.3f} ms, "
               f"ratio {this / base:.3f}")
 

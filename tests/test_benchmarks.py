@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,3 +43,23 @@ def test_bench_host_times_every_path_it_names():
     names = ["CPU path", "CUDA launcher, prepared tables", "CUDA launcher, general path"]
     assert [row.split(" (")[0] for row in rows] == names
     assert all(float(row.split(": ")[1].split()[0]) > 0 for row in rows)
+
+
+def test_bench_kernel_ab_compares_a_build_or_a_path_with_this_checkout():
+    """benchmarks/bench_kernel_ab.py steps one parameter's state with two libraries (here the
+    checkout's own library file as the baseline build), or with two paths of this checkout's
+    library (--baseline-path), alternately, and prints each shape's medians and ratio."""
+    from gefen_compile.kernels import native
+
+    if native.library is None:
+        pytest.skip("needs the C kernels")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for baseline in ([native.library._name], ["--baseline-path", "portable"]):
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/bench_kernel_ab.py", *baseline, "--path", "portable",
+             "--shapes", "64x64", "40x9", "--steps", "3", "--dtype", "bfloat16"],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [line for line in proc.stdout.splitlines() if "ratio" in line]
+        assert [row.split(":")[0] for row in rows] == ["64x64", "40x9"]
+        assert all(float(row.rsplit(" ", 1)[1]) > 0 for row in rows)
