@@ -573,20 +573,8 @@ DEFINE_MOMENTUM_ROWS(_avx512, ISA_AVX512)
 /* ISA_AVX512's features and VBMI: helpers of ISA_AVX512 inline into the VBMI rows */
 #define ISA_VBMI __attribute__((target("avx512vbmi," AVX512_FEATURES)))
 /* ISA_VBMI's and AVX512_BF16's (Sapphire Rapids and later Xeons, Zen 4 and later): the bf16
- * byte-plane rows' conversions to bf16 (store16_converted), where the compiler has them (GCC
- * 10, clang 9, Apple clang 12); elsewhere gefen_cpu_paths leaves their path out. */
-#if defined(__clang__) && defined(__apple_build_version__)
-#define BF16_CONVERSION (__clang_major__ >= 12)
-#elif defined(__clang__)
-#define BF16_CONVERSION (__clang_major__ >= 9)
-#else
-#define BF16_CONVERSION (__GNUC__ >= 10)
-#endif
-#if BF16_CONVERSION
+ * byte-plane rows' conversions to bf16 (store16_converted) */
 #define ISA_VBMI_BF16 __attribute__((target("avx512bf16,avx512vbmi," AVX512_FEATURES)))
-#else
-#define ISA_VBMI_BF16 ISA_VBMI
-#endif
 
 /* The byte-plane rows' helpers must inline: a helper the compiler declines to inline is called
  * instead, silently, and a VBMI helper so called from a row for CPUs without VBMI would stop
@@ -728,20 +716,17 @@ ISA_AVX512 HELPER void store16(void *p, __mmask16 lanes, __m512 x, int bf16) {
 
 /* store16 of bf16 with AVX512_BF16's conversion: vcvtneps2bf16 rounds as f32_to_bf16 rounds,
  * except that it flushes subnormals to zero and keeps a NaN's sign and payload, so vectors with
- * either (their lanes past `lanes` aside) take store16's arithmetic (0.93-0.96x the time of
+ * either (their lanes past `lanes` aside) take store16's arithmetic (0.93-0.97x the time of
  * the bf16 byte-plane rows rounding every vector so, a Sapphire Rapids-class Xeon,
- * 2026-12-07). */
-#if BF16_CONVERSION
-#define NAN_OR_SUBNORMAL 0xa1 /* vfpclassps's classes: quiet NaN, subnormal, signalling NaN */
+ * 2026-12-07). Zeros count among them: with MXCSR's DAZ set, vfpclassps takes a subnormal for
+ * a zero. */
+#define NAN_ZERO_OR_SUBNORMAL 0xa7 /* vfpclassps's classes: NaNs, +0, -0, subnormals */
 ISA_VBMI_BF16 HELPER void store16_converted(void *p, __mmask16 lanes, __m512 x, int bf16) {
-    if (__builtin_expect(_mm512_mask_fpclass_ps_mask(lanes, x, NAN_OR_SUBNORMAL) == 0, 1))
+    if (__builtin_expect(_mm512_mask_fpclass_ps_mask(lanes, x, NAN_ZERO_OR_SUBNORMAL) == 0, 1))
         _mm256_mask_storeu_epi16(p, lanes, (__m256i)_mm512_cvtneps_pbh(x));
     else
         store16(p, lanes, x, bf16);
 }
-#else
-#define store16_converted store16
-#endif
 
 /* What quantising a row's chunks needs, as vectors. */
 typedef struct {
@@ -1589,9 +1574,9 @@ int gefen_cpu_paths(void) {
                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
     paths |= avx2 << PATH_AVX2 | avx512 << PATH_AVX512;
     const int vbmi = avx512 && __builtin_cpu_supports("avx512vbmi");
-    /* AVX512_BF16: CPUID leaf 7, subleaf 1, EAX bit 5 (older compilers' feature checks lack it) */
+    /* AVX512_BF16: CPUID leaf 7, subleaf 1, EAX bit 5 (not every compiler's feature checks name it) */
     unsigned eax, ebx, ecx, edx;
-    const int bf16 = BF16_CONVERSION && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && eax >> 5 & 1;
+    const int bf16 = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && eax >> 5 & 1;
     paths |= vbmi << PATH_VBMI | (vbmi && bf16) << PATH_VBMI_BF16;
 #endif
     return paths;
