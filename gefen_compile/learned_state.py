@@ -252,10 +252,10 @@ class LearnedState:
         return fresh
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load this optimizer's ``state_dict()``, keeping every state tensor's dtype (uint8
-        codes stay uint8; ``torch.optim.Optimizer`` would cast them to the parameter's dtype),
-        after checking the codebook and every entry; or a state_dict of the optimizer it
-        replaces (no codebook), whose moments are migrated."""
+        """Load this optimizer's ``state_dict()``, its floating moments cast to their
+        parameters' dtypes as ``torch.optim.Optimizer`` casts AdamW's (uint8 codes stay uint8,
+        where torch would cast them too), after checking the codebook and every entry; or a
+        state_dict of the optimizer it replaces (no codebook), whose moments are migrated."""
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
@@ -351,13 +351,12 @@ class LearnedState:
         for saved, live in zip(saved_groups, self.param_groups):
             for key, param in zip(saved["params"], live["params"]):
                 if state_dict["state"].get(key):  # an empty entry: no state, as AdamW saves it
-                    self._check_entry(state_dict["state"][key], param,
+                    entry = _in_dtype_of(state_dict["state"][key], distributed.local(param))
+                    self._check_entry(entry, param,
                                       f"{self._name}.load_state_dict: the saved state of",
                                       f"load a state_dict saved by {self._name} over these "
-                                      "parameters, in the same order, shapes and dtypes (cast "
-                                      "the model as it was when saved before loading)", variant)
-                    state[param] = _moved(state_dict["state"][key], param,
-                                          saved.get("capturable", False))
+                                      "parameters, in the same order and shapes", variant)
+                    state[param] = _moved(entry, param, saved.get("capturable", False))
             group = deepcopy({k: v for k, v in saved.items() if k != "params"})
             group["params"] = live["params"]
             if "param_names" in live:
@@ -388,6 +387,16 @@ def _is_histogram(value: Any, codebook: Tensor | None, variant: Variant) -> bool
             and value.dtype == torch.int64 and codebook is not None
             and variant.relearns_thin_codebook and bool((value >= 0).all())
             and bool(value.any()) and is_thin(value, variant))
+
+
+def _in_dtype_of(entry: dict[str, Any], param: Tensor) -> dict[str, Any]:
+    """``entry`` with its floating moments (magnitude, vmean) in ``param``'s dtype, as
+    torch.optim.Optimizer.load_state_dict casts AdamW's: a checkpoint saved before the model
+    was cast (to bf16, say) resumes it. Codes, step and period stay as saved."""
+    return {key: value.to(param.dtype)
+            if key in ("magnitude", "vmean") and isinstance(value, Tensor)
+            and value.is_floating_point() and param.is_floating_point() else value
+            for key, value in entry.items()}
 
 
 def _moved(entry: dict[str, Any], param: Tensor, capturable: bool) -> dict[str, Any]:
