@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -251,6 +252,7 @@ class Gefen(LearnedState, Optimizer):
         buckets."""
         fresh = self._learn(fresh)
         if fresh:
+            warn_half_moments(self, [p for _, p, g in fresh if g.dtype == torch.float16])
             self._buckets = self._build_buckets({p: g.dtype for _, p, g in fresh})
 
     def _build_buckets(self, new_dtypes: dict[Tensor, torch.dtype]) -> list[Bucket]:
@@ -370,6 +372,21 @@ def _unscaled_for_grad_scaler(optimizer: Optimizer) -> Tensor | None:
         if grads:
             torch._foreach_div_(grads, scale)
     return found_inf
+
+
+def warn_half_moments(optimizer: Gefen, params: list[Tensor]) -> None:
+    """Warn that float16 ``params``, about to get state, get float16 second moments (the state
+    dtype is the gradient's, GEFEN_SPEC), in which AdamW's update fails for small gradients."""
+    if params:
+        more = f" (and {len(params) - 1} more)" if len(params) > 1 else ""
+        warnings.warn(
+            f"{optimizer._name}: {optimizer._locate(params[0])}{more} is float16, so its second "
+            "moments are stored in float16 (the state takes the gradient's dtype, as AdamW's "
+            "does): there (1 - beta2) * g^2 loses precision below |g| ~ 0.25 and is 0 below "
+            "~5e-3 (beta2 = 0.999), and an element whose second moment is 0 steps by up to "
+            "lr * |m| / eps, orders of magnitude more than lr (torch's AdamW keeps float16 "
+            "moments too, and fails alike). Train float32 parameters under torch.autocast(dtype="
+            "torch.float16) with a GradScaler, or in bfloat16", stacklevel=2)
 
 
 def _checked_grad(p: Tensor, where: str) -> Tensor:

@@ -1173,6 +1173,31 @@ def test_floating_dtypes_step_keep_dtype_and_state_dtype(dtypes):
     assert quadratic(params).item() < start_loss
 
 
+def test_float16_parameters_warn_once_that_their_second_moments_underflow():
+    """The state dtype is the gradient's (GEFEN_SPEC), so a float16 parameter's second moment
+    is stored in float16, where (1 - beta2) * g^2 is 0 for gradients of 1e-2: such an element
+    then steps by lr * |m| / eps, hundreds of times lr, as torch's AdamW with float16 moments
+    fails too. The step says so, naming the parameter and the fix, once, when the state is made;
+    float32 and bfloat16 parameters step without a warning."""
+    torch.manual_seed(0)
+    half = nn.Parameter(torch.zeros(64, 32, dtype=torch.float16))
+    others = [nn.Parameter(torch.zeros(64, 32, dtype=d)) for d in (torch.float32, torch.bfloat16)]
+    opt = Gefen([others[0], half, others[1]], lr=1e-3, weight_decay=0.0)
+    for p in (half, *others):
+        p.grad = (torch.randn(64, 32) * 1e-2).to(p.dtype)
+    with pytest.warns(UserWarning, match=r"parameter 1 of param group 0 is float16.*second "
+                                         r"moments.*autocast.*bfloat16") as caught:
+        opt.step()
+    assert len(caught) == 1
+    assert opt.state[half]["vmean"].min() == 0  # the hazard named: underflowed to zero
+    assert half.abs().max() > 100 * 1e-3 > others[0].abs().max() / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once: the state exists
+        quiet = Gefen(others, lr=1e-3)
+        quiet.step()
+
+
 def test_zero_element_parameter_is_stepped_like_adamw():
     """AdamW accepts a parameter with no elements (nn.Linear(0, k).weight, say); so must a
     drop-in replacement, without changing what the other parameters do."""
