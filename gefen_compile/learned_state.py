@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
+from .eager import eager
 from .codebook import NUM_BINS, NearestCode, is_thin, learn_codebook
 from .first_step import first_histogram, read_first_gradients, shard_period
 from .state_checks import codebook_problem
@@ -201,6 +202,28 @@ class LearnedState:
             self._recode(codebook)
         provisional = self.variant.relearns_thin_codebook and is_thin(counts, self.variant)
         self._set_codebook(codebook, counts if provisional else None)
+
+    @eager  # host work: the histogram's round trip, the codebook
+    def _relearn_provisional(self, stateful: list[tuple[dict, Tensor, Tensor]]) -> None:
+        """While the codebook is provisional (thin, robust variant), learn it again from this
+        step's gradients of the parameters that had state before it (``stateful``: group,
+        parameter, gradient; new parameters learned from theirs first), on top of every
+        histogram so far, stored codes following: where every parameter had state from the
+        first step (a small model), it would otherwise stay thin for good. Nothing is learned
+        at a step with a gradient that is not finite or not of its parameter's dtype, shape,
+        layout and device (the step refuses it), at torch.distributed.checkpoint's
+        zero-gradient step, or from sharded parameters (their ranks would have to agree on it:
+        those relearn only as parameters get state)."""
+        stateful = [(group, p, g) for group, p, g in stateful if not distributed.is_sharded(p)]
+        grads = [g for _, _, g in stateful]
+        if (not stateful or distributed.is_state_materialising_step(self.param_groups, grads)
+                or any((g.dtype, g.shape, g.layout, g.device)
+                       != (p.dtype, p.shape, torch.strided, p.device) for _, p, g in stateful)
+                or not all(bool(g.isfinite().all()) for g in grads)):
+            return
+        self._learn_codebook([p for _, p, _ in stateful], grads,
+                             [self.state[p]["period"] for _, p, _ in stateful],
+                             [bool(group.get("maximize", False)) for group, _, _ in stateful])
 
     @torch.no_grad()
     def _recode(self, codebook: Tensor) -> None:

@@ -114,12 +114,16 @@ class GefenMuon(LearnedState, Optimizer):
             for pi, p in enumerate(group["params"])
             if p.grad is not None
         ]
+        stateful = ([(group, p, g) for group, p, g in stepping if self.state.get(p)]
+                    if self._codebook_histogram is not None else [])
         fresh = [(group, p, g) for group, p, g in stepping if not self.state.get(p)]
         if fresh and distributed.is_state_materialising_step(
                 self.param_groups, [g for _, _, g in fresh]):
             distributed.warn_unloadable([p for _, p, _ in fresh], self._name)
         elif fresh:
             self._initialise(fresh)
+        if stateful:  # after new parameters learned from their first gradients
+            self._relearn_provisional(stateful)
         if self._buckets is None and self.codebook is not None:
             self._buckets = self._build_buckets()
         for group, p, g in stepping:

@@ -103,12 +103,17 @@ class Gefen(LearnedState, Optimizer):
             for gi, pi, group, p in self._stateless
             if p.grad is not None and not self.state.get(p)
         ]
-        if found_inf is not None and (fresh or self._nearest is None):
+        provisional = self._codebook_histogram is not None
+        if found_inf is not None and (fresh or self._nearest is None or provisional):
             # A step that would learn periods or the codebook reads the gradients on the host
             # anyway; a skipped one must learn nothing.
             if found_inf.item():
                 return loss
             found_inf = None
+        # Small models: while the codebook is thin, the parameters with state and a gradient
+        # (listed before new ones get state) teach it again once the step's checks have passed.
+        stateful = [(group, p, p.grad) for group in self.param_groups for p in group["params"]
+                    if p.grad is not None and self.state.get(p)] if provisional else []
         if fresh and distributed.is_state_materialising_step(
             self.param_groups, [g for _, _, g in fresh]
         ):
@@ -131,6 +136,8 @@ class Gefen(LearnedState, Optimizer):
                     steps.append((bucket, None, self._checked_grads(bucket, grads)))
             elif ready.grads:
                 steps.append((bucket, ready, None))
+        if stateful:
+            self._relearn_provisional(stateful)
         for bucket, ready, grads in steps:
             if ready is None:
                 self._step_bucket(bucket, grads, found_inf)

@@ -224,6 +224,8 @@ class RefGefen:
 
     def step(self, grads):
         grads = [None if g is None else (-g if h[5] else g) for g, h in zip(grads, self.hyper)]
+        stateful = [i for i, g in enumerate(grads) if g is not None and self.state[i] is not None]
+        relearn = self.histogram is not None  # provisional before this step
         fresh = [i for i, g in enumerate(grads) if g is not None and self.state[i] is None]
         if self.robust:  # an all-zero first gradient teaches nothing: weight decay only
             for i in [i for i in fresh if not grads[i].any()]:
@@ -236,21 +238,14 @@ class RefGefen:
         if fresh and (self.codebook is None or self.histogram is not None):
             rows = blocks if self.robust else periods
             counts = sum(ref_histogram(grads[i], rows[i]) for i in fresh)
-            if self.histogram is not None:
-                counts = counts + self.histogram
-            # Only empty gradients: nothing to learn from, so the codebook waits (the spec is
-            # silent; the project's choice) and nothing is updated before it exists.
-            if counts.any():
-                codebook = self.learn_codebook(counts)
-                # Robust: a codebook learned from too few points for K distinct entries is
-                # provisional; when it is learned again, stored codes move to the new entry
-                # nearest their old one.
-                for s in self.state:
-                    if s is not None and self.codebook is not None:
-                        s["codes"] = ref_nearest(self.codebook[s["codes"]], codebook)
-                self.codebook = codebook
-                thin = len(points(counts)[0]) < K - 1
-                self.histogram = counts if self.robust and thin else None
+            self.learn(counts if self.histogram is None else counts + self.histogram)
+        # Robust: while the codebook is provisional, each step learns it again from the
+        # gradients of the parameters that had state (a step with a non-finite one teaches
+        # nothing), after new parameters learned from theirs.
+        if (relearn and self.histogram is not None and stateful
+                and all(bool(torch.isfinite(grads[i]).all()) for i in stateful)):
+            self.learn(sum((ref_histogram(grads[i], self.state[i]["block"]) for i in stateful),
+                           self.histogram))
         for i in fresh:
             n, P, B = grads[i].numel(), periods[i], blocks[i]
             self.state[i] = {
@@ -265,6 +260,22 @@ class RefGefen:
         for i, g in enumerate(grads):
             if g is not None and self.codebook is not None and self.state[i] is not None:
                 self._update(i, g)
+
+    def learn(self, counts: np.ndarray) -> None:
+        """The codebook of ``counts``; with only empty gradients, nothing to learn from, so the
+        codebook waits (the spec is silent; the project's choice) and nothing is updated
+        before it exists. Robust: a codebook learned from too few points for K distinct
+        entries is provisional; when it is learned again, stored codes move to the new entry
+        nearest their old one."""
+        if not counts.any():
+            return
+        codebook = self.learn_codebook(counts)
+        for s in self.state:
+            if s is not None and self.codebook is not None:
+                s["codes"] = ref_nearest(self.codebook[s["codes"]], codebook)
+        self.codebook = codebook
+        thin = len(points(counts)[0]) < K - 1
+        self.histogram = counts if self.robust and thin else None
 
     def period(self, grad: torch.Tensor) -> int:
         """The inferred period; robust: cut to one row where it spans several rows of more
