@@ -181,8 +181,9 @@ class LearnedState:
 
     def _learn_codebook(self, params: list[Tensor], grads: list[Tensor], periods: list[int],
                         negate: list[bool]) -> None:
-        """The codebook, from the first gradients (or migrated moments) ``grads`` of ``params``
-        cut into rows by ``periods``, while there is none; and, where the variant relearns thin
+        """The codebook, from the first gradients (or migrated moments; or, while the codebook
+        is provisional, a step's gradients: _relearn_provisional) ``grads`` of ``params`` cut
+        into rows by ``periods``, while there is none; and, where the variant relearns thin
         codebooks, again while the one there is provisional: learned from too few values for
         256 distinct entries (is_thin), as when only a scale or a bias had a gradient at the
         first step. Then it is learned from every histogram so far, and the codes of the
@@ -212,11 +213,13 @@ class LearnedState:
         first step (a small model), it would otherwise stay thin for good. Nothing is learned
         at a step with a gradient that is not finite or not of its parameter's dtype, shape,
         layout and device (the step refuses it), at torch.distributed.checkpoint's
-        zero-gradient step, or from sharded parameters (their ranks would have to agree on it:
-        those relearn only as parameters get state)."""
+        zero-gradient step, while a CUDA graph is captured (reading the histogram would sync),
+        or from sharded parameters (their ranks would have to agree on it: those relearn only
+        as parameters get state)."""
         stateful = [(group, p, g) for group, p, g in stateful if not distributed.is_sharded(p)]
         grads = [g for _, _, g in stateful]
         if (not stateful or distributed.is_state_materialising_step(self.param_groups, grads)
+                or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
                 or any((g.dtype, g.shape, g.layout, g.device)
                        != (p.dtype, p.shape, torch.strided, p.device) for _, p, g in stateful)
                 or not all(bool(g.isfinite().all()) for g in grads)):

@@ -258,11 +258,11 @@ def test_a_thin_codebook_is_learned_again_from_every_first_gradient_and_codes_fo
     assert torch.equal(opt.codebook, expected)  # final
 
 
-def test_a_thin_codebook_is_learned_again_from_each_steps_gradients_until_it_is_not():
+def test_a_thin_codebook_is_learned_again_from_each_steps_gradients_until_it_is_not(monkeypatch):
     """Robust: where every parameter had state from the first step (fitting a 5-element
     vector), the thin codebook is learned again at each step from that step's gradients, on top
     of every histogram so far (reference.py's), until it is not thin; then it is final. A step
-    with a non-finite gradient teaches it nothing. The element with the smallest first gradient
+    with a non-finite gradient teaches it nothing, nor one captured in a CUDA graph. The element with the smallest first gradient
     then moves as under AdamW: with the first codebook kept it coded to 0 and stayed at 0.0
     for 200 steps (loss 4.70 against AdamW's 0.0065)."""
     from reference import ref_histogram
@@ -296,6 +296,13 @@ def test_a_thin_codebook_is_learned_again_from_each_steps_gradients_until_it_is_
     twin_p, twin = copy.deepcopy((p, opt))
     twin_p.grad = torch.tensor([float("nan"), 1.0, 2.0, 3.0, 4.0])
     twin.step()
+    assert torch.equal(twin.codebook, opt.codebook)
+    twin_p, twin = copy.deepcopy((p, opt))  # a step captured in a CUDA graph must not sync
+    twin_p.grad = torch.tensor([0.3, -0.7, 1.1, 2.9, -5.0])  # values not seen yet
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.cuda, "is_available", lambda: True)
+        patched.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        twin.step()
     assert torch.equal(twin.codebook, opt.codebook)
     loss = fit(opt, p, 200)
     final = opt.codebook.clone()

@@ -139,12 +139,14 @@ def test_a_group_edited_between_steps_is_checked_as_built_changing_nothing(key, 
 
 def test_edited_tensor_values_are_checked_without_host_reads(monkeypatch):
     # On a GPU each read of a tensor's value is a sync: a tensor lr set in place of another,
-    # and OneCycleLR's betas (a float beta1 beside a tensor beta2), step without one.
+    # and OneCycleLR's betas (a float beta1 beside a tensor beta2), step without one. (64 x 64
+    # elements: a first codebook that is not thin, which steps would learn again.)
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(8, 8))
+    p = torch.nn.Parameter(torch.randn(64, 64))
     opt = Gefen([p], lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.999)))
-    p.grad = torch.randn(8, 8)
+    p.grad = torch.randn(64, 64)
     opt.step()
+    assert "codebook_histogram" not in opt.state_dict()
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
     reads = []
     for name in ("__bool__", "__float__", "item"):
@@ -154,7 +156,7 @@ def test_edited_tensor_values_are_checked_without_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     opt.param_groups[0]["lr"] = torch.tensor(2e-3)
     for _ in range(3):
-        p.grad = torch.randn(8, 8)
+        p.grad = torch.randn(64, 64)
         opt.step()
         schedule.step()
     assert reads == []
